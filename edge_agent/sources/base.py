@@ -1,0 +1,258 @@
+"""The one interface every frame source implements, its settings, and the backend registry.
+
+Why a registry: the daemon names its source in the config (``source.kind = "picamera2"``) and
+must not import backends it does not use (picamera2 exists only on a Raspberry Pi). Each
+backend is one module that decorates its class with ``@register("kind")``; adding a backend is
+adding one file and one import line in ``edge_agent/sources/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
+
+import numpy as np
+
+try:  # Python >= 3.8
+    from typing import Protocol, runtime_checkable
+except ImportError:  # pragma: no cover
+    from typing_extensions import Protocol, runtime_checkable  # type: ignore
+
+from edge_agent.errors import SourceError
+
+
+class EndOfStream(Exception):
+    """A finite source (a file or a folder with ``loop = false``) has delivered its last frame.
+
+    Not an error and not a ``SourceError``: the reopen wrapper passes it through untouched so the
+    pipeline can shut down cleanly instead of reopening the file forever.
+    """
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured frame.
+
+    ``image`` is HxWx3 uint8 RGB, C-contiguous (what ``letterbox`` expects). ``seq`` is
+    monotonic over the life of the source, across reopens. ``timestamp`` is the wall-clock
+    capture time (``time.time()``, for consumers on other hosts), ``monotonic`` the same
+    instant on ``time.monotonic()`` (for latencies inside the agent).
+    """
+
+    image: np.ndarray
+    seq: int
+    timestamp: float
+    monotonic: float
+    source: str
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """What the pipeline's capture thread talks to.
+
+    ``read(timeout)`` blocks at most about ``timeout`` seconds and returns ``None`` when no frame
+    arrived in that time; it raises ``EndOfStream`` when a finite source is done. Backends raise
+    ``SourceError`` (or anything else) on failure; the reopen wrapper turns that into a reopen.
+    """
+
+    name: str
+
+    def open(self) -> None: ...
+
+    def read(self, timeout: float = 1.0) -> Optional[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+KINDS = ("picamera2", "opencv", "folder", "synthetic")
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """The source part of the config, normalised from a Mapping or an attribute object.
+
+    ``width``/``height`` are the requested capture size (cameras, synthetic); 0 = backend
+    default. ``fps`` paces files, folders and the synthetic pattern and requests a camera
+    frame rate (0 = as fast as possible). ``lores_size`` (w, h) and ``model_input`` (h, w) are
+    only used by picamera2 to size the ISP-scaled stream.
+    """
+
+    kind: str = "synthetic"
+    uri: str = ""
+    loop: bool = True
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    stall_timeout_s: float = 10.0
+    reopen_backoff_max_s: float = 30.0
+    reopen_backoff_initial_s: float = 0.5
+    lores_size: Optional[Tuple[int, int]] = None
+    model_input: Optional[Tuple[int, int]] = None
+
+    @classmethod
+    def from_any(cls, settings: Any) -> "SourceSettings":
+        """Accept a SourceSettings, a Mapping, or any object with matching attributes."""
+        if isinstance(settings, SourceSettings):
+            return settings
+        values: Dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if isinstance(settings, Mapping):
+                if f.name in settings:
+                    values[f.name] = settings[f.name]
+            elif hasattr(settings, f.name):
+                values[f.name] = getattr(settings, f.name)
+        try:
+            return cls(**values)._validated()
+        except (TypeError, ValueError) as exc:
+            raise SourceError(f"invalid source settings: {exc}") from None
+
+    def _validated(self) -> "SourceSettings":
+        kind = str(self.kind).strip().lower()
+        for name in ("width", "height"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"source.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("fps", "stall_timeout_s", "reopen_backoff_max_s", "reopen_backoff_initial_s"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"source.{name} must be >= 0, got {getattr(self, name)!r}")
+        return dataclasses.replace(
+            self,
+            kind=kind,
+            uri="" if self.uri is None else str(self.uri),
+            loop=bool(self.loop),
+            width=int(self.width),
+            height=int(self.height),
+            fps=float(self.fps),
+            stall_timeout_s=float(self.stall_timeout_s),
+            reopen_backoff_max_s=float(self.reopen_backoff_max_s),
+            reopen_backoff_initial_s=float(self.reopen_backoff_initial_s),
+            lores_size=_pair(self.lores_size, "lores_size"),
+            model_input=_pair(self.model_input, "model_input"),
+        )
+
+
+def _pair(value: Any, name: str) -> Optional[Tuple[int, int]]:
+    if value is None or value == "" or value == ():
+        return None
+    a, b = (int(v) for v in value)
+    if a <= 0 or b <= 0:
+        raise ValueError(f"source.{name} must be two positive integers, got {value!r}")
+    return (a, b)
+
+
+_REGISTRY: Dict[str, Type["BaseSource"]] = {}
+
+
+def register(kind: str) -> Callable[[Type["BaseSource"]], Type["BaseSource"]]:
+    """Class decorator: make ``kind`` openable by ``open_source``."""
+
+    def deco(cls: Type["BaseSource"]) -> Type["BaseSource"]:
+        _REGISTRY[kind] = cls
+        cls.kind = kind
+        return cls
+
+    return deco
+
+
+def available_kinds() -> Tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def backend_for(kind: str) -> Type["BaseSource"]:
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        known = ", ".join(available_kinds()) or "none"
+        raise SourceError(f"unknown source kind {kind!r} (known: {known})") from None
+
+
+class BaseSource:
+    """Shared plumbing for backends: settings, a per-open sequence counter, frame stamping.
+
+    Backends implement ``open``/``_read``/``close``; ``read`` wraps ``_read`` so every frame
+    is stamped the same way. ``skipped`` counts inputs dropped for cause (unreadable files).
+    """
+
+    kind = "base"
+
+    def __init__(self, settings: SourceSettings) -> None:
+        self.settings = settings
+        self.name = f"{self.kind}:{settings.uri}" if settings.uri else self.kind
+        self.skipped = 0
+        self._seq = 0
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _read(self, timeout: float) -> Optional[np.ndarray]:
+        """Return an RGB image, None for no frame yet, raise EndOfStream/SourceError."""
+        raise NotImplementedError
+
+    def read(self, timeout: float = 1.0) -> Optional[Frame]:
+        image = self._read(timeout)
+        if image is None:
+            return None
+        return self._frame(image)
+
+    def _frame(self, image: np.ndarray) -> Frame:
+        self._seq += 1
+        return Frame(
+            image=ensure_rgb_uint8(image),
+            seq=self._seq,
+            timestamp=time.time(),
+            monotonic=time.monotonic(),
+            source=self.name,
+        )
+
+    def __enter__(self) -> "BaseSource":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """The Frame contract: HxWx3 uint8, C-contiguous. Fails loudly on anything else."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise SourceError(f"backend produced {image.dtype} {image.shape}, expected HxWx3 uint8")
+    return np.ascontiguousarray(image)
+
+
+class Pacer:
+    """Sleeps so that successive frames are at most ``fps`` per second (0 = no pacing).
+
+    Used by file, folder and synthetic sources so a 30 fps clip replays at 30 fps instead of as
+    fast as the decoder goes. Returns False when the wait would exceed ``timeout``.
+    """
+
+    def __init__(self, fps: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period = 1.0 / fps if fps > 0 else 0.0
+        self._clock = clock
+        self._due = 0.0
+
+    def wait(self, timeout: float) -> bool:
+        if self.period <= 0:
+            return True
+        now = self._clock()
+        delay = self._due - now
+        if delay > timeout:
+            time.sleep(max(timeout, 0.0))
+            return False
+        if delay > 0:
+            time.sleep(delay)
+        # Do not accumulate debt after a stall: restart the schedule from now.
+        self._due = max(self._due, now) + self.period
+        return True

@@ -1,0 +1,111 @@
+"""Still images from a folder or a glob pattern, in sorted order, optionally looping.
+
+Why re-glob on open (and not watch the folder): the reopen wrapper closes and reopens the source
+when it fails, so a folder that was renamed away and back, or refilled, is picked up on the next
+open without inotify. A file that cannot be decoded is skipped with one warning and counted
+(``skipped``); a whole pass with nothing readable is a ``SourceError`` (so the wrapper backs off
+instead of spinning).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import List, Optional, Set
+
+import cv2
+import numpy as np
+
+from edge_agent.errors import SourceError
+from edge_agent.sources.base import BaseSource, EndOfStream, Pacer, SourceSettings, register
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def list_images(uri: str) -> List[str]:
+    """A directory -> its images (by extension, case-insensitive), else ``uri`` as a glob."""
+    if not uri:
+        raise SourceError("folder source needs source.uri (a directory or a glob pattern)")
+    path = os.path.expanduser(uri)
+    if os.path.isdir(path):
+        names = [
+            os.path.join(path, n)
+            for n in os.listdir(path)
+            if n.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    else:
+        names = glob.glob(path)
+    return sorted(p for p in names if os.path.isfile(p))
+
+
+def read_rgb(path: str) -> Optional[np.ndarray]:
+    """Decode an image file to RGB; None when it cannot be read or decoded."""
+    try:
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    if bgr is None:
+        return None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@register("folder")
+class FolderSource(BaseSource):
+    def __init__(self, settings: SourceSettings) -> None:
+        super().__init__(settings)
+        self._files: List[str] = []
+        self._index = 0
+        self._good_this_pass = 0
+        self._warned: Set[str] = set()
+        self._pacer = Pacer(settings.fps)
+
+    def open(self) -> None:
+        files = list_images(self.settings.uri)
+        if not files:
+            raise SourceError(
+                f"no images in {self.settings.uri!r} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        self._files = files
+        self._index = 0
+        self._good_this_pass = 0
+        log.info("folder source: %d images from %s", len(files), self.settings.uri)
+
+    def close(self) -> None:
+        self._files = []
+
+    def _read(self, timeout: float) -> Optional[np.ndarray]:
+        if not self._files:
+            raise SourceError("folder source is not open")
+        if not self._pacer.wait(timeout):
+            return None
+        # At most one full pass per call, so a folder of unreadable files cannot spin forever.
+        for _ in range(len(self._files)):
+            if self._index >= len(self._files):
+                self._start_new_pass()
+            path = self._files[self._index]
+            self._index += 1
+            image = read_rgb(path)
+            if image is not None:
+                self._good_this_pass += 1
+                return image
+            self._skip(path)
+        if self._index >= len(self._files):
+            self._start_new_pass()
+        return None
+
+    def _start_new_pass(self) -> None:
+        if self._good_this_pass == 0:
+            raise SourceError(f"no readable image left in {self.settings.uri!r}")
+        if not self.settings.loop:
+            raise EndOfStream(self.name)
+        self._index = 0
+        self._good_this_pass = 0
+
+    def _skip(self, path: str) -> None:
+        self.skipped += 1
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("folder source: skipping unreadable image %s", path)

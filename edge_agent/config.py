@@ -1,0 +1,550 @@
+"""The agent's configuration: one TOML file, overridable by environment variables and ``--set``.
+
+Why it looks like this:
+
+* The schema is declarative: every key is ONE line in a section dataclass below,
+  ``name: type = opt(default, Spec)``.  The ``Spec`` both validates TOML values and parses the
+  strings that arrive through ``EDGE_AGENT_<SECTION>_<KEY>`` and ``--set section.key=value``, so
+  adding a key never touches the loader.
+* Everything the user can get wrong is refused up front with a ``ConfigError`` naming the key
+  path and the expected type (``mqtt.port: expected integer 1..65535, got 'abc'``): a daemon that
+  starts with a typo'd key silently ignored is worse than one that does not start.
+* Precedence: defaults < TOML file < environment < ``--set``.
+* Secrets can come from files (``mqtt.password_file``, or systemd's ``LoadCredential=`` through
+  ``$CREDENTIALS_DIRECTORY/mqtt_password``) so they never appear in the unit file or the process
+  environment; ``config show`` masks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on the device's older Pythons
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_AGENT_"
+MASK = "***"
+CREDENTIAL_MQTT_PASSWORD = "mqtt_password"
+
+
+# --------------------------------------------------------------------------- value specs
+
+
+class Spec:
+    """How one key's value is checked: ``check`` for TOML values, ``parse`` for text overrides."""
+
+    expected = "value"
+
+    def check(self, value: Any) -> Any:
+        """Return the normalised value or raise ValueError."""
+        raise NotImplementedError
+
+    def parse(self, text: str) -> Any:
+        """Parse an override string (env var or --set) into a value, then check it."""
+        return self.check(text)
+
+    def to_toml(self, value: Any) -> str:
+        return json.dumps(value)
+
+
+class Int(Spec):
+    def __init__(self, lo: Optional[int] = None, hi: Optional[int] = None) -> None:
+        self.lo, self.hi = lo, hi
+        self.expected = "integer" + _range_text(lo, hi)
+
+    def check(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError
+        _check_range(value, self.lo, self.hi)
+        return value
+
+    def parse(self, text: str) -> int:
+        return self.check(int(text.strip(), 10))
+
+    def to_toml(self, value: Any) -> str:
+        return str(value)
+
+
+class Float(Spec):
+    def __init__(self, lo: Optional[float] = None, hi: Optional[float] = None) -> None:
+        self.lo, self.hi = lo, hi
+        self.expected = "number" + _range_text(lo, hi)
+
+    def check(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError
+        _check_range(value, self.lo, self.hi)
+        return float(value)
+
+    def parse(self, text: str) -> float:
+        return self.check(float(text.strip()))
+
+    def to_toml(self, value: Any) -> str:
+        return repr(float(value))
+
+
+class Bool(Spec):
+    expected = "boolean (true/false)"
+    _TEXT = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
+
+    def check(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
+
+    def parse(self, text: str) -> bool:
+        return self._TEXT[text.strip().lower()]  # KeyError -> refused by the caller
+
+    def to_toml(self, value: Any) -> str:
+        return "true" if value else "false"
+
+
+class Str(Spec):
+    """A string, optionally constrained by a regular expression described in words."""
+
+    def __init__(self, pattern: Optional[str] = None, expected: str = "string") -> None:
+        self.regex = re.compile(pattern) if pattern else None
+        self.expected = expected
+
+    def check(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError
+        if self.regex is not None and not self.regex.fullmatch(value):
+            raise ValueError
+        return value
+
+
+class Choice(Spec):
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        self.expected = "one of " + ", ".join(repr(c) for c in choices)
+
+    def check(self, value: Any) -> str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # protocol = 5 in TOML means "5"
+        if not isinstance(value, str) or value not in self.choices:
+            raise ValueError
+        return value
+
+    def parse(self, text: str) -> str:
+        return self.check(text.strip())
+
+
+def _range_text(lo: Optional[float], hi: Optional[float]) -> str:
+    if lo is not None and hi is not None:
+        return f" {lo}..{hi}"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def _check_range(value: float, lo: Optional[float], hi: Optional[float]) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError
+
+
+def opt(default: Any, spec: Spec, secret: bool = False) -> Any:
+    """One schema line: the default, how to validate it, whether ``config show`` masks it."""
+    return field(default=default, metadata={"spec": spec, "secret": secret})
+
+
+BOOL = Bool()
+STR = Str()
+PATH = Str(expected="path")
+POS_FLOAT = Float(lo=0.0)
+NAME = Str(r"[A-Za-z0-9_-]*", "string of letters, digits, '_' or '-'")
+TOPIC_PREFIX = Str(r"[^#+/\x00]+(/[^#+/\x00]+)*", "MQTT topic without wildcards or leading/trailing '/'")
+EDGETPU = Str(r"|usb(:\d+)?|pci(:\d+)?|:\d+", "'' or usb, usb:N, pci, pci:N, :N")
+QOS = Int(0, 2)
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = opt("", NAME)  # "" -> hostname, sanitised
+    state_dir: str = opt("", PATH)  # "" -> $STATE_DIRECTORY or ~/.local/state/edge-agent
+    log_level: str = opt("info", Choice("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = opt("folder", Choice("picamera2", "opencv", "folder", "synthetic"))
+    uri: str = opt("", STR)
+    loop: bool = opt(True, BOOL)
+    width: int = opt(640, Int(1, 16384))
+    height: int = opt(480, Int(1, 16384))
+    fps: float = opt(0.0, POS_FLOAT)  # 0 = as fast as possible
+    stall_timeout_s: float = opt(5.0, Float(lo=0.1))
+    reopen_backoff_max_s: float = opt(30.0, Float(lo=0.1))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = opt("", PATH)
+    name: str = opt("", STR)  # name in the model store / manifest
+    labels: str = opt("", PATH)
+    runtime: str = opt("auto", Choice("auto", "litert", "tflite-runtime", "tensorflow"))
+    threads: int = opt(0, Int(0, 256))  # 0 = number of CPUs
+    edgetpu: str = opt("", EDGETPU)
+    cpu_fallback: str = opt("", PATH)
+    preprocess: str = opt("letterbox", Choice("letterbox", "stretch"))
+    inference_timeout_s: float = opt(10.0, Float(lo=0.1))
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    mask_every_n: int = opt(1, Int(1))
+    mask_max_hz: float = opt(0.0, POS_FLOAT)  # 0 = no cap
+    mask_resolution: str = opt("model", Choice("model", "frame"))
+    png_compression: int = opt(1, Int(0, 9))
+    result: bool = opt(True, BOOL)
+    timings: str = opt("interval", Choice("frame", "interval"))
+    timings_interval_s: float = opt(5.0, Float(lo=0.1))
+    stats_interval_s: float = opt(30.0, Float(lo=0.1))
+    overlay: bool = opt(False, BOOL)
+    overlay_max_hz: float = opt(1.0, POS_FLOAT)
+    overlay_jpeg_quality: int = opt(80, Int(1, 100))
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = opt(True, BOOL)
+    host: str = opt("localhost", Str(r".+", "non-empty host name"))
+    port: int = opt(1883, Int(1, 65535))
+    client_id: str = opt("", STR)  # "" -> edge-agent-<device_id>
+    protocol: str = opt("auto", Choice("auto", "5", "3.1.1"))
+    keepalive: int = opt(30, Int(5, 65535))
+    username: str = opt("", STR)
+    password: str = opt("", STR, secret=True)
+    password_file: str = opt("", PATH)
+    tls: bool = opt(False, BOOL)
+    ca_file: str = opt("", PATH)
+    cert_file: str = opt("", PATH)
+    key_file: str = opt("", PATH)
+    tls_insecure: bool = opt(False, BOOL)
+    topic_prefix: str = opt("edge-agent", TOPIC_PREFIX)
+    qos_state: int = opt(1, QOS)  # availability, info
+    qos_mask: int = opt(0, QOS)
+    qos_result: int = opt(0, QOS)
+    qos_timings: int = opt(0, QOS)
+    qos_stats: int = opt(0, QOS)
+    reconnect_min_s: float = opt(1.0, Float(lo=0.01))
+    reconnect_max_s: float = opt(30.0, Float(lo=0.01))
+    max_queued_messages: int = opt(100, Int(1))
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    max_runs: int = opt(1000, Int(1))
+    max_seconds: float = opt(120.0, Float(lo=0.1))
+    max_concurrent: int = opt(1, Int(1))
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    public_key: str = opt("", STR)  # ed25519 public key, base64 or file path
+    max_size_mb: int = opt(64, Int(1))
+    keep_models: int = opt(3, Int(1))
+    url_timeout_s: float = opt(60.0, Float(lo=0.1))
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+    def to_dict(self, mask_secrets: bool = True) -> Dict[str, Dict[str, Any]]:
+        """Plain nested dict; non-empty secrets replaced by ``***`` unless asked otherwise."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for section, cls in SECTIONS.items():
+            values = dataclasses.asdict(getattr(self, section))
+            if mask_secrets:
+                for f in fields(cls):
+                    if f.metadata.get("secret") and values[f.name]:
+                        values[f.name] = MASK
+            out[section] = values
+        return out
+
+
+# Section name (no underscores, so EDGE_AGENT_<SECTION>_<KEY> splits unambiguously) -> dataclass.
+SECTIONS: Dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def _specs(cls: type) -> Dict[str, Spec]:
+    return {f.name: f.metadata["spec"] for f in fields(cls)}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] = os.environ,
+) -> Config:
+    """Defaults < TOML file at ``path`` < ``EDGE_AGENT_*`` in ``env`` < ``overrides`` ("s.k=v")."""
+    raw: Dict[str, Dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path:
+        _merge_file(raw, _read_toml(path))
+    for key in sorted(env):
+        target = _env_target(key)
+        if target is not None:
+            section, name = target
+            raw[section][name] = _parse_text(section, name, env[key], f" (from {key})")
+    for item in overrides:
+        section, name, text = _split_set(item)
+        raw[section][name] = _parse_text(section, name, text, " (from --set)")
+    cfg = Config(**{section: SECTIONS[section](**values) for section, values in raw.items()})
+    return _resolve(cfg, env)
+
+
+def _read_toml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+
+
+def _merge_file(raw: Dict[str, Dict[str, Any]], data: Mapping[str, Any]) -> None:
+    """Validate every section/key of the parsed TOML and store it in ``raw``."""
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section{_suggest(section, SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table ([{section}]), got {table!r}")
+        specs = _specs(SECTIONS[section])
+        for name, value in table.items():
+            spec = _spec_for(section, name, specs)
+            try:
+                raw[section][name] = spec.check(value)
+            except ValueError:
+                raise ConfigError(f"{section}.{name}: expected {spec.expected}, got {value!r}") from None
+
+
+def _env_target(var: str) -> Optional[Tuple[str, str]]:
+    """``EDGE_AGENT_MQTT_PASSWORD_FILE`` -> ("mqtt", "password_file"); None if not a setting.
+
+    Variables whose first token is not a section (e.g. ``EDGE_AGENT_CONFIG``) are left alone;
+    a known section with an unknown key is a typo and is refused.
+    """
+    if not var.upper().startswith(ENV_PREFIX):
+        return None
+    section, _, name = var[len(ENV_PREFIX):].lower().partition("_")
+    if section not in SECTIONS:
+        return None
+    specs = _specs(SECTIONS[section])
+    if name not in specs:
+        raise ConfigError(f"{var}: unknown key {section}.{name}{_suggest(name, specs)}")
+    return section, name
+
+
+def _split_set(item: str) -> Tuple[str, str, str]:
+    key, eq, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not eq or not dot:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {item!r}: unknown section {section!r}{_suggest(section, SECTIONS)}")
+    _spec_for(section, name, _specs(SECTIONS[section]))
+    return section, name, text
+
+
+def _spec_for(section: str, name: str, specs: Mapping[str, Spec]) -> Spec:
+    if name not in specs:
+        raise ConfigError(f"{section}.{name}: unknown key{_suggest(name, specs)}")
+    return specs[name]
+
+
+def _parse_text(section: str, name: str, text: str, origin: str) -> Any:
+    spec = _specs(SECTIONS[section])[name]
+    try:
+        return spec.parse(text)
+    except (ValueError, KeyError):
+        raise ConfigError(f"{section}.{name}: expected {spec.expected}, got {text!r}{origin}") from None
+
+
+def _suggest(word: str, known: Iterable[str]) -> str:
+    known = list(known)
+    close = difflib.get_close_matches(word, known, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known: {', '.join(known)})"
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def sanitise_device_id(name: str) -> str:
+    """A hostname made safe for MQTT topics: first label, [A-Za-z0-9_-] only."""
+    short = name.split(".", 1)[0]
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", short).strip("-")
+    return cleaned or "edge-agent"
+
+
+def default_state_dir(env: Mapping[str, str]) -> str:
+    """systemd's $STATE_DIRECTORY (first entry if several), else the XDG-style user location."""
+    state = env.get("STATE_DIRECTORY", "")
+    if state:
+        return state.split(":", 1)[0]
+    return str(Path("~/.local/state/edge-agent").expanduser())
+
+
+def _resolve(cfg: Config, env: Mapping[str, str]) -> Config:
+    """Fill computed defaults, read secrets from files, and check keys that depend on each other."""
+    agent = cfg.agent
+    agent = dataclasses.replace(
+        agent,
+        device_id=agent.device_id or sanitise_device_id(socket.gethostname()),
+        state_dir=str(Path(agent.state_dir).expanduser()) if agent.state_dir else default_state_dir(env),
+    )
+    mqtt = cfg.mqtt
+    mqtt = dataclasses.replace(
+        mqtt,
+        client_id=mqtt.client_id or f"edge-agent-{agent.device_id}",
+        password=_mqtt_password(mqtt, env),
+    )
+    _check_mqtt(mqtt)
+    return dataclasses.replace(cfg, agent=agent, mqtt=mqtt)
+
+
+def _read_secret(path: str, key: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path!r}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path!r} is not UTF-8 text") from None
+
+
+def _mqtt_password(mqtt: MqttConfig, env: Mapping[str, str]) -> str:
+    """Password precedence: mqtt.password, mqtt.password_file, $CREDENTIALS_DIRECTORY/mqtt_password."""
+    if mqtt.password and mqtt.password_file:
+        raise ConfigError("mqtt.password and mqtt.password_file are both set: use one")
+    if mqtt.password:
+        return mqtt.password
+    if mqtt.password_file:
+        return _read_secret(mqtt.password_file, "mqtt.password_file")
+    cred_dir = env.get("CREDENTIALS_DIRECTORY", "")
+    if cred_dir and (Path(cred_dir) / CREDENTIAL_MQTT_PASSWORD).is_file():
+        return _read_secret(str(Path(cred_dir) / CREDENTIAL_MQTT_PASSWORD),
+                            f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_MQTT_PASSWORD}")
+    return ""
+
+
+def _check_mqtt(mqtt: MqttConfig) -> None:
+    if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
+        raise ConfigError(
+            f"mqtt.reconnect_min_s: expected <= mqtt.reconnect_max_s ({mqtt.reconnect_max_s}), "
+            f"got {mqtt.reconnect_min_s}")
+    if mqtt.key_file and not mqtt.cert_file:
+        raise ConfigError("mqtt.key_file: set mqtt.cert_file too (client certificate and key go together)")
+    if mqtt.password and not mqtt.username:
+        raise ConfigError("mqtt.password: set mqtt.username too (MQTT has no password without a user)")
+    if mqtt.tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(mqtt, key)
+            if value and not Path(value).expanduser().is_file():
+                raise ConfigError(f"mqtt.{key}: file not found: {value}")
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def to_toml(cfg: Config, mask_secrets: bool = True) -> str:
+    """The effective config as TOML (tomllib has no writer; our values are simple scalars)."""
+    data = cfg.to_dict(mask_secrets=mask_secrets)
+    lines: List[str] = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        specs = _specs(cls)
+        for name, value in data[section].items():
+            rendered = json.dumps(value) if value == MASK else specs[name].to_toml(value)
+            lines.append(f"{name} = {rendered}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_json(cfg: Config, mask_secrets: bool = True) -> str:
+    return json.dumps(cfg.to_dict(mask_secrets=mask_secrets), indent=2)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and --set, shared by ``config check/show`` and (for the lead) ``run``."""
+    parser.add_argument("--config", "-c", metavar="FILE", default=os.environ.get("EDGE_AGENT_CONFIG"),
+                        help="TOML config file (default: $EDGE_AGENT_CONFIG, else built-in defaults)")
+    parser.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append",
+                        default=[], help="override one key; repeatable; wins over the file and env")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", None) or ())
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``edge-agent config check|show``."""
+    parser = subparsers.add_parser("config", help="check or show the effective configuration")
+    sub = parser.add_subparsers(dest="config_command", metavar="{check,show}")
+    sub.required = True
+    check = sub.add_parser("check", help="validate the config; exit 0 if usable")
+    add_config_arguments(check)
+    check.set_defaults(func=_cmd_check)
+    show = sub.add_parser("show", help="print the effective config (secrets masked)")
+    add_config_arguments(show)
+    show.add_argument("--format", choices=("toml", "json"), default="toml")
+    show.set_defaults(func=_cmd_show)
+    return parser
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as err:
+        print(f"edge-agent: config error: {err}", file=sys.stderr)
+        return ConfigError.exit_code
+    origin = args.config or "built-in defaults"
+    print(f"config OK ({origin}): device {cfg.agent.device_id}, source {cfg.source.kind}, "
+          f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}" + ("" if cfg.mqtt.enabled else " (disabled)"))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as err:
+        print(f"edge-agent: config error: {err}", file=sys.stderr)
+        return ConfigError.exit_code
+    sys.stdout.write(to_json(cfg) + "\n" if args.format == "json" else to_toml(cfg))
+    return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Type, Union
 
 import numpy as np
 
@@ -196,23 +196,26 @@ class BaseSource:
     def close(self) -> None:
         raise NotImplementedError
 
-    def _read(self, timeout: float) -> Optional[np.ndarray]:
-        """Return an RGB image, None for no frame yet, raise EndOfStream/SourceError."""
+    def _read(self, timeout: float) -> Union[None, np.ndarray, "Captured"]:
+        """Return an RGB image (stamped now) or a ``Captured`` (stamped at grab time),
+        None for no frame yet; raise EndOfStream or SourceError."""
         raise NotImplementedError
 
     def read(self, timeout: float = 1.0) -> Optional[Frame]:
-        image = self._read(timeout)
-        if image is None:
+        got = self._read(timeout)
+        if got is None:
             return None
-        return self._frame(image)
+        if isinstance(got, Captured):
+            return self._frame(got.image, got.timestamp, got.monotonic)
+        return self._frame(got, time.time(), time.monotonic())
 
-    def _frame(self, image: np.ndarray) -> Frame:
+    def _frame(self, image: np.ndarray, wall: float, mono: float) -> Frame:
         self._seq += 1
         return Frame(
             image=ensure_rgb_uint8(image),
             seq=self._seq,
-            timestamp=time.time(),
-            monotonic=time.monotonic(),
+            timestamp=wall,
+            monotonic=mono,
             source=self.name,
         )
 
@@ -222,6 +225,14 @@ class BaseSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Captured(NamedTuple):
+    """An image with the instant it was grabbed (live sources grab on their own thread)."""
+
+    image: np.ndarray
+    timestamp: float
+    monotonic: float
 
 
 def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:

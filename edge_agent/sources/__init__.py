@@ -1,0 +1,84 @@
+"""Frame sources: one interface (``FrameSource``), one module per backend, a registry.
+
+Typical use (the capture thread)::
+
+    src = open_source(config.source)          # opened, wrapped in ReopeningSource
+    try:
+        while running:
+            frame = src.read(timeout=0.5)      # Frame | None; EndOfStream when a file ends
+            ...
+    finally:
+        src.close()
+
+Adding a backend: write ``edge_agent/sources/<kind>.py`` with a ``BaseSource`` subclass
+decorated ``@register("<kind>")`` and import it below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_agent.sources.base import (
+    KINDS,
+    BaseSource,
+    Captured,
+    EndOfStream,
+    Frame,
+    FrameSource,
+    SourceSettings,
+    available_kinds,
+    backend_for,
+    register,
+)
+from edge_agent.sources.reopen import ReopeningSource, SourceStats
+
+# Backends register themselves on import; none imports optional packages at import time.
+from edge_agent.sources import folder, opencv, picamera2, synthetic  # noqa: E402,F401
+
+__all__ = [
+    "KINDS",
+    "BaseSource",
+    "Captured",
+    "EndOfStream",
+    "Frame",
+    "FrameSource",
+    "ReopeningSource",
+    "SourceSettings",
+    "SourceStats",
+    "available_kinds",
+    "build_source",
+    "open_source",
+    "register",
+]
+
+
+def build_source(settings: Any) -> BaseSource:
+    """The bare backend for ``settings`` (not opened, no reopen logic)."""
+    s = SourceSettings.from_any(settings)
+    return backend_for(s.kind)(s)
+
+
+def open_source(settings: Any, reopen: bool = True) -> FrameSource:
+    """Build the backend named by ``settings.kind``, wrap it for reopen-with-backoff, open it.
+
+    ``settings``: a Mapping or an object with attributes kind, uri, loop, width, height, fps,
+    stall_timeout_s, reopen_backoff_max_s (optional: reopen_backoff_initial_s, lores_size,
+    model_input). Raises ``SourceError`` if the first open fails (bad kind, missing file,
+    picamera2 not installed, no camera); later failures are retried inside ``read``.
+    """
+    s = SourceSettings.from_any(settings)
+    backend = backend_for(s.kind)
+    if not reopen:
+        src = backend(s)
+        src.open()
+        return src
+    probe = backend(s)  # validates settings now, and gives the wrapper its name
+    wrapper = ReopeningSource(
+        factory=lambda: backend(s),
+        name=probe.name,
+        stall_timeout_s=s.stall_timeout_s,
+        backoff_initial_s=s.reopen_backoff_initial_s,
+        backoff_max_s=s.reopen_backoff_max_s,
+    )
+    wrapper.open()
+    return wrapper

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -11,13 +11,25 @@ from .errors import EdgeAgentError
 
 
 def read_labels(path: str) -> List[str]:
-    """Read a label file. Accepts ``name`` or ``id name`` / ``id: name`` lines (Coral style)."""
+    """Read a label file: ``name`` or ``id name`` / ``id: name`` lines (Coral style).
+
+    ``#`` lines are comments; the list ends at the first blank line after a name, so notes
+    below it (Coral's PASCAL file explains the 255 ignore label there) are not taken as classes.
+    """
     try:
         with open(path, encoding="utf-8") as fh:
-            lines = [line.strip() for line in fh]
+            raw = [line.strip() for line in fh]
     except OSError as exc:
         raise EdgeAgentError(f"{path}: cannot read labels ({exc.strerror})") from exc
-    lines = [line for line in lines if line]
+    lines: List[str] = []
+    for line in raw:
+        if line.startswith("#"):
+            continue
+        if not line:
+            if lines:
+                break
+            continue
+        lines.append(line)
     if not lines:
         raise EdgeAgentError(f"{path}: label file is empty")
     numbered = [_split_numbered(line) for line in lines]
@@ -48,5 +60,10 @@ def pascal_colormap() -> np.ndarray:
     return colormap
 
 
-def labels_for(path: Optional[str]) -> Optional[List[str]]:
-    return read_labels(path) if path else None
+def labels_for(labels: Union[str, Sequence[str], None]) -> Optional[List[str]]:
+    """A label file path, an already-read list of names, or None."""
+    if labels is None or labels == "":
+        return None
+    if isinstance(labels, str):
+        return read_labels(labels)
+    return [str(name) for name in labels]

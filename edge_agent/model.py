@@ -157,7 +157,8 @@ class SegmentationModel:
         if self.file.edgetpu and edgetpu_device is None:
             msg = (
                 f"{model_path}: compiled for the Edge TPU (contains edgetpu-custom-op) and cannot "
-                f"run on the CPU: pass --edgetpu [DEVICE], or use its CPU twin"
+                f"run on the CPU: pass --edgetpu [DEVICE], or use its CPU twin "
+                f"({os.path.basename(model_path).replace('_edgetpu', '')}) or --cpu-fallback"
             )
             self._fallback_or_raise(ModelError(msg), cpu_fallback, runtime, threads)
             return

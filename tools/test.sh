@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a fresh Debian/Ubuntu machine, then run every test suite.
+#
+#   bash tools/test.sh            # all suites
+#   SUITES="device" bash tools/test.sh   # a subset: device tflite host
+#
+# Suites (each in its own venv, as users install them):
+#   device  .venv         the agent with its default runtime (ai-edge-litert), real mosquitto
+#   tflite  .venv-tflite  the inference tests again under tflite-runtime 2.14 + numpy<2
+#   host    .venv-host    host model tools (TensorFlow 2.21, tf-keras, tfmot)
+# Exit 0 only when every selected suite ran tests and they passed (pytest's exit 5, "no tests
+# collected", counts as a failure).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+SUITES=${SUITES:-"device tflite host"}
+PIP_FLAGS=(-q --disable-pip-version-check)
+export PIP_NO_INPUT=1
+
+say() { printf '\n=== %s\n' "$*"; }
+
+sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+install_system_packages() {
+  local missing=()
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+  command -v mosquitto_passwd >/dev/null 2>&1 || [ -x /usr/bin/mosquitto_passwd ] || missing+=(mosquitto)
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "apt-get install ${missing[*]}"
+    sudo_if_needed apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive sudo_if_needed apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+make_venv() {  # make_venv DIR PIP-ARGS...
+  local dir=$1; shift
+  [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
+  "$dir/bin/pip" install "${PIP_FLAGS[@]}" --upgrade pip >/dev/null 2>&1 || true
+  "$dir/bin/pip" install "${PIP_FLAGS[@]}" "$@"
+}
+
+run_pytest() {  # run_pytest NAME VENV ARGS...
+  local name=$1 venv=$2; shift 2
+  say "pytest [$name] $*"
+  "$venv/bin/python" -m pytest "$@"
+  local rc=$?
+  if [ $rc -eq 5 ]; then echo "[$name] no tests were collected: failing"; rc=1; fi
+  RESULTS+=("$name=$rc")
+  [ $rc -eq 0 ] || FAILED=1
+}
+
+RESULTS=(); FAILED=0
+install_system_packages || { echo "cannot install system packages"; exit 1; }
+
+for suite in $SUITES; do
+  case $suite in
+    device)
+      say "venv .venv (device: ai-edge-litert)"
+      make_venv .venv -e ".[dev]" || { RESULTS+=("device=setup-failed"); FAILED=1; continue; }
+      run_pytest device .venv -m "not host" tests --ignore=tests/host
+      ;;
+    tflite)
+      say "venv .venv-tflite (tflite-runtime 2.14, numpy<2)"
+      make_venv .venv-tflite "tflite-runtime==2.14.*" "numpy<2" "opencv-python-headless<4.11" \
+          "paho-mqtt>=2,<3" pytest \
+        && .venv-tflite/bin/pip install "${PIP_FLAGS[@]}" --no-deps -e . \
+        || { RESULTS+=("tflite=setup-failed"); FAILED=1; continue; }
+      EDGE_AGENT_RUNTIME=tflite-runtime run_pytest tflite .venv-tflite -m "not host" \
+          tests/test_golden.py tests/test_letterbox.py tests/test_model_contract.py \
+          tests/test_inspect_runtimes.py
+      ;;
+    host)
+      say "venv .venv-host (TensorFlow host tools)"
+      make_venv .venv-host -e ".[host,dev]" || { RESULTS+=("host=setup-failed"); FAILED=1; continue; }
+      if [ -d tests/host ]; then
+        run_pytest host .venv-host -m host tests/host
+      else
+        echo "[host] tests/host missing"; RESULTS+=("host=missing"); FAILED=1
+      fi
+      ;;
+    *) echo "unknown suite $suite"; FAILED=1 ;;
+  esac
+done
+
+say "summary: ${RESULTS[*]}"
+exit $FAILED

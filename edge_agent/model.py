@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import cv2
 import numpy as np
 
-from . import runtimes
+from . import runtimes, tflite_check
 from .errors import EdgeAgentError, InferenceError, ModelError
 from .preprocess import LETTERBOX, Geometry, check_frame, make_geometry, resize_into
 from .runtimes import edgetpu
@@ -78,6 +78,9 @@ def read_model_file(path: str) -> ModelFile:
             f"{path}: not a TFLite model (no 'TFL3' flatbuffer identifier; "
             f"{len(data)} bytes, corrupt or wrong file?)"
         )
+    problem = tflite_check.check(data)
+    if problem:
+        raise ModelError(f"{path}: corrupt TFLite model ({problem})")
     return ModelFile(
         path=path,
         sha256=hashlib.sha256(data).hexdigest(),
@@ -201,7 +204,6 @@ class SegmentationModel:
         specs.sort(key=lambda s: 0 if s.kind == "labels" else 1)
         self.output = specs[0]
         self._lut = input_lut(self.input)
-        self._scratch: Optional[np.ndarray] = None
         if self.input.dtype == np.float32:
             self._pad = 0.0
         elif self._lut is None:
@@ -240,15 +242,24 @@ class SegmentationModel:
         }
 
     # -- the per-frame path -------------------------------------------------------------------
-    def set_frame(self, frame: np.ndarray, mode: str = LETTERBOX) -> Geometry:
-        """Letterbox/stretch ``frame`` (HxWx3 uint8 RGB) into the input tensor; return geometry."""
+    def new_input_buffer(self) -> np.ndarray:
+        """An HxWx3 buffer of the input's dtype, to prepare a frame outside the interpreter."""
+        return np.empty((self.input.height, self.input.width, 3), self.input.dtype)
+
+    def prepare(self, frame: np.ndarray, mode: str = LETTERBOX,
+                out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Geometry]:
+        """Letterbox/stretch and normalise ``frame`` (HxWx3 uint8 RGB) into ``out``.
+
+        Thread-safe (touches no interpreter state), so a capture thread can prepare the next frame
+        while the interpreter runs; :meth:`set_input` then costs one memcpy.
+        """
         check_frame(frame)
         geometry = make_geometry(frame.shape[0], frame.shape[1], self.input.height, self.input.width, mode)
-        view = self._input_tensor()[0]
+        view = out if out is not None else self.new_input_buffer()
         if self.input.dtype == np.uint8 and self._lut is None:
             resize_into(frame, view, geometry, self._pad)
-            return geometry
-        scratch = self._scratch_canvas()
+            return view, geometry
+        scratch = np.empty((self.input.height, self.input.width, 3), np.uint8)
         resize_into(frame, scratch, geometry, 128)
         if self.input.dtype == np.float32:
             np.multiply(scratch, np.float32(1 / 127.5), out=view, casting="unsafe")
@@ -261,12 +272,15 @@ class SegmentationModel:
             view[sh:, :] = self._pad
         if sw < view.shape[1]:
             view[:sh, sw:] = self._pad
-        return geometry
+        return view, geometry
 
-    def _scratch_canvas(self) -> np.ndarray:
-        if self._scratch is None:
-            self._scratch = np.empty((self.input.height, self.input.width, 3), np.uint8)
-        return self._scratch
+    def set_input(self, prepared: np.ndarray) -> None:
+        """Copy a buffer made by :meth:`prepare` into the input tensor."""
+        np.copyto(self._input_tensor()[0], prepared)
+
+    def set_frame(self, frame: np.ndarray, mode: str = LETTERBOX) -> Geometry:
+        """Prepare ``frame`` directly into the interpreter's input tensor (no extra copy)."""
+        return self.prepare(frame, mode, out=self._input_tensor()[0])[1]
 
     def invoke(self) -> None:
         try:

@@ -23,6 +23,20 @@ def truncated(tmp_path):
     return path
 
 
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.9, 0.999])
+def test_truncated_models_never_crash_the_process(fraction, tmp_path):
+    """tflite-runtime 2.14 does not verify flatbuffers: without our check it segfaults."""
+    data = DM05.read_bytes()
+    path = tmp_path / "cut.tflite"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "inspect", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "corrupt TFLite model" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def garbage(tmp_path):
     path = tmp_path / "garbage.tflite"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())

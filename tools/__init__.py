@@ -1,0 +1,1 @@
+"""Developer and host-side tooling for edge-agent (not needed on the device)."""

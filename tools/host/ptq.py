@@ -1,0 +1,136 @@
+"""Post-training quantization: Keras / SavedModel / float TFLite -> TFLite.
+
+Modes: ``dynamic`` (int8 weights, float activations), ``float16`` (fp16 weights) and ``int8``
+(full integer; activations calibrated on real images letterboxed exactly like the agent does,
+``uint8``/``int8``/``float32`` I/O, per-channel or per-tensor weights). The batch dimension is
+fixed to 1 so the model has no dynamic shape (the Edge TPU needs static shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from tqdm import tqdm
+
+from edge_agent.errors import ConfigError, ModelError
+
+from .datasets import model_input
+from .deeplab import with_argmax, without_argmax
+from .tflite_reader import read_tflite
+
+MODES = ("dynamic", "float16", "int8")
+IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8, "float32": tf.float32}
+
+
+@dataclass(frozen=True)
+class PTQOptions:
+    mode: str = "int8"
+    io_type: str = "uint8"
+    per_channel: bool = True
+    argmax: Optional[bool] = None  # None: as the source model
+
+    def validate(self) -> "PTQOptions":
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown PTQ mode {self.mode!r}: choose {', '.join(MODES)}")
+        if self.io_type not in IO_TYPES:
+            raise ConfigError(f"unknown I/O type {self.io_type!r}: choose {', '.join(IO_TYPES)}")
+        return self
+
+
+def representative_dataset(images: Sequence[np.ndarray], size: Tuple[int, int],
+                           desc: str = "calibrating") -> Callable[[], Iterator[List[np.ndarray]]]:
+    """Calibration generator: agent letterbox + ``pixel / 127.5 - 1``, one image a step."""
+    if not images:
+        raise ConfigError("int8 quantization needs calibration images (none given)")
+
+    def gen() -> Iterator[List[np.ndarray]]:
+        for image in tqdm(images, desc=desc, unit="img", leave=False):
+            yield [model_input(image, size)[0][None]]
+    return gen
+
+
+def configure(converter, opts: PTQOptions,
+              rep: Optional[Callable[[], Iterator[List[np.ndarray]]]]) -> None:
+    """Apply one PTQ mode to any TFLiteConverter (Keras, concrete function or frozen graph)."""
+    opts.validate()
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if opts.mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+        return
+    if opts.mode == "dynamic":
+        return
+    converter.representative_dataset = rep
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = IO_TYPES[opts.io_type]
+    converter.inference_output_type = IO_TYPES[opts.io_type]
+    if not opts.per_channel:
+        converter._experimental_disable_per_channel = True
+
+
+def keras_converter(model: keras.Model):
+    """Converter for a Keras model with the batch fixed to 1 (static shapes)."""
+    h, w = int(model.input_shape[1]), int(model.input_shape[2])
+    fn = tf.function(lambda x: model(x, training=False),
+                     input_signature=[tf.TensorSpec([1, h, w, 3], tf.float32, name="image")])
+    return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
+
+
+def quantize_keras(model: keras.Model, opts: PTQOptions,
+                   images: Sequence[np.ndarray] = ()) -> bytes:
+    """TFLite flatbuffer of ``model`` under ``opts`` (ArgMax added/removed first if asked)."""
+    opts.validate()
+    if opts.argmax is True:
+        model = with_argmax(model)
+    elif opts.argmax is False:
+        model = without_argmax(model)
+    size = (int(model.input_shape[1]), int(model.input_shape[2]))
+    converter = keras_converter(model)
+    rep = representative_dataset(images, size) if opts.mode == "int8" else None
+    configure(converter, opts, rep)
+    return _convert(converter)
+
+
+def _convert(converter) -> bytes:
+    try:
+        return converter.convert()
+    except Exception as exc:  # converter errors are long MLIR dumps: keep the first line
+        text = str(exc).strip().splitlines()
+        raise ModelError(f"TFLite conversion failed: {text[0] if text else type(exc).__name__}"
+                         ) from None
+
+
+def write_tflite(data: bytes, out: "str | Path") -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return out
+
+
+def calibration_summary(path: "str | Path", n_images: int) -> str:
+    """Short text: images used, I/O quantization, weight scheme, widest activation ranges."""
+    graph = read_tflite(path)
+    lines = [f"calibration: {n_images} images, letterboxed, real = pixel/127.5 - 1"]
+    for kind, idx in (("input", graph.inputs[0]), ("output", graph.outputs[0])):
+        t = graph.tensors[idx]
+        q = f"scale {t.scale[0]:.6g} zero point {t.zero_point[0]}" if t.scale.size else "float"
+        lines.append(f"{kind}: {t.name} {t.shape} {np.dtype(t.dtype).name} {q}")
+    weights = [graph.tensors[op.inputs[1]] for op in graph.ops
+               if op.opcode in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(op.inputs) > 1]
+    per_axis = sum(1 for t in weights if t.per_axis)
+    lines.append(f"weights: {len(weights)} conv tensors, {per_axis} per-channel, "
+                 f"{len(weights) - per_axis} per-tensor")
+    ranges = []
+    for t in graph.tensors:
+        if t.data is None and t.scale.size == 1 and t.dtype in (np.uint8, np.int8):
+            info = np.iinfo(t.dtype)
+            ranges.append(((info.min - t.zero_point[0]) * t.scale[0],
+                           (info.max - t.zero_point[0]) * t.scale[0], t.name.split(";")[0]))
+    ranges.sort(key=lambda r: r[1] - r[0], reverse=True)
+    lines.append(f"activations: {len(ranges)} quantized tensors; widest ranges:")
+    lines += [f"  [{lo:8.2f}, {hi:8.2f}] {name}" for lo, hi, name in ranges[:5]]
+    return "\n".join(lines)

@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "edge_agent.segment_cmd",
     "edge_agent.inspect_model",
     "edge_agent.catalog",
+    "edge_agent.agent",
+    "edge_agent.config",
 )
 
 

@@ -1,0 +1,113 @@
+"""What the device is and how it is doing: RSS, CPU %, temperature, board model, throttling.
+
+Reads /proc and /sys directly (no psutil on the device). Every reader returns None where the
+information does not exist (containers, x86 laptops) instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import time
+from typing import Any, Dict, Optional
+
+THERMAL = "/sys/class/thermal/thermal_zone0/temp"
+
+
+def rss_mb() -> Optional[float]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cpu_temp_c(path: str = THERMAL) -> Optional[float]:
+    try:
+        with open(path) as fh:
+            return int(fh.read().strip()) / 1000.0
+    except (OSError, ValueError):
+        return None
+
+
+def board_model() -> str:
+    """Raspberry Pi style model string, else the CPU model, else the machine type."""
+    for path in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
+        try:
+            with open(path, "rb") as fh:
+                text = fh.read().rstrip(b"\0").decode(errors="replace").strip()
+                if text:
+                    return text
+        except OSError:
+            pass
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("Model", "model name", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def throttled() -> Optional[Dict[str, Any]]:
+    """Raspberry Pi throttling flags from ``vcgencmd get_throttled`` (None where absent)."""
+    exe = shutil.which("vcgencmd")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "get_throttled"], capture_output=True, text=True, timeout=2).stdout
+        value = int(out.strip().split("=")[1], 16)
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+    return {
+        "raw": hex(value),
+        "under_voltage": bool(value & 0x1),
+        "freq_capped": bool(value & 0x2),
+        "throttled": bool(value & 0x4),
+        "soft_temp_limit": bool(value & 0x8),
+        "under_voltage_occurred": bool(value & 0x10000),
+        "throttling_occurred": bool(value & 0x40000),
+    }
+
+
+def host_info() -> Dict[str, Any]:
+    return {
+        "machine": platform.machine(),
+        "board": board_model(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "hostname": platform.node(),
+    }
+
+
+class CpuMeter:
+    """Process CPU % (of one core) between successive calls."""
+
+    def __init__(self) -> None:
+        self._last = (time.monotonic(), self._cpu())
+
+    @staticmethod
+    def _cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def percent(self) -> float:
+        now, cpu = time.monotonic(), self._cpu()
+        wall = now - self._last[0]
+        used = cpu - self._last[1]
+        self._last = (now, cpu)
+        return 100.0 * used / wall if wall > 0 else 0.0

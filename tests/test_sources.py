@@ -419,3 +419,19 @@ def test_wrapper_never_raises_transient_errors():
     assert stats["state"] == "closed"
     with pytest.raises(SourceError, match="closed"):
         src.read(0.1)
+
+
+def test_non_strict_open_waits_for_a_source_that_appears_later(tmp_path):
+    """At boot the camera/file may come up after the agent: strict=False retries the first open."""
+    clip = tmp_path / "late.avi"
+    src = open_source({"kind": "opencv", "uri": str(clip), **FAST}, strict=False)
+    try:
+        assert src.read(0.1) is None and src.stats()["state"] == "down"
+        assert "video file not found" in src.stats()["last_error"]
+        write_clip(clip)
+        frames = read_until(src, lambda fs: len(fs) >= 3)
+    finally:
+        src.close()
+    assert [f.seq for f in frames] == [1, 2, 3]
+    with pytest.raises(SourceError, match="unknown source kind"):
+        open_source({"kind": "nope"}, strict=False)  # config errors are never retried

@@ -125,6 +125,25 @@ def test_runtime_works_under_memory_deny_write_execute():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_no_mprotect_exec_which_systemd_seccomp_mdwe_would_refuse(tmp_path):
+    """systemd 252 implements MemoryDenyWriteExecute= with seccomp, which also refuses any
+    mprotect(PROT_EXEC) (the kernel's MDWE only refuses gaining exec). Trace the same workload
+    and require none. The one W+X mmap libffi tries for a ctypes callback is refused by both
+    and libffi falls back to a double mapping (the MDWE test above proves the fallback works)."""
+    trace = tmp_path / "trace.txt"
+    probe = PROBE.replace("if libc.prctl(65, 1, 0, 0, 0) != 0:", "if False:").replace(
+        "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+        "    print(\"W+X mapping was allowed: MDWE not in force\"); sys.exit(3)\n", "    pass\n")
+    proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=mprotect,pkey_mprotect", "-o",
+                           str(trace), sys.executable, "-c", probe, str(DM05), str(FLOAT_257)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+    calls = trace.read_text().splitlines()
+    assert calls, "strace recorded nothing"
+    assert [c for c in calls if "PROT_EXEC" in c] == []
+
+
 # --------------------------------------------------------------------------- service install
 
 

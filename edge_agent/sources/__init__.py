@@ -58,13 +58,15 @@ def build_source(settings: Any) -> BaseSource:
     return backend_for(s.kind)(s)
 
 
-def open_source(settings: Any, reopen: bool = True) -> FrameSource:
+def open_source(settings: Any, reopen: bool = True, strict: bool = True) -> FrameSource:
     """Build the backend named by ``settings.kind``, wrap it for reopen-with-backoff, open it.
 
     ``settings``: a Mapping or an object with attributes kind, uri, loop, width, height, fps,
     stall_timeout_s, reopen_backoff_max_s (optional: reopen_backoff_initial_s, lores_size,
-    model_input). Raises ``SourceError`` if the first open fails (bad kind, missing file,
-    picamera2 not installed, no camera); later failures are retried inside ``read``.
+    model_input). Raises ``SourceError`` for settings that can never work (unknown kind, bad
+    values) and, when ``strict`` (default), if the first open fails (missing file, picamera2
+    not installed, no camera); with ``strict=False`` that failure is logged and retried with
+    backoff inside ``read`` like any later one. ``reopen=False`` returns the bare backend.
     """
     s = SourceSettings.from_any(settings)
     backend = backend_for(s.kind)
@@ -80,5 +82,5 @@ def open_source(settings: Any, reopen: bool = True) -> FrameSource:
         backoff_initial_s=s.reopen_backoff_initial_s,
         backoff_max_s=s.reopen_backoff_max_s,
     )
-    wrapper.open()
+    wrapper.open(strict=strict)
     return wrapper

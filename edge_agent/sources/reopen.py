@@ -75,10 +75,20 @@ class ReopeningSource:
 
     # -- FrameSource -------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, strict: bool = True) -> None:
+        """Open the backend. ``strict``: a failure raises (bad config, no camera at start);
+        otherwise it is logged and retried by ``read`` like any later failure (a camera or
+        RTSP server that comes up after the agent at boot)."""
         self._closed.clear()
         inner = self._factory()
-        inner.open()  # first open: errors go to the caller
+        try:
+            inner.open()
+        except Exception as exc:
+            if strict:
+                raise
+            self._stats.state = "down"
+            self._fail(f"open failed: {_one_line(exc)}")
+            return
         self._inner = inner
         self._last_frame_mono = time.monotonic()
         self._stats.state = "open"

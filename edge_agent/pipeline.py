@@ -359,6 +359,9 @@ class Pipeline:
         self._fps_frames += 1
         if self._on_progress:
             self._on_progress()
+        if self.settings.lossless:
+            while not self._post_slot.wait_empty(0.5) and not self._stop.is_set():
+                pass
         self._post_slot.put(_Inferred(item, label_map, segmenter))
 
     def _post_loop(self) -> None:
@@ -417,6 +420,9 @@ class Pipeline:
 
     def _enqueue(self, item: Optional[_Outgoing]) -> None:
         with self._out_cond:
+            if self.settings.lossless:
+                self._out_cond.wait_for(
+                    lambda: len(self._out) < self.settings.publish_queue or self._stop.is_set())
             if item is not None and len(self._out) >= self.settings.publish_queue:
                 self._out.popleft()
                 self.counters.dropped_publish += 1
@@ -431,6 +437,7 @@ class Pipeline:
             with self._out_cond:
                 self._out_cond.wait_for(lambda: self._out or self._stop.is_set(), 0.25)
                 item = self._out.popleft() if self._out else False
+                self._out_cond.notify_all()
             if item is None:  # end of stream: flush the interval summaries and finish
                 self._publish_timings_interval()
                 self._publish_stats()

@@ -127,6 +127,9 @@ def default_package() -> str:
 
 
 def default_python() -> str:
+    """The system interpreter: apt's python3-picamera2 is built for it, not for pyenv/conda."""
+    if Path("/usr/bin/python3").exists():
+        return "/usr/bin/python3"
     return shutil.which("python3") or sys.executable
 
 
@@ -361,7 +364,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Register ``service install|uninstall`` on the CLI's sub-command parser."""
     svc = subparsers.add_parser("service", help="install or remove the systemd service",
-                                description=__doc__.split("\n\n")[0])
+                                description="Install or remove edge-agent as a systemd service.")
     sub = svc.add_subparsers(dest="service_command", metavar="{install,uninstall}")
     sub.required = True
     inst = sub.add_parser("install", help="create user, venv, config; install and enable the unit")

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "edge_agent.catalog",
     "edge_agent.agent",
     "edge_agent.config",
+    "edge_agent.demo",
 )
 
 

@@ -130,6 +130,10 @@ class MosquittoBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
     def start(self, timeout: float = 10.0) -> "MosquittoBroker":
         """Start mosquitto and wait until the port accepts connections."""
         if self.running:

@@ -13,6 +13,7 @@ while idle by design), ``STATUS=`` with fps, ``RELOADING=1`` on SIGHUP, ``STOPPI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import threading
@@ -174,7 +175,9 @@ class Agent:
         try:
             path, labels = self.model_resolver(self.config)
             self.segmenter = build_segmenter(self.config, path, labels)
-            source = open_source(self.config.source)
+            # The model size lets picamera2 size its lores stream so the ISP does the downscale.
+            source = open_source({**dataclasses.asdict(self.config.source),
+                                  "model_input": self.segmenter.model.input_size})
         except EdgeAgentError as exc:
             self.error = str(exc)
             log.error("cannot start the pipeline: %s", exc)

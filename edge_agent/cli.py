@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "edge_agent.agent",
     "edge_agent.config",
     "edge_agent.demo",
+    "edge_agent.service",
 )
 
 
@@ -39,15 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# journald reads a "<N>" syslog priority prefix on each stderr line.
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{record.name}: {super().format(record)}"
+
+
 def setup_logging(verbosity: int = 0, level: Optional[str] = None) -> None:
     if level is None:
         level = "DEBUG" if verbosity >= 2 else "INFO" if verbosity == 1 else "WARNING"
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if not os.environ.get("JOURNAL_STREAM")
-        else "<%(levelno)s>%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald adds time and unit
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,251 @@
+"""``python -m tools.host <command>``: the host-side model toolchain's command line.
+
+Each command is a thin wrapper over one module; failures the user can cause are
+``EdgeAgentError``s printed as one line with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from edge_agent.errors import ConfigError, EdgeAgentError
+
+DEFAULT_VOC = "../shared/test_data/voc"
+
+
+def _size(values: Optional[Sequence[int]]):
+    if values is None:
+        return None
+    if len(values) == 1:
+        values = [values[0], values[0]]
+    if len(values) != 2 or min(values) < 16:
+        raise ConfigError(f"--input-size takes H [W] >= 16, got {values}")
+    return (int(values[0]), int(values[1]))
+
+
+def _argmax_flag(args) -> Optional[bool]:
+    return {None: None, "yes": True, "no": False}[args.argmax]
+
+
+def load_source(path: str, input_size=None, argmax: Optional[bool] = None):
+    """Keras model from a .keras/.h5/SavedModel, or rebuilt from a DeepLab .tflite."""
+    from .rebuild import load_model, rebuild
+    from .deeplab import with_argmax, without_argmax
+
+    if path.endswith(".tflite"):
+        return rebuild(path, input_size=input_size, argmax=argmax)[0]
+    model = load_model(path)
+    if input_size is not None and tuple(model.input_shape[1:3]) != tuple(input_size):
+        raise ConfigError(f"{path} is fixed at {model.input_shape[1:3]}: rebuild it from a "
+                          f".tflite to change the input size")
+    if argmax is True:
+        return with_argmax(model)
+    return without_argmax(model) if argmax is False else model
+
+
+def cmd_build(args) -> int:
+    from .deeplab import DeepLabConfig, build_deeplab
+    from .rebuild import describe, save_model
+
+    cfg = DeepLabConfig(input_size=_size(args.input_size), num_classes=args.num_classes,
+                        depth_multiplier=args.depth_multiplier, output_stride=args.output_stride,
+                        atrous_rates=tuple(args.atrous_rates), decoder=args.decoder,
+                        argmax=args.argmax == "yes")
+    model = build_deeplab(cfg)
+    out = save_model(model, args.output)
+    print(f"{describe(cfg)}: {model.count_params():,} parameters (random init) -> {out}")
+    return 0
+
+
+def cmd_rebuild(args) -> int:
+    from .rebuild import describe, rebuild, save_model
+
+    model, cfg = rebuild(args.source, _size(args.input_size), _argmax_flag(args))
+    out = save_model(model, args.output)
+    print(f"rebuilt {describe(cfg)} from {args.source} -> {out}")
+    if args.check_image:
+        from .compare import keras_vs_tflite
+
+        value = keras_vs_tflite(model, args.source, args.check_image)
+        print(f"agreement rebuilt float vs source on {args.check_image}: {value:.4f}")
+    return 0
+
+
+def cmd_ptq(args) -> int:
+    from .datasets import calibration_images
+    from .ptq import PTQOptions, calibration_summary, quantize_keras, write_tflite
+
+    opts = PTQOptions(args.mode, args.io_type, not args.per_tensor, _argmax_flag(args)).validate()
+    model = load_source(args.model, _size(args.input_size))
+    images = calibration_images(args.calib, args.num_calib) if args.mode == "int8" else []
+    out = write_tflite(quantize_keras(model, opts, images), args.output)
+    print(f"{args.mode} model -> {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    if args.mode == "int8":
+        print(calibration_summary(out, len(images)))
+    return 0
+
+
+def cmd_qat(args) -> int:
+    from . import qat
+    from .datasets import VocDataset, calibration_images
+    from .ptq import write_tflite
+    from .rebuild import save_model
+
+    opts = qat.QATOptions(steps=args.steps, delay_steps=args.delay_steps,
+                          learning_rate=args.lr, batch_size=args.batch_size,
+                          checkpoint_dir=args.checkpoint_dir,
+                          checkpoint_every=args.checkpoint_every).validate()
+    model = load_source(args.model, _size(args.input_size), argmax=False)
+    dataset = VocDataset(args.voc, args.split)
+    qmodel = qat.fine_tune(model, dataset, opts)
+    if args.save_keras:
+        print(f"QAT Keras model -> {save_model(qmodel, args.save_keras)}")
+    images = calibration_images(args.voc, args.num_calib)
+    data = qat.export(qmodel, images, args.io_type, argmax=args.argmax != "no")
+    out = write_tflite(data, args.output)
+    print(f"QAT int8 model -> {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, markdown, write_report
+
+    report = evaluate(args.models, args.voc, args.split, args.labels, args.runtime,
+                      args.threads)
+    print(markdown(report))
+    if args.out:
+        written = write_report(report, args.out, args.voc, args.split, not args.no_overlays)
+        print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_edgetpu_check(args) -> int:
+    from .edgetpu_check import check
+
+    report = check(args.model, compile_model=not args.no_compile, out_dir=args.out_dir)
+    print(report.text())
+    return 1 if args.strict and report.errors else 0
+
+
+def cmd_convert_frozen(args) -> int:
+    from .datasets import calibration_images
+    from .frozen import convert_frozen
+    from .ptq import PTQOptions, write_tflite
+
+    opts = PTQOptions(args.mode, args.io_type, not args.per_tensor).validate()
+    images = calibration_images(args.calib, args.num_calib) if args.mode == "int8" else []
+    data = convert_frozen(args.graph, args.input_array, args.output_arrays,
+                          _size(args.input_size), opts, images)
+    out = write_tflite(data, args.output)
+    print(f"{args.mode} model from frozen graph -> {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _ptq_flags(p: argparse.ArgumentParser, argmax: bool = True) -> None:
+    p.add_argument("--mode", default="int8", help="dynamic | float16 | int8 (default int8)")
+    p.add_argument("--io-type", default="uint8", help="int8-mode I/O: uint8 | int8 | float32")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (old Edge TPU "
+                   "compilers); default per-channel")
+    p.add_argument("--calib", default=DEFAULT_VOC, help="calibration image folder or VOC root")
+    p.add_argument("--num-calib", type=int, default=100, help="calibration images (default 100)")
+    if argmax:
+        p.add_argument("--argmax", choices=("yes", "no"), default=None,
+                       help="ArgMax in the graph (default: as the source)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tools.host",
+                                     description="Host-side DeepLab model tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="build a (random-init) DeepLab Keras model")
+    p.add_argument("-o", "--output", required=True, help=".keras/.h5 file or SavedModel dir")
+    p.add_argument("--input-size", type=int, nargs="+", default=[513])
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--depth-multiplier", type=float, default=0.5)
+    p.add_argument("--output-stride", type=int, default=16)
+    p.add_argument("--atrous-rates", type=int, nargs="*", default=[],
+                   help="ASPP atrous branches, e.g. 6 12 18 (default: 1x1 branch only)")
+    p.add_argument("--decoder", action="store_true", help="DeepLabV3+ decoder")
+    p.add_argument("--argmax", choices=("yes", "no"), default="no")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("rebuild", help="float Keras model from a DeepLab .tflite")
+    p.add_argument("source", help="quantized or float DeepLab .tflite")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--input-size", type=int, nargs="+", help="re-target H [W]")
+    p.add_argument("--argmax", choices=("yes", "no"), default=None)
+    p.add_argument("--check-image", help="print agreement rebuilt vs source on this image")
+    p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("ptq", help="post-training quantization to TFLite")
+    p.add_argument("model", help=".keras/.h5/SavedModel, or a DeepLab .tflite (rebuilt first)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--input-size", type=int, nargs="+", help="fixed input H [W]")
+    _ptq_flags(p)
+    p.set_defaults(func=cmd_ptq)
+
+    p = sub.add_parser("qat", help="quantization-aware fine-tuning, export uint8 TFLite")
+    p.add_argument("model", help=".keras/.h5/SavedModel, or a DeepLab .tflite (rebuilt first)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--voc", default=DEFAULT_VOC, help="VOC-layout dataset root")
+    p.add_argument("--split", default="train", help="ImageSets/Segmentation/<split>.txt")
+    p.add_argument("--input-size", type=int, nargs="+")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--delay-steps", type=int, default=0, help="float steps before fake-quant")
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--checkpoint-dir", help="save/resume checkpoints here")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--save-keras", help="also save the fake-quant Keras model")
+    p.add_argument("--io-type", default="uint8")
+    p.add_argument("--num-calib", type=int, default=8, help="images for leftover ranges")
+    p.add_argument("--argmax", choices=("yes", "no"), default="yes")
+    p.set_defaults(func=cmd_qat)
+
+    p = sub.add_parser("evaluate", help="mIoU/accuracy/agreement/size/latency table")
+    p.add_argument("models", nargs="+", help=".tflite models (the first is the overlay reference)")
+    p.add_argument("--voc", default=DEFAULT_VOC)
+    p.add_argument("--split", default="val")
+    p.add_argument("--labels", help="label file (one class name a line)")
+    p.add_argument("--out", help="write results.md, results.csv, overlays/ here")
+    p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--runtime", default="auto")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("edgetpu-check", help="ops/dtypes the Edge TPU cannot map; compile")
+    p.add_argument("model")
+    p.add_argument("--no-compile", action="store_true", help="analysis only")
+    p.add_argument("--out-dir", type=Path, help="edgetpu_compiler output folder")
+    p.add_argument("--strict", action="store_true", help="exit 1 if an op would leave the TPU")
+    p.set_defaults(func=cmd_edgetpu_check)
+
+    p = sub.add_parser("convert-frozen", help="TF1 frozen GraphDef (.pb) -> TFLite")
+    p.add_argument("graph", help="frozen_inference_graph.pb")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--input-array", required=True, help="input tensor (node) name")
+    p.add_argument("--output-arrays", required=True, nargs="+")
+    p.add_argument("--input-size", type=int, nargs="+", required=True)
+    _ptq_flags(p, argmax=False)
+    p.set_defaults(func=cmd_convert_frozen)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeAgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -113,6 +113,7 @@ def test_online_info_retained_and_clean_offline(mosquitto, comms_factory):
     comms.start()
     assert comms.wait_connected(10)
     assert comms.protocol == "5"
+    wait_until(lambda: comms.stats()["inflight"] == 0, what="online/info acknowledged (QoS 1)")
     late = Recorder(broker.host, broker.port, f"edge-agent/{DEV}/#")  # subscribes after: needs retained
     try:
         (avail,) = late.wait_for(AVAIL, b"online")
@@ -210,7 +211,8 @@ def test_broker_restart_mid_run(mosquitto, comms_factory):
     assert not comms.publish("stats", {"fps": 2})
     assert comms.stats()["dropped"] == dropped_before + 1
     broker.start()  # same port
-    wait_until(lambda: comms.stats()["reconnects"] == 1, what="reconnect")
+    wait_until(lambda: comms.stats()["reconnects"] == 1 and comms.connected, what="reconnect")
+    wait_until(lambda: comms.stats()["inflight"] == 0, what="online/info acknowledged (QoS 1)")
     rec = Recorder(broker.host, broker.port, f"edge-agent/{DEV}/+")
     try:
         assert rec.wait_for(AVAIL, b"online")[0].retain  # re-published after the reconnect
@@ -422,3 +424,36 @@ def test_embedded_broker_round_trip():
             rec.wait_for("demo/x", b"hello")
         finally:
             rec.close()
+
+
+# ---------------------------------------------------------------- the documented interface
+
+
+def test_asyncapi_documents_every_topic_and_refs_resolve():
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((REPO / "docs" / "asyncapi.yaml").read_text())
+    assert doc["asyncapi"].startswith("3.")
+
+    def resolve(ref: str) -> Any:
+        node = doc
+        for part in ref.lstrip("#/").split("/"):
+            node = node[part]
+        return node
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                resolve(node["$ref"])  # KeyError = dangling reference
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    addresses = {ch["address"] for ch in doc["channels"].values()}
+    from edge_agent.comms.mqtt import _QOS_KEYS
+    for suffix in _QOS_KEYS:
+        assert f"{{prefix}}/{{deviceId}}/{suffix}" in addresses, suffix
+    for cmd in ("benchmark", "deploy", "rollback", "models"):
+        assert f"{{prefix}}/{{target}}/cmd/{cmd}" in addresses, cmd

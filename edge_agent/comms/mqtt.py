@@ -312,10 +312,12 @@ class MqttComms:
 
     def _publish(self, topic: str, data: bytes, qos: int, retain: bool,
                  props: Optional[Properties], client: Optional[paho.Client] = None) -> bool:
+        """``client`` is passed only by on_connect, which publishes before announcing "connected"."""
+        connected = client is not None or self._connected.is_set()
         client = client or self._client
         with self._lock:
             full = len(self._inflight) >= self.cfg.max_queued_messages
-            if client is None or not self._connected.is_set() or full:
+            if client is None or not connected or full:
                 self._counters["dropped"] += 1
                 return False
         info = client.publish(topic, data, qos=qos, retain=retain, properties=props)
@@ -407,13 +409,13 @@ class MqttComms:
             info = self._info
             filters = sorted({f for f, _, _ in self._handlers})
         self._last_fail = ""
-        self._connected.set()
         log.info("MQTT connected to %s:%d (MQTT %s)", self.cfg.host, self.cfg.port, self.protocol)
         self._publish(self.topic(AVAILABILITY), ONLINE, self.cfg.qos_state, True, None, client)
         if info is not None:
             self._publish(self.topic(INFO), info, self.cfg.qos_state, True, None, client)
         if filters:
             client.subscribe([(f, COMMAND_QOS) for f in filters])
+        self._connected.set()  # after online/info: they always precede the pipeline's messages
 
     def _connect_refused(self, client: paho.Client, code: int, reason: str) -> None:
         self._set_error(f"connection refused: {reason}")

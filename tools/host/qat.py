@@ -135,7 +135,8 @@ def _train(model: keras.Model, batches, steps: int, opts: QATOptions, phase: str
         ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, step=step)
         manager = tf.train.CheckpointManager(ckpt, str(Path(opts.checkpoint_dir) / phase), 3)
         if manager.latest_checkpoint:
-            ckpt.restore(manager.latest_checkpoint)
+            model.optimizer.build(model.trainable_variables)  # slots exist before restoring
+            ckpt.restore(manager.latest_checkpoint).expect_partial()
             log(f"{phase}: resumed from {manager.latest_checkpoint} (step {int(step)})")
     bar = tqdm(total=steps, initial=int(step), desc=f"{phase} training", unit="step")
     while int(step) < steps:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 STARTUP_GRACE_S = 60.0
 
 # Modules that add MQTT command handlers: each has ``install(agent)``.
-COMMAND_PLUGINS: Tuple[str, ...] = ()
+COMMAND_PLUGINS: Tuple[str, ...] = ("edge_agent.remote_bench", "edge_agent.deploy")
 
 
 class NullSink:

@@ -1,0 +1,313 @@
+"""Host-side MQTT client for commands to one device or the whole fleet (benchmark, deploy, ...).
+
+``FleetClient(mqtt_config).connect()`` subscribes to the retained ``<prefix>/+/availability`` and
+``<prefix>/+/info`` topics, so it knows which devices exist and which are online before it sends
+anything. :meth:`FleetClient.request` then publishes one command (to named devices, or once to
+``<prefix>/all/cmd/<name>``), and collects exactly one final answer per device from
+``<prefix>/<device>/<kind>/<request id>`` (protocol: :mod:`edge_agent.commands`):
+
+* ``done`` / ``rejected`` / ``failed``: what the device answered;
+* ``offline``: the device's availability is (or turns) ``offline`` before its final answer
+  (retained state, or its Last Will after a crash/power loss): reported at once, never waited for;
+* ``timeout``: no final answer within the timeout.
+
+Fleet-wide requests expect every device discovered online, plus any device that answers although
+it was not discovered (its retained state may have been cleared).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from ..commands import FINAL_STATUSES
+from ..errors import ConfigError, EdgeAgentError
+
+FLEET = "all"
+DISCOVERY_S = 1.0
+FLEET_GRACE_S = 1.0
+CONNECT_TIMEOUT_S = 10.0
+OFFLINE = "offline"
+TIMEOUT = "timeout"
+
+AnswerCallback = Callable[[str, Dict[str, Any]], None]
+
+
+class FleetError(EdgeAgentError):
+    """The broker cannot be reached or refuses us."""
+
+
+@dataclass
+class Device:
+    id: str
+    online: Optional[bool] = None  # None: no availability seen
+    info: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class Answer:
+    """The outcome of one request on one device."""
+
+    device: str
+    status: str  # done | rejected | failed | offline | timeout
+    reason: Optional[str] = None
+    final: Optional[Dict[str, Any]] = None  # the device's final answer document
+    accepted: Optional[Dict[str, Any]] = None
+    last_progress: Optional[Dict[str, Any]] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    kind: str
+    expected: Set[str]
+    fleet: bool
+    answers: Dict[str, Answer] = field(default_factory=dict)  # finals only
+    seen: Dict[str, Answer] = field(default_factory=dict)  # every device that said anything
+    on_message: Optional[AnswerCallback] = None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+class FleetClient:
+    """One paho connection used to talk to the devices under ``mqtt.topic_prefix``."""
+
+    def __init__(self, mqtt: Any, client_id: Optional[str] = None) -> None:
+        self.cfg = mqtt
+        self.prefix = mqtt.topic_prefix
+        self.client_id = client_id or f"edge-agent-fleet-{uuid.uuid4().hex[:8]}"
+        self._cond = threading.Condition()
+        self._devices: Dict[str, Device] = {}
+        self._pending: Optional[_Pending] = None
+        self._subacks: Set[int] = set()
+        self._connected = threading.Event()
+        self._connect_error: Optional[str] = None
+        self._last_state_at = 0.0
+        self._client: Optional[paho.Client] = None
+
+    # -- connection -------------------------------------------------------------------------------
+    def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> "FleetClient":
+        cfg = self.cfg
+        protocol = paho.MQTTv311 if cfg.protocol == "3.1.1" else paho.MQTTv5
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
+        if cfg.username:
+            client.username_pw_set(cfg.username, cfg.password or None)
+        if cfg.tls:
+            try:
+                client.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None,
+                               keyfile=cfg.key_file or None)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"mqtt TLS files unusable: {err}") from None
+            if cfg.tls_insecure:
+                client.tls_insecure_set(True)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+        try:
+            client.connect(cfg.host, cfg.port, cfg.keepalive)
+        except OSError as err:
+            raise FleetError(f"cannot connect to the broker {cfg.host}:{cfg.port}: {err}") from None
+        client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise FleetError(self._connect_error or f"no answer from the broker {cfg.host}:{cfg.port} "
+                                                    f"within {timeout:.0f} s")
+        self.subscribe([f"{self.prefix}/+/availability", f"{self.prefix}/+/info"])
+        return self
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    def __enter__(self) -> "FleetClient":
+        return self.connect()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def subscribe(self, filters: List[str], timeout: float = 10.0) -> None:
+        """Subscribe (QoS 1) and wait for the broker's SUBACK: nothing sent before is missed after."""
+        assert self._client is not None
+        with self._cond:
+            rc, mid = self._client.subscribe([(f, 1) for f in filters])
+            if rc != paho.MQTT_ERR_SUCCESS or not self._cond.wait_for(lambda: mid in self._subacks, timeout):
+                raise FleetError(f"subscribing to {filters} failed")
+            self._subacks.discard(mid)
+
+    # -- devices ----------------------------------------------------------------------------------
+    def discover(self, wait: float = DISCOVERY_S) -> Dict[str, Device]:
+        """Devices known from retained availability/info, after ``wait`` s or once they stop arriving."""
+        deadline = time.monotonic() + wait
+        quiet = min(0.3, wait)
+        while time.monotonic() < deadline:
+            with self._cond:
+                if self._devices and time.monotonic() - self._last_state_at >= quiet:
+                    break
+            time.sleep(0.05)
+        return self.devices()
+
+    def devices(self) -> Dict[str, Device]:
+        with self._cond:
+            return {k: Device(v.id, v.online, v.info) for k, v in sorted(self._devices.items())}
+
+    def online(self) -> List[str]:
+        return [d.id for d in self.devices().values() if d.online]
+
+    # -- commands ---------------------------------------------------------------------------------
+    def request(self, command: str, params: Dict[str, Any], devices: Optional[Iterable[str]] = None,
+                fleet: bool = False, timeout: float = 60.0, kind: Optional[str] = None,
+                request_id: Optional[str] = None, on_message: Optional[AnswerCallback] = None,
+                fleet_grace_s: float = FLEET_GRACE_S) -> Dict[str, Answer]:
+        """Send ``command`` with ``params`` and return one :class:`Answer` per device.
+
+        ``devices``: device ids (one publish each), or ``fleet=True``: one publish to
+        ``<prefix>/all/cmd/<command>`` expecting every online device. ``kind`` names the answer
+        topics (default: ``command``). ``on_message(device, doc)`` sees every answer (progress).
+        """
+        if self._client is None:
+            raise FleetError("not connected")
+        if fleet == (devices is not None):
+            raise ValueError("give either devices or fleet=True")
+        kind = kind or command
+        rid = request_id or new_request_id()
+        known = self.devices()
+        targets = sorted(known) if fleet else list(dict.fromkeys(devices or ()))
+        pending = _Pending(rid, kind, set(), fleet, on_message=on_message)
+        for dev in targets:
+            state = known.get(dev)
+            if state is not None and state.online is False:
+                if not fleet:  # fleet mode simply does not expect offline devices
+                    pending.answers[dev] = Answer(dev, OFFLINE, "device is offline (retained availability)")
+            elif fleet and (state is None or not state.online):
+                continue
+            else:
+                pending.expected.add(dev)
+        with self._cond:
+            self._pending = pending
+        try:
+            self.subscribe([f"{self.prefix}/+/{kind}/{rid}"])
+            payload = json.dumps({"request_id": rid, **params}).encode()
+            if fleet:
+                self._publish(f"{self.prefix}/{FLEET}/cmd/{command}", payload)
+            else:
+                for dev in sorted(pending.expected):
+                    self._publish(f"{self.prefix}/{dev}/cmd/{command}", payload)
+            self._wait(pending, timeout, fleet_grace_s if fleet else 0.0)
+        finally:
+            with self._cond:
+                self._pending = None
+            if self._client is not None:
+                self._client.unsubscribe(f"{self.prefix}/+/{kind}/{rid}")
+        return dict(sorted(pending.answers.items()))
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        assert self._client is not None
+        info = self._client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+
+    def _wait(self, pending: _Pending, timeout: float, grace: float) -> None:
+        start = time.monotonic()
+        deadline = start + timeout
+        with self._cond:
+            while True:
+                waiting = pending.expected - set(pending.answers)
+                now = time.monotonic()
+                if not waiting and now - start >= grace:
+                    return
+                if now >= deadline:
+                    for dev in sorted(waiting):
+                        seen = pending.seen.get(dev)
+                        what = "no final answer" if seen else "no answer"
+                        pending.answers[dev] = Answer(dev, TIMEOUT, f"{what} within {timeout:g} s",
+                                                      accepted=seen.accepted if seen else None,
+                                                      last_progress=seen.last_progress if seen else None)
+                    return
+                self._cond.wait(min(deadline - now, 0.1))
+
+    # -- paho callbacks (network thread) ------------------------------------------------------------
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self._connect_error = f"the broker {self.cfg.host}:{self.cfg.port} refused the connection: {reason}"
+            client.disconnect()
+            return
+        self._connected.set()
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        with self._cond:
+            self._subacks.add(mid)
+            self._cond.notify_all()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if not msg.topic.startswith(self.prefix + "/"):
+            return
+        parts = msg.topic[len(self.prefix) + 1:].split("/")
+        with self._cond:
+            if len(parts) == 2 and parts[1] in ("availability", "info"):
+                self._device_state(parts[0], parts[1], bytes(msg.payload))
+            elif len(parts) == 3:
+                self._answer(parts[0], parts[1], parts[2], bytes(msg.payload))
+            self._cond.notify_all()
+
+    def _device_state(self, dev: str, what: str, payload: bytes) -> None:
+        if dev == FLEET:
+            return
+        state = self._devices.setdefault(dev, Device(dev))
+        self._last_state_at = time.monotonic()
+        if what == "availability":
+            state.online = payload == b"online"
+            pending = self._pending
+            if (payload == b"offline" and pending is not None and dev in pending.expected
+                    and dev not in pending.answers):
+                seen = pending.seen.get(dev)
+                when = "after accepting the request" if seen and seen.accepted else "before answering"
+                pending.answers[dev] = Answer(dev, OFFLINE, f"device went offline {when}",
+                                              accepted=seen.accepted if seen else None,
+                                              last_progress=seen.last_progress if seen else None)
+        else:
+            try:
+                doc = json.loads(payload) if payload else None
+            except ValueError:
+                doc = None
+            state.info = doc if isinstance(doc, dict) else None
+
+    def _answer(self, dev: str, kind: str, rid: str, payload: bytes) -> None:
+        pending = self._pending
+        if pending is None or kind != pending.kind or rid != pending.request_id or dev in pending.answers:
+            return
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        if pending.fleet:
+            pending.expected.add(dev)  # answered although not discovered: expect its final too
+        seen = pending.seen.setdefault(dev, Answer(dev, "pending"))
+        status = doc.get("status")
+        if status == "accepted":
+            seen.accepted = doc
+        elif status == "progress":
+            seen.last_progress = doc
+        if status in FINAL_STATUSES:
+            pending.answers[dev] = Answer(dev, status, doc.get("reason"), doc, seen.accepted, seen.last_progress)
+        if pending.on_message is not None:
+            try:
+                pending.on_message(dev, doc)
+            except Exception:  # a display problem must not lose answers
+                pass

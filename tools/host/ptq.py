@@ -117,7 +117,7 @@ def calibration_summary(path: "str | Path", n_images: int) -> str:
     lines = [f"calibration: {n_images} images, letterboxed, real = pixel/127.5 - 1"]
     for kind, idx in (("input", graph.inputs[0]), ("output", graph.outputs[0])):
         t = graph.tensors[idx]
-        q = f"scale {t.scale[0]:.6g} zero point {t.zero_point[0]}" if t.scale.size else "float"
+        q = f"scale {t.scale[0]:.6g} zero point {t.zero_point[0]}" if t.scale.size else "not quantized"
         lines.append(f"{kind}: {t.name} {t.shape} {np.dtype(t.dtype).name} {q}")
     weights = [graph.tensors[op.inputs[1]] for op in graph.ops
                if op.opcode in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(op.inputs) > 1]

@@ -62,7 +62,10 @@ class RequestError(ValueError):
 
 def _show(value: Any) -> str:
     """A short representation of an offending value for a rejection reason."""
-    text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(value)
+    try:
+        text = json.dumps(value, default=str)
+    except (RecursionError, ValueError):
+        return type(value).__name__ + " (...)"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -163,30 +166,32 @@ Schema = Mapping[str, FieldSpec]
 # --------------------------------------------------------------------------- parsing
 
 
-def _no_duplicate_keys(pairs: Sequence[Tuple[str, Any]]) -> Dict[str, Any]:
+_DUPLICATE = "\x00duplicate-key"  # marks an object that repeated a key (a JSON key can't be this)
+
+
+class TooLarge:
+    """A JSON integer with too many digits: kept as a marker so the field check names it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"{self.text[:12]}... ({len(self.text)} digits)"
+
+
+def _mark_duplicate_keys(pairs: Sequence[Tuple[str, Any]]) -> Dict[str, Any]:
+    """Build the object; a repeated key is remembered (and refused later, with the request id)."""
     out: Dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise RequestError(f"duplicate key {_show(key)}")
+            out.setdefault(_DUPLICATE, key)
         out[key] = value
     return out
 
 
-def _refuse_constant(name: str) -> Any:
-    raise RequestError(f"{name} is not a number here (NaN/Infinity refused)")
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise RequestError(f"number too large: {text[:20]}... ({len(text)} digits)")
-    return int(text)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise RequestError(f"number out of range: {text[:20]}")
-    return value
+def _bounded_int(text: str) -> Any:
+    # Python refuses int() of > 4300 digits with ValueError, which would fail the whole document.
+    return TooLarge(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
 
 
 def decode_json(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
@@ -200,8 +205,8 @@ def decode_json(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
     except UnicodeDecodeError as exc:
         raise RequestError(f"payload is not UTF-8 (invalid byte at offset {exc.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_refuse_constant,
-                          parse_int=_bounded_int, parse_float=_finite_float)
+        # NaN/Infinity/1e999 parse to non-finite floats, which every number field refuses.
+        return json.loads(text, object_pairs_hook=_mark_duplicate_keys, parse_int=_bounded_int)
     except RecursionError:
         raise RequestError("JSON nested too deeply") from None
     except json.JSONDecodeError as exc:
@@ -214,7 +219,7 @@ def decode_json(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
 
 def request_id_of(doc: Any) -> Optional[str]:
     """The request id of a parsed document when it has a valid one, else None."""
-    if isinstance(doc, dict):
+    if isinstance(doc, dict) and doc.get(_DUPLICATE) != "request_id":
         rid = doc.get("request_id")
         if isinstance(rid, str) and _REQUEST_ID.fullmatch(rid):
             return rid
@@ -228,6 +233,8 @@ def validate(doc: Any, schema: Schema) -> Dict[str, Any]:
     """
     if not isinstance(doc, dict):
         raise RequestError(f"expected a JSON object, got {type(doc).__name__}")
+    if _DUPLICATE in doc:
+        raise RequestError(f"duplicate key {_show(doc[_DUPLICATE])}")
     unknown = sorted(k for k in doc if k != "request_id" and k not in schema)
     if unknown:
         known = ", ".join(["request_id", *schema])
@@ -465,6 +472,8 @@ class CommandChannel:
                 reason = f"expected a JSON object, got {type(doc).__name__}"
             elif "request_id" not in doc:
                 reason = "request_id: missing"
+            elif doc.get(_DUPLICATE) == "request_id":
+                reason = "duplicate key \"request_id\""
             else:
                 reason = f"request_id: expected a string matching {REQUEST_ID_PATTERN}, got {_show(doc['request_id'])}"
             self._reject_invalid(reason, response)

@@ -21,7 +21,7 @@ import csv
 import json
 import sys
 import time
-from typing import Any, Dict, List, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from ..bench import parse_frame_size
 from ..config import load_config
@@ -164,8 +164,8 @@ def plot_latencies(report: Dict[str, Any], path: str) -> int:
 class Progress:
     """Shows accepted/progress/final answers: a tqdm bar, plain text lines, or nothing."""
 
-    def __init__(self, mode: str, runs: int, warmup: int, out: TextIO = sys.stderr) -> None:
-        self.out = out
+    def __init__(self, mode: str, runs: int, warmup: int, out: Optional[TextIO] = None) -> None:
+        self.out = out or sys.stderr
         self.per_device = runs + warmup
         self.done: Dict[str, int] = {}
         self.bar = None
@@ -278,7 +278,8 @@ def _frame_size_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def cmd_remote_bench(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def cmd_remote_bench(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
     if args.plot:
         check_matplotlib()
     mqtt = mqtt_from_args(args)

@@ -421,7 +421,7 @@ class Deployer:
             start(request)
         except (RequestError, EdgeAgentError) as exc:
             log.warning("%s %s rejected: %s", request.channel.kind, request.id, exc)
-            request.reject(str(exc))
+            request.reject(str(exc), running=self._running_sha())
 
     def _claim(self, job: _Job) -> None:
         with self._lock:
@@ -573,7 +573,8 @@ class Deployer:
         except DeployFailed:
             raise
         except EdgeAgentError as exc:  # ModelError, RuntimeNotAvailable, InferenceError
-            raise DeployFailed(f"model refused: {exc}") from None
+            text = str(exc).replace(f"{path}: ", "").replace(str(path), path.name)  # no store paths
+            raise DeployFailed(f"model refused: {text}") from None
 
     def _activate(self, job: _Job, segmenter: Segmenter, final: str) -> Dict[str, Any]:
         """Swap in, move the pointers with a pending marker, confirm on real frames (or undo)."""

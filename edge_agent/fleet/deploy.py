@@ -1,0 +1,312 @@
+"""``edge-agent remote deploy|rollback|models``: ship a model to devices through the broker.
+
+The host hashes (and optionally signs) the file, sends ``cmd/deploy`` to each device or to the
+fleet topic and, for inline transfers, publishes the chunks only once a device answered
+``accepted`` (a refused deployment costs no transfer; fleet-wide: once, to the fleet's chunk
+topic, after every expected device accepted or ``ACCEPT_GRACE_S`` passed).  It then waits for
+one final answer per device and prints a table.  Protocol: :mod:`edge_agent.deploy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import math
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, TextIO
+
+from ..errors import EdgeAgentError
+from ..labels import read_labels
+from . import remote_commands
+from .bench import add_broker_arguments, mqtt_from_args
+from .client import DISCOVERY_S, Answer, FleetClient, new_request_id
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+ACCEPT_GRACE_S = 3.0  # fleet: how long to wait for more devices to accept before sending chunks
+COMMAND = "deploy"
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise EdgeAgentError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+
+
+def deploy_params(data: bytes, name: str, labels: Optional[List[str]] = None, url: Optional[str] = None,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE, sign_key: Any = None,
+                  sample: Optional[bytes] = None, golden_mask: Optional[bytes] = None,
+                  **extra: Any) -> Dict[str, Any]:
+    """The ``cmd/deploy`` document (without request_id) for the model bytes ``data``."""
+    if chunk_size <= 0:
+        raise EdgeAgentError("--chunk-size must be positive")
+    sha = hashlib.sha256(data).hexdigest()
+    params: Dict[str, Any] = {"name": name, "sha256": sha, "size": len(data)}
+    if labels is not None:
+        params["labels"] = labels
+    if url:
+        params["url"] = url
+    else:
+        params["chunks"] = max(1, math.ceil(len(data) / chunk_size))
+        params["chunk_size"] = chunk_size
+    if sign_key is not None:
+        from .. import signing
+
+        params["signature"] = signing.sign_digest(sign_key, sha)
+    if sample is not None:
+        params["sample"] = base64.b64encode(sample).decode("ascii")
+    if golden_mask is not None:
+        params["golden_mask"] = base64.b64encode(golden_mask).decode("ascii")
+    params.update({k: v for k, v in extra.items() if v is not None})
+    return params
+
+
+def chunks_of(data: bytes, chunk_size: int) -> List[bytes]:
+    return [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+class ChunkSender:
+    """Publishes the chunks to each device that accepted (fleet mode: once, to the fleet topic).
+
+    ``on_message`` runs on paho's thread (under the client's lock): it only queues work; a
+    thread of its own publishes.
+    """
+
+    def __init__(self, client: FleetClient, request_id: str, chunks: Sequence[bytes], fleet: bool,
+                 expected: Iterable[str] = ()) -> None:
+        self.client, self.rid, self.chunks, self.fleet = client, request_id, chunks, fleet
+        self.expected: Set[str] = set(expected)
+        self.accepted: Set[str] = set()
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._first_accept: Optional[float] = None
+        self._fleet_sent = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="deploy-chunks", daemon=True)
+        self._thread.start()
+        self.errors: List[str] = []
+
+    def on_message(self, device: str, doc: Dict[str, Any]) -> None:
+        status = doc.get("status")
+        with self._lock:
+            if status == "accepted" and device not in self.accepted:
+                self.accepted.add(device)
+                self._first_accept = self._first_accept or time.monotonic()
+                if not self.fleet:
+                    self._queue.put(device)
+            elif status in ("rejected", "failed", "done"):
+                self.expected.discard(device)
+
+    def _fleet_ready(self) -> bool:
+        with self._lock:
+            if self._fleet_sent or self._first_accept is None:
+                return False
+            return self.expected <= self.accepted or time.monotonic() - self._first_accept >= ACCEPT_GRACE_S
+
+    def _run(self) -> None:
+        while True:
+            if self.fleet:
+                if self._fleet_ready():
+                    self._fleet_sent = True
+                    self._send("all")
+                try:
+                    if self._queue.get(timeout=0.05) is None:
+                        return
+                except queue.Empty:
+                    continue
+            else:
+                target = self._queue.get()
+                if target is None:
+                    return
+                self._send(target)
+
+    def _send(self, target: str) -> None:
+        base = f"{self.client.prefix}/{target}/cmd/{COMMAND}/{self.rid}/chunk"
+        try:
+            for n, chunk in enumerate(self.chunks):
+                self.client._publish(f"{base}/{n}", chunk)  # waits for the broker's PUBACK
+        except (RuntimeError, ValueError, OSError) as exc:
+            self.errors.append(f"{target}: sending chunks failed ({exc})")
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(5)
+
+
+def deploy(client: FleetClient, params: Dict[str, Any], data: Optional[bytes], devices: Optional[List[str]] = None,
+           fleet: bool = False, timeout: float = 300.0, on_message: Any = None,
+           request_id: Optional[str] = None) -> Dict[str, Answer]:
+    """Send one deployment and wait for every device's final answer."""
+    rid = request_id or new_request_id()
+    sender = None
+    if "chunks" in params:
+        assert data is not None
+        expected = client.online() if fleet else (devices or [])
+        sender = ChunkSender(client, rid, chunks_of(data, params["chunk_size"]), fleet, expected)
+
+    def relay(device: str, doc: Dict[str, Any]) -> None:
+        if sender is not None:
+            sender.on_message(device, doc)
+        if on_message is not None:
+            on_message(device, doc)
+
+    try:
+        return client.request(COMMAND, params, devices=None if fleet else devices, fleet=fleet,
+                              timeout=timeout, request_id=rid, on_message=relay)
+    finally:
+        if sender is not None:
+            sender.close()
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def _short(sha: Any) -> str:
+    return sha[:12] if isinstance(sha, str) else "-"
+
+
+def deploy_rows(answers: Dict[str, Answer]) -> List[Dict[str, Any]]:
+    rows = []
+    for dev, answer in answers.items():
+        final = answer.final or {}
+        rows.append({"device": dev, "status": answer.status, "state": final.get("state") or "-",
+                     "model": final.get("name") or "-", "sha256": _short(final.get("sha256")),
+                     "running": _short(final.get("running")), "reason": answer.reason})
+    return rows
+
+
+def table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
+    """Aligned columns; a failed row gets its reason appended."""
+    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    for r, row in zip(rows, cells):
+        line = "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+        if r.get("status") not in ("done", None) and r.get("reason"):
+            line += f"  ({r['reason']})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def model_rows(answers: Dict[str, Answer]) -> List[Dict[str, Any]]:
+    rows = []
+    for dev, answer in answers.items():
+        final = answer.final or {}
+        if answer.status != "done":
+            rows.append({"device": dev, "status": answer.status, "reason": answer.reason})
+            continue
+        for m in final.get("models", []):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["deployed_at"])) if m.get("deployed_at") else "-"
+            role = m.get("role") or ("pending" if m.get("pending") else "")
+            rows.append({"device": dev, "status": "done", "role": role, "name": m.get("name"),
+                         "sha256": _short(m.get("sha256")), "size": m.get("size"), "deployed": when})
+        if not final.get("models"):
+            rows.append({"device": dev, "status": "done", "name": "(empty store)"})
+    return rows
+
+
+def _print_progress(device: str, doc: Dict[str, Any]) -> None:
+    status = doc.get("status")
+    if status == "progress":
+        stage = doc.get("stage")
+        extra = f" {doc['received']}/{doc['total']} bytes" if "received" in doc else ""
+        print(f"{device}: {stage}{extra}", file=sys.stderr)
+    elif status == "accepted":
+        print(f"{device}: accepted", file=sys.stderr)
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+def _targets(p: argparse.ArgumentParser) -> None:
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
+    who.add_argument("--all", action="store_true", help="every device online (fleet topic)")
+    p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
+                   help="seconds to collect retained device states before sending (default 1)")
+    add_broker_arguments(p)
+
+
+def add_parser(subparsers: Any) -> None:
+    remote = remote_commands(subparsers)
+    p = remote.add_parser("deploy", help="deploy a .tflite model to devices (verified, atomic, rollback)",
+                          description="Send a model to devices over MQTT (inline chunks, or a URL the "
+                                      "devices download); each verifies, test-runs and swaps it in.")
+    p.add_argument("file", metavar="FILE", help="the .tflite model")
+    _targets(p)
+    p.add_argument("--name", help="model name (default: the file name without .tflite)")
+    p.add_argument("--labels", metavar="FILE", help="class names, one a line (default: the device's "
+                                                    "manifest labels for known models)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                   help=f"inline transfer chunk size (default {DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--url", help="let the devices download FILE from this http(s) URL instead")
+    p.add_argument("--sign-key", metavar="FILE", help="ed25519 private key (PEM or base64 seed) to sign with")
+    p.add_argument("--sample", metavar="IMAGE", help="image for the device's sanity invoke")
+    p.add_argument("--golden", metavar="MASK.png", help="class-id mask expected on --sample")
+    p.add_argument("--min-agreement", type=float, default=None, help="with --golden (default 0.9)")
+    p.add_argument("--confirm-frames", type=int, default=None,
+                   help="live frames the new model must process before it is confirmed (default 5)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all answers (default 300)")
+    p.set_defaults(func=cmd_deploy)
+
+    rb = remote.add_parser("rollback", help="switch devices back to their previous model")
+    _targets(rb)
+    rb.add_argument("--to", help="a model name or sha256 in the device's store (default: the previous one)")
+    rb.add_argument("--timeout", type=float, default=120.0)
+    rb.set_defaults(func=cmd_rollback)
+
+    ls = remote.add_parser("models", help="list the models in the devices' stores")
+    _targets(ls)
+    ls.add_argument("--timeout", type=float, default=20.0)
+    ls.set_defaults(func=cmd_models)
+
+
+def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    data = _read(args.file, "model")
+    sign_key = None
+    if args.sign_key:
+        from .. import signing
+
+        sign_key = signing.load_private_key(args.sign_key)
+    params = deploy_params(
+        data, args.name or Path(args.file).stem, labels=read_labels(args.labels) if args.labels else None,
+        url=args.url, chunk_size=args.chunk_size, sign_key=sign_key,
+        sample=_read(args.sample, "sample image") if args.sample else None,
+        golden_mask=_read(args.golden, "golden mask") if args.golden else None,
+        min_agreement=args.min_agreement, confirm_frames=args.confirm_frames)
+    with FleetClient(mqtt_from_args(args)) as client:
+        client.discover(args.discover_s)
+        answers = deploy(client, params, data, devices=args.device, fleet=args.all,
+                         timeout=args.timeout, on_message=_print_progress)
+    rows = deploy_rows(answers)
+    print(table(rows, ("device", "status", "state", "model", "sha256", "running")) if rows
+          else "no device answered", file=out)
+    return 0 if rows and all(r["status"] == "done" for r in rows) else 1
+
+
+def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    params = {"to": args.to} if args.to else {}
+    with FleetClient(mqtt_from_args(args)) as client:
+        client.discover(args.discover_s)
+        answers = client.request("rollback", params, devices=None if args.all else args.device, fleet=args.all,
+                                 kind=COMMAND, timeout=args.timeout, on_message=_print_progress)
+    rows = deploy_rows(answers)
+    print(table(rows, ("device", "status", "state", "model", "sha256", "running")) if rows
+          else "no device answered", file=out)
+    return 0 if rows and all(r["status"] == "done" for r in rows) else 1
+
+
+def cmd_models(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    with FleetClient(mqtt_from_args(args)) as client:
+        client.discover(args.discover_s)
+        answers = client.request("models", {}, devices=None if args.all else args.device, fleet=args.all,
+                                 timeout=args.timeout)
+    rows = model_rows(answers)
+    print(table(rows, ("device", "status", "role", "name", "sha256", "size", "deployed")) if rows
+          else "no device answered", file=out)
+    return 0 if rows and all(r["status"] == "done" for r in rows) else 1

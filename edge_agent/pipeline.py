@@ -292,20 +292,44 @@ class Pipeline:
                 return
             if frame is None:
                 continue
-            t1 = time.monotonic()
-            segmenter = self._segmenter
-            try:
-                prepared, geometry = segmenter.model.prepare(frame.image, self.settings.mode)
-            except (ValueError, EdgeAgentError) as exc:
-                self.counters.last_error = f"bad frame: {exc}"
-                log.warning("frame %s skipped: %s", frame.seq, exc)
-                continue
-            t2 = time.monotonic()
-            self.counters.captured += 1
-            self._capture_slot.put(_Captured(
-                frame, prepared, geometry, segmenter,
-                {"capture": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}, t2,
-            ))
+            item = self._prepare(frame, t0)
+            if item is not None:
+                self.counters.captured += 1
+                self._capture_slot.put(item)
+
+    def _prepare(self, frame: Frame, t0: float) -> Optional[_Captured]:
+        """Letterbox + normalise on the calling (capture) thread, into a fresh buffer.
+
+        Fresh, not reused: the buffer waits in the capture slot while the interpreter runs the
+        previous frame, and is only copied into the input tensor by ``set_input``.
+        """
+        t1 = time.monotonic()
+        segmenter = self._segmenter
+        try:
+            prepared, geometry = segmenter.model.prepare(frame.image, self.settings.mode)
+        except (ValueError, EdgeAgentError) as exc:
+            self.counters.last_error = f"bad frame: {exc}"
+            log.warning("frame %s skipped: %s", frame.seq, exc)
+            return None
+        t2 = time.monotonic()
+        return _Captured(frame, prepared, geometry, segmenter,
+                         {"capture": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}, t2)
+
+    def process_frame(self, frame: Frame) -> Dict[str, float]:
+        """Run one frame through every stage on the calling thread; returns its timings (ms).
+
+        The same code the threads run, without the hand-offs: what ``bench/perf.py`` times as the
+        per-frame latency. Use it on a pipeline that is not started.
+        """
+        item = self._prepare(frame, frame.monotonic)
+        if item is None:
+            raise EdgeAgentError(self.counters.last_error or "frame rejected")
+        inferred = self._run_inference(item)
+        if inferred is None:
+            raise EdgeAgentError(self.counters.last_error or "inference failed")
+        out = self._postprocess(inferred)
+        self._publish_frame(out)
+        return out.timings
 
     def _adopt_pending_segmenter(self) -> None:
         pending = self._pending_segmenter
@@ -333,6 +357,18 @@ class Pipeline:
                 self._idle.set()
 
     def _infer(self, item: _Captured) -> None:
+        inferred = self._run_inference(item)
+        if inferred is None:
+            return
+        if self._on_progress:
+            self._on_progress()
+        if self.settings.lossless:
+            while not self._post_slot.wait_empty(0.5) and not self._stop.is_set():
+                pass
+        self._post_slot.put(inferred)
+
+    def _run_inference(self, item: _Captured) -> Optional[_Inferred]:
+        """memcpy into the input tensor, ``invoke()``, label map out: all the thread does."""
         segmenter = self._segmenter
         t0 = time.monotonic()
         if item.segmenter is not segmenter:  # the model was swapped since capture
@@ -348,21 +384,19 @@ class Pipeline:
             self.counters.inference_errors += 1
             self.counters.last_error = str(exc)
             log.error("%s", exc)
-            return
+            return None
         finally:
             self._busy_since = None
-        label_map = model.label_map()
         t2 = time.monotonic()
+        label_map = model.label_map()  # a new uint8 array: safe to hand to another thread
+        t3 = time.monotonic()
         item.timings["queue"] = (t0 - item.ready) * 1e3
+        item.timings["set_input"] = (t1 - t0) * 1e3
         item.timings["inference"] = (t2 - t1) * 1e3
+        item.timings["output"] = (t3 - t2) * 1e3
         self.counters.inferred += 1
         self._fps_frames += 1
-        if self._on_progress:
-            self._on_progress()
-        if self.settings.lossless:
-            while not self._post_slot.wait_empty(0.5) and not self._stop.is_set():
-                pass
-        self._post_slot.put(_Inferred(item, label_map, segmenter))
+        return _Inferred(item, label_map, segmenter)
 
     def _post_loop(self) -> None:
         while not self._stop.is_set():

@@ -1,0 +1,178 @@
+"""The fast paths are correct: output views, argmax, fast resize, tuned PNG, no aliasing.
+
+Speed itself is measured by bench/perf.py, never asserted here.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent import publish
+from edge_agent.model import SegmentationModel, argmax_channels
+from edge_agent.pipeline import Pipeline, PipelineSettings
+from edge_agent.preprocess import AREA, FAST, letterbox, letterbox_geometry, resize_into, shrink_into
+from edge_agent.segmenter import Segmenter
+from edge_agent.sources.base import Frame
+from tests.data import BIRD, DM05, DM10, FLOAT_257, IMAGES, VOC, bird_mask, rgb
+
+
+@pytest.fixture(scope="module")
+def dm05():
+    return Segmenter(str(DM05))
+
+
+@pytest.fixture(scope="module")
+def golden_pairs():
+    """The golden bird and the VOC val images with their ground-truth class masks."""
+    pairs = [(rgb(BIRD), bird_mask())]
+    for path in sorted(glob.glob(str(VOC / "JPEGImages" / "*.png"))):
+        gt = cv2.imread(str(VOC / "SegmentationClass" / os.path.basename(path)), cv2.IMREAD_UNCHANGED)
+        pairs.append((rgb(path), gt if gt.ndim == 2 else gt[..., 0]))
+    assert len(pairs) >= 8
+    return pairs
+
+
+# -- output tensor read through a view -------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [DM05, FLOAT_257], ids=["argmax-in-graph", "float-logits"])
+def test_label_map_from_view_equals_get_tensor_path(path):
+    model = SegmentationModel(str(path))
+    model.set_frame(rgb(IMAGES / "cat_720p.jpg"))
+    model.invoke()
+    raw = model.raw_output()[0]  # the old path: a get_tensor copy
+    expected = raw.astype(np.uint8) if model.output.kind == "labels" else np.argmax(raw, -1).astype(np.uint8)
+    got = model.label_map()
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_label_map_is_a_new_array_each_frame():
+    model = SegmentationModel(str(DM05))
+    model.set_frame(rgb(IMAGES / "cat_720p.jpg"))
+    model.invoke()
+    first = model.label_map()
+    kept = first.copy()
+    model.set_frame(rgb(BIRD))
+    model.invoke()  # would raise if a view of the output were still alive
+    second = model.label_map()
+    np.testing.assert_array_equal(first, kept)  # the next frame did not overwrite it
+    assert not np.shares_memory(first, second)
+    assert not np.array_equal(first, second)
+
+
+# -- argmax ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8, np.int8])
+def test_argmax_channels_equals_numpy_including_ties(dtype):
+    rng = np.random.default_rng(7)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        x = rng.integers(info.min, info.max, (33, 47, 21), endpoint=True).astype(dtype)
+        x[::3, ::5, 4] = x[::3, ::5, 9] = info.max  # ties: the first maximum must win
+    else:
+        x = rng.standard_normal((33, 47, 21)).astype(dtype)
+        x[::4, ::3, 2] = x[::4, ::3, 17] = 100  # ties
+    np.testing.assert_array_equal(argmax_channels(x), np.argmax(x, axis=-1).astype(np.uint8))
+
+
+def test_argmax_channels_nan_and_class_limit():
+    x = np.zeros((4, 4, 3), np.float32)
+    x[1, 1, 2] = np.nan
+    x[2, 2, 1] = 5
+    np.testing.assert_array_equal(argmax_channels(x), np.argmax(x, -1).astype(np.uint8))
+    with pytest.raises(ValueError, match="257 classes"):
+        argmax_channels(np.zeros((2, 2, 257), np.float32))
+
+
+# -- fast resize -------------------------------------------------------------------------------------
+
+def test_fast_resize_is_halving_then_linear_written_in_place():
+    frame = cv2.resize(rgb(IMAGES / "cat_1080p.jpg"), (1080, 1920))  # portrait: region is row-strided
+    canvas = np.zeros((513, 513, 3), np.uint8)
+    g = letterbox_geometry(1920, 1080, 513, 513)
+    resize_into(frame, canvas, g, 128, FAST)
+    half = cv2.resize(frame, (540, 960), interpolation=cv2.INTER_AREA)
+    expected = cv2.resize(half, (g.scaled_w, g.scaled_h), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(canvas[:, :g.scaled_w], expected)
+    assert (canvas[:, g.scaled_w:] == 128).all()
+
+
+def test_area_quality_is_plain_inter_area_and_unknown_quality_refused():
+    frame = rgb(IMAGES / "cat_1080p.jpg")
+    canvas, g = letterbox(frame, (513, 513), quality=AREA)
+    expected = cv2.resize(frame, (g.scaled_w, g.scaled_h), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(canvas[:g.scaled_h], expected)
+    with pytest.raises(ValueError, match="resize quality"):
+        letterbox(frame, (513, 513), quality="bicubic")
+
+
+def test_upscale_and_small_frames_take_the_exact_path():
+    small = rgb(IMAGES / "cat_720p.jpg")[:240, :320].copy()
+    dst = np.empty((385, 513, 3), np.uint8)
+    shrink_into(small, dst, FAST)
+    np.testing.assert_array_equal(dst, cv2.resize(small, (513, 385), interpolation=cv2.INTER_LINEAR))
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (720, 1280), (1080, 1920)])
+def test_fast_resize_masks_agree_with_inter_area_within_half_a_percent(hw, dm05, golden_pairs):
+    """On golden/VOC images (scaled to camera sizes) the masks differ in < 0.5% of pixels on
+    average, and accuracy against the ground truth moves by < 0.5 percentage points."""
+    h, w = hw
+    equal, acc_area, acc_fast = [], [], []
+    for image, gt in golden_pairs:
+        frame = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
+        masks = {}
+        for quality in (AREA, FAST):
+            geometry = dm05.model.set_frame(frame, quality=quality)
+            dm05.model.invoke()
+            masks[quality] = dm05.model.label_map()[:geometry.scaled_h, :geometry.scaled_w]
+        equal.append(np.mean(masks[AREA] == masks[FAST]))
+        valid = gt != 255
+        for quality, acc in ((AREA, acc_area), (FAST, acc_fast)):
+            full = cv2.resize(masks[quality], gt.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            acc.append(np.mean(full[valid] == gt[valid]))
+    assert np.mean(equal) >= 0.995, equal
+    assert min(equal) >= 0.98, equal
+    assert abs(np.mean(acc_fast) - np.mean(acc_area)) < 0.005
+
+
+# -- PNG -----------------------------------------------------------------------------------------------
+
+def test_tuned_png_is_lossless_and_smaller_than_opencv_default(dm05):
+    mask = np.ascontiguousarray(dm05.segment(rgb(IMAGES / "cat_1080p.jpg"), full_mask=False).model_mask)
+    noise = np.random.default_rng(3).integers(0, 21, (97, 131), dtype=np.uint8)
+    for m in (mask, noise):
+        for level in range(10):
+            np.testing.assert_array_equal(publish.decode_mask_png(publish.encode_mask_png(m, level)), m)
+    default = cv2.imencode(".png", mask, publish.png_params(1, tuned=False))[1]
+    assert len(publish.encode_mask_png(mask, 1)) < len(default)
+
+
+# -- the pipeline's per-frame path ---------------------------------------------------------------------
+
+class ListSink:
+    def __init__(self):
+        self.messages = []
+
+    def publish(self, suffix, payload, qos=None, retain=False):
+        self.messages.append((suffix, bytes(payload)))
+        return True
+
+
+def test_process_frame_buffers_do_not_alias_across_frames(dm05):
+    sink = ListSink()
+    pipe = Pipeline(None, dm05, sink, PipelineSettings())
+    a = pipe._prepare(Frame(rgb(IMAGES / "cat_720p.jpg"), 1, 0.0, 0.0, "t"), 0.0)
+    b = pipe._prepare(Frame(rgb(BIRD), 2, 0.0, 0.0, "t"), 0.0)
+    assert not np.shares_memory(a.prepared, b.prepared)
+    timings = pipe.process_frame(Frame(rgb(BIRD), 3, 0.0, 0.0, "t"))
+    pipe.process_frame(Frame(rgb(IMAGES / "cat_720p.jpg"), 4, 0.0, 0.0, "t"))
+    assert {"preprocess", "set_input", "inference", "output", "postprocess", "encode", "publish"} <= set(timings)
+    masks = [publish.decode_mask_png(p) for s, p in sink.messages if s == "mask"]
+    assert len(masks) == 2 and masks[0].shape == (513, 513) and masks[1].shape == (289, 513)
+    assert (masks[0] == 3).mean() > 0.05  # the bird frame's mask is the bird's, not the cat's

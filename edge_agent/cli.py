@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "edge_agent.config",
     "edge_agent.demo",
     "edge_agent.service",
+    "edge_agent.fleet.deploy",
 )
 
 

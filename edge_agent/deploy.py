@@ -681,14 +681,18 @@ class Deployer:
         return doc
 
 
-def install(agent: Any) -> Deployer:
+def install(agent: Any) -> Optional[Deployer]:
     """Open (and repair) the store, start from its current model, and register the commands.
 
     Called by ``Agent.run`` before the pipeline starts, so the model resolver sees the store
     after an unconfirmed model was rolled back.
     """
     cfg = agent.config
-    store = ModelStore.open(cfg.agent.state_dir, cfg.deploy.keep_models)
+    try:
+        store = ModelStore.open(cfg.agent.state_dir, cfg.deploy.keep_models)
+    except (EdgeAgentError, OSError) as exc:  # the agent must serve its configured model anyway
+        log.error("model deployment disabled: the model store in %s is unusable (%s)", cfg.agent.state_dir, exc)
+        return None
     deployer = Deployer(agent, store)
     agent.model_resolver = deployer.resolve_model
     base_info = agent.info

@@ -455,3 +455,22 @@ def test_sigkill_mid_deployment_comes_back_on_the_old_model(mosquitto, tmp_path)
         out = stop_agent(proc)
         rec.close()
     assert "Traceback" not in out, out
+
+
+def test_unusable_state_dir_leaves_the_agent_on_its_configured_model(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    cfg = load_config(None, ["agent.device_id=nostore", "source.kind=synthetic", "source.fps=20",
+                             "mqtt.enabled=false", f"model.path={DM05}", f"agent.state_dir={blocker}"], env={})
+    agent = Agent(cfg, install_signals=False)
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while agent.pipeline is None or agent.pipeline.counters.processed < 2:
+            assert time.monotonic() < deadline and runner.is_alive(), agent.error
+            time.sleep(0.05)
+        assert not hasattr(agent, "deployer") and agent.segmenter.model.file.sha256 == SHA[DM05]
+    finally:
+        agent.request_stop()
+        runner.join(15)

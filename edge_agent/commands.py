@@ -486,7 +486,7 @@ class CommandChannel:
                     self._seen.popitem(last=False)
         if seen is not None:
             self.count("duplicates")
-            log.info("%s %s: duplicate request id ignored", self.kind, rid)
+            log.debug("%s %s: duplicate request id ignored", self.kind, rid)
             if response is not None and response != seen.response:
                 self._send_to(None, response, self._doc(rid, "rejected", {"reason": "duplicate request id"}))
             return None
@@ -501,7 +501,7 @@ class CommandChannel:
     def _reject_invalid(self, reason: str, response: Optional[Tuple[str, Optional[bytes]]]) -> None:
         self.count("invalid")
         self.count("rejected")
-        log.info("%s: invalid request rejected: %s", self.kind, reason)
+        log.debug("%s: invalid request rejected: %s", self.kind, reason)
         self._send_to(f"{self.kind}/{INVALID_ID_TOPIC}", response,
                       self._doc(None, "rejected", {"reason": reason}))
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import cv2
-import numpy as np
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties

@@ -474,3 +474,28 @@ def test_unusable_state_dir_leaves_the_agent_on_its_configured_model(tmp_path):
     finally:
         agent.request_stop()
         runner.join(15)
+
+
+def test_malformed_commands_and_stray_chunks_are_answered_not_fatal(env_factory):
+    env = env_factory(device="fuzz-1")
+    rng = __import__("random").Random(6)
+    good = host.deploy_params(DM05.read_bytes(), "dm05")
+    payloads = [os.urandom(rng.randint(0, 64)) for _ in range(60)]
+    for i in range(120):
+        doc = {"request_id": f"f{i}", **good}
+        key = rng.choice(sorted(doc))
+        doc[key] = rng.choice([None, True, -1, 1e300, "x" * 300, [1], {"a": 1}, "../../x", 2 ** 70])
+        payloads.append(json.dumps(doc).encode())
+    for i, payload in enumerate(payloads):
+        topic = rng.choice(["cmd/deploy", "cmd/rollback", "cmd/models", f"cmd/deploy/f{i}/chunk/{i}",
+                            "cmd/deploy/nobody/chunk/x"])
+        env.rec.publish(f"{env.base}/{topic}", payload)
+    answers = env.client.request("models", {}, devices=[env.device], timeout=20)  # still answering, in order
+    assert answers[env.device].status == "done"
+    finals = [json.loads(m.payload) for m in env.rec.messages
+              if m.topic.startswith(f"{env.base}/deploy/") or m.topic.startswith(f"{env.base}/models/")]
+    finals = [d for d in finals if d.get("final")]
+    assert finals and all(d["status"] in ("rejected", "done", "failed") for d in finals)
+    env.masks_keep_coming(2)
+    assert env.info()["model"]["sha256"] == SHA[DM10] and env.agent.pipeline.healthy(10.0)
+    store_is_clean(env, set())

@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "edge_agent.demo",
     "edge_agent.service",
     "edge_agent.fleet.deploy",
+    "edge_agent.bench",
+    "edge_agent.fleet.bench",
 )
 
 

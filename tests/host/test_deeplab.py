@@ -6,7 +6,7 @@ import pytest
 pytestmark = pytest.mark.host
 pytest.importorskip("tensorflow")
 
-from conftest import IMAGES  # noqa: E402
+from tests.host.host_data import IMAGES  # noqa: E402
 from edge_agent.errors import ConfigError  # noqa: E402
 from tools.host.__main__ import main  # noqa: E402
 from tools.host.datasets import calibration_images  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 pytestmark = pytest.mark.host
 pytest.importorskip("tensorflow")
 
-from conftest import DM05_FP16_513, DM05_QUANT, MODELS  # noqa: E402
+from tests.host.host_data import DM05_FP16_513, DM05_QUANT, MODELS  # noqa: E402
 from tools.host.__main__ import main  # noqa: E402
 from tools.host.edgetpu_check import check  # noqa: E402
 

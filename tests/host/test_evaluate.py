@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.host
 pytest.importorskip("tensorflow")
 
-from conftest import DM05_FLOAT_257, DM05_FP16_513, DM05_QUANT, LABELS, REPO, VOC  # noqa: E402
+from tests.host.host_data import DM05_FLOAT_257, DM05_FP16_513, DM05_QUANT, LABELS, REPO, VOC  # noqa: E402
 from tools.host.__main__ import main  # noqa: E402
 
 

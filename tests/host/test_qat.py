@@ -6,7 +6,7 @@ import pytest
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 pytest.importorskip("tensorflow_model_optimization")
 
-from conftest import BIRD, DM05_FLOAT_257, VOC  # noqa: E402
+from tests.host.host_data import BIRD, DM05_FLOAT_257, VOC  # noqa: E402
 from edge_agent.errors import ConfigError  # noqa: E402
 from edge_agent.segmenter import Segmenter  # noqa: E402
 from tools.host import qat  # noqa: E402

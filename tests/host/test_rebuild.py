@@ -6,7 +6,7 @@ import pytest
 pytestmark = pytest.mark.host
 pytest.importorskip("tensorflow")
 
-from conftest import BIRD, DM05_FLOAT_257, DM05_QUANT, DM10_QUANT, MODELS  # noqa: E402
+from tests.host.host_data import BIRD, DM05_FLOAT_257, DM05_QUANT, DM10_QUANT, MODELS  # noqa: E402
 from edge_agent.errors import ModelError  # noqa: E402
 from tools.host.compare import keras_vs_tflite  # noqa: E402
 from tools.host.rebuild import load_model, rebuild, save_model  # noqa: E402

@@ -213,3 +213,13 @@ def test_cli_errors_are_one_line(tmp_path):
         run_cli(["--model", str(DM05), "--runs", "0"])
     with pytest.raises(SystemExit):
         run_cli(["--model", str(DM05), "--frame-size", "big"])
+
+
+def test_registered_in_the_cli(capsys):
+    from edge_agent.cli import main
+
+    assert main(["bench", "--model", str(DM05), "--runs", "1", "--warmup", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["invoke"]["count"] == 1
+    assert main(["bench", "--model", str(CLASSIFIER), "--runs", "1"]) == ModelError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edge-agent: error: ") and "not a segmentation model" in err and "\n" not in err

@@ -24,12 +24,12 @@ import time
 from typing import Any, Dict, List, Optional, TextIO
 
 from ..bench import parse_frame_size
-from ..config import load_config
 from ..errors import EdgeAgentError
 from . import remote_commands
-from .client import DISCOVERY_S, Answer, FleetClient, new_request_id
+from .client import DISCOVERY_S, Answer, FleetClient, add_broker_arguments, mqtt_from_args, new_request_id
 
 COMMAND = "benchmark"
+__all__ = ["add_parser", "add_broker_arguments", "mqtt_from_args"]  # the broker helpers live in .client
 CSV_FIELDS = ("device", "status", "model", "runtime", "delegate", "threads", "runs",
               "p50_ms", "p90_ms", "p99_ms", "mean_ms", "fps", "reason")
 TABLE_COLUMNS = (("device", "device"), ("status", "status"), ("model", "model"), ("runtime", "runtime"),
@@ -251,24 +251,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_broker_arguments(p)
     p.set_defaults(func=cmd_remote_bench)
     return p
-
-
-def add_broker_arguments(p: argparse.ArgumentParser) -> None:
-    """--config/--set (the agent's TOML: [mqtt]) and the usual overrides; shared by remote commands."""
-    p.add_argument("--config", "-c", metavar="FILE", help="agent config TOML whose [mqtt] section to use")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="mqtt.KEY=VALUE",
-                   help="override a config key (e.g. mqtt.username=ops); repeatable")
-    p.add_argument("--host", help="broker host (overrides the config)")
-    p.add_argument("--port", type=int, help="broker port")
-    p.add_argument("--prefix", help="topic prefix (default edge-agent)")
-
-
-def mqtt_from_args(args: argparse.Namespace) -> Any:
-    overrides = list(args.overrides)
-    for key, value in (("host", args.host), ("port", args.port), ("topic_prefix", args.prefix)):
-        if value is not None:
-            overrides.append(f"mqtt.{key}={value}")
-    return load_config(args.config, overrides).mqtt
 
 
 def _frame_size_arg(text: str) -> Any:

@@ -381,3 +381,17 @@ def test_queue_busy_duplicates_mqtt5_pause_models_and_offline(mosquitto, tmp_pat
         outputs = stop_all(procs)
         rec.close()
     assert "Traceback" not in outputs["pi-q"], outputs["pi-q"]
+
+
+def test_asyncapi_documents_every_request_and_result_field():
+    yaml = pytest.importorskip("yaml")
+    from tests.test_bench import RESULT_KEYS
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml").read_text())
+    messages = doc["components"]["messages"]
+    request = messages["benchmarkRequest"]["payload"]["properties"]
+    assert set(request) == {"request_id", *SCHEMA}
+    assert request["request_id"]["pattern"] == f"^{commands.REQUEST_ID_PATTERN}$"
+    answer = messages["benchmarkResult"]["payload"]["properties"]
+    assert set(answer["status"]["enum"]) == set(commands.STATUSES)
+    assert set(answer["result"]["properties"]) == RESULT_KEYS

@@ -13,7 +13,7 @@ What is measured, and why this way:
   postprocess = read output + crop padding + class fractions, encode = mask PNG).
 * Run count follows ``benchmark_model``: at least ``runs`` runs and at least ``min_secs``
   seconds, but never past ``max_secs`` (``stopped`` tells which limit ended it) nor
-  ``max_count`` runs.
+  ``max_count`` runs (or until the caller cancels: ``stopped: cancelled``).
 * ``fps`` is ``1000 / mean`` of the timed path (invoke, or end to end with ``pipeline``): the
   sequential rate. The daemon overlaps stages on threads and can go faster than that.
 
@@ -205,15 +205,19 @@ def make_result(
 class _Clock:
     """Run-count policy of benchmark_model: >= runs and >= min_secs, but <= max_secs/max_count."""
 
-    def __init__(self, settings: BenchSettings, now: Callable[[], float]) -> None:
+    def __init__(self, settings: BenchSettings, now: Callable[[], float],
+                 cancelled: Callable[[], bool] = lambda: False) -> None:
         self.s = settings
         self.now = now
         self.start = now()
+        self.cancelled = cancelled
 
     def elapsed(self) -> float:
         return self.now() - self.start
 
     def stop_reason(self, done: int) -> Optional[str]:
+        if self.cancelled():
+            return "cancelled"
         elapsed = self.elapsed()
         if self.s.max_secs is not None and elapsed >= self.s.max_secs:
             return "max_secs"
@@ -250,8 +254,12 @@ def run_benchmark(
     context: Optional[Dict[str, Any]] = None,
     frames: Optional[List[np.ndarray]] = None,
     now: Callable[[], float] = time.perf_counter,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> Dict[str, Any]:
-    """Benchmark ``segmenter`` (its own interpreter: nothing else may invoke it meanwhile)."""
+    """Benchmark ``segmenter`` (its own interpreter: nothing else may invoke it meanwhile).
+
+    ``cancelled()`` is polled after every run: True ends the measured runs (``stopped: cancelled``).
+    """
     settings.check()
     before = device_state()
     frames = frames if frames is not None else load_inputs(settings.input, settings.frame_size)
@@ -275,7 +283,7 @@ def run_benchmark(
         timings = one_run(i + 1)
         warmup_ms.append(timings["end_to_end" if settings.pipeline else "invoke"])
         report("warmup", i + 1, settings.warmup)
-    clock = _Clock(settings, now)
+    clock = _Clock(settings, now, cancelled)
     measured: Dict[str, List[float]] = {}
     stopped = None
     while stopped is None:

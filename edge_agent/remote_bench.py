@@ -155,6 +155,7 @@ class RemoteBench:
         self._workers: List[threading.Thread] = []
         self._pause_lock = threading.Lock()
         self._pausers = 0
+        self._stopping: Optional[str] = None
 
     # -- receiving (paho's network thread: parse, decide, queue; never run anything here) ----
     def on_message(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
@@ -171,7 +172,10 @@ class RemoteBench:
         with self._cond:
             waiting = len(self._queue)
             slots = int(self.limits.max_concurrent)
-            if self._running + waiting >= slots + QUEUE_LIMIT:
+            if self._stopping:
+                busy = False
+                request.reject(f"agent stopping: {self._stopping}")
+            elif self._running + waiting >= slots + QUEUE_LIMIT:
                 busy = True
             else:
                 busy = False
@@ -210,6 +214,7 @@ class RemoteBench:
                     request.fail("internal error: the benchmark ended without a result")
                 with self._cond:
                     self._running -= 1
+                    self._cond.notify_all()
 
     def run(self, request: Request) -> None:
         """Load a second interpreter, optionally pause the live pipeline, benchmark, answer."""
@@ -229,12 +234,16 @@ class RemoteBench:
             init_ms = (time.perf_counter() - t0) * 1e3
             context = {"device_id": self.agent.config.agent.device_id,
                        "live_pipeline": self._live_state(paused)}
-            result = bench.run_benchmark(segmenter, settings, init_ms=init_ms, progress=progress, context=context)
+            result = bench.run_benchmark(segmenter, settings, init_ms=init_ms, progress=progress, context=context,
+                                         cancelled=lambda: self._stopping is not None)
             del segmenter  # release the second interpreter before answering
         finally:
             if paused:
                 self._resume()
-        request.done(result=result)
+        if result["stopped"] == "cancelled":
+            request.fail(f"cancelled: {self._stopping}", result=result)
+        else:
+            request.done(result=result)
 
     def _running_model(self) -> Tuple[str, Any]:
         segmenter = self.agent.segmenter
@@ -270,6 +279,22 @@ class RemoteBench:
         pipeline = self.agent.pipeline
         if last and pipeline is not None:
             pipeline.resume()
+
+    def shutdown(self, reason: str = "agent stopping", timeout: float = 5.0) -> None:
+        """Fail queued requests, cancel running ones (after their current run), refuse new ones.
+
+        For the agent's stop path, BEFORE its comms stop, so every request still gets its one
+        final answer; returns when the workers are idle and the answers are flushed (or timeout).
+        """
+        with self._cond:
+            self._stopping = reason
+            queued, self._queue = list(self._queue), collections.deque()
+        for request in queued:
+            request.fail(f"cancelled: {reason}")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._cond.wait_for(lambda: self._running == 0, timeout)
+        self.channel.outbox.flush(max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> Dict[str, Any]:
         with self._cond:

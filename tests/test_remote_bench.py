@@ -395,3 +395,42 @@ def test_asyncapi_documents_every_request_and_result_field():
     answer = messages["benchmarkResult"]["payload"]["properties"]
     assert set(answer["status"]["enum"]) == set(commands.STATUSES)
     assert set(answer["result"]["properties"]) == RESULT_KEYS
+
+
+def test_shutdown_answers_running_and_queued_requests(mosquitto, tmp_path):
+    """An in-process agent: shutdown() (for the agent's stop path) leaves no request unanswered."""
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_config
+
+    broker = mosquitto()
+    rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/#")
+    cfg = load_config(None, [
+        "agent.device_id=pi-s", f"agent.state_dir={tmp_path / 'state'}", "source.kind=synthetic",
+        "source.fps=2", "source.width=160", "source.height=120", f"model.path={DM05}",
+        "mqtt.host=127.0.0.1", f"mqtt.port={broker.port}",
+    ], env={})
+    agent = Agent(cfg, install_signals=False)
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        rec.wait_for(f"{PREFIX}/pi-s/mask", timeout=30)
+        cmd = f"{PREFIX}/pi-s/cmd/benchmark"
+        rec.publish(cmd, b'{"request_id":"run","runs":1000,"warmup":0}')
+        rec.publish(cmd, b'{"request_id":"queued","runs":1}')
+        deadline = time.monotonic() + 30
+        while not any(d.get("phase") == "runs" for d in answers(rec, "pi-s", "run")):
+            assert time.monotonic() < deadline, answers(rec, "pi-s", "run")
+            time.sleep(0.05)
+        agent.remote_bench.shutdown("agent stopping", timeout=10)
+        rec.publish(cmd, b'{"request_id":"late","runs":1}')
+        run, queued, late = (wait_final(rec, "pi-s", r, timeout=10) for r in ("run", "queued", "late"))
+        assert run["status"] == "failed" and run["reason"] == "cancelled: agent stopping"
+        assert run["result"]["stopped"] == "cancelled" and run["result"]["invoke"]["count"] >= 1
+        assert queued["status"] == "failed" and queued["reason"] == "cancelled: agent stopping"
+        assert late["status"] == "rejected" and late["reason"] == "agent stopping: agent stopping"
+        assert agent.remote_bench.stats()["running"] == 0
+        rec.wait_for(f"{PREFIX}/pi-s/mask", count=len(rec.matching(f"{PREFIX}/pi-s/mask")) + 1, timeout=10)
+    finally:
+        agent.request_stop()
+        runner.join(15)
+        rec.close()

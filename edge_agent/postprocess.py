@@ -34,11 +34,25 @@ def to_frame(label_map: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def class_fractions(mask: np.ndarray, labels: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """Fraction of pixels per class present, largest first, keyed by label (or class id)."""
-    counts = np.bincount(mask.ravel(), minlength=1)
+    counts = class_counts(mask)
     total = float(mask.size) or 1.0
     present = np.flatnonzero(counts)
     order = present[np.argsort(-counts[present], kind="stable")]
     return {label_name(int(c), labels): float(counts[c]) / total for c in order}
+
+
+def class_counts(mask: np.ndarray) -> np.ndarray:
+    """Pixels per class id of a uint8 mask (int64, trailing zeros trimmed like ``np.bincount``).
+
+    ``cv2.calcHist`` counts uint8 directly (~1.5x faster than ``np.bincount``, which first widens
+    every pixel to int64); its float32 counts are exact below 2**24 pixels, else bincount.
+    """
+    if mask.dtype != np.uint8 or mask.size >= 1 << 24 or mask.size == 0:
+        return np.bincount(mask.ravel(), minlength=1)
+    hist = cv2.calcHist([np.ascontiguousarray(mask)], [0], None, [256], [0, 256]).ravel()
+    counts = hist.astype(np.int64)
+    present = np.flatnonzero(counts)
+    return counts[: present[-1] + 1] if present.size else counts[:1]
 
 
 def label_name(class_id: int, labels: Optional[Sequence[str]]) -> str:

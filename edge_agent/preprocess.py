@@ -49,11 +49,19 @@ class Geometry:
         return h, w
 
 
+# A frame that fits the input and would be enlarged by at most this much is padded, not resized.
+NEAR_FIT = 0.02
+
+
 def letterbox_geometry(frame_h: int, frame_w: int, input_h: int, input_w: int) -> Geometry:
     """Scale the frame so it fits in the input keeping its aspect ratio (longest side fills)."""
     if frame_h <= 0 or frame_w <= 0:
         raise ValueError(f"empty frame {frame_w}x{frame_h}")
     scale = min(input_h / frame_h, input_w / frame_w)
+    if 1.0 < scale <= 1.0 + NEAR_FIT:
+        # e.g. picamera2's 512x288 lores (sized for the ISP, even) into 513x513: resampling to
+        # 513x289 would cost a resize and blur every pixel for a 0.2% scale change; pad instead.
+        return Geometry(frame_h, frame_w, frame_h, frame_w, input_h, input_w)
     scaled_h = max(1, min(input_h, int(round(frame_h * scale))))
     scaled_w = max(1, min(input_w, int(round(frame_w * scale))))
     return Geometry(frame_h, frame_w, scaled_h, scaled_w, input_h, input_w)

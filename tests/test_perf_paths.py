@@ -176,3 +176,29 @@ def test_process_frame_buffers_do_not_alias_across_frames(dm05):
     masks = [publish.decode_mask_png(p) for s, p in sink.messages if s == "mask"]
     assert len(masks) == 2 and masks[0].shape == (513, 513) and masks[1].shape == (289, 513)
     assert (masks[0] == 3).mean() > 0.05  # the bird frame's mask is the bird's, not the cat's
+
+
+# -- near-fit frames and class counts ------------------------------------------------------------------
+
+def test_picamera2_lores_frame_is_padded_not_resampled():
+    """512x288 (the lores size picamera2 picks for a 513x513 model) lands in the input unchanged."""
+    frame = rgb(IMAGES / "cat_720p.jpg")[:288, :512].copy()
+    canvas, g = letterbox(frame, (513, 513))
+    assert (g.scaled_h, g.scaled_w) == (288, 512) and not g.resized
+    np.testing.assert_array_equal(canvas[:288, :512], frame)
+    assert (canvas[288:] == 128).all() and (canvas[:, 512:] == 128).all()
+    assert (letterbox_geometry(240, 320, 513, 513).scaled_h, letterbox_geometry(240, 320, 513, 513).scaled_w) == (385, 513)
+
+
+def test_class_counts_equal_bincount():
+    from edge_agent.postprocess import class_counts
+
+    rng = np.random.default_rng(5)
+    masks = [np.zeros((3, 3), np.uint8), np.full((4, 4), 255, np.uint8),
+             rng.integers(0, 21, (289, 513), dtype=np.uint8),
+             rng.integers(0, 21, (40, 60), dtype=np.uint8)[:, ::2]]  # non-contiguous view
+    for m in masks:
+        expected = np.bincount(m.ravel(), minlength=1)
+        got = class_counts(m)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)

@@ -434,3 +434,38 @@ def test_shutdown_answers_running_and_queued_requests(mosquitto, tmp_path):
         agent.request_stop()
         runner.join(15)
         rec.close()
+
+
+def test_table_csv_and_progress_for_failed_devices():
+    import io
+
+    from edge_agent.fleet.client import Answer
+
+    result = {"model": {"name": "m"}, "runtime": "litert", "runtime_version": "2.3.0", "delegate": None,
+              "threads": 2, "fps": 20.0, "invoke": {"count": 3, "p50": 49.994, "p90": 50.5, "p99": 51.0, "mean": 50.0}}
+    answers_ = {"a": Answer("a", "done", final={"result": result}),
+                "b": Answer("b", "offline", "device went offline after accepting the request"),
+                "c": Answer("c", "rejected", "runs: expected an integer 1..5, got 50", final={})}
+    report = fleet_bench.report_doc("rid", {"runs": 3}, answers_)
+    assert report["devices"]["b"] == {"status": "offline", "reason": answers_["b"].reason, "result": None}
+    rows = fleet_bench.summary_rows(report)
+    table = fleet_bench.format_table(rows)
+    parsed = parse_table(table)
+    assert parsed["a"]["p50 ms"] == "49.99" and parsed["a"]["delegate"] == "cpu" and parsed["a"]["fps"] == "20.00"
+    assert "(device went offline after accepting the request)" in table.splitlines()[2]
+    assert parsed["c"]["status"] == "rejected" and "(runs: expected an integer 1..5, got 50)" in table
+    buf = io.StringIO()
+    fleet_bench.write_csv(rows, buf)
+    got = {r["device"]: r for r in csv.DictReader(io.StringIO(buf.getvalue()))}
+    assert got["a"]["p50_ms"] == "49.994" and got["b"]["p50_ms"] == "" and got["b"]["reason"] == answers_["b"].reason
+    text_out = io.StringIO()
+    fleet_bench.Progress("text", 5, 1, text_out)("b", {"status": "failed", "reason": "boom"})
+    assert text_out.getvalue() == "b: failed: boom\n"
+    pytest.importorskip("tqdm")
+    progress_out = io.StringIO()
+    progress = fleet_bench.Progress("bar", runs=5, warmup=1, out=progress_out)
+    progress("a", {"status": "accepted", "queue_position": 0})
+    progress("a", {"status": "progress", "phase": "warmup", "done": 1, "total": 1})
+    progress("a", {"status": "progress", "phase": "runs", "done": 5, "total": 5})
+    assert (progress.bar.n, progress.bar.total) == (6, 6)
+    progress.close()

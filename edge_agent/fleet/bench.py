@@ -171,7 +171,9 @@ class Progress:
         self.bar = None
         self.mode = mode
         if mode == "auto":
-            self.mode = "bar" if _tqdm_available() and getattr(out, "isatty", lambda: False)() else "text"
+            self.mode = "bar" if getattr(self.out, "isatty", lambda: False)() else "text"
+        if self.mode == "bar" and not _tqdm_available():
+            self.mode = "text"  # plain lines without tqdm
         if self.mode == "bar":
             from tqdm import tqdm
 

@@ -36,6 +36,11 @@ from tests.data import DM05, LABELS
 from tests.test_agent_e2e import start_agent, stop_agent, write_config
 
 PREFIX = "edge-agent"
+try:
+    import matplotlib  # noqa: F401  (optional: the fleet extra; absent in the tflite-runtime venv)
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
 SCHEMA = request_schema(BenchmarkConfig(max_runs=100, max_seconds=60.0))
 
 
@@ -202,9 +207,10 @@ def test_fleet_command_three_agents_table_csv_json_agree(mosquitto, tmp_path, ca
     try:
         wait_masks(rec, devices)
         files = {k: tmp_path / f"bench.{k}" for k in ("json", "csv", "png")}
+        plot = ["--plot", str(files["png"])] if HAVE_MATPLOTLIB else []
         rc = run_remote_cli(["--all", "--runs", "3", "--warmup", "1", "--host", "127.0.0.1",
                              "--port", str(broker.port), "--timeout", "120", "--progress", "text",
-                             "--json", str(files["json"]), "--csv", str(files["csv"]), "--plot", str(files["png"])])
+                             "--json", str(files["json"]), "--csv", str(files["csv"]), *plot])
         out, err = capsys.readouterr()
         masks_after = len(rec.matching(f"{PREFIX}/pi-1/mask"))
         rec.wait_for(f"{PREFIX}/pi-1/mask", count=masks_after + 1, timeout=20)  # live pipeline untouched
@@ -241,8 +247,9 @@ def test_fleet_command_three_agents_table_csv_json_agree(mosquitto, tmp_path, ca
         assert t["fps"] == f"{result['fps']:.2f}" and float(c["fps"]) == pytest.approx(result["fps"], abs=1e-4)
     for dev in devices:
         assert f"{dev}: accepted" in err and f"{dev}: done" in err and f"{dev}: runs 3/3" in err
-    png = cv2.imread(str(files["png"]))
-    assert png is not None and png.shape[0] > 100 and png.shape[1] > 100
+    if HAVE_MATPLOTLIB:
+        png = cv2.imread(str(files["png"]))
+        assert png is not None and png.shape[0] > 100 and png.shape[1] > 100
 
 
 def test_plot_without_matplotlib_fails_before_sending(monkeypatch, tmp_path):
@@ -312,7 +319,8 @@ def test_queue_busy_duplicates_mqtt5_pause_models_and_offline(mosquitto, tmp_pat
         for rid in ("q5", "q6"):
             only = answers(rec, "pi-q", rid)
             assert len(only) == 1 and only[0]["status"] == "rejected" and only[0]["reason"].startswith("busy")
-        assert finals(rec, "pi-q", "long")[0]["result"]["stopped"] == "min_secs"
+        long_result = finals(rec, "pi-q", "long")[0]["result"]
+        assert long_result["duration_s"] >= 1.5 and long_result["stopped"] in ("min_secs", "runs")  # runs: slow runtime
         dup = rec.matching("replies/dup")
         assert len(dup) == 1 and json.loads(dup[0].payload)["reason"] == "duplicate request id"
         invalid = [json.loads(m.payload) for m in rec.matching(f"{PREFIX}/pi-q/benchmark/_invalid")]

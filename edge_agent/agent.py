@@ -113,9 +113,18 @@ class Agent:
         # Model load and the first frame may take long on a Pi Zero: ping during a grace period.
         self.watchdog = sdnotify.Watchdog(startup_grace_s=STARTUP_GRACE_S)
         self.model_resolver: Callable[[Config], Tuple[str, Any]] = resolve_model
+        # Plugins add fields to the retained info document (e.g. the model store's pointers).
+        self.info_extras: List[Callable[[Dict[str, Any]], Dict[str, Any]]] = []
+        self.plugins: List[Any] = []
+        self._handlers: List[Tuple[str, Callable[..., None], bool]] = []
         self.exit_code = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def add_command_handler(self, name: str, callback: Callable[..., None], subtree: bool = False) -> None:
+        """Subscribe ``cmd/<name>`` (device and fleet); kept across a reload that replaces comms."""
+        self._handlers.append((name, callback, subtree))
+        self.comms.add_command_handler(name, callback, subtree=subtree)
+
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
 
@@ -129,16 +138,25 @@ class Agent:
             signal.signal(signal.SIGHUP, self.request_reload)
         self.comms.start()
         for name in COMMAND_PLUGINS:
-            __import__(name, fromlist=["install"]).install(self)
+            plugin = __import__(name, fromlist=["install"]).install(self)
+            if plugin is not None:
+                self.plugins.append(plugin)
         self.watchdog.start()
         try:
-            self._start_pipeline()
+            self.start_pipeline()
             self._main_loop()
         finally:
             sdnotify.stopping("stopping")
+            for plugin in self.plugins:  # each running command gets its final answer
+                shutdown = getattr(plugin, "shutdown", None)
+                if callable(shutdown):
+                    try:
+                        shutdown()
+                    except Exception:  # stopping must go on
+                        log.exception("plugin %s shutdown failed", type(plugin).__name__)
             if self.pipeline is not None:
                 log.info("pipeline totals: %s", self.pipeline.stats())
-            self._stop_pipeline()
+            self.stop_pipeline()
             self.watchdog.stop()
             self.comms.stop()
         return self.exit_code
@@ -169,7 +187,7 @@ class Agent:
             return f"idle: {self.error or 'no pipeline'}"
         return f"{self.pipeline.fps:.1f} fps, dropped {sum(self.pipeline.dropped().values())}"
 
-    def _start_pipeline(self) -> None:
+    def start_pipeline(self) -> None:
         """Load the model and open the source; on failure stay up and report the error."""
         self.error = None
         try:
@@ -197,7 +215,7 @@ class Agent:
         log.info("running %s on %s with %s", self.segmenter.model.file.name,
                  getattr(source, "name", self.config.source.kind), self.segmenter.describe_runtime())
 
-    def _stop_pipeline(self) -> None:
+    def stop_pipeline(self) -> None:
         if self.pipeline is not None:
             self.pipeline.stop()
             self.pipeline = None
@@ -220,14 +238,16 @@ class Agent:
             sdnotify.ready(self.status_text())
             return
         log.info("reloading the configuration")
-        self._stop_pipeline()
+        self.stop_pipeline()
         if new.mqtt != self.config.mqtt or new.agent.device_id != self.config.agent.device_id:
             self.comms.stop()
             self.config = new
             self.comms = make_comms(new)
+            for name, callback, subtree in self._handlers:
+                self.comms.add_command_handler(name, callback, subtree=subtree)
             self.comms.start()
         self.config = new
-        self._start_pipeline()
+        self.start_pipeline()
         sdnotify.ready(self.status_text())
 
     # -- what the agent tells the world ---------------------------------------------------------
@@ -253,7 +273,10 @@ class Agent:
         return doc
 
     def publish_info(self) -> None:
-        self.comms.set_info(self.info())
+        doc = self.info()
+        for extra in self.info_extras:
+            doc = extra(doc)
+        self.comms.set_info(doc)
 
 
 # -- CLI ---------------------------------------------------------------------------------------

@@ -589,7 +589,7 @@ class Deployer:
             pipeline.swap_segmenter(segmenter)
             self.agent.segmenter = segmenter
         else:  # idle agent (its configured model or source failed): start on the new model
-            self.agent._start_pipeline()
+            self.agent.start_pipeline()
             pipeline = self.agent.pipeline
             if pipeline is None:
                 self._undo(None, None, old_pointers, f"cannot start: {self.agent.error}")
@@ -611,7 +611,7 @@ class Deployer:
             pipeline.swap_segmenter(old)
             self.agent.segmenter = old
         elif pipeline is not None:  # the agent was idle before: idle again, saying why
-            self.agent._stop_pipeline()
+            self.agent.stop_pipeline()
             self.agent.segmenter = None
             self.agent.error = f"deployed model rolled back: {reason}"
         self.store.rollback_pending(reason)
@@ -695,10 +695,9 @@ def install(agent: Any) -> Optional[Deployer]:
         return None
     deployer = Deployer(agent, store)
     agent.model_resolver = deployer.resolve_model
-    base_info = agent.info
-    agent.info = lambda: deployer.info_extras(base_info())
+    agent.info_extras.append(deployer.info_extras)
     agent.deployer = deployer
-    agent.comms.add_command_handler("deploy", deployer.on_deploy, subtree=True)
-    agent.comms.add_command_handler("rollback", deployer.on_rollback)
-    agent.comms.add_command_handler("models", deployer.on_models)
+    agent.add_command_handler("deploy", deployer.on_deploy, subtree=True)
+    agent.add_command_handler("rollback", deployer.on_rollback)
+    agent.add_command_handler("models", deployer.on_models)
     return deployer

@@ -312,6 +312,6 @@ def _public(params: Dict[str, Any]) -> Dict[str, Any]:
 def install(agent: Any) -> RemoteBench:
     """Register ``cmd/benchmark`` on the agent's comms (called once by ``Agent.run``)."""
     service = RemoteBench(agent)
-    agent.comms.add_command_handler(COMMAND, service.on_message)
+    agent.add_command_handler(COMMAND, service.on_message)
     agent.remote_bench = service
     return service

@@ -307,3 +307,33 @@ def test_watchdog_stops_when_inference_hangs(tmp_path, monkeypatch):
         agent.request_stop()
         runner.join(15)
         notify.close()
+
+
+def test_sighup_reload_moves_to_a_new_broker_with_its_commands(mosquitto, tmp_path):
+    """SIGHUP re-reads the config; a new broker gets online/info and the command handlers."""
+    first, second = mosquitto(), mosquitto()
+    source = {"kind": "synthetic", "width": 320, "height": 240, "fps": 5.0}
+    config = write_config(tmp_path / "agent.toml", "pi-6", first.port, source)
+    agent = start_agent(config)
+    rec2 = Recorder("127.0.0.1", second.port, f"{PREFIX}/#")
+    try:
+        rec1 = Recorder("127.0.0.1", first.port, f"{PREFIX}/#")
+        rec1.wait_for(f"{PREFIX}/pi-6/mask", timeout=20)
+        rec1.close()
+        write_config(config, "pi-6", second.port, source)
+        agent.send_signal(signal.SIGHUP)
+        rec2.wait_for(f"{PREFIX}/pi-6/availability", b"online", timeout=20)
+        rec2.wait_for(f"{PREFIX}/pi-6/mask", timeout=20)
+        rec2.publish(f"{PREFIX}/pi-6/cmd/benchmark", json.dumps({"request_id": "r1", "runs": 2, "warmup": 0}).encode())
+        answers = rec2.wait_for(f"{PREFIX}/pi-6/benchmark/r1", count=2, timeout=60)
+        assert json.loads(answers[0].payload)["status"] == "accepted"
+        final = [json.loads(m.payload) for m in rec2.wait_for(f"{PREFIX}/pi-6/benchmark/r1", count=1, timeout=60)]
+        deadline = time.monotonic() + 60
+        while not any(a["status"] in ("done", "failed", "rejected") for a in final) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            final = [json.loads(m.payload) for m in rec2.matching(f"{PREFIX}/pi-6/benchmark/r1")]
+        assert [a["status"] for a in final if a["status"] in ("done", "failed", "rejected")] == ["done"]
+    finally:
+        out = stop_agent(agent)
+        rec2.close()
+    assert agent.returncode == 0, out

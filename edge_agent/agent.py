@@ -288,8 +288,6 @@ def add_parser(subparsers) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .cli import setup_logging
-
     config = config_from_args(args)
     if not args.verbose:
         logging.getLogger().setLevel(config.agent.log_level.upper())

@@ -12,7 +12,6 @@ from typing import Any, Dict, List
 import numpy as np
 
 from . import runtimes
-from .errors import ModelError
 from .model import read_model_file
 
 

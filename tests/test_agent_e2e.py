@@ -14,14 +14,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
-
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.postprocess import agreement
 from edge_agent.publish import decode_mask_png
 from tests.broker import Recorder
-from tests.data import DM05, IMAGES, LABELS, bird_513, bird_mask, rgb
+from tests.data import DM05, IMAGES, LABELS, bird_513, bird_mask
 
 PREFIX = "edge-agent"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent import postprocess, preprocess
-from edge_agent.preprocess import Geometry, letterbox, letterbox_geometry
+from edge_agent import postprocess
+from edge_agent.preprocess import letterbox, letterbox_geometry
 from edge_agent.segmenter import Segmenter
 from tests.data import DM05, FLOAT_257, IMAGES, bird_513, rgb
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from edge_agent import runtimes
-from edge_agent.errors import EdgeAgentError, ModelError, RuntimeNotAvailable
-from edge_agent.model import InputSpec, SegmentationModel, input_lut
+from edge_agent.errors import ModelError, RuntimeNotAvailable
+from edge_agent.model import InputSpec, input_lut
 from edge_agent.segmenter import Segmenter
 from tests.data import (BIRD, CLASSIFIER, DM05, DM05_EDGETPU, DM10_EDGETPU, INVOKE_ERROR,
-                        IMAGES, bird_513)
+                        bird_513)
 
 
 def truncated(tmp_path):

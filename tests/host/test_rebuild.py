@@ -26,9 +26,32 @@ def test_rebuilt_dm05_agrees_with_coral_quant_on_golden_bird(dm05_rebuilt):
     assert (cfg.depth_multiplier, cfg.num_classes) == (0.5, 21)
     value = keras_vs_tflite(model, DM05_QUANT, BIRD)
     print(f"\ndm0.5 rebuilt float vs Coral uint8 on the golden bird: {value:.4f}")
-    # Measured 0.975: 8-bit noise of the dm0.5 model itself (its own fp16 original agrees only
-    # 0.950 with it; every layer was checked against the uint8 model's dequantized tensors).
+    # Measured 0.975: a float graph cannot reach 0.99 here. The uint8 dm0.5 network is chaotic at
+    # the LSB level (the same uint8 model on TFLite's reference kernels agrees only 0.986 with
+    # itself on XNNPACK; its own fp16 original 0.950); the emulation test below proves the
+    # weights are 1:1. docs/host-tools.md has the measurements.
     assert value >= 0.97
+
+
+@pytest.mark.parametrize("source", [DM05_QUANT, DM10_QUANT], ids=["dm05", "dm10"])
+def test_quant_emulating_rebuild_reproduces_its_source(source, tmp_path):
+    """Rebuilt weights + the source's own activation rounding == the source, pixel for pixel."""
+    model, cfg = rebuild(source, emulate_quant=True)
+    assert model.inputs[0].dtype == "float64"
+    fq = [layer for layer in model.layers if type(layer).__name__ == "FakeQuant"]
+    assert len(fq) >= 70  # every conv, add, pool, resize (+ requantize) and the concat
+    value = keras_vs_tflite(model, source, BIRD)
+    print(f"\n{source.name}: quantization-emulating rebuild vs source on the golden bird: "
+          f"{value:.4f}")
+    assert value >= 0.99
+    if source == DM05_QUANT:  # the emulating graph saves and loads like any rebuilt model
+        loaded = load_model(save_model(model, tmp_path / "emulating.keras"))
+        assert keras_vs_tflite(loaded, source, BIRD) == value
+
+
+def test_quant_emulation_needs_a_quantized_source():
+    with pytest.raises(ModelError, match="float input"):
+        rebuild(DM05_FLOAT_257, emulate_quant=True)
 
 
 def test_float_original_rebuilds_exactly():

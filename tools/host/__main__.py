@@ -63,9 +63,11 @@ def cmd_build(args) -> int:
 def cmd_rebuild(args) -> int:
     from .rebuild import describe, rebuild, save_model
 
-    model, cfg = rebuild(args.source, _size(args.input_size), _argmax_flag(args))
+    model, cfg = rebuild(args.source, _size(args.input_size), _argmax_flag(args),
+                         emulate_quant=args.emulate_quant)
     out = save_model(model, args.output)
-    print(f"rebuilt {describe(cfg)} from {args.source} -> {out}")
+    kind = " (float64, source activation quantization emulated)" if args.emulate_quant else ""
+    print(f"rebuilt {describe(cfg)}{kind} from {args.source} -> {out}")
     if args.check_image:
         from .compare import keras_vs_tflite
 
@@ -179,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs="+", help="re-target H [W]")
     p.add_argument("--argmax", choices=("yes", "no"), default=None)
     p.add_argument("--check-image", help="print agreement rebuilt vs source on this image")
+    p.add_argument("--emulate-quant", action="store_true",
+                   help="verification graph: float64 + the quantized source's own activation "
+                        "rounding (reproduces the source exactly; not for ptq/qat)")
     p.set_defaults(func=cmd_rebuild)
 
     p = sub.add_parser("ptq", help="post-training quantization to TFLite")

@@ -43,6 +43,12 @@ class DilatedDepthwiseConv2D(keras.layers.Layer):
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
         s, d = self.strides, self.dilation_rate
+        if inputs.dtype == tf.float64 and d > 1:
+            # TF's CPU kernel has no float64 dilated DepthwiseConv2dNative; float64 only serves
+            # the quantization emulation (never converted), so the generic op is fine there.
+            out = tf.nn.depthwise_conv2d(inputs, self.depthwise_kernel, [1, s, s, 1], "SAME",
+                                         dilations=[d, d])
+            return tf.nn.bias_add(out, self.bias) if self.bias is not None else out
         out = tf.raw_ops.DepthwiseConv2dNative(
             input=inputs, filter=self.depthwise_kernel, strides=[1, s, s, 1],
             padding="SAME", dilations=[1, d, d, 1])
@@ -73,9 +79,10 @@ class BilinearResize(keras.layers.Layer):
         self.align_corners = bool(align_corners)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        return tf.raw_ops.ResizeBilinear(images=inputs, size=list(self.size),
-                                         align_corners=self.align_corners,
-                                         half_pixel_centers=False)
+        out = tf.raw_ops.ResizeBilinear(images=inputs, size=list(self.size),
+                                        align_corners=self.align_corners,
+                                        half_pixel_centers=False)
+        return tf.cast(out, inputs.dtype)  # the op always returns float32
 
     def compute_output_shape(self, input_shape: Sequence[int]) -> tuple:
         return (input_shape[0], self.size[0], self.size[1], input_shape[3])

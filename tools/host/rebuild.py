@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import tf_keras as keras
 
-from edge_agent.errors import ModelError
+from edge_agent.errors import ConfigError, ModelError
 
 from .deeplab import DeepLabConfig, build_deeplab, conv_scopes, layer_name
 from .layers import CUSTOM_OBJECTS
@@ -158,15 +158,24 @@ def load_weights(model: keras.Model, cfg: DeepLabConfig, ops: List[ConvOp]) -> N
 
 
 def rebuild(source: "str | Path", input_size: Optional[Tuple[int, int]] = None,
-            argmax: Optional[bool] = None) -> Tuple[keras.Model, DeepLabConfig]:
+            argmax: Optional[bool] = None, emulate_quant: bool = False
+            ) -> Tuple[keras.Model, DeepLabConfig]:
     """Float Keras model (+ its config) with the source's weights.
 
     ``input_size`` re-targets the graph (all weights are size-independent); ``argmax`` keeps or
-    drops the in-graph ArgMax (default: as the source).
+    drops the in-graph ArgMax (default: as the source). ``emulate_quant`` returns instead the
+    float64 verification graph that rounds every activation exactly as the quantized source
+    does (``quant_emulation``): same weights, the source's own input size.
     """
     graph = read_tflite(source)
     ops = conv_ops(graph)
     cfg = infer_config(graph, ops)
+    if emulate_quant:
+        if input_size is not None and tuple(input_size) != cfg.input_size:
+            raise ConfigError("the quantization emulation runs at the source's own input size "
+                              f"{cfg.input_size}, not {tuple(input_size)}")
+        cfg = cfg if argmax is None else replace(cfg, argmax=argmax)
+        return emulating_model(graph, cfg, ops), cfg
     model = build_deeplab(cfg)
     load_weights(model, cfg, ops)
     if input_size is not None or argmax is not None:
@@ -176,6 +185,25 @@ def rebuild(source: "str | Path", input_size: Optional[Tuple[int, int]] = None,
         resized.set_weights([w for w in model.get_weights()])
         model = resized
     return model, cfg
+
+
+def emulating_model(graph: TFLiteGraph, cfg: DeepLabConfig, ops: List[ConvOp]) -> keras.Model:
+    """float64 rebuilt graph + FakeQuant layers with the source's activation quantization."""
+    from .quant_emulation import activation_steps, input_step, insert_fake_quant
+
+    if not graph.tensors[graph.inputs[0]].quantized:
+        raise ModelError(f"{graph.path.name} has a float input: there is no activation "
+                         f"quantization to emulate (the plain rebuild is exact)")
+    previous = keras.backend.floatx()
+    keras.backend.set_floatx("float64")  # exact integer accumulators in the convs
+    try:
+        model = build_deeplab(cfg)
+        load_weights(model, cfg, ops)
+        scope_ops = {scope: op.index for scope, op in assign_scopes(ops, cfg).items()}
+        steps = activation_steps(graph, scope_ops, [layer.name for layer in model.layers])
+        return insert_fake_quant(model, steps, input_step(graph))
+    finally:
+        keras.backend.set_floatx(previous)
 
 
 def save_model(model: keras.Model, out: "str | Path") -> Path:
@@ -194,8 +222,11 @@ def load_model(path: "str | Path") -> keras.Model:
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model not found: {path}")
+    from .quant_emulation import FakeQuant
+
     try:
-        return keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, compile=False)
+        return keras.models.load_model(path, custom_objects={**CUSTOM_OBJECTS, "FakeQuant": FakeQuant},
+                                       compile=False)
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load Keras model {path}: {first}") from None

@@ -25,7 +25,7 @@ def calib_images():
 
 @pytest.fixture(scope="session")
 def dm05_ptq(dm05_rebuilt, calib_images, tmp_path_factory):
-    """Our uint8 PTQ of the rebuilt dm05 float (ArgMax in the graph, like Coral's)."""
+    """Our uint8 PTQ of the rebuilt dm05 float with the ptq defaults (129x129 ArgMax head)."""
     from tools.host.ptq import PTQOptions, quantize_keras, write_tflite
 
     data = quantize_keras(dm05_rebuilt[0], PTQOptions(argmax=True), calib_images)

@@ -12,6 +12,7 @@ from edge_agent.segmenter import Segmenter  # noqa: E402
 from tools.host import metrics  # noqa: E402
 from tools.host.compare import keras_labels  # noqa: E402
 from tools.host.datasets import VocDataset, read_rgb  # noqa: E402
+from tools.host.deeplab import head_size  # noqa: E402
 from tools.host.edgetpu_check import check  # noqa: E402
 from tools.host.ptq import PTQOptions, calibration_summary, quantize_keras, write_tflite  # noqa: E402
 from tools.host.rebuild import rebuild  # noqa: E402
@@ -30,15 +31,25 @@ def _segmenter_miou(path) -> float:
     return _miou(lambda image: seg.segment(image).mask)
 
 
-def _median_invoke_ms(path, image, runs: int = 10) -> float:
-    seg = Segmenter(str(path), runtime="auto")
-    seg.segment(image)
-    return float(np.median([seg.segment(image).timings["inference"] for _ in range(runs)]))
+def _interleaved_invoke_ms(paths, image, threads: int, runs: int = 30):
+    """Median invoke per model, the models alternating run by run (load drifts hit all alike)."""
+    segs = [Segmenter(str(p), runtime="auto", threads=threads) for p in paths]
+    for seg in segs:
+        for _ in range(3):
+            seg.segment(image)
+    times = [[] for _ in segs]
+    for run in range(runs):
+        order = range(len(segs)) if run % 2 == 0 else reversed(range(len(segs)))
+        for i in order:
+            times[i].append(segs[i].segment(image).timings["inference"])
+    return [float(np.median(t)) for t in times], segs[0].describe_runtime()
 
 
 def test_ptq_uint8_within_one_point_of_its_float_and_fast(dm05_rebuilt, dm05_ptq):
     graph = read_tflite(dm05_ptq)
     assert graph.tensors[graph.inputs[0]].dtype == np.uint8
+    # the default head: ArgMax on the logits upsampled x4 (129x129), the agent resizes the rest
+    assert graph.tensors[graph.outputs[0]].shape == [1, 129, 129]
     assert not check(dm05_ptq, compile_model=False).errors
     float_miou = _miou(lambda image: keras_labels(dm05_rebuilt[0], image))
     ours_miou = _segmenter_miou(dm05_ptq)
@@ -47,8 +58,13 @@ def test_ptq_uint8_within_one_point_of_its_float_and_fast(dm05_rebuilt, dm05_ptq
           f"Coral uint8 {100 * coral_miou:.2f}")
     assert abs(ours_miou - float_miou) <= 0.01
     image = read_rgb(BIRD)
-    ours_ms, coral_ms = _median_invoke_ms(dm05_ptq, image), _median_invoke_ms(DM05_QUANT, image)
-    print(f"invoke: ours {ours_ms:.1f} ms, Coral {coral_ms:.1f} ms, ratio {ours_ms / coral_ms:.2f}")
+    for threads in (1, 2):
+        (ours_ms, coral_ms), runtime = _interleaved_invoke_ms([dm05_ptq, DM05_QUANT], image,
+                                                              threads)
+        print(f"invoke ({runtime}, {threads} thread(s), median of 30 interleaved): ours "
+              f"{ours_ms:.1f} ms, Coral {coral_ms:.1f} ms, ratio {ours_ms / coral_ms:.2f}")
+        # measured 0.47-0.50; 1.10 only absorbs scheduling noise on a busy 2-core machine
+        assert ours_ms <= 1.10 * coral_ms
 
 
 def test_float_original_through_rebuild_and_ptq(calib_images, tmp_path):
@@ -82,7 +98,7 @@ def test_weight_only_modes(dm05_rebuilt, tmp_path, mode):
 
 def test_per_tensor_int8_io(calib_images, tmp_path):
     model, _ = rebuild(DM05_QUANT, input_size=(129, 129), argmax=False)
-    opts = PTQOptions(io_type="int8", per_channel=False, argmax=False)
+    opts = PTQOptions(io_type="int8", per_channel=False, argmax=False, upsample=16)
     out = write_tflite(quantize_keras(model, opts, calib_images[:2]), tmp_path / "pt.tflite")
     graph = read_tflite(out)
     convs = [graph.tensors[op.inputs[1]] for op in graph.ops if op.opcode == "CONV_2D"]
@@ -92,7 +108,18 @@ def test_per_tensor_int8_io(calib_images, tmp_path):
     assert Segmenter(str(out)).segment(read_rgb(BIRD)).mask.shape == (513, 513)
 
 
+def test_head_sizes_sit_on_the_full_size_grid():
+    sizes = [head_size((33, 33), (513, 513), f)[0] for f in (1, 2, 4, 8, 16)]
+    assert sizes == [33, 65, 129, 257, 513]
+    assert head_size((17, 17), (257, 257), 4) == (65, 65)
+    assert head_size((32, 32), (512, 512), 16) == (512, 512)
+    with pytest.raises(ConfigError, match="upsample factor"):
+        head_size((33, 33), (513, 513), 3)
+
+
 def test_bad_options_are_one_line_errors(dm05_rebuilt):
+    with pytest.raises(ConfigError, match="upsample factor"):
+        quantize_keras(dm05_rebuilt[0], PTQOptions(mode="float16", upsample=5))
     with pytest.raises(ConfigError, match="unknown PTQ mode"):
         quantize_keras(dm05_rebuilt[0], PTQOptions(mode="int4"))
     with pytest.raises(ConfigError, match="calibration images"):

@@ -213,6 +213,48 @@ def build_deeplab(cfg: DeepLabConfig, name: str = "deeplabv3_mnv2") -> keras.Mod
     return keras.Model(inputs, out, name=name)
 
 
+UPSAMPLE_FACTORS = (1, 2, 4, 8, 16)
+LOGITS_LAYER = layer_name("logits/semantic")
+
+
+def head_size(logits_hw: Tuple[int, int], input_hw: Tuple[int, int],
+              upsample: int) -> Tuple[int, int]:
+    """Output size of a head that upsamples the 1/16 logits ``upsample`` times (align corners).
+
+    16 is the full input size (DeepLab's own head); smaller factors give ``(L - 1) * f + 1``,
+    the sizes whose pixels sit exactly on the full-size grid (129 = 1/4 of a 513 input).
+    """
+    if upsample not in UPSAMPLE_FACTORS:
+        raise ConfigError(f"upsample factor must be one of {UPSAMPLE_FACTORS}, not {upsample}")
+    if upsample == 16:
+        return tuple(input_hw)
+    return tuple(min(s, (l - 1) * upsample + 1) if l > 1 else 1
+                 for l, s in zip(logits_hw, input_hw))
+
+
+def with_head(model: keras.Model, upsample: int, argmax: bool) -> keras.Model:
+    """The same network with a new head: logits upsampled ``upsample`` times, optional ArgMax.
+
+    Why: on the CPU the full-size head (21-channel bilinear resize to 513x513 + ArgMax over 5.5 M
+    values) costs about a third of the whole invoke; a 129x129 label map resized by the agent
+    (nearest, ``Geometry.valid_region``) costs ~0.1 ms and loses < 0.3 mIoU points.
+    """
+    try:
+        logits = model.get_layer(LOGITS_LAYER).output
+    except ValueError:
+        raise ConfigError(f"{model.name}: no {LOGITS_LAYER!r} layer (not a DeepLab built by these "
+                          f"tools): cannot change its head") from None
+    input_hw = (int(model.input_shape[1]), int(model.input_shape[2]))
+    size = head_size((int(logits.shape[1]), int(logits.shape[2])), input_hw, upsample)
+    out = logits
+    if size != tuple(logits.shape[1:3]):
+        name = "logits_resize" if size == input_hw else f"logits_resize_x{upsample}"
+        out = BilinearResize(size, name=name)(out)
+    if argmax:
+        out = ArgMaxHead(name="argmax")(out)
+    return keras.Model(model.inputs, out, name=model.name)
+
+
 def without_argmax(model: keras.Model) -> keras.Model:
     """The logits sub-model (training and QAT need logits, not class ids)."""
     if model.layers[-1].__class__.__name__ != "ArgMaxHead":

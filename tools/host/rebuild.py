@@ -187,7 +187,8 @@ def rebuild(source: "str | Path", input_size: Optional[Tuple[int, int]] = None,
     return model, cfg
 
 
-def emulating_model(graph: TFLiteGraph, cfg: DeepLabConfig, ops: List[ConvOp]) -> keras.Model:
+def emulating_model(graph: TFLiteGraph, cfg: DeepLabConfig,
+                    ops: List[ConvOp]) -> keras.Model:
     """float64 rebuilt graph + FakeQuant layers with the source's activation quantization."""
     from .quant_emulation import activation_steps, input_step, insert_fake_quant
 
@@ -225,8 +226,8 @@ def load_model(path: "str | Path") -> keras.Model:
     from .quant_emulation import FakeQuant
 
     try:
-        return keras.models.load_model(path, custom_objects={**CUSTOM_OBJECTS, "FakeQuant": FakeQuant},
-                                       compile=False)
+        custom = {**CUSTOM_OBJECTS, "FakeQuant": FakeQuant}
+        return keras.models.load_model(path, custom_objects=custom, compile=False)
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load Keras model {path}: {first}") from None

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,8 @@ def _download(url: str, out) -> None:
                 if total > MAX_DOWNLOAD_BYTES:
                     raise ModelError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, refused")
                 out.write(block)
+    except urllib.error.HTTPError as exc:
+        raise ModelError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from exc
     except OSError as exc:  # URLError, timeouts, connection errors
         raise ModelError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
 

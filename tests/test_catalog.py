@@ -81,3 +81,64 @@ def test_segment_by_manifest_name_uses_manifest_labels(tmp_path):
                    "--model", "deeplabv3_mnv2_dm05_pascal_quant", "--out", str(tmp_path / "o"), env=env)
     assert proc.returncode == 0, proc.stderr
     assert "bird" in proc.stdout
+
+
+@pytest.fixture
+def http_models():
+    """A real HTTP server on loopback serving the shared models folder."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(MODELS))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _manifest_with_base(tmp_path, base: str):
+    doc = json.loads(open(catalog.load_manifest().path).read())
+    for entry in doc["models"]:
+        entry["url"] = f"{base}/{entry['file']}"
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_fetch_downloads_over_http_and_verifies(tmp_path, http_models):
+    manifest = _manifest_with_base(tmp_path, http_models)
+    dest = tmp_path / "models"
+    proc = run_cli("models", "fetch", "deeplabv3_mnv2_dm05_pascal_quant", "--manifest", str(manifest),
+                   "--dest", str(dest))
+    assert proc.returncode == 0, proc.stderr
+    assert catalog.sha256_file(str(dest / "deeplabv3_mnv2_dm05_pascal_quant.tflite")) == \
+        catalog.parse_manifest(str(manifest)).get("deeplabv3_mnv2_dm05_pascal_quant").sha256
+    # a second fetch finds the verified copy and does not download again
+    again = run_cli("models", "fetch", "deeplabv3_mnv2_dm05_pascal_quant", "--manifest", str(manifest),
+                    "--dest", str(dest))
+    assert again.returncode == 0
+
+
+def test_fetch_http_errors_are_one_line_and_leave_nothing(tmp_path, http_models):
+    manifest = _manifest_with_base(tmp_path, http_models + "/missing")
+    dest = tmp_path / "models"
+    proc = run_cli("models", "fetch", "deeplabv3_mnv2_dm05_pascal_quant", "--manifest", str(manifest),
+                   "--dest", str(dest))
+    assert proc.returncode == 2 and "cannot download" in proc.stderr and "404" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(dest.iterdir()) == []
+
+
+def test_fetch_refuses_oversized_downloads(tmp_path, http_models, monkeypatch):
+    manifest = catalog.parse_manifest(str(_manifest_with_base(tmp_path, http_models)))
+    monkeypatch.setattr(catalog, "MAX_DOWNLOAD_BYTES", 1000)
+    with pytest.raises(ModelError, match="larger than 1000 bytes"):
+        catalog.fetch(manifest.get("deeplabv3_mnv2_dm05_pascal_quant"), dest=str(tmp_path / "m"))
+    assert list((tmp_path / "m").iterdir()) == []

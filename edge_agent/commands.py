@@ -408,18 +408,26 @@ class CommandChannel:
     """Parsing, id bookkeeping and answers for one command kind on one agent.
 
     ``comms_getter`` returns the agent's current comms (the agent may replace it on reload);
-    ``kind`` names the answer topics (``<prefix>/<device>/<kind>/<request id>``).
+    ``kind`` names the answer topics (``<prefix>/<device>/<kind>/<request id>``). Commands that
+    answer on the same topic pass ``share_ids_with`` so that one id memory covers them all.
     """
 
     def __init__(self, comms_getter: Callable[[], Any], kind: str, schema: Schema,
-                 max_bytes: int = DEFAULT_MAX_BYTES, remember: int = DEFAULT_REMEMBER) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, remember: int = DEFAULT_REMEMBER,
+                 share_ids_with: Optional["CommandChannel"] = None) -> None:
         self._comms = comms_getter
         self.kind = kind
         self.schema = schema
         self.max_bytes = max_bytes
         self.remember = remember
-        self._seen: "collections.OrderedDict[str, _Seen]" = collections.OrderedDict()
-        self._lock = threading.Lock()
+        if share_ids_with is not None:
+            if share_ids_with.kind != kind:
+                raise ValueError("only channels answering on the same topic share request ids")
+            self._seen = share_ids_with._seen
+            self._lock = share_ids_with._lock
+        else:
+            self._seen: "collections.OrderedDict[str, _Seen]" = collections.OrderedDict()
+            self._lock = threading.Lock()
         self.outbox = Outbox(comms_getter, f"cmd-{kind}")
         self.counters: Dict[str, int] = {"received": 0, "invalid": 0, "duplicates": 0,
                                          "accepted": 0, "done": 0, "rejected": 0, "failed": 0}

@@ -390,7 +390,8 @@ class Deployer:
                 log.error("deployments are refused until fixed: %s", exc)
         comms = lambda: self.agent.comms  # noqa: E731 - the agent may replace its comms on reload
         self.deploy_channel = CommandChannel(comms, KIND, DEPLOY_SCHEMA, MAX_REQUEST_BYTES)
-        self.rollback_channel = CommandChannel(comms, KIND, ROLLBACK_SCHEMA)
+        self.rollback_channel = CommandChannel(comms, KIND, ROLLBACK_SCHEMA,
+                                               share_ids_with=self.deploy_channel)
         self.models_channel = CommandChannel(comms, MODELS_KIND, MODELS_SCHEMA)
         self._config_resolver: Callable[[Any], Tuple[str, Any]] = agent.model_resolver
         self._lock = threading.Lock()

@@ -141,6 +141,25 @@ def test_channel_one_final_answer_duplicates_and_response_topic(mosquitto):
         comms.stop()
 
 
+def test_channels_answering_on_one_topic_share_their_id_memory(mosquitto):
+    """deploy and rollback both answer on deploy/<id>: one id must not run twice across them."""
+    broker = mosquitto()
+    comms = MqttComms(MqttConfig(host="127.0.0.1", port=broker.port), "unit")
+    comms.start()
+    try:
+        assert comms.wait_connected(10)
+        first = CommandChannel(lambda: comms, "deploy", SCHEMA)
+        second = CommandChannel(lambda: comms, "deploy", SCHEMA, share_ids_with=first)
+        alone = CommandChannel(lambda: comms, "deploy", SCHEMA)
+        assert first.receive(f"{PREFIX}/unit/cmd/deploy", b'{"request_id":"same"}', {}) is not None
+        assert second.receive(f"{PREFIX}/unit/cmd/rollback", b'{"request_id":"same"}', {}) is None
+        assert alone.receive(f"{PREFIX}/unit/cmd/rollback", b'{"request_id":"same"}', {}) is not None
+        with pytest.raises(ValueError):
+            CommandChannel(lambda: comms, "models", SCHEMA, share_ids_with=first)
+    finally:
+        comms.stop()
+
+
 # -- helpers for agent processes ------------------------------------------------------------------
 
 def start_agents(tmp_path: Path, port: int, devices: List[str], **sections: Any):

@@ -124,3 +124,16 @@ def test_bad_options_are_one_line_errors(dm05_rebuilt):
         quantize_keras(dm05_rebuilt[0], PTQOptions(mode="int4"))
     with pytest.raises(ConfigError, match="calibration images"):
         quantize_keras(dm05_rebuilt[0], PTQOptions(), [])
+
+
+def test_ptq_cli_head_flags(tmp_path, capsys):
+    from tools.host.__main__ import main
+
+    out = tmp_path / "cli.tflite"
+    rc = main(["ptq", str(DM05_QUANT), "-o", str(out), "--input-size", "129", "--upsample", "2",
+               "--calib", str(VOC), "--num-calib", "2"])
+    assert rc == 0
+    graph = read_tflite(out)
+    assert graph.tensors[graph.outputs[0]].shape == [1, 17, 17]  # (9 - 1) * 2 + 1, ArgMax
+    assert "[1, 17, 17] int32" in capsys.readouterr().out
+    assert Segmenter(str(out)).segment(read_rgb(BIRD)).mask.shape == (513, 513)

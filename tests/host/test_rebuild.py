@@ -91,3 +91,19 @@ def test_wrong_kind_of_model_is_refused(tmp_path):
         rebuild(bad)
     with pytest.raises(ModelError, match="model not found"):
         load_model(tmp_path / "missing.keras")
+
+
+def test_rebuild_cli_emulate_quant(tmp_path, capsys):
+    from tools.host.__main__ import main
+
+    out = tmp_path / "emulating.keras"
+    rc = main(["rebuild", str(DM05_QUANT), "-o", str(out), "--emulate-quant",
+               "--check-image", str(BIRD)])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and out.is_file()
+    assert "activation quantization emulated" in lines[0]
+    value = float(lines[-1].rsplit(":", 1)[1])
+    assert value >= 0.99
+    rc = main(["rebuild", str(DM05_QUANT), "-o", str(out), "--emulate-quant",
+               "--input-size", "257"])
+    assert rc != 0 and "own input size" in capsys.readouterr().err

@@ -27,7 +27,7 @@ def test_rebuilt_dm05_agrees_with_coral_quant_on_golden_bird(dm05_rebuilt):
     value = keras_vs_tflite(model, DM05_QUANT, BIRD)
     print(f"\ndm0.5 rebuilt float vs Coral uint8 on the golden bird: {value:.4f}")
     # Measured 0.975: a float graph cannot reach 0.99 here. The uint8 dm0.5 network is chaotic at
-    # the LSB level (the same uint8 model on TFLite's reference kernels agrees only 0.986 with
+    # the LSB level (the same uint8 model on TFLite's built-in kernels agrees only 0.986 with
     # itself on XNNPACK; its own fp16 original 0.950); the emulation test below proves the
     # weights are 1:1. docs/host-tools.md has the measurements.
     assert value >= 0.97

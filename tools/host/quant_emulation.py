@@ -4,7 +4,7 @@ Why: the rebuilt *float* graph of Coral's dm0.5 model agrees only ~0.975 with th
 the golden bird, although every weight is copied 1:1. The uint8 network is chaotic at the LSB
 level: a 1-LSB rounding difference in 0.007 % of one early layer's outputs grows to 60 % of the
 33x33 logits differing by 1-5 LSB; the label map is robust to most of it, not all (the same uint8
-model run by TFLite's reference kernels instead of XNNPACK agrees only 0.986 with itself). So any
+model on TFLite's built-in kernels, XNNPACK off, agrees only 0.986 with itself). So any
 float graph, or any fake-quant that rounds even slightly differently, plateaus at 0.97-0.99.
 
 This module inserts a :class:`FakeQuant` layer after every Keras layer whose output is a tensor of

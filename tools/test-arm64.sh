@@ -254,13 +254,19 @@ run_pytest() {
   venv=$(venv_of "$runtime")
   say "[$runtime] pytest -m 'not host' ${SELECTION[*]}"
   set +e
-  timeout --kill-after=30 "$PYTEST_TIMEOUT" \
-    env -u PYTHONPATH -u PYTHONHOME -u VIRTUAL_ENV -u PIP_FIND_LINKS \
-        EDGE_AGENT_RUNTIME="$runtime" EDGE_AGENT_EXPECT_MACHINE=aarch64 PYTHONDONTWRITEBYTECODE=1 \
-      chroot "$R" /bin/sh -c 'cd /w/main && exec "$@"' sh \
-        "$venv/bin/python" -m pytest -p no:cacheprovider --durations=8 -m "not host" "${SELECTION[@]}" 2>&1 \
-    | tee "$LOGDIR/pytest-$runtime.log"
-  rc=${PIPESTATUS[0]}
+  # in the background + wait: a TERM/INT to this script runs the cleanup trap at once
+  # (bash defers traps while a foreground child runs; the cleanup then ends the root's processes)
+  (
+    timeout --kill-after=30 "$PYTEST_TIMEOUT" \
+      env -u PYTHONPATH -u PYTHONHOME -u VIRTUAL_ENV -u PIP_FIND_LINKS \
+          EDGE_AGENT_RUNTIME="$runtime" EDGE_AGENT_EXPECT_MACHINE=aarch64 PYTHONDONTWRITEBYTECODE=1 \
+        chroot "$R" /bin/sh -c 'cd /w/main && exec "$@"' sh \
+          "$venv/bin/python" -m pytest -p no:cacheprovider --durations=8 -m "not host" "${SELECTION[@]}" 2>&1 \
+      | tee "$LOGDIR/pytest-$runtime.log"
+    exit "${PIPESTATUS[0]}"
+  ) &
+  wait $!
+  rc=$?
   set -e
   [ "$rc" = 5 ] && { echo "[$runtime] no tests were collected: failing"; rc=1; }
   [ "$rc" = 124 ] && echo "[$runtime] pytest killed after ${PYTEST_TIMEOUT}s"

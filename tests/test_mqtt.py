@@ -223,7 +223,9 @@ def test_broker_restart_mid_run(mosquitto, comms_factory):
         rec.close()
     stats = comms.stats()
     assert stats["connects"] == 2 and stats["reconnects"] == 1
-    assert "disconnected" in stats["last_error"]
+    # the outage is on record: the disconnect itself, or (on a slow machine, where the broker
+    # restarts after the first retry) the refused reconnection attempt that overwrote it
+    assert any(word in stats["last_error"] for word in ("disconnected", "cannot connect", "before CONNACK"))
 
 
 def test_publish_drops_when_too_many_in_flight(mosquitto, comms_factory):

@@ -564,6 +564,28 @@ def measure_agent(frames: Dict[str, Any], rounds: int, window_s: float, models: 
     return rows
 
 
+def measure_parallelism(n: int) -> Dict[str, Any]:
+    """Is the second core really a second core? invoke() (1 thread) alone vs beside a busy loop.
+
+    A pipelined agent can only hide capture/decode/postprocessing behind inference if another
+    core runs them at the same time. ``efficiency`` 1.0 = an independent core; 0.5 = the two
+    vCPUs share one physical core (a busy loop beside invoke() doubles it), so every per-frame
+    cost outside invoke() adds to the frame period and throughput ~ invoke / (invoke + other).
+    """
+    model = MODELS / "deeplabv3_mnv2_dm05_pascal_quant.tflite"
+    standalone_invoke(model, 1, 3)
+    alone = median(standalone_invoke(model, 1, n))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        loaded = median(standalone_invoke(model, 1, n))
+    finally:
+        busy.kill()
+        busy.wait()
+    return {"invoke_alone_ms": round(alone, 2), "invoke_beside_busy_core_ms": round(loaded, 2),
+            "efficiency": round(alone / loaded, 3)}
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 def machine() -> Dict[str, Any]:
@@ -599,6 +621,11 @@ def markdown(doc: Dict[str, Any]) -> str:
     lines = [f"# edge-agent performance ({m['machine']}, {m['cpu_count']} cores, {m['board']})", ""]
     lines.append(f"python {m['python']}, numpy {m['numpy']}, OpenCV {m['opencv']}, "
                  f"ai-edge-litert {m.get('ai_edge_litert', '?')}; load at start {m.get('loadavg_at_start')}")
+    par = doc.get("parallelism")
+    if par:
+        lines += ["", f"Core independence: invoke() with 1 thread {par['invoke_alone_ms']} ms alone, "
+                  f"{par['invoke_beside_busy_core_ms']} ms while a busy loop runs on another core "
+                  f"(efficiency {par['efficiency']}; 1.0 = independent cores, 0.5 = one shared core)."]
     lat = doc.get("latency")
     if lat:
         lines += ["", f"## Per-frame latency (interpreter threads {lat['threads']}, medians, ms)", "",
@@ -731,6 +758,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     frames = bench_frames()
     doc: Dict[str, Any] = {"machine": machine(), "quick": quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     t0 = time.monotonic()
+    log("parallelism: invoke alone vs beside a busy core ...")
+    doc["parallelism"] = measure_parallelism(15 if quick else 40)
     if "latency" in parts:
         log("latency: interleaved rounds of invoke / ours / naive ...")
         doc["latency"] = measure_latency(frames, rounds=2 if quick else 4, per_round=3 if quick else 5, threads=threads)

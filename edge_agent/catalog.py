@@ -109,7 +109,8 @@ def models_dir(dest: Optional[str] = None) -> Path:
     return Path(cache) / "edge-agent" / "models"
 
 
-def sha256_file(path: str) -> str:
+def sha256_file(path) -> str:
+    """Hex sha256 of a file (str or Path), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -20,7 +20,6 @@ kill) in between, the next start finds it and moves the pointers back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .catalog import sha256_file
 from .errors import EdgeAgentError
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,6 @@ class StoreError(EdgeAgentError):
 def is_sha256(text: Any) -> bool:
     return isinstance(text, str) and len(text) == 64 and set(text) <= _HEX
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fsync_dir(directory: Path) -> None:

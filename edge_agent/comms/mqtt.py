@@ -115,6 +115,20 @@ def message_properties(props: Optional[Properties]) -> Dict[str, Any]:
     }
 
 
+def apply_credentials(client: paho.Client, cfg: MqttConfig) -> None:
+    """Username/password and TLS (CA, client cert/key) from ``[mqtt]``: agent and fleet client."""
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password or None)
+    if cfg.tls:
+        try:
+            client.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None,
+                           keyfile=cfg.key_file or None)
+        except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+            raise ConfigError(f"mqtt TLS files (ca_file/cert_file/key_file) unusable: {err}") from None
+        if cfg.tls_insecure:
+            client.tls_insecure_set(True)  # skips host name verification, like mosquitto_pub --insecure
+
+
 class MqttComms:
     """Owns the connection to the broker and all topic names of one device.
 
@@ -257,16 +271,7 @@ class MqttComms:
         client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
         client.max_queued_messages_set(cfg.max_queued_messages)
         client.will_set(self.topic(AVAILABILITY), OFFLINE, qos=cfg.qos_state, retain=True)
-        if cfg.username:
-            client.username_pw_set(cfg.username, cfg.password or None)
-        if cfg.tls:
-            try:
-                client.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None,
-                               keyfile=cfg.key_file or None)
-            except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
-                raise ConfigError(f"mqtt TLS files (ca_file/cert_file/key_file) unusable: {err}") from None
-            if cfg.tls_insecure:
-                client.tls_insecure_set(True)  # skips host name verification, like mosquitto_pub --insecure
+        apply_credentials(client, cfg)
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail

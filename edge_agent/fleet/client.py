@@ -29,8 +29,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ..commands import FINAL_STATUSES
+from ..comms.mqtt import apply_credentials
 from ..config import load_config
-from ..errors import ConfigError, EdgeAgentError
+from ..errors import EdgeAgentError
 
 FLEET = "all"
 DISCOVERY_S = 1.0
@@ -123,16 +124,7 @@ class FleetClient:
         cfg = self.cfg
         protocol = paho.MQTTv311 if cfg.protocol == "3.1.1" else paho.MQTTv5
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
-        if cfg.username:
-            client.username_pw_set(cfg.username, cfg.password or None)
-        if cfg.tls:
-            try:
-                client.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None,
-                               keyfile=cfg.key_file or None)
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"mqtt TLS files unusable: {err}") from None
-            if cfg.tls_insecure:
-                client.tls_insecure_set(True)
+        apply_credentials(client, cfg)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe

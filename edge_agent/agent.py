@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -70,11 +71,16 @@ def make_comms(config: Config):
 
 
 def resolve_model(config: Config) -> Tuple[str, Optional[List[str]]]:
-    """The model file and labels to run: ``model.path``, else ``model.name`` from the manifest."""
+    """The model file and labels to run: ``model.path``, else ``model.name`` from the manifest
+    (fetched and verified into ``<state_dir>/catalog`` if needed)."""
     m = config.model
     if not (m.path or m.name):
         raise EdgeAgentError("no model configured: set model.path or model.name")
-    resolved = catalog.resolve(m.path or m.name)
+    if m.path:
+        resolved = catalog.resolve(m.path)
+    else:  # a manifest name: fetched into the state directory on first start, then offline
+        dest = os.environ.get(catalog.ENV_MODELS_DIR) or os.path.join(config.agent.state_dir, "catalog")
+        resolved = catalog.ensure(m.name, dest)
     labels: Any = m.labels or resolved.labels
     if labels is None:
         entry = catalog.entry_for_file(resolved.path)

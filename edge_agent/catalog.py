@@ -196,6 +196,18 @@ def resolve(model: str, dest: Optional[str] = None, manifest: Optional[str] = No
     return ResolvedModel(str(path), entry.labels or None, entry)
 
 
+def ensure(name: str, dest: str, mirror: Optional[str] = None,
+           manifest: Optional[str] = None) -> ResolvedModel:
+    """A manifest model, fetched (and sha256-verified) into ``dest`` first if it is not there.
+
+    What the daemon does for ``model.name``: a device configured with a model name gets it from
+    its public source (or ``$EDGE_AGENT_MODEL_MIRROR``) on first start, then runs it offline.
+    """
+    entry = load_manifest(manifest).get(name)
+    path = fetch(entry, dest=dest, mirror=mirror)
+    return ResolvedModel(str(path), entry.labels or None, entry)
+
+
 def entry_for_file(path: str, manifest: Optional[Manifest] = None) -> Optional[ModelEntry]:
     """The manifest entry whose sha256 matches ``path`` (to find labels of a model given by path)."""
     try:

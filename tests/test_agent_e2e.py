@@ -14,8 +14,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
+from edge_agent.errors import EdgeAgentError
 from edge_agent.postprocess import agreement
 from edge_agent.publish import decode_mask_png
 from tests.broker import Recorder
@@ -335,3 +337,19 @@ def test_sighup_reload_moves_to_a_new_broker_with_its_commands(mosquitto, tmp_pa
         out = stop_agent(agent)
         rec2.close()
     assert agent.returncode == 0, out
+
+
+def test_model_name_is_fetched_into_the_state_dir(tmp_path, monkeypatch):
+    from edge_agent.agent import resolve_model
+    from tests.data import MODELS
+
+    monkeypatch.delenv("EDGE_AGENT_MODELS_DIR", raising=False)
+    monkeypatch.setenv("EDGE_AGENT_MODEL_MIRROR", str(MODELS))
+    cfg = load_config(None, ["model.name=deeplabv3_mnv2_dm05_pascal_quant",
+                             f"agent.state_dir={tmp_path}"], env={})
+    path, labels = resolve_model(cfg)
+    assert path == str(tmp_path / "catalog" / "deeplabv3_mnv2_dm05_pascal_quant.tflite")
+    assert Path(path).read_bytes() == DM05.read_bytes() and labels[3] == "bird"
+    cfg = load_config(None, ["model.name=resnet50", f"agent.state_dir={tmp_path}"], env={})
+    with pytest.raises(EdgeAgentError, match="unknown model 'resnet50'"):
+        resolve_model(cfg)

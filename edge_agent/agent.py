@@ -197,15 +197,13 @@ class Agent:
         """Load the model and open the source; on failure stay up and report the error."""
         self.error = None
         try:
-            path, labels = self.model_resolver(self.config)
-            self.segmenter = build_segmenter(self.config, path, labels)
+            self.segmenter = self._load_segmenter()
             # The model size lets picamera2 size its lores stream so the ISP does the downscale.
             source = open_source({**dataclasses.asdict(self.config.source),
                                   "model_input": self.segmenter.model.input_size})
         except EdgeAgentError as exc:
             self.error = str(exc)
             log.error("cannot start the pipeline: %s", exc)
-            self.segmenter = self.segmenter if self.error is None else self.segmenter
             self.publish_info()
             self._notify_ready()  # up, serving what it can (MQTT, commands); STATUS says why idle
             return
@@ -220,6 +218,21 @@ class Agent:
         self.pipeline.start()
         log.info("running %s on %s with %s", self.segmenter.model.file.name,
                  getattr(source, "name", self.config.source.kind), self.segmenter.describe_runtime())
+
+    def _load_segmenter(self) -> Segmenter:
+        """The resolver's model (e.g. the model store's current one); if that cannot run any more
+        (a runtime upgrade, a lost delegate), the configured model instead of no model at all."""
+        path, labels = self.model_resolver(self.config)
+        try:
+            return build_segmenter(self.config, path, labels)
+        except EdgeAgentError as exc:
+            if self.model_resolver is resolve_model:
+                raise
+            fallback_path, fallback_labels = resolve_model(self.config)
+            if os.path.realpath(fallback_path) == os.path.realpath(path):
+                raise
+            log.error("%s; falling back to the configured model %s", exc, fallback_path)
+            return build_segmenter(self.config, fallback_path, fallback_labels)
 
     def stop_pipeline(self) -> None:
         if self.pipeline is not None:

@@ -353,3 +353,25 @@ def test_model_name_is_fetched_into_the_state_dir(tmp_path, monkeypatch):
     cfg = load_config(None, ["model.name=resnet50", f"agent.state_dir={tmp_path}"], env={})
     with pytest.raises(EdgeAgentError, match="unknown model 'resnet50'"):
         resolve_model(cfg)
+
+
+def test_a_stored_model_that_no_longer_loads_falls_back_to_the_configured_one(tmp_path):
+    """The store's current model cannot run (here: an Edge TPU build, no delegate): serve the
+    configured model instead of nothing."""
+    from edge_agent import deploy
+    from edge_agent.store import ModelStore
+    from tests.data import DM05_EDGETPU
+
+    store = ModelStore.open(str(tmp_path), 3)
+    stored = store.adopt(str(DM05_EDGETPU), {"name": "tpu-only", "labels": None})
+    store.set_pointers(stored.sha256, None)
+    cfg = load_config(None, [f"model.path={DM05}", "mqtt.enabled=false", "source.kind=synthetic",
+                             f"agent.state_dir={tmp_path}"], env={})
+    agent = Agent(cfg, install_signals=False)
+    assert deploy.install(agent) is not None
+    agent.start_pipeline()
+    try:
+        assert agent.error is None and agent.pipeline is not None
+        assert agent.segmenter.model.path == str(DM05)
+    finally:
+        agent.stop_pipeline()

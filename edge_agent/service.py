@@ -20,13 +20,15 @@ import argparse
 import grp
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from edge_agent.errors import EdgeAgentError
 
@@ -111,6 +113,50 @@ def find_config_example(explicit: Optional[str]) -> Optional[Path]:
             raise ServiceError(f"--config-example {explicit}: no such file")
         return path
     return next((p for p in CONFIG_EXAMPLES if p.is_file()), None)
+
+
+def detect_camera() -> Optional[Tuple[str, str]]:
+    """The source a fresh install should use: picamera2 where apt's python3-picamera2 and a
+    libcamera device exist, else the first V4L2 device, else None (the example stays as is)."""
+    import glob
+    import importlib.util
+
+    picam = importlib.util.find_spec("picamera2") is not None or \
+        Path("/usr/lib/python3/dist-packages/picamera2").is_dir()
+    if picam and glob.glob("/dev/media*"):
+        return "picamera2", ""
+    videos = sorted(glob.glob("/dev/video[0-9]*"), key=lambda p: int(re.sub(r"\D", "", p) or 0))
+    return ("opencv", videos[0]) if videos else None
+
+
+def tailor_config(text: str, camera: Optional[Tuple[str, str]], model_name: Optional[str]) -> str:
+    """The shipped example with this device's camera and the manifest's default model filled in,
+    so that a fresh install runs (it fetches the model on first start). Only the example's own
+    ``kind = "folder"`` / ``uri = ""`` / ``name = ""`` lines are touched; the result must load."""
+    out, section = [], ""
+    for line in text.splitlines(keepends=True):
+        head = line.strip()
+        if head.startswith("[") and head.endswith("]"):
+            section = head.strip("[]")
+        elif section == "source" and camera and re.match(r'kind = "folder"', head):
+            line = line.replace('"folder"', f'"{camera[0]}"', 1)
+        elif section == "source" and camera and re.match(r'uri = ""', head):
+            line = line.replace('""', f'"{camera[1]}"', 1)
+        elif section == "model" and model_name and re.match(r'name = ""', head):
+            line = line.replace('""', f'"{model_name}"', 1)
+        out.append(line)
+    tailored = "".join(out)
+    from edge_agent.config import ConfigError, load_config  # late: only needed here
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+        fh.write(tailored)
+    try:
+        load_config(fh.name, env={})
+    except ConfigError:
+        return text
+    finally:
+        os.unlink(fh.name)
+    return tailored
 
 
 def default_config_text() -> str:
@@ -232,6 +278,11 @@ def plan_install(args: argparse.Namespace) -> List[Step]:
 
     def install_config() -> None:
         text = example.read_text() if example else default_config_text()
+        if not args.config_example:  # the shipped example: fill in this device's camera and model
+            from edge_agent import catalog
+
+            text = tailor_config(text, None if lay.staging else detect_camera(),
+                                 catalog.load_manifest().default)
         write_file(lay.config, text, 0o640)
         os.chmod(lay.config.parent, 0o750)
         if not lay.staging:

@@ -245,3 +245,32 @@ def test_bad_config_example_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"edge-agent: error: --config-example {tmp_path / 'missing.toml'}: no such file")
+
+
+def test_fresh_install_config_names_the_camera_and_the_default_model(tmp_path):
+    """The shipped example is tailored: detected camera, manifest default model; it must load."""
+    from edge_agent import catalog
+    from edge_agent.config import load_config
+    from edge_agent.service import tailor_config
+
+    example = (Path(__file__).resolve().parents[1] / "docs" / "config.example.toml").read_text()
+    text = tailor_config(example, ("opencv", "/dev/video2"), catalog.load_manifest().default)
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    cfg = load_config(str(path), env={})
+    assert (cfg.source.kind, cfg.source.uri) == ("opencv", "/dev/video2")
+    assert cfg.model.name == "deeplabv3_mnv2_pascal_quant"
+    assert text.count("\n") == example.count("\n")  # comments and layout kept
+    # nothing detected: only the model is filled in; a value that would not load is never written
+    plain = tailor_config(example, None, "deeplabv3_mnv2_pascal_quant")
+    assert 'kind = "folder"' in plain and 'name = "deeplabv3_mnv2_pascal_quant"' in plain
+    assert tailor_config(example, ("webcam", "x"), None) == example
+
+
+def test_install_without_an_explicit_example_writes_the_tailored_one(tmp_path):
+    root = tmp_path / "root"
+    result = run_service("install", "--root", str(root), "--prefix", "/opt/ea", "--no-package",
+                         "--python", sys.executable, "--no-enable")
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (root / "etc/edge-agent/config.toml").read_text()
+    assert 'name = "deeplabv3_mnv2_pascal_quant"' in text and "[mqtt]" in text

@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
-from .errors import EdgeAgentError
+from .errors import ConfigError, EdgeAgentError
 
 # Modules that contribute sub-commands through ``add_parser(subparsers)``.
 COMMAND_MODULES = (
@@ -74,7 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EdgeAgentError as exc:
-        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        what = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"edge-agent: {what}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -28,7 +28,7 @@ import socket
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigError
 
@@ -529,11 +529,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as err:
-        print(f"edge-agent: config error: {err}", file=sys.stderr)
-        return ConfigError.exit_code
+    cfg = config_from_args(args)  # a ConfigError is printed by the CLI as one line, exit 2
     origin = args.config or "built-in defaults"
     print(f"config OK ({origin}): device {cfg.agent.device_id}, source {cfg.source.kind}, "
           f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}" + ("" if cfg.mqtt.enabled else " (disabled)"))
@@ -541,10 +537,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as err:
-        print(f"edge-agent: config error: {err}", file=sys.stderr)
-        return ConfigError.exit_code
+    cfg = config_from_args(args)
     sys.stdout.write(to_json(cfg) + "\n" if args.format == "json" else to_toml(cfg))
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -189,10 +188,9 @@ def test_show_masks_secrets_and_round_trips(tmp_path):
 
 
 def run_cli(argv, capsys):
-    parser = argparse.ArgumentParser(prog="edge-agent")
-    C.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    code = args.func(args)
+    from edge_agent.cli import main
+
+    code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 

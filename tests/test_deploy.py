@@ -298,6 +298,12 @@ def test_chunked_deploy_swaps_without_gap_then_rollback(env_factory, http_dir, t
     assert env.info()["model"]["sha256"] == SHA[DM10] and env.info()["model"]["name"] == "dm10-url"
     store_is_clean(env, {SHA[DM05], SHA[DM10]})
 
+    # the CLI rollback: back to the previous model (dm05), reported in the table
+    assert cli_main(["remote", "rollback", "-d", env.device, *broker]) == 0
+    table = capsys.readouterr().out
+    assert "dev-1" in table and "rolled_back" in table, table
+    assert env.info()["model"]["sha256"] == SHA[DM05]
+
 
 @needs_crypto
 def test_every_bad_deployment_is_refused_and_the_old_model_keeps_serving(env_factory, http_dir):

@@ -281,6 +281,11 @@ def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         client.discover(args.discover_s)
         answers = deploy(client, params, data, devices=args.device, fleet=args.all,
                          timeout=args.timeout, on_message=_print_progress)
+    return report_deploy_answers(answers, out)
+
+
+def report_deploy_answers(answers, out: TextIO) -> int:
+    """The deploy/rollback table; exit 0 only when every device answered ``done``."""
     rows = deploy_rows(answers)
     print(table(rows, ("device", "status", "state", "model", "sha256", "running")) if rows
           else "no device answered", file=out)
@@ -294,10 +299,7 @@ def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         client.discover(args.discover_s)
         answers = client.request("rollback", params, devices=None if args.all else args.device, fleet=args.all,
                                  kind=COMMAND, timeout=args.timeout, on_message=_print_progress)
-    rows = deploy_rows(answers)
-    print(table(rows, ("device", "status", "state", "model", "sha256", "running")) if rows
-          else "no device answered", file=out)
-    return 0 if rows and all(r["status"] == "done" for r in rows) else 1
+    return report_deploy_answers(answers, out)
 
 
 def cmd_models(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:

@@ -121,8 +121,7 @@ def detect_camera() -> Optional[Tuple[str, str]]:
     import glob
     import importlib.util
 
-    picam = importlib.util.find_spec("picamera2") is not None or \
-        Path("/usr/lib/python3/dist-packages/picamera2").is_dir()
+    picam = importlib.util.find_spec("picamera2") is not None or has_system_picamera2()
     if picam and glob.glob("/dev/media*"):
         return "picamera2", ""
     videos = sorted(glob.glob("/dev/video[0-9]*"), key=lambda p: int(re.sub(r"\D", "", p) or 0))

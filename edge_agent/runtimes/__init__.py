@@ -59,6 +59,24 @@ class LoadedInterpreter:
         return f"{self.runtime} {self.runtime_version} ({where}, {self.threads} threads)"
 
 
+def package_backend(name: str, priority: int, package: str, aliases: tuple = ()) -> RuntimeBackend:
+    """A backend for a package laid out like tflite-runtime: ``<package>.interpreter`` has
+    ``Interpreter`` and ``load_delegate``, ``<package>.__version__`` the version. Imports lazily."""
+
+    def interpreter_module():
+        return importlib.import_module(f"{package}.interpreter")
+
+    return RuntimeBackend(
+        name=name,
+        priority=priority,
+        module=package,
+        interpreter=lambda: interpreter_module().Interpreter,
+        load_delegate=lambda: interpreter_module().load_delegate,
+        version=lambda: getattr(importlib.import_module(package), "__version__", "unknown"),
+        aliases=aliases,
+    )
+
+
 _REGISTRY: Dict[str, RuntimeBackend] = {}
 
 

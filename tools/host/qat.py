@@ -53,27 +53,16 @@ class NoOpQuantizeConfig(QuantizeConfig):
         return {}
 
 
-class DepthwiseQuantizeConfig(QuantizeConfig):
-    """8-bit symmetric weights for ``DilatedDepthwiseConv2D`` (output range: the next ReLU)."""
+class DepthwiseQuantizeConfig(NoOpQuantizeConfig):
+    """8-bit symmetric weights for ``DilatedDepthwiseConv2D`` (output range: the next ReLU);
+    activations and outputs stay as in ``NoOpQuantizeConfig``."""
 
     def get_weights_and_quantizers(self, layer):
         return [(layer.depthwise_kernel, quantizers.LastValueQuantizer(
             num_bits=8, symmetric=True, narrow_range=True, per_axis=False))]
 
-    def get_activations_and_quantizers(self, layer):
-        return []
-
     def set_quantize_weights(self, layer, quantize_weights):
         layer.depthwise_kernel = quantize_weights[0]
-
-    def set_quantize_activations(self, layer, quantize_activations):
-        pass
-
-    def get_output_quantizers(self, layer):
-        return []
-
-    def get_config(self):
-        return {}
 
 
 def _scope() -> dict:

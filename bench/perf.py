@@ -137,8 +137,8 @@ def naive_frame(interpreter, in_idx: int, out_idx: int, size_hw: Tuple[int, int]
 
 
 def measure_latency(frames: Dict[str, Any], rounds: int, per_round: int, threads: int) -> Dict[str, Any]:
-    from edge_agent.pipeline import Pipeline, PipelineSettings
-    from edge_agent.segmenter import Segmenter
+    from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
+    from edge_agent.inference.segmenter import Segmenter
     from edge_agent.sources.base import Frame
 
     setups = {}
@@ -220,8 +220,8 @@ def measure_png(frames: Dict[str, Any], n: int) -> List[Dict[str, Any]]:
     """Mask PNG size vs time: compression levels 0-3 x filter/strategy, model and frame size."""
     import cv2
     import numpy as np
-    from edge_agent import postprocess
-    from edge_agent.segmenter import Segmenter
+    from edge_agent.inference import postprocess
+    from edge_agent.inference.segmenter import Segmenter
 
     seg = Segmenter(str(MODEL_FILES["dm0.5"]))
     result = seg.segment(frames["1920x1080"])
@@ -247,7 +247,7 @@ def measure_png(frames: Dict[str, Any], n: int) -> List[Dict[str, Any]]:
 
 def measure_resize(frames: Dict[str, Any], n: int) -> List[Dict[str, Any]]:
     import numpy as np
-    from edge_agent.preprocess import AREA, FAST, letterbox
+    from edge_agent.inference.preprocess import AREA, FAST, letterbox
 
     rows = []
     for size, frame in frames.items():
@@ -294,7 +294,7 @@ def measure_argmax(n: int) -> List[Dict[str, Any]]:
 def worker_main(runtime: str) -> int:
     """``--worker RUNTIME``: read "model threads n" lines, answer with invoke times as JSON."""
     import numpy as np
-    from edge_agent.runtimes import create_interpreter
+    from edge_agent.inference.runtimes import create_interpreter
 
     loaded: Dict[Tuple[str, int], Any] = {}
     print(json.dumps({"ready": True}), flush=True)
@@ -463,7 +463,7 @@ _STANDALONE: Dict[Tuple[Path, int], Any] = {}
 
 def standalone_invoke(model: Path, threads: int, n: int) -> List[float]:
     """``invoke()`` alone in this process (the agent is not running meanwhile)."""
-    from edge_agent.segmenter import Segmenter
+    from edge_agent.inference.segmenter import Segmenter
 
     seg = _STANDALONE.get((model, threads))
     if seg is None:
@@ -521,7 +521,7 @@ def run_agent_once(port: int, sub: Subscriber, cfg: Path, window_s: float, warmu
 
 
 def measure_agent(frames: Dict[str, Any], rounds: int, window_s: float, models: List[str]) -> List[Dict[str, Any]]:
-    from edge_agent.broker import EmbeddedBroker
+    from edge_agent.comms.broker import EmbeddedBroker
 
     tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     folder = make_frames_dir(tmp, frames)
@@ -589,7 +589,7 @@ def measure_parallelism(n: int) -> Dict[str, Any]:
 # -- report ----------------------------------------------------------------------------------------
 
 def machine() -> Dict[str, Any]:
-    from edge_agent.system import host_info
+    from edge_agent.daemon.system import host_info
 
     import cv2
     import numpy as np

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import ConfigError
+from edge_agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

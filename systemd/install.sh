@@ -11,4 +11,4 @@ if [ "${1:-}" = install ] || [ "${1:-}" = uninstall ]; then
     action=$1
     shift
 fi
-exec "${PYTHON:-python3}" -m edge_agent.service "$action" "$@"
+exec "${PYTHON:-python3}" -m edge_agent.daemon.service "$action" "$@"

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.broker import MosquittoBroker, find_mosquitto
+from edge_agent.comms.broker import MosquittoBroker, find_mosquitto
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from edge_agent.agent import Agent
+from edge_agent.daemon.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.errors import EdgeAgentError
-from edge_agent.postprocess import agreement
-from edge_agent.publish import decode_mask_png
+from edge_agent.inference.postprocess import agreement
+from edge_agent.output.encode import decode_mask_png
 from tests.broker import Recorder
 from tests.data import DM05, IMAGES, LABELS, bird_513, bird_mask
 
@@ -340,7 +340,7 @@ def test_sighup_reload_moves_to_a_new_broker_with_its_commands(mosquitto, tmp_pa
 
 
 def test_model_name_is_fetched_into_the_state_dir(tmp_path, monkeypatch):
-    from edge_agent.agent import resolve_model
+    from edge_agent.daemon.agent import resolve_model
     from tests.data import MODELS
 
     monkeypatch.delenv("EDGE_AGENT_MODELS_DIR", raising=False)
@@ -358,8 +358,8 @@ def test_model_name_is_fetched_into_the_state_dir(tmp_path, monkeypatch):
 def test_a_stored_model_that_no_longer_loads_falls_back_to_the_configured_one(tmp_path):
     """The store's current model cannot run (here: an Edge TPU build, no delegate): serve the
     configured model instead of nothing."""
-    from edge_agent import deploy
-    from edge_agent.store import ModelStore
+    from edge_agent.remote import deploy
+    from edge_agent.models.store import ModelStore
     from tests.data import DM05_EDGETPU
 
     store = ModelStore.open(str(tmp_path), 3)

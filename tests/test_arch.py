@@ -17,8 +17,8 @@ from typing import Dict
 
 import pytest
 
-from edge_agent.runtimes import resolve
-from edge_agent.segmenter import Segmenter
+from edge_agent.inference.runtimes import resolve
+from edge_agent.inference.segmenter import Segmenter
 from tests.data import DM05, DM10, IMAGES, LABELS, bird_513, rgb
 
 EXPECTED_MACHINE = os.environ.get("EDGE_AGENT_EXPECT_MACHINE")

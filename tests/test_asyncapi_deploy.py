@@ -16,11 +16,11 @@ from typing import Any, Dict, Iterator, List, Set
 
 import pytest
 
-from edge_agent import commands
-from edge_agent import deploy as dep
-from edge_agent.commands import FieldSpec, FloatField, IntField, StrField
+from edge_agent.comms import commands
+from edge_agent.remote import deploy as dep
+from edge_agent.comms.commands import FieldSpec, FloatField, IntField, StrField
 from edge_agent.fleet import deploy as host
-from edge_agent.store import ModelStore
+from edge_agent.models.store import ModelStore
 from tests.data import DM05
 
 yaml = pytest.importorskip("yaml")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent import Agent, build_segmenter, resolve_model
+from edge_agent.daemon.agent import Agent, build_segmenter, resolve_model
 from edge_agent.config import load_config
 from tests.data import DM05
 
@@ -24,7 +24,7 @@ def info_doc(tmp_path, with_model: bool):
     agent = Agent(cfg, install_signals=False)
     if with_model:
         agent.segmenter = build_segmenter(cfg, *resolve_model(cfg))
-    from edge_agent import deploy
+    from edge_agent.remote import deploy
     deployer = deploy.install(agent)
     doc = agent.info()
     for extra in agent.info_extras:

@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent import bench
-from edge_agent.bench import BenchSettings, parse_frame_size, run_benchmark
+from edge_agent.daemon import benchmark as bench
+from edge_agent.daemon.benchmark import BenchSettings, parse_frame_size, run_benchmark
 from edge_agent.errors import EdgeAgentError, ModelError
-from edge_agent.segmenter import Segmenter
-from edge_agent.timing import summarize
+from edge_agent.inference.segmenter import Segmenter
+from edge_agent.output.timing import summarize
 from tests.data import BIRD, CLASSIFIER, DM05, IMAGES, LABELS
 
 RESULT_KEYS = {

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from edge_agent import catalog
+from edge_agent.models import catalog
 from edge_agent.errors import ModelError
 from tests.data import MODELS, SHARED
 

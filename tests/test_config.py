@@ -18,7 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "docs" / "config.example.toml"
+EXAMPLE = REPO / "edge_agent" / "data" / "config.example.toml"
 ENV = {"STATE_DIRECTORY": "/var/lib/edge-agent"}  # no EDGE_AGENT_* from the caller's shell
 
 

@@ -16,18 +16,18 @@ from typing import Dict, List
 
 import pytest
 
-from edge_agent import deploy as dep
-from edge_agent import signing
-from edge_agent.agent import Agent
+from edge_agent.remote import deploy as dep
+from edge_agent.models import signing
+from edge_agent.daemon.agent import Agent
 from edge_agent.cli import main as cli_main
-from edge_agent.commands import RequestError, validate
+from edge_agent.comms.commands import RequestError, validate
 from edge_agent.config import load_config
 from edge_agent.errors import InferenceError
 from edge_agent.fleet import deploy as host
 from edge_agent.fleet.client import FleetClient
-from edge_agent.publish import decode_mask_png
-from edge_agent.segmenter import Segmenter
-from edge_agent.store import ModelStore
+from edge_agent.output.encode import decode_mask_png
+from edge_agent.inference.segmenter import Segmenter
+from edge_agent.models.store import ModelStore
 from tests.broker import Recorder
 from tests.data import BIRD, BIRD_MASK, CLASSIFIER, DM05, DM05_EDGETPU, DM10, LABELS, bird_mask
 from tests.test_agent_e2e import start_agent, stop_agent, write_config

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.postprocess import agreement
-from edge_agent.segmenter import Segmenter
+from edge_agent.inference.postprocess import agreement
+from edge_agent.inference.segmenter import Segmenter
 from tests.data import DM05, DM10, FLOAT_257, FP16_513, LABELS, bird_513, bird_mask, rgb, BIRD
 
 GOLDEN_THRESHOLD = 0.90

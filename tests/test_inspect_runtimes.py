@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from edge_agent import runtimes
+from edge_agent.inference import runtimes
 from edge_agent.errors import RuntimeNotAvailable
-from edge_agent.inspect_model import _tensor
-from edge_agent.runtimes import edgetpu
+from edge_agent.inference.inspect import _tensor
+from edge_agent.inference.runtimes import edgetpu
 from tests.data import CLASSIFIER, DM05, DM10_EDGETPU, FLOAT_257
 
 import numpy as np

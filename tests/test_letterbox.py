@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent import postprocess
-from edge_agent.preprocess import letterbox, letterbox_geometry
-from edge_agent.segmenter import Segmenter
+from edge_agent.inference import postprocess
+from edge_agent.inference.preprocess import letterbox, letterbox_geometry
+from edge_agent.inference.segmenter import Segmenter
 from tests.data import DM05, FLOAT_257, IMAGES, bird_513, rgb
 
 

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from edge_agent import runtimes
+from edge_agent.inference import runtimes
 from edge_agent.errors import ModelError, RuntimeNotAvailable
-from edge_agent.model import InputSpec, input_lut
-from edge_agent.segmenter import Segmenter
+from edge_agent.inference.model import InputSpec, input_lut
+from edge_agent.inference.segmenter import Segmenter
 from tests.data import (BIRD, CLASSIFIER, DM05, DM05_EDGETPU, DM10_EDGETPU, INVOKE_ERROR,
                         bird_513)
 

@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.broker import AmqttBroker, EmbeddedBroker, amqtt_available
+from edge_agent.comms.broker import AmqttBroker, EmbeddedBroker, amqtt_available
 from edge_agent.comms import MqttComms, encode_payload, should_fall_back
 from edge_agent.config import MqttConfig
 from tests.broker import Recorder

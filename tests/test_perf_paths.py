@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent import publish
-from edge_agent.model import SegmentationModel, argmax_channels
-from edge_agent.pipeline import Pipeline, PipelineSettings
-from edge_agent.preprocess import AREA, FAST, letterbox, letterbox_geometry, resize_into, shrink_into
-from edge_agent.segmenter import Segmenter
+from edge_agent.output import encode as publish
+from edge_agent.inference.model import SegmentationModel, argmax_channels
+from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
+from edge_agent.inference.preprocess import AREA, FAST, letterbox, letterbox_geometry, resize_into, shrink_into
+from edge_agent.inference.segmenter import Segmenter
 from edge_agent.sources.base import Frame
 from tests.data import BIRD, DM05, DM10, FLOAT_257, IMAGES, VOC, bird_mask, rgb
 
@@ -191,7 +191,7 @@ def test_picamera2_lores_frame_is_padded_not_resampled():
 
 
 def test_class_counts_equal_bincount():
-    from edge_agent.postprocess import class_counts
+    from edge_agent.inference.postprocess import class_counts
 
     rng = np.random.default_rng(5)
     masks = [np.zeros((3, 3), np.uint8), np.full((4, 4), 255, np.uint8),

@@ -21,16 +21,16 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent import commands
-from edge_agent.bench import BenchSettings, run_benchmark
+from edge_agent.comms import commands
+from edge_agent.daemon.benchmark import BenchSettings, run_benchmark
 from edge_agent.comms.mqtt import MqttComms
-from edge_agent.commands import CommandChannel, RequestError, decode_json, validate
+from edge_agent.comms.commands import CommandChannel, RequestError, decode_json, validate
 from edge_agent.config import BenchmarkConfig, MqttConfig
 from edge_agent.fleet import bench as fleet_bench
 from edge_agent.fleet.client import FleetClient
-from edge_agent.remote_bench import request_schema
-from edge_agent.segmenter import Segmenter
-from edge_agent.store import ModelStore
+from edge_agent.remote.bench import request_schema
+from edge_agent.inference.segmenter import Segmenter
+from edge_agent.models.store import ModelStore
 from tests.broker import Recorder
 from tests.data import DM05, LABELS
 from tests.test_agent_e2e import start_agent, stop_agent, write_config
@@ -426,7 +426,7 @@ def test_asyncapi_documents_every_request_and_result_field():
 
 def test_shutdown_answers_running_and_queued_requests(mosquitto, tmp_path):
     """An in-process agent: shutdown() (for the agent's stop path) leaves no request unanswered."""
-    from edge_agent.agent import Agent
+    from edge_agent.daemon.agent import Agent
     from edge_agent.config import load_config
 
     broker = mosquitto()

@@ -10,8 +10,8 @@ from typing import List
 
 import pytest
 
-from edge_agent import sdnotify
-from edge_agent.sdnotify import Watchdog
+from edge_agent.daemon import sdnotify
+from edge_agent.daemon.sdnotify import Watchdog
 
 
 class NotifySocket:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.store import ModelStore, StoreError, atomic_write, is_sha256
+from edge_agent.models.store import ModelStore, StoreError, atomic_write, is_sha256
 from tests.data import DM05
 
 

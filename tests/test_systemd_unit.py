@@ -18,11 +18,11 @@ from typing import Dict, List
 
 import pytest
 
-from edge_agent import service
+from edge_agent.daemon import service
 from tests.data import DM05, FLOAT_257
 
 REPO = Path(__file__).resolve().parents[1]
-UNIT = REPO / "systemd" / "edge-agent.service"
+UNIT = REPO / "edge_agent" / "data" / "edge-agent.service"
 MAX_EXPOSURE = 3.0
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
@@ -106,7 +106,7 @@ except OSError:
     pass
 ctypes.CFUNCTYPE(None, ctypes.c_char_p)(lambda s: None)(b"x")  # as load_delegate() does
 import numpy as np, cv2, paho.mqtt.client
-from edge_agent.segmenter import Segmenter
+from edge_agent.inference.segmenter import Segmenter
 for path in sys.argv[1:]:
     seg = Segmenter(path)
     out = seg.segment(np.zeros((120, 160, 3), np.uint8))
@@ -148,8 +148,8 @@ def test_no_mprotect_exec_which_systemd_seccomp_mdwe_would_refuse(tmp_path):
 
 
 def run_service(*argv: str) -> subprocess.CompletedProcess:
-    """The installer as install.sh runs it: `python -m edge_agent.service ...` from the repo."""
-    return subprocess.run([sys.executable, "-m", "edge_agent.service", *argv],
+    """The installer as install.sh runs it: `python -m edge_agent.daemon.service ...` from the repo."""
+    return subprocess.run([sys.executable, "-m", "edge_agent.daemon.service", *argv],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
@@ -249,11 +249,11 @@ def test_bad_config_example_is_a_clear_error(tmp_path):
 
 def test_fresh_install_config_names_the_camera_and_the_default_model(tmp_path):
     """The shipped example is tailored: detected camera, manifest default model; it must load."""
-    from edge_agent import catalog
+    from edge_agent.models import catalog
     from edge_agent.config import load_config
-    from edge_agent.service import tailor_config
+    from edge_agent.daemon.service import tailor_config
 
-    example = (Path(__file__).resolve().parents[1] / "docs" / "config.example.toml").read_text()
+    example = (Path(__file__).resolve().parents[1] / "edge_agent" / "data" / "config.example.toml").read_text()
     text = tailor_config(example, ("opencv", "/dev/video2"), catalog.load_manifest().default)
     path = tmp_path / "config.toml"
     path.write_text(text)

@@ -1,5 +1,5 @@
 """Communication with the outside world; today only MQTT (see ``mqtt.MqttComms``)."""
 
-from .mqtt import MqttComms, encode_payload, should_fall_back
+from edge_agent.comms.mqtt import MqttComms, encode_payload, should_fall_back
 
 __all__ = ["MqttComms", "encode_payload", "should_fall_back"]

@@ -30,8 +30,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..config import MqttConfig
-from ..errors import ConfigError
+from edge_agent.config import MqttConfig
+from edge_agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

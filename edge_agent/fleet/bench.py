@@ -23,10 +23,10 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, TextIO
 
-from ..bench import parse_frame_size
-from ..errors import EdgeAgentError
-from . import remote_commands
-from .client import DISCOVERY_S, Answer, FleetClient, add_broker_arguments, mqtt_from_args, new_request_id
+from edge_agent.daemon.benchmark import parse_frame_size
+from edge_agent.errors import EdgeAgentError
+from edge_agent.fleet import remote_commands
+from edge_agent.fleet.client import DISCOVERY_S, Answer, FleetClient, add_broker_arguments, mqtt_from_args, new_request_id
 
 COMMAND = "benchmark"
 __all__ = ["add_parser", "add_broker_arguments", "mqtt_from_args"]  # the broker helpers live in .client

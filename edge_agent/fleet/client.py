@@ -4,7 +4,7 @@
 ``<prefix>/+/info`` topics, so it knows which devices exist and which are online before it sends
 anything. :meth:`FleetClient.request` then publishes one command (to named devices, or once to
 ``<prefix>/all/cmd/<name>``), and collects exactly one final answer per device from
-``<prefix>/<device>/<kind>/<request id>`` (protocol: :mod:`edge_agent.commands`):
+``<prefix>/<device>/<kind>/<request id>`` (protocol: :mod:`edge_agent.comms.commands`):
 
 * ``done`` / ``rejected`` / ``failed``: what the device answered;
 * ``offline``: the device's availability is (or turns) ``offline`` before its final answer
@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ..commands import FINAL_STATUSES
-from ..comms.mqtt import apply_credentials
-from ..config import load_config
-from ..errors import EdgeAgentError
+from edge_agent.comms.commands import FINAL_STATUSES
+from edge_agent.comms.mqtt import apply_credentials
+from edge_agent.config import load_config
+from edge_agent.errors import EdgeAgentError
 
 FLEET = "all"
 DISCOVERY_S = 1.0

@@ -4,7 +4,7 @@ The host hashes (and optionally signs) the file, sends ``cmd/deploy`` to each de
 fleet topic and, for inline transfers, publishes the chunks only once a device answered
 ``accepted`` (a refused deployment costs no transfer; fleet-wide: once, to the fleet's chunk
 topic, after every expected device accepted or ``ACCEPT_GRACE_S`` passed).  It then waits for
-one final answer per device and prints a table.  Protocol: :mod:`edge_agent.deploy`.
+one final answer per device and prints a table.  Protocol: :mod:`edge_agent.remote.deploy`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, TextIO
 
-from ..errors import EdgeAgentError
-from ..labels import read_labels
-from . import remote_commands
-from .bench import add_broker_arguments, mqtt_from_args
-from .client import DISCOVERY_S, Answer, FleetClient, new_request_id
+from edge_agent.errors import EdgeAgentError
+from edge_agent.inference.labels import read_labels
+from edge_agent.fleet import remote_commands
+from edge_agent.fleet.bench import add_broker_arguments, mqtt_from_args
+from edge_agent.fleet.client import DISCOVERY_S, Answer, FleetClient, new_request_id
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 ACCEPT_GRACE_S = 3.0  # fleet: how long to wait for more devices to accept before sending chunks
@@ -55,7 +55,7 @@ def deploy_params(data: bytes, name: str, labels: Optional[List[str]] = None, ur
         params["chunks"] = max(1, math.ceil(len(data) / chunk_size))
         params["chunk_size"] = chunk_size
     if sign_key is not None:
-        from .. import signing
+        from edge_agent.models import signing
 
         params["signature"] = signing.sign_digest(sign_key, sha)
     if sample is not None:
@@ -268,7 +268,7 @@ def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     data = _read(args.file, "model")
     sign_key = None
     if args.sign_key:
-        from .. import signing
+        from edge_agent.models import signing
 
         sign_key = signing.load_private_key(args.sign_key)
     params = deploy_params(

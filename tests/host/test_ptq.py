@@ -8,7 +8,7 @@ pytest.importorskip("tensorflow")
 
 from tests.host.host_data import BIRD, DM05_FLOAT_257, DM05_QUANT, VOC  # noqa: E402
 from edge_agent.errors import ConfigError  # noqa: E402
-from edge_agent.segmenter import Segmenter  # noqa: E402
+from edge_agent.inference.segmenter import Segmenter  # noqa: E402
 from tools.host import metrics  # noqa: E402
 from tools.host.compare import keras_labels  # noqa: E402
 from tools.host.datasets import VocDataset, read_rgb  # noqa: E402

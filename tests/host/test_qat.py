@@ -8,7 +8,7 @@ pytest.importorskip("tensorflow_model_optimization")
 
 from tests.host.host_data import BIRD, DM05_FLOAT_257, VOC  # noqa: E402
 from edge_agent.errors import ConfigError  # noqa: E402
-from edge_agent.segmenter import Segmenter  # noqa: E402
+from edge_agent.inference.segmenter import Segmenter  # noqa: E402
 from tools.host import qat  # noqa: E402
 from tools.host.datasets import VocDataset, calibration_images, read_rgb  # noqa: E402
 from tools.host.edgetpu_check import analyze_graph  # noqa: E402

@@ -15,9 +15,9 @@ from typing import Optional, Tuple
 import numpy as np
 import tf_keras as keras
 
-from edge_agent.postprocess import to_frame
-from edge_agent.preprocess import Geometry
-from edge_agent.segmenter import Segmenter
+from edge_agent.inference.postprocess import to_frame
+from edge_agent.inference.preprocess import Geometry
+from edge_agent.inference.segmenter import Segmenter
 
 from .datasets import model_input, read_rgb
 from .metrics import agreement

@@ -3,7 +3,7 @@
 Two layouts: a plain image folder (calibration) and the PASCAL VOC layout
 (``JPEGImages/``, ``SegmentationClass/`` palette PNGs with 255 = ignore,
 ``ImageSets/Segmentation/<split>.txt``). Model inputs are made with the agent's own
-``edge_agent.preprocess.letterbox`` so calibration/training see exactly what the device feeds.
+``edge_agent.inference.preprocess.letterbox`` so calibration/training see exactly what the device feeds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from edge_agent.errors import EdgeAgentError
-from edge_agent.preprocess import Geometry, letterbox
+from edge_agent.inference.preprocess import Geometry, letterbox
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 IGNORE_INDEX = 255

@@ -1,6 +1,6 @@
 """Compare ``.tflite`` models on a VOC-layout folder: mIoU, pixel accuracy, agreement, size, speed.
 
-Every model runs through the agent's own ``edge_agent.segmenter.Segmenter`` (same runtime
+Every model runs through the agent's own ``edge_agent.inference.segmenter.Segmenter`` (same runtime
 registry, letterbox, input quantization and postprocessing as on the device), so the numbers are
 the ones the device would get. Writes ``results.md``, ``results.csv`` and, per image and model,
 a PNG overlay of where it disagrees with the first (reference) model.
@@ -19,8 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_agent.errors import ConfigError
-from edge_agent.labels import read_labels
-from edge_agent.segmenter import Segmenter
+from edge_agent.inference.labels import read_labels
+from edge_agent.inference.segmenter import Segmenter
 
 from . import metrics
 from .datasets import VocDataset

@@ -1,0 +1,87 @@
+"""``edge-agent`` command line: one sub-command a module, registered here.
+
+Every user error is an :class:`EdgeAgentError`: printed as one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from edge_agent import __version__
+from edge_agent.errors import ConfigError, EdgeAgentError
+
+# Modules that contribute sub-commands through ``add_parser(subparsers)``.
+COMMAND_MODULES = (
+    "edge_agent.cli.segment",
+    "edge_agent.inference.inspect",
+    "edge_agent.models.catalog",
+    "edge_agent.daemon.agent",
+    "edge_agent.config",
+    "edge_agent.cli.demo",
+    "edge_agent.daemon.service",
+    "edge_agent.fleet.deploy",
+    "edge_agent.daemon.benchmark",
+    "edge_agent.fleet.bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Edge-device agent for semantic segmentation (DeepLab on TFLite/LiteRT/Edge TPU).",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+# journald reads a "<N>" syslog priority prefix on each stderr line.
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{record.name}: {super().format(record)}"
+
+
+def setup_logging(verbosity: int = 0, level: Optional[str] = None) -> None:
+    if level is None:
+        level = "DEBUG" if verbosity >= 2 else "INFO" if verbosity == 1 else "WARNING"
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald adds time and unit
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except EdgeAgentError as exc:
+        what = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"edge-agent: {what}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `edge-agent inspect M | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

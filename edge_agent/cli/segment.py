@@ -1,0 +1,90 @@
+"""``edge-agent segment IMAGE...``: masks and overlays for still images, one summary line each."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_agent.models import catalog
+
+from edge_agent.inference import runtimes
+from edge_agent.errors import EdgeAgentError
+from edge_agent.inference.postprocess import class_fractions
+from edge_agent.inference.preprocess import MODES
+from edge_agent.inference.segmenter import Segmenter
+from edge_agent.output.visuals import overlay
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an image file as RGB uint8 (one readable error if it is missing or not an image)."""
+    if not os.path.isfile(path):
+        raise EdgeAgentError(f"{path}: image not found")
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise EdgeAgentError(f"{path}: not a readable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_png(path: Path, image: np.ndarray, rgb: bool = False) -> None:
+    data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb else image
+    if not cv2.imwrite(str(path), data):
+        raise EdgeAgentError(f"{path}: cannot write image")
+
+
+def add_runtime_args(p) -> None:
+    """Model/runtime options shared by segment, bench and run."""
+    p.add_argument("--model", "-m", required=True, help="a .tflite path or a manifest model name")
+    p.add_argument("--labels", help="label file (default: from the manifest when the model is known)")
+    p.add_argument("--runtime", default="auto", choices=["auto"] + runtimes.names(),
+                   help="TFLite runtime (default: fastest installed; env EDGE_AGENT_RUNTIME)")
+    p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: CPU count)")
+    p.add_argument("--edgetpu", nargs="?", const="", default=None, metavar="DEVICE",
+                   help="use the Coral Edge TPU delegate (DEVICE: usb, usb:N, pci, pci:N, :N)")
+    p.add_argument("--cpu-fallback", help="CPU model to use when the Edge TPU (or its model) cannot run")
+    p.add_argument("--mode", default="letterbox", choices=MODES, help="preprocessing")
+
+
+def make_segmenter(args) -> Segmenter:
+    resolved = catalog.resolve(args.model)
+    labels = args.labels or resolved.labels
+    if labels is None:
+        entry = catalog.entry_for_file(resolved.path)
+        labels = entry.labels if entry else None
+    return Segmenter(resolved.path, labels=labels, runtime=args.runtime, threads=args.threads,
+                     edgetpu=args.edgetpu, cpu_fallback=args.cpu_fallback, mode=args.mode)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("segment", help="segment image files: mask PNG + overlay PNG per image")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_runtime_args(p)
+    p.add_argument("--out", default="out", help="output directory (default: ./out)")
+    p.set_defaults(func=run)
+
+
+def summary_line(name: str, frame_shape, fractions, timings, runtime: str, top: int = 5) -> str:
+    classes = ", ".join(f"{k} {v * 100:.1f}%" for k, v in list(fractions.items())[:top])
+    times = ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items())
+    h, w = frame_shape[:2]
+    return f"{name} {w}x{h}: {classes} | {times} | {runtime}"
+
+
+def run(args) -> int:
+    # Read every image first: a bad path fails before the model is loaded.
+    frames = [(path, read_image(path)) for path in args.images]
+    segmenter = make_segmenter(args)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runtime = segmenter.describe_runtime()
+    for path, frame in frames:
+        result = segmenter.segment(frame)
+        stem = Path(path).stem
+        write_png(out_dir / f"{stem}_mask.png", result.mask)
+        write_png(out_dir / f"{stem}_overlay.png", overlay(frame, result.mask), rgb=True)
+        fractions = class_fractions(result.mask, segmenter.labels)
+        print(summary_line(os.path.basename(path), frame.shape, fractions, result.timings, runtime),
+              flush=True)
+    return 0

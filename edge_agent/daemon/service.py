@@ -1,0 +1,458 @@
+"""``edge-agent service install|uninstall``: put the agent on a device as a systemd service.
+
+Why a Python command rather than a long shell script: every step is checked before it runs
+(idempotent: a second install changes nothing and says so), ``--dry-run`` prints exactly the
+actions and commands a real run would perform, and ``--root DIR`` installs into a staging tree
+so the whole thing is testable without root. Only the standard library is used, so it runs
+from a checkout with the system ``python3`` (``systemd/install.sh``) before any venv exists.
+
+Install steps: system user ``edge-agent`` (group ``edge-agent``, member of ``video`` and of the
+optional device groups that exist), a venv under ``<prefix>/venv`` with the agent installed,
+``/etc/edge-agent/config.toml`` from the example if absent (never overwritten), the unit in
+``/etc/systemd/system`` with the prefix filled in, ``daemon-reload``, ``enable --now``.
+With ``--root``, user creation, ownership changes, daemon-reload and start are skipped (they
+concern the running host, not the staging tree); the unit is enabled with ``systemctl --root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import pwd
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from edge_agent import data
+from edge_agent.errors import EdgeAgentError
+
+USER = "edge-agent"
+UNIT_NAME = "edge-agent.service"
+DEFAULT_PREFIX = "/opt/edge-agent"
+CONFIG_DIR = "/etc/edge-agent"
+STATE_DIR = "/var/lib/edge-agent"
+UNIT_DIR = "/etc/systemd/system"
+CREDENTIAL_FILE = "/etc/credstore/edge-agent.mqtt_password"
+REQUIRED_GROUP = "video"
+# Added only where they exist: render (GPU delegates), gpio (Pi GPIO), plugdev (USB Coral
+# udev rule), apex (PCIe Coral udev rule).
+OPTIONAL_GROUPS = ("render", "gpio", "plugdev", "apex")
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout, when running from one
+UNIT_TEMPLATE = data.path(data.UNIT_TEMPLATE)
+CONFIG_EXAMPLES = (data.path(data.CONFIG_EXAMPLE),)
+
+
+class ServiceError(EdgeAgentError):
+    """A service install/uninstall step cannot be done (not root, command failed, ...)."""
+
+
+@dataclass
+class Step:
+    """One action. ``done`` means the system already is as the step would make it."""
+
+    what: str
+    run: Callable[[], None]
+    done: bool = False
+    skip_reason: str = ""
+    command: Optional[Sequence[str]] = None
+
+
+@dataclass
+class Layout:
+    """Where things go, inside ``root`` (``/`` for a real install)."""
+
+    root: Path
+    prefix: str
+
+    def at(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    @property
+    def staging(self) -> bool:
+        return self.root != Path("/")
+
+    @property
+    def venv(self) -> Path:
+        return self.at(self.prefix) / "venv"
+
+    @property
+    def config(self) -> Path:
+        return self.at(CONFIG_DIR) / "config.toml"
+
+    @property
+    def unit(self) -> Path:
+        return self.at(UNIT_DIR) / UNIT_NAME
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def render_unit(template: str, prefix: str) -> str:
+    """The unit text with the venv prefix filled in (the template says /opt/edge-agent)."""
+    prefix = prefix.rstrip("/") or "/"
+    if not prefix.startswith("/"):
+        raise ServiceError(f"--prefix must be an absolute path, got {prefix!r}")
+    return template.replace(DEFAULT_PREFIX + "/", prefix.rstrip("/") + "/")
+
+
+def find_config_example(explicit: Optional[str]) -> Optional[Path]:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ServiceError(f"--config-example {explicit}: no such file")
+        return path
+    return next((p for p in CONFIG_EXAMPLES if p.is_file()), None)
+
+
+def detect_camera() -> Optional[Tuple[str, str]]:
+    """The source a fresh install should use: picamera2 where apt's python3-picamera2 and a
+    libcamera device exist, else the first V4L2 device, else None (the example stays as is)."""
+    import glob
+    import importlib.util
+
+    picam = importlib.util.find_spec("picamera2") is not None or has_system_picamera2()
+    if picam and glob.glob("/dev/media*"):
+        return "picamera2", ""
+    videos = sorted(glob.glob("/dev/video[0-9]*"), key=lambda p: int(re.sub(r"\D", "", p) or 0))
+    return ("opencv", videos[0]) if videos else None
+
+
+def tailor_config(text: str, camera: Optional[Tuple[str, str]], model_name: Optional[str]) -> str:
+    """The shipped example with this device's camera and the manifest's default model filled in,
+    so that a fresh install runs (it fetches the model on first start). Only the example's own
+    ``kind = "folder"`` / ``uri = ""`` / ``name = ""`` lines are touched; the result must load."""
+    out, section = [], ""
+    for line in text.splitlines(keepends=True):
+        head = line.strip()
+        if head.startswith("[") and head.endswith("]"):
+            section = head.strip("[]")
+        elif section == "source" and camera and re.match(r'kind = "folder"', head):
+            line = line.replace('"folder"', f'"{camera[0]}"', 1)
+        elif section == "source" and camera and re.match(r'uri = ""', head):
+            line = line.replace('""', f'"{camera[1]}"', 1)
+        elif section == "model" and model_name and re.match(r'name = ""', head):
+            line = line.replace('""', f'"{model_name}"', 1)
+        out.append(line)
+    tailored = "".join(out)
+    from edge_agent.config import ConfigError, load_config  # late: only needed here
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+        fh.write(tailored)
+    try:
+        load_config(fh.name, env={})
+    except ConfigError:
+        return text
+    finally:
+        os.unlink(fh.name)
+    return tailored
+
+
+def default_config_text() -> str:
+    """Fallback when no example file ships: the defaults, rendered by the config module."""
+    from edge_agent import config as cfg  # imported late: only needed in this fallback
+
+    header = "# edge-agent configuration (defaults). See `edge-agent config show`.\n\n"
+    return header + cfg.to_toml(cfg.Config(), mask_secrets=False)
+
+
+def default_package() -> str:
+    """Install from this checkout when running from one, else from the package index."""
+    return str(REPO) if (REPO / "pyproject.toml").is_file() else "edge-agent"
+
+
+def default_python() -> str:
+    """The system interpreter: apt's python3-picamera2 is built for it, not for pyenv/conda."""
+    if Path("/usr/bin/python3").exists():
+        return "/usr/bin/python3"
+    return shutil.which("python3") or sys.executable
+
+
+def has_system_picamera2() -> bool:
+    """picamera2 comes from apt on Raspberry Pi OS; the venv must then see system packages."""
+    return any(Path(p, "picamera2").is_dir() for p in ("/usr/lib/python3/dist-packages",))
+
+
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def missing_groups(user: str, wanted: Sequence[str]) -> List[str]:
+    present = [g for g in wanted if group_exists(g)]
+    return [g for g in present if user not in grp.getgrnam(g).gr_mem]
+
+
+def run_command(cmd: Sequence[str]) -> None:
+    try:
+        proc = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, check=False)
+    except FileNotFoundError:
+        raise ServiceError(f"{cmd[0]}: command not found") from None
+    if proc.returncode != 0:
+        last = (proc.stdout or "").strip().splitlines()[-1:] or [""]
+        raise ServiceError(f"`{shlex.join(cmd)}` failed ({proc.returncode}): {last[0]}")
+
+
+def write_file(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def chown(path: Path, user: str, group: str) -> None:
+    shutil.chown(path, user=user, group=group)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def plan_install(args: argparse.Namespace) -> List[Step]:
+    lay = Layout(Path(args.root or "/").resolve(), args.prefix)
+    steps: List[Step] = []
+    staging_note = "skipped: --root installs into a staging tree, not this host"
+
+    # 1. user and groups
+    if lay.staging:
+        steps.append(Step(f"create system user {USER} (groups {REQUIRED_GROUP}, optional "
+                          f"{', '.join(OPTIONAL_GROUPS)})", lambda: None, skip_reason=staging_note))
+    else:
+        useradd = ["useradd", "--system", "--user-group", "--home-dir", STATE_DIR,
+                   "--no-create-home", "--shell", "/usr/sbin/nologin",
+                   "--comment", "edge-agent daemon", USER]
+        steps.append(Step(f"create system user {USER}", lambda: run_command(useradd),
+                          done=user_exists(USER), command=useradd))
+        groups = [REQUIRED_GROUP] + list(OPTIONAL_GROUPS)
+        todo = missing_groups(USER, groups) if user_exists(USER) else [
+            g for g in groups if group_exists(g)]
+        usermod = ["usermod", "--append", "--groups", ",".join(todo), USER]
+        steps.append(Step(f"add {USER} to groups {', '.join(todo) or '(none missing)'}",
+                          lambda: run_command(usermod) if todo else None,
+                          done=not todo, command=usermod))
+
+    # 2. venv and package
+    venv_python = lay.venv / "bin" / "python"
+    venv_cmd = [args.python, "-m", "venv"]
+    if args.system_site_packages:
+        venv_cmd.append("--system-site-packages")
+    if args.no_package:
+        venv_cmd.append("--without-pip")
+    venv_cmd.append(str(lay.venv))
+    steps.append(Step(f"create venv {lay.venv}", lambda: run_command(venv_cmd),
+                      done=venv_python.exists(), command=venv_cmd))
+    if args.no_package:
+        steps.append(Step("install the edge-agent package into the venv", lambda: None,
+                          skip_reason="skipped: --no-package"))
+    else:
+        pip_cmd = [str(venv_python), "-m", "pip", "install", "--upgrade", args.package]
+        steps.append(Step(f"install {args.package} into the venv",
+                          lambda: run_command(pip_cmd), command=pip_cmd))
+
+    # 3. config (never overwritten)
+    example = find_config_example(args.config_example)
+    source = str(example) if example else "the built-in defaults"
+
+    def install_config() -> None:
+        text = example.read_text() if example else default_config_text()
+        if not args.config_example:  # the shipped example: fill in this device's camera and model
+            from edge_agent.models import catalog
+
+            text = tailor_config(text, None if lay.staging else detect_camera(),
+                                 catalog.load_manifest().default)
+        write_file(lay.config, text, 0o640)
+        os.chmod(lay.config.parent, 0o750)
+        if not lay.staging:
+            chown(lay.config.parent, "root", USER)
+            chown(lay.config, "root", USER)
+
+    steps.append(Step(f"write {lay.config} from {source} (mode 0640, root:{USER})",
+                      install_config, done=lay.config.exists()))
+
+    # 4. unit
+    unit_text = render_unit(Path(args.unit_template).read_text(), args.prefix)
+    unit_current = lay.unit.read_text() if lay.unit.exists() else None
+    steps.append(Step(f"install {lay.unit}", lambda: write_file(lay.unit, unit_text, 0o644),
+                      done=unit_current == unit_text))
+
+    # 5. systemd
+    if lay.staging:
+        steps.append(Step("systemctl daemon-reload", lambda: None, skip_reason=staging_note))
+        enable = ["systemctl", f"--root={lay.root}", "enable", UNIT_NAME]
+        wants = lay.at(UNIT_DIR) / "multi-user.target.wants" / UNIT_NAME
+        steps.append(Step(f"enable {UNIT_NAME} in {lay.root}", lambda: run_command(enable),
+                          done=wants.is_symlink(), command=enable,
+                          skip_reason="" if not args.no_enable else "skipped: --no-enable"))
+    else:
+        reload_cmd = ["systemctl", "daemon-reload"]
+        steps.append(Step("run systemctl daemon-reload", lambda: run_command(reload_cmd),
+                          command=reload_cmd))
+        enable = ["systemctl", "enable"] + ([] if args.no_start else ["--now"]) + [UNIT_NAME]
+        steps.append(Step(f"enable{'' if args.no_start else ' and start'} {UNIT_NAME}",
+                          lambda: run_command(enable), command=enable,
+                          skip_reason="" if not args.no_enable else "skipped: --no-enable"))
+    return steps
+
+
+def plan_uninstall(args: argparse.Namespace) -> List[Step]:
+    lay = Layout(Path(args.root or "/").resolve(), args.prefix)
+    steps: List[Step] = []
+    if lay.staging:
+        disable = ["systemctl", f"--root={lay.root}", "disable", UNIT_NAME]
+    else:
+        disable = ["systemctl", "disable", "--now", UNIT_NAME]
+    steps.append(Step(f"disable {UNIT_NAME}", lambda: run_command(disable),
+                      done=not lay.unit.exists(), command=disable))
+    steps.append(Step(f"remove {lay.unit}", lambda: lay.unit.unlink(), done=not lay.unit.exists()))
+    if not lay.staging:
+        reload_cmd = ["systemctl", "daemon-reload"]
+        steps.append(Step("run systemctl daemon-reload", lambda: run_command(reload_cmd),
+                          command=reload_cmd))
+    prefix_dir = lay.at(args.prefix)
+    steps.append(Step(f"remove {prefix_dir}", lambda: shutil.rmtree(prefix_dir),
+                      done=not prefix_dir.exists()))
+    keep = "kept (use --purge to remove)"
+    for path in (lay.at(CONFIG_DIR), lay.at(STATE_DIR)):
+        steps.append(Step(f"remove {path}", lambda p=path: shutil.rmtree(p), done=not path.exists(),
+                          skip_reason="" if args.purge else keep))
+    if lay.staging:
+        steps.append(Step(f"remove user {USER}", lambda: None,
+                          skip_reason="skipped: --root installs into a staging tree"))
+    else:
+        userdel = ["userdel", USER]
+        steps.append(Step(f"remove user {USER}", lambda: run_command(userdel),
+                          done=not user_exists(USER), command=userdel,
+                          skip_reason="" if args.purge else keep))
+    return steps
+
+
+def execute(steps: Sequence[Step], dry_run: bool, out: Callable[[str], None] = print) -> int:
+    """Print and (unless ``dry_run``) perform the steps; returns the number of changes."""
+    changed = 0
+    for step in steps:
+        cmd = f"  $ {shlex.join(step.command)}" if step.command else ""
+        if step.skip_reason:
+            out(f"- {step.what}: {step.skip_reason}")
+        elif step.done:
+            out(f"- {step.what}: already done")
+        elif dry_run:
+            out(f"* would {step.what}{cmd}")
+            changed += 1
+        else:
+            out(f"* {step.what}{cmd}")
+            step.run()
+            changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _check_privileges(args: argparse.Namespace) -> None:
+    if not args.dry_run and not args.root and os.geteuid() != 0:
+        raise ServiceError("service install/uninstall changes the system: run it as root "
+                           "(sudo), or use --dry-run / --root DIR")
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    _check_privileges(args)
+    if not Path(args.unit_template).is_file():
+        raise ServiceError(f"unit template not found: {args.unit_template} "
+                           "(run from a checkout, or pass --unit-template)")
+    mode = " (dry run: nothing is changed)" if args.dry_run else ""
+    print(f"Installing edge-agent as a systemd service{mode}")
+    changed = execute(plan_install(args), args.dry_run)
+    lay = Layout(Path(args.root or "/").resolve(), args.prefix)
+    if not args.dry_run:
+        print("Nothing to change: already installed." if changed == 0 else "Done.")
+    if not lay.at(CREDENTIAL_FILE).exists():
+        print(f"Note: for an MQTT password, put it in {CREDENTIAL_FILE} (root, mode 0600); "
+              f"the unit passes it as the credential mqtt_password.")
+    print(f"Edit {lay.config}, then `systemctl restart edge-agent`; logs: "
+          "`journalctl -u edge-agent -f`.")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    _check_privileges(args)
+    mode = " (dry run: nothing is changed)" if args.dry_run else ""
+    print(f"Uninstalling the edge-agent service{mode}")
+    execute(plan_uninstall(args), args.dry_run)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix", default=DEFAULT_PREFIX,
+                   help=f"where the venv lives (default {DEFAULT_PREFIX})")
+    p.add_argument("--root", metavar="DIR",
+                   help="install into a staging tree DIR instead of / (no user, no start)")
+    p.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
+
+
+def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Register ``service install|uninstall`` on the CLI's sub-command parser."""
+    svc = subparsers.add_parser("service", help="install or remove the systemd service",
+                                description="Install or remove edge-agent as a systemd service.")
+    sub = svc.add_subparsers(dest="service_command", metavar="{install,uninstall}")
+    sub.required = True
+    inst = sub.add_parser("install", help="create user, venv, config; install and enable the unit")
+    _common(inst)
+    inst.add_argument("--package", default=default_package(),
+                      help="what pip installs into the venv (default: this checkout, else "
+                           "edge-agent from the index)")
+    inst.add_argument("--no-package", action="store_true",
+                      help="create the venv only (offline staging, tests)")
+    inst.add_argument("--python", default=default_python(), help="interpreter for the venv")
+    site = inst.add_mutually_exclusive_group()
+    site.add_argument("--system-site-packages", dest="system_site_packages",
+                      action="store_true", default=has_system_picamera2(),
+                      help="let the venv see apt's python3-picamera2 (default: on if installed)")
+    site.add_argument("--no-system-site-packages", dest="system_site_packages",
+                      action="store_false")
+    inst.add_argument("--config-example", metavar="FILE",
+                      help="config to copy to /etc/edge-agent/config.toml if absent")
+    inst.add_argument("--unit-template", default=str(UNIT_TEMPLATE), help=argparse.SUPPRESS)
+    inst.add_argument("--no-enable", action="store_true", help="install but do not enable")
+    inst.add_argument("--no-start", action="store_true", help="enable but do not start now")
+    inst.set_defaults(func=cmd_install)
+    uni = sub.add_parser("uninstall", help="disable and remove the unit and the venv")
+    _common(uni)
+    uni.add_argument("--purge", action="store_true",
+                     help="also remove /etc/edge-agent, /var/lib/edge-agent and the user")
+    uni.set_defaults(func=cmd_uninstall)
+    return svc
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Standalone entry (``python3 -m edge_agent.daemon.service``) for systemd/install.sh."""
+    parser = argparse.ArgumentParser(prog="edge-agent")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["service", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.func(args)
+    except EdgeAgentError as err:
+        print(f"edge-agent: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""``edge-agent inspect MODEL``: tensors, dtypes, shapes, quantization and ops of a .tflite.
+
+Works on any model the runtime can parse, including Edge TPU builds (tensors are read without
+allocating, so the custom op does not need to resolve).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Dict, List
+
+import numpy as np
+
+from edge_agent.inference import runtimes
+from edge_agent.inference.model import read_model_file
+
+
+def describe(model_path: str, runtime: str = "auto") -> Dict[str, Any]:
+    mf = read_model_file(model_path)
+    loaded = runtimes.create_interpreter(model_path, runtime, threads=1, allocate=False)
+    it = loaded.interpreter
+    try:
+        ops = [op["op_name"] for op in it._get_ops_details()]  # stable since TF 2.5
+    except Exception:  # pragma: no cover - very old runtimes
+        ops = []
+    return {
+        "path": model_path,
+        "sha256": mf.sha256,
+        "size_bytes": mf.size,
+        "edgetpu": mf.edgetpu,
+        "runtime": f"{loaded.runtime} {loaded.runtime_version}",
+        "inputs": [_tensor(d) for d in it.get_input_details()],
+        "outputs": [_tensor(d) for d in it.get_output_details()],
+        "tensors": [_tensor(d) for d in it.get_tensor_details()],
+        "ops": ops,
+    }
+
+
+def _tensor(d: Dict[str, Any]) -> Dict[str, Any]:
+    qp = d.get("quantization_parameters") or {}
+    scales = np.asarray(qp.get("scales", []), dtype=np.float64)
+    zero_points = np.asarray(qp.get("zero_points", []), dtype=np.int64)
+    out = {
+        "index": int(d["index"]),
+        "name": d["name"],
+        "dtype": np.dtype(d["dtype"]).name,
+        "shape": [int(s) for s in d["shape"]],
+    }
+    if scales.size == 1:
+        out["quantization"] = {"scale": float(scales[0]), "zero_point": int(zero_points[0])}
+    elif scales.size > 1:
+        out["quantization"] = {
+            "per_axis": True,
+            "quantized_dimension": int(qp.get("quantized_dimension", 0)),
+            "channels": int(scales.size),
+            "scale_min": float(scales.min()),
+            "scale_max": float(scales.max()),
+            "zero_points": sorted({int(z) for z in zero_points}),
+        }
+    return out
+
+
+def format_report(info: Dict[str, Any], all_tensors: bool = False) -> str:
+    lines: List[str] = [
+        f"model    {info['path']}",
+        f"sha256   {info['sha256']}",
+        f"size     {info['size_bytes']} bytes{'  (Edge TPU build: contains edgetpu-custom-op)' if info['edgetpu'] else ''}",
+        f"runtime  {info['runtime']}",
+    ]
+    for title, key in (("inputs", "inputs"), ("outputs", "outputs")):
+        lines.append(f"{title}:")
+        lines.extend("  " + _tensor_line(t) for t in info[key])
+    counts = Counter(info["ops"])
+    lines.append(f"ops ({len(info['ops'])}): " + ", ".join(f"{op} x{n}" for op, n in counts.most_common()))
+    if all_tensors:
+        lines.append(f"tensors ({len(info['tensors'])}):")
+        lines.extend("  " + _tensor_line(t) for t in info["tensors"])
+    return "\n".join(lines)
+
+
+def _tensor_line(t: Dict[str, Any]) -> str:
+    q = t.get("quantization")
+    if not q:
+        quant = "not quantized"
+    elif q.get("per_axis"):
+        quant = (f"per-axis dim {q['quantized_dimension']} ({q['channels']} ch) "
+                 f"scale {q['scale_min']:.3g}..{q['scale_max']:.3g} zp {q['zero_points'][:4]}")
+    else:
+        quant = f"scale {q['scale']:.6g} zero_point {q['zero_point']}"
+    return f"[{t['index']:3d}] {t['name']:60s} {t['dtype']:8s} {str(t['shape']):18s} {quant}"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="print a model's tensors, dtypes, shapes, quantization, ops")
+    p.add_argument("model")
+    p.add_argument("--runtime", default="auto")
+    p.add_argument("--all", action="store_true", help="list every tensor, not just inputs/outputs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    import json
+
+    info = describe(args.model, args.runtime)
+    print(json.dumps(info, indent=2) if args.json else format_report(info, args.all))
+    return 0

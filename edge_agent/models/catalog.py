@@ -1,0 +1,260 @@
+"""The model manifest (``edge_agent/data/manifest.json``) and ``edge-agent models fetch``.
+
+Models are never shipped in the package: they are fetched from their public source and verified
+against the manifest's sha256 (or copied from a local mirror directory, for offline tests and
+demos). A file whose hash does not match is refused and never left where a model is expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from edge_agent import data
+from edge_agent.errors import EdgeAgentError, ModelError
+
+ENV_MANIFEST = "EDGE_AGENT_MANIFEST"
+ENV_MODELS_DIR = "EDGE_AGENT_MODELS_DIR"
+ENV_MIRROR = "EDGE_AGENT_MODEL_MIRROR"
+DOWNLOAD_TIMEOUT_S = 60
+MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    file: str
+    url: str
+    sha256: str
+    size: Optional[int] = None
+    input_size: Optional[List[int]] = None
+    labels: List[str] = field(default_factory=list)
+    edgetpu: bool = False
+    cpu_twin: Optional[str] = None
+    description: str = ""
+
+
+@dataclass
+class Manifest:
+    path: str
+    models: Dict[str, ModelEntry]
+    default: Optional[str]
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ModelError(
+                f"unknown model '{name}': the manifest {self.path} has {', '.join(self.models)}"
+            ) from None
+
+
+def manifest_candidates() -> List[Path]:
+    paths = []
+    if os.environ.get(ENV_MANIFEST):
+        paths.append(Path(os.environ[ENV_MANIFEST]))
+    paths.append(data.path(data.MANIFEST))  # shipped inside the package (checkout and wheel)
+    return paths
+
+
+def load_manifest(path: Optional[str] = None) -> Manifest:
+    candidates = [Path(path)] if path else manifest_candidates()
+    for candidate in candidates:
+        if candidate.is_file():
+            return parse_manifest(str(candidate))
+    raise EdgeAgentError(f"model manifest not found (looked in {', '.join(map(str, candidates))})")
+
+
+def parse_manifest(path: str) -> Manifest:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise EdgeAgentError(f"{path}: cannot read model manifest ({exc})") from exc
+    label_sets = doc.get("label_sets", {})
+    models = {}
+    for raw in doc.get("models", []):
+        try:
+            labels = raw.get("labels", [])
+            if isinstance(labels, str):
+                labels = label_sets[labels]
+            entry = ModelEntry(
+                name=raw["name"], file=raw["file"], url=raw["url"], sha256=raw["sha256"].lower(),
+                size=raw.get("size"), input_size=raw.get("input_size"), labels=list(labels),
+                edgetpu=bool(raw.get("edgetpu", False)), cpu_twin=raw.get("cpu_twin"),
+                description=raw.get("description", ""),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise EdgeAgentError(f"{path}: bad manifest entry {raw!r} (missing {exc})") from exc
+        models[entry.name] = entry
+    return Manifest(path=path, models=models, default=doc.get("default"))
+
+
+def models_dir(dest: Optional[str] = None) -> Path:
+    if dest:
+        return Path(dest)
+    if os.environ.get(ENV_MODELS_DIR):
+        return Path(os.environ[ENV_MODELS_DIR])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "edge-agent" / "models"
+
+
+def sha256_file(path) -> str:
+    """Hex sha256 of a file (str or Path), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(
+    entry: ModelEntry,
+    dest: Optional[str] = None,
+    mirror: Optional[str] = None,
+    force: bool = False,
+) -> Path:
+    """Make ``entry`` present and verified in the models dir; return its path.
+
+    ``mirror`` is a local directory holding the files under their manifest names. The file is
+    written to a temporary name, verified, then renamed: a wrong hash leaves nothing behind.
+    """
+    target_dir = models_dir(dest)
+    target = target_dir / entry.file
+    if target.is_file() and not force and sha256_file(str(target)) == entry.sha256:
+        return target
+    mirror = mirror or os.environ.get(ENV_MIRROR)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{entry.file}.", suffix=".part", dir=str(target_dir))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if mirror:
+                source = Path(mirror) / entry.file
+                if not source.is_file():
+                    raise ModelError(f"{entry.name}: {source} not found in the mirror directory")
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, out)
+            else:
+                _download(entry.url, out)
+        actual = sha256_file(tmp)
+        if actual != entry.sha256:
+            raise ModelError(
+                f"{entry.name}: sha256 mismatch (expected {entry.sha256}, got {actual}); "
+                f"the file was not kept"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _download(url: str, out) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            total = 0
+            for block in iter(lambda: resp.read(1 << 16), b""):
+                total += len(block)
+                if total > MAX_DOWNLOAD_BYTES:
+                    raise ModelError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, refused")
+                out.write(block)
+    except urllib.error.HTTPError as exc:
+        raise ModelError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from exc
+    except OSError as exc:  # URLError, timeouts, connection errors
+        raise ModelError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
+
+
+@dataclass
+class ResolvedModel:
+    path: str
+    labels: Optional[List[str]]
+    entry: Optional[ModelEntry]
+
+
+def resolve(model: str, dest: Optional[str] = None, manifest: Optional[str] = None) -> ResolvedModel:
+    """A path (used as is) or a manifest name (must have been fetched; we don't fetch silently)."""
+    if os.path.sep in model or model.endswith(".tflite") or os.path.exists(model):
+        return ResolvedModel(model, None, None)
+    entry = load_manifest(manifest).get(model)
+    path = models_dir(dest) / entry.file
+    if not path.is_file():
+        raise ModelError(
+            f"model '{model}' is not fetched yet: run `edge-agent models fetch {model}` "
+            f"(looked for {path})"
+        )
+    return ResolvedModel(str(path), entry.labels or None, entry)
+
+
+def ensure(name: str, dest: str, mirror: Optional[str] = None,
+           manifest: Optional[str] = None) -> ResolvedModel:
+    """A manifest model, fetched (and sha256-verified) into ``dest`` first if it is not there.
+
+    What the daemon does for ``model.name``: a device configured with a model name gets it from
+    its public source (or ``$EDGE_AGENT_MODEL_MIRROR``) on first start, then runs it offline.
+    """
+    entry = load_manifest(manifest).get(name)
+    path = fetch(entry, dest=dest, mirror=mirror)
+    return ResolvedModel(str(path), entry.labels or None, entry)
+
+
+def entry_for_file(path: str, manifest: Optional[Manifest] = None) -> Optional[ModelEntry]:
+    """The manifest entry whose sha256 matches ``path`` (to find labels of a model given by path)."""
+    try:
+        manifest = manifest or load_manifest()
+        digest = sha256_file(path)
+    except (EdgeAgentError, OSError):
+        return None
+    for entry in manifest.models.values():
+        if entry.sha256 == digest:
+            return entry
+    return None
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("models", help="list and fetch the models of the manifest")
+    sub = p.add_subparsers(dest="models_cmd", required=True)
+    ls = sub.add_parser("list", help="list the manifest's models and whether they are fetched")
+    ls.add_argument("--manifest", help="manifest file (default: the packaged manifest)")
+    ls.add_argument("--dest", help=f"models directory (default: ${ENV_MODELS_DIR} or ~/.cache/edge-agent/models)")
+    ls.set_defaults(func=_cmd_list)
+    fe = sub.add_parser("fetch", help="download (or copy from --mirror) and verify sha256")
+    fe.add_argument("names", nargs="*", help="model names (default: all)")
+    fe.add_argument("--mirror", help="local directory holding the files (offline)")
+    fe.add_argument("--dest", help="models directory")
+    fe.add_argument("--manifest", help="manifest file")
+    fe.add_argument("--force", action="store_true", help="fetch even if a verified copy exists")
+    fe.set_defaults(func=_cmd_fetch)
+
+
+def _cmd_list(args) -> int:
+    manifest = load_manifest(args.manifest)
+    directory = models_dir(args.dest)
+    for entry in manifest.models.values():
+        present = (directory / entry.file).is_file()
+        size = f"{entry.size / 1e6:.1f} MB" if entry.size else "?"
+        tag = " [edgetpu]" if entry.edgetpu else ""
+        print(f"{'*' if present else ' '} {entry.name:45s} {size:>8s}{tag}  {entry.description}")
+    print(f"(* = fetched into {directory})")
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    manifest = load_manifest(args.manifest)
+    names = args.names or list(manifest.models)
+    entries = [manifest.get(n) for n in names]  # validate every name before fetching any
+    for entry in entries:
+        path = fetch(entry, args.dest, args.mirror, args.force)
+        print(f"{entry.name}: {path} (sha256 ok)")
+    return 0

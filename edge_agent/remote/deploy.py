@@ -1,0 +1,706 @@
+"""Model deployment over MQTT: verified, atomic, with rollback (``cmd/deploy``, ``cmd/rollback``, ``cmd/models``).
+
+A deployment is only ever *added* next to the running model: the bytes arrive in a temporary
+file of the store, are checked (size, sha256, optional ed25519 signature), loaded with the
+agent's runtime settings and invoked once on a sample frame (optionally compared with a golden
+mask).  Only then the pipeline swaps to it between two frames, the store's ``current`` pointer
+moves with a ``pending`` marker, and after ``confirm_frames`` frames ran on it the marker is
+dropped.  Any failure before that point leaves the old model serving and answers ``failed``; a
+failure during confirmation swaps the old model back; a crash or a watchdog kill leaves the
+marker, and the next start rolls back (see :mod:`edge_agent.models.store`).
+
+Protocol (topics under ``<prefix>/<device_id>/`` or the fleet's ``<prefix>/all/``; request
+parsing, request ids, duplicates and answers are :mod:`edge_agent.comms.commands`')::
+
+    cmd/deploy                        JSON (DEPLOY_SCHEMA): request_id, name, sha256, size,
+                                      labels?, signature?, and "url" or "chunks" (+ chunk_size)
+    cmd/deploy/<request_id>/chunk/<n> binary chunk n (0-based) of an inline transfer
+    deploy/<request_id>               answers: accepted; progress (stage: downloading, verifying,
+                                      checking, activating); one final: done (state: active or
+                                      rolled_back), failed or rejected, with the reason
+    cmd/rollback                      {request_id, to?: name or sha256}; answers on deploy/<id>
+    cmd/models                        {request_id}; the store listing on models/<request_id>
+
+Senders of inline transfers wait for ``accepted`` before publishing chunks (a refused request
+costs no transfer).  Answers also go to the MQTT 5 response topic when the request has one.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import cv2
+import numpy as np
+
+from edge_agent.models import catalog
+
+from edge_agent.models import signing
+from edge_agent.comms.commands import (CommandChannel, FieldSpec, FloatField, IntField, Request, RequestError, Schema,
+                       StrField)
+from edge_agent.errors import EdgeAgentError
+from edge_agent.inference.postprocess import agreement
+from edge_agent.inference.segmenter import Segmenter
+from edge_agent.models.store import ModelStore, StoredModel, sha256_file
+
+log = logging.getLogger(__name__)
+
+KIND = "deploy"  # answers of cmd/deploy and cmd/rollback: deploy/<request_id>
+MODELS_KIND = "models"
+DEFAULT_CONFIRM_FRAMES = 5
+DEFAULT_CONFIRM_TIMEOUT_S = 60.0
+DEFAULT_TRANSFER_TIMEOUT_S = 30.0
+MAX_CHUNKS = 100_000
+MAX_LABELS = 256
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # room for a base64 sample image and golden mask
+PROGRESS_EVERY_S = 1.0
+_B64 = r"[A-Za-z0-9+/]*={0,2}"
+
+
+class DeployFailed(EdgeAgentError):
+    """The deployment started but the model was refused: answered ``failed``, old model kept."""
+
+
+class LabelsField(FieldSpec):
+    expected = f"a list of 1..{MAX_LABELS} strings (class names, index = class id)"
+
+    def check(self, value: Any) -> List[str]:
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_LABELS:
+            raise ValueError
+        if not all(isinstance(x, str) and len(x) <= 128 for x in value):
+            raise ValueError
+        return list(value)
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def _sha_field(**kwargs: Any) -> StrField:
+    return StrField(r"[0-9a-fA-F]{64}", "64 hex digits (sha256)", str.lower, **kwargs)
+
+
+def _b64_field(what: str) -> StrField:
+    return StrField(_B64, f"base64 ({what})", _b64decode)
+
+
+DEPLOY_SCHEMA: Schema = {
+    "name": StrField(r"[^/\\\x00-\x1f]{1,128}", "1-128 characters, no '/', '\\' or control characters",
+                     required=True, doc="model name shown in info and the store"),
+    "sha256": _sha_field(required=True, doc="sha256 of the .tflite"),
+    "size": IntField(1, 1 << 40, required=True, doc="bytes; capped by deploy.max_size_mb"),
+    "labels": LabelsField(nullable=True, doc="class names; default: the manifest's, if it knows the model"),
+    "url": StrField(r"(?i)https?://[^\s]{1,2000}", "an http:// or https:// URL", doc="the agent downloads it"),
+    "chunks": IntField(1, MAX_CHUNKS, doc="inline transfer: chunk count on cmd/deploy/<id>/chunk/<n>"),
+    "chunk_size": IntField(1, 1 << 31, doc="bytes of every chunk but the last (default: size, one chunk)"),
+    "signature": _b64_field("ed25519 signature of the raw sha256 digest"),
+    "sample": _b64_field("an image file for the sanity invoke"),
+    "golden_mask": _b64_field("PNG of the class ids expected on the sample"),
+    "min_agreement": FloatField(0.0, 1.0, default=0.9),
+    "confirm_frames": IntField(0, 100_000, default=DEFAULT_CONFIRM_FRAMES,
+                               doc="frames the new model must process before it is confirmed"),
+    "confirm_timeout_s": FloatField(0.1, 86_400.0, default=DEFAULT_CONFIRM_TIMEOUT_S),
+    "transfer_timeout_s": FloatField(0.1, 3_600.0, default=DEFAULT_TRANSFER_TIMEOUT_S,
+                                     doc="longest pause between two chunks"),
+}
+ROLLBACK_SCHEMA: Schema = {
+    "to": StrField(r"[^\x00-\x1f]{1,128}", "a model name or sha256 (prefix >= 8) in the store",
+                   doc="default: the previous model"),
+    "confirm_frames": DEPLOY_SCHEMA["confirm_frames"],
+    "confirm_timeout_s": DEPLOY_SCHEMA["confirm_timeout_s"],
+}
+MODELS_SCHEMA: Schema = {}
+
+
+@dataclass
+class DeployRequest:
+    id: str
+    name: str
+    sha256: str
+    size: int
+    labels: Optional[List[str]] = None
+    url: Optional[str] = None
+    chunks: int = 0
+    chunk_size: int = 0
+    signature: Optional[bytes] = None
+    sample: Optional[bytes] = None
+    golden_mask: Optional[bytes] = None
+    min_agreement: float = 0.9
+    confirm_frames: int = DEFAULT_CONFIRM_FRAMES
+    confirm_timeout_s: float = DEFAULT_CONFIRM_TIMEOUT_S
+    transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S
+
+
+def deploy_request(rid: str, params: Dict[str, Any], max_size: int) -> DeployRequest:
+    """Cross-field checks of validated ``cmd/deploy`` parameters; RequestError with the reason."""
+    if params["size"] > max_size:
+        raise RequestError(f"model too large: {params['size']} bytes > deploy.max_size_mb ({max_size} bytes)")
+    if (params["url"] is None) == (params["chunks"] is None):
+        raise RequestError("give exactly one of 'url' (the agent downloads) or 'chunks' (inline transfer)")
+    if params["golden_mask"] is not None and params["sample"] is None:
+        raise RequestError("golden_mask: needs the 'sample' image it belongs to")
+    req = DeployRequest(id=rid, **{k: v for k, v in params.items() if k not in ("chunks", "chunk_size")})
+    if params["chunks"] is not None:
+        req.chunks = params["chunks"]
+        req.chunk_size = params["chunk_size"] or (req.size if req.chunks == 1 else 0)
+        if req.chunk_size <= 0 or math.ceil(req.size / req.chunk_size) != req.chunks:
+            raise RequestError(f"chunks ({req.chunks}) and chunk_size ({req.chunk_size}) do not fit "
+                               f"size ({req.size}): chunks = ceil(size / chunk_size)")
+    return req
+
+
+# -- receiving the bytes ---------------------------------------------------------------------------
+
+class ChunkAssembler:
+    """Writes chunks (any order, duplicates ignored) at their offsets into one file.
+
+    Every chunk but the last must be exactly ``chunk_size`` bytes and the last the remainder, so
+    a chunk is checked on arrival and memory holds none of them.  Thread-safe; ``wait`` returns
+    when complete, failed, or after ``idle_timeout_s`` without a new chunk.
+    """
+
+    def __init__(self, path: Path, size: int, count: int, chunk_size: int) -> None:
+        self.path, self.size, self.count, self.chunk_size = path, size, count, chunk_size
+        self._fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._received: Set[int] = set()
+        self._cond = threading.Condition()
+        self._last = time.monotonic()
+        self.bytes = 0
+        self.duplicates = 0
+        self.error: Optional[str] = None
+
+    def expected_length(self, n: int) -> int:
+        return self.chunk_size if n < self.count - 1 else self.size - self.chunk_size * (self.count - 1)
+
+    def add(self, n: int, data: bytes) -> None:
+        with self._cond:
+            if self.error is not None or self._fd < 0:
+                return
+            self._last = time.monotonic()
+            if not 0 <= n < self.count:
+                self.error = f"chunk {n} is out of range (the transfer has {self.count} chunks)"
+            elif n in self._received:
+                self.duplicates += 1
+                return
+            elif len(data) != self.expected_length(n):
+                self.error = f"chunk {n} has {len(data)} bytes, expected {self.expected_length(n)}"
+            else:
+                os.pwrite(self._fd, data, n * self.chunk_size)
+                self._received.add(n)
+                self.bytes += len(data)
+            self._cond.notify_all()
+
+    def fail(self, reason: str) -> None:
+        with self._cond:
+            self.error = self.error or reason
+            self._cond.notify_all()
+
+    @property
+    def complete(self) -> bool:
+        return len(self._received) == self.count
+
+    def missing(self, limit: int = 10) -> List[int]:
+        with self._cond:
+            return [n for n in range(self.count) if n not in self._received][:limit]
+
+    def wait(self, idle_timeout_s: float, on_progress: Callable[[int], None]) -> None:
+        """Until all chunks arrived; raises DeployFailed on a bad chunk or an idle timeout."""
+        with self._cond:
+            while self.error is None and not self.complete:
+                idle = time.monotonic() - self._last
+                if idle >= idle_timeout_s:
+                    missing = [n for n in range(self.count) if n not in self._received]
+                    shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+                    raise DeployFailed(f"transfer incomplete: no chunk for {idle_timeout_s:g} s; "
+                                       f"{len(missing)} of {self.count} chunks missing ({shown})")
+                self._cond.wait(min(PROGRESS_EVERY_S, idle_timeout_s - idle))
+                received = self.bytes
+                self._cond.release()
+                try:
+                    on_progress(received)
+                finally:
+                    self._cond.acquire()
+            if self.error is not None:
+                raise DeployFailed(f"transfer refused: {self.error}")
+
+    def close(self) -> None:
+        with self._cond:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+            if self.error is None and not self.complete:
+                self.error = "transfer abandoned"
+            self._cond.notify_all()
+
+
+def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: Callable[[int], None]) -> None:
+    """Download ``url`` into ``path``: at most ``limit`` bytes, within ``timeout_s`` overall."""
+    deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})
+    total = 0
+    last_report = 0.0
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp, open(path, "wb") as out:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > limit:
+                raise DeployFailed(f"download refused: {url} has {length} bytes, more than the {limit} expected")
+            for block in iter(lambda: resp.read(1 << 16), b""):
+                total += len(block)
+                if total > limit:
+                    raise DeployFailed(f"download refused: {url} sends more than the {limit} bytes expected")
+                if time.monotonic() > deadline:
+                    raise DeployFailed(f"download timed out after {timeout_s:g} s (deploy.url_timeout_s)")
+                out.write(block)
+                if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                    last_report = time.monotonic()
+                    on_progress(total)
+            out.flush()
+            os.fsync(out.fileno())
+    except DeployFailed:
+        raise
+    except OSError as exc:  # URLError, HTTPError, timeouts, refused connections
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(exc, urllib.error.HTTPError):
+            reason = f"HTTP {exc.code} {exc.reason}"
+        raise DeployFailed(f"cannot download {url}: {reason}") from None
+
+
+def verify_file(path: Path, size: int, sha: str) -> None:
+    actual_size = path.stat().st_size
+    if actual_size != size:
+        raise DeployFailed(f"size mismatch: received {actual_size} bytes, the request says {size}")
+    actual = sha256_file(path)
+    if actual != sha:
+        raise DeployFailed(f"sha256 mismatch: received {actual}, the request says {sha}")
+
+
+# -- checking the model ----------------------------------------------------------------------------
+
+def decode_image(data: bytes, what: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None:
+        raise DeployFailed(f"the {what} is not a decodable image")
+    return image
+
+
+def synthetic_frame(height: int, width: int) -> np.ndarray:
+    """A deterministic, textured RGB frame: enough to exercise every op of the graph."""
+    y, x = np.mgrid[0:height, 0:width]
+    r = (x * 255 // max(1, width - 1)).astype(np.uint8)
+    g = (y * 255 // max(1, height - 1)).astype(np.uint8)
+    b = (((x // 32) + (y // 32)) % 2 * 200).astype(np.uint8)
+    return np.dstack([r, g, b])
+
+
+def sanity_check(segmenter: Segmenter, sample: Optional[bytes], golden: Optional[bytes],
+                 min_agreement: float) -> Dict[str, Any]:
+    """One real invoke on a frame; the mask must be well formed (and match the golden one)."""
+    if sample is not None:
+        frame = cv2.cvtColor(decode_image(sample, "sample image"), cv2.COLOR_BGR2RGB)
+    else:
+        frame = synthetic_frame(*segmenter.model.input_size)
+    t0 = time.monotonic()
+    result = segmenter.segment(frame)
+    elapsed_ms = (time.monotonic() - t0) * 1e3
+    mask = result.mask
+    if mask.shape != frame.shape[:2] or mask.dtype != np.uint8:
+        raise DeployFailed(f"sanity invoke: mask {mask.shape} {mask.dtype} for a {frame.shape[:2]} frame")
+    labels = segmenter.labels
+    classes = segmenter.model.output.classes
+    if labels and classes and len(labels) != classes:
+        raise DeployFailed(f"{len(labels)} labels for a model with {classes} classes")
+    top = int(mask.max())
+    if labels and top >= len(labels):
+        raise DeployFailed(f"sanity invoke: class id {top} but only {len(labels)} labels")
+    report: Dict[str, Any] = {"sanity_ms": round(elapsed_ms, 1)}
+    if golden is not None:
+        expected = decode_image(golden, "golden mask", cv2.IMREAD_GRAYSCALE)
+        if expected.shape != mask.shape:
+            raise DeployFailed(f"golden mask is {expected.shape[1]}x{expected.shape[0]}, "
+                               f"the sample {mask.shape[1]}x{mask.shape[0]}")
+        score = agreement(mask, expected)
+        report["agreement"] = round(score, 4)
+        if score < min_agreement:
+            raise DeployFailed(f"golden mask agreement {score:.3f} < {min_agreement:g}")
+    return report
+
+
+def run_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Run ``fn`` on a daemon thread; a hung interpreter must not hang the deployment forever."""
+    box: Dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="deploy-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise DeployFailed(f"{what} did not finish within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+# -- the agent side ----------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    """One deployment or rollback in progress."""
+
+    request: Request
+    kind: str  # "deploy" | "rollback"
+    spec: DeployRequest
+    assembler: Optional[ChunkAssembler] = None
+    temp: Optional[Path] = None
+    fields: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+
+class Deployer:
+    """Handles cmd/deploy, cmd/rollback and cmd/models for one agent; one job at a time."""
+
+    def __init__(self, agent: Any, store: ModelStore) -> None:
+        self.agent = agent
+        self.store = store
+        cfg = agent.config.deploy
+        self.max_size = int(cfg.max_size_mb) * 1024 * 1024
+        self.url_timeout_s = float(cfg.url_timeout_s)
+        self.public_key: Any = None
+        self.key_problem: Optional[str] = None
+        if cfg.public_key:
+            try:
+                self.public_key = signing.load_public_key(cfg.public_key)
+            except EdgeAgentError as exc:
+                self.key_problem = str(exc)
+                log.error("deployments are refused until fixed: %s", exc)
+        comms = lambda: self.agent.comms  # noqa: E731 - the agent may replace its comms on reload
+        self.deploy_channel = CommandChannel(comms, KIND, DEPLOY_SCHEMA, MAX_REQUEST_BYTES)
+        self.rollback_channel = CommandChannel(comms, KIND, ROLLBACK_SCHEMA,
+                                               share_ids_with=self.deploy_channel)
+        self.models_channel = CommandChannel(comms, MODELS_KIND, MODELS_SCHEMA)
+        self._config_resolver: Callable[[Any], Tuple[str, Any]] = agent.model_resolver
+        self._lock = threading.Lock()
+        self._job: Optional[_Job] = None
+
+    # -- MQTT entry points (paho's thread: validate, answer, hand off) ----------------------------
+    def on_deploy(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
+        parts = topic.split("/")
+        if len(parts) >= 5 and parts[-2] == "chunk" and parts[-4] == "deploy" and parts[-5] == "cmd":
+            self._on_chunk(parts[-3], parts[-1], payload)
+        elif parts[-2:] == ["cmd", "deploy"]:
+            request = self.deploy_channel.receive(topic, payload, props)
+            if request is not None:
+                self._guarded(request, self._start_deploy)
+
+    def on_rollback(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
+        request = self.rollback_channel.receive(topic, payload, props)
+        if request is not None:
+            self._guarded(request, self._start_rollback)
+
+    def on_models(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
+        request = self.models_channel.receive(topic, payload, props)
+        if request is not None:
+            request.done(running=self._running_sha(), **self.store.describe())
+
+    def _guarded(self, request: Request, start: Callable[[Request], None]) -> None:
+        try:
+            start(request)
+        except (RequestError, EdgeAgentError) as exc:
+            log.warning("%s %s rejected: %s", request.channel.kind, request.id, exc)
+            request.reject(str(exc), running=self._running_sha())
+
+    def _claim(self, job: _Job) -> None:
+        with self._lock:
+            if self._job is not None:
+                raise RequestError(f"busy: {self._job.kind} {self._job.id} is in progress")
+            self._job = job
+
+    def _start_deploy(self, request: Request) -> None:
+        req = deploy_request(request.id, request.params, self.max_size)
+        self._check_signature(req)
+        job = _Job(request, "deploy", req, fields={"name": req.name, "sha256": req.sha256, "size": req.size})
+        if req.sha256 == self._running_sha():
+            request.done(state="active", note="already running this model: nothing transferred", **job.fields)
+            return
+        self._claim(job)
+        try:
+            job.temp = self.store.incoming_file(req.id)
+            if req.chunks:
+                job.assembler = ChunkAssembler(job.temp, req.size, req.chunks, req.chunk_size)
+        except OSError as exc:
+            self._release(job)
+            raise RequestError(f"cannot write to the model store: {exc}") from None
+        # accepted before the worker can send progress; senders of chunks wait for it
+        request.accept(transfer="chunks" if req.chunks else "url", chunks=req.chunks or None, **job.fields)
+        threading.Thread(target=self._run_job, args=(job, self._deploy), name=f"deploy-{req.id}",
+                         daemon=True).start()
+
+    def _check_signature(self, req: DeployRequest) -> None:
+        if self.key_problem is not None:
+            raise RequestError(f"deployments disabled: {self.key_problem}")
+        if self.public_key is None:
+            return
+        if not req.signature:
+            raise RequestError("unsigned deployment refused: deploy.public_key is configured")
+        signing.verify_digest(self.public_key, req.sha256, req.signature)
+
+    def _start_rollback(self, request: Request) -> None:
+        target = self._rollback_target(request.params["to"])
+        spec = DeployRequest(id=request.id, name=target.name, sha256=target.sha256,
+                             size=int(target.manifest.get("size") or 0),
+                             confirm_frames=request.params["confirm_frames"],
+                             confirm_timeout_s=request.params["confirm_timeout_s"])
+        job = _Job(request, "rollback", spec, fields={"name": target.name, "sha256": target.sha256})
+        if target.sha256 == self._running_sha():
+            raise RequestError(f"already running {target.name} ({target.sha256[:12]})")
+        self._claim(job)
+        request.accept(**job.fields)
+        threading.Thread(target=self._run_job, args=(job, self._rollback), name=f"rollback-{job.id}",
+                         daemon=True).start()
+
+    def _rollback_target(self, to: Optional[str]) -> StoredModel:
+        if to is None:
+            sha = self.store.previous()
+            if sha is None or not self.store.has(sha):
+                raise RequestError("no previous model in the store to roll back to")
+            return self.store.get(sha)
+        key = to.lower()
+        matches = [e for e in self.store.entries()
+                   if key in (e.sha256, e.name.lower()) or (len(key) >= 8 and e.sha256.startswith(key))]
+        if not matches:
+            raise RequestError(f"no model '{to}' in the store")
+        return matches[-1]  # the newest of that name
+
+    def _on_chunk(self, rid: str, number: str, payload: bytes) -> None:
+        job = self._job
+        if job is None or job.id != rid or job.assembler is None:
+            log.debug("chunk %s of unknown or finished deployment %s ignored", number, rid)
+            return
+        if not number.isdigit() or len(number) > 9:
+            job.assembler.fail(f"bad chunk number {number[:20]!r}")
+            return
+        job.assembler.add(int(number), payload)
+
+    # -- the worker ----------------------------------------------------------------------------
+    def _run_job(self, job: _Job, work: Callable[[_Job], Dict[str, Any]]) -> None:
+        try:
+            extra = work(job)
+            job.request.done(**job.fields, **extra, running=self._running_sha())
+        except EdgeAgentError as exc:
+            log.error("%s %s failed: %s", job.kind, job.id, exc)
+            job.request.fail(str(exc), **job.fields, running=self._running_sha())
+        except Exception as exc:  # a bug must answer too: the requester is waiting
+            log.exception("%s %s crashed", job.kind, job.id)
+            job.request.fail(f"internal error: {type(exc).__name__}: {exc}", **job.fields,
+                             running=self._running_sha())
+        finally:
+            if job.assembler is not None:
+                job.assembler.close()
+            if job.temp is not None and job.temp.exists():
+                job.temp.unlink()
+            self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        with self._lock:
+            if self._job is job:
+                self._job = None
+
+    def _deploy(self, job: _Job) -> Dict[str, Any]:
+        req = job.spec
+        assert job.temp is not None
+        progress = self._progress_reporter(job, req.size)
+        if job.assembler is not None:
+            job.assembler.wait(req.transfer_timeout_s, progress)
+            job.assembler.close()
+            if job.assembler.duplicates:
+                job.fields["duplicate_chunks"] = job.assembler.duplicates
+        else:
+            fetch_url(req.url or "", job.temp, req.size, self.url_timeout_s, progress)
+        job.request.progress(stage="verifying", **job.fields)
+        verify_file(job.temp, req.size, req.sha256)
+        placed = self.store.place(job.temp, req.sha256)
+        try:
+            segmenter, report = self._load_and_check(job, self.store.model_path(req.sha256))
+        except BaseException:
+            if placed:
+                self.store.discard(req.sha256)
+            raise
+        job.fields.update(report)
+        self.store.write_manifest(req.sha256, {  # a re-deployment refreshes it
+            "name": req.name, "labels": segmenter.labels, "input_size": list(segmenter.model.input_size),
+            "source": req.url or "mqtt", "request_id": req.id, "deployed_at": round(time.time(), 3),
+            "size": req.size, "signed": bool(req.signature and self.public_key is not None)})
+        return self._activate(job, segmenter, "active")
+
+    def _rollback(self, job: _Job) -> Dict[str, Any]:
+        entry = self.store.get(job.spec.sha256)
+        segmenter, report = self._load_and_check(job, entry.path, labels=entry.labels)
+        job.fields.update(report)
+        return self._activate(job, segmenter, "rolled_back")
+
+    def _load_and_check(self, job: _Job, path: Path,
+                        labels: Optional[List[str]] = None) -> Tuple[Segmenter, Dict[str, Any]]:
+        req = job.spec
+        m = self.agent.config.model
+        labels = labels or req.labels
+        if labels is None:  # a model of the manifest brings its labels
+            entry = catalog.entry_for_file(str(path))
+            labels = entry.labels if entry and entry.labels else None
+
+        def load() -> Tuple[Segmenter, Dict[str, Any]]:
+            # No cpu_fallback: a deployment must run what was deployed, or be refused.
+            segmenter = Segmenter(str(path), labels=labels, runtime=m.runtime, threads=m.threads or None,
+                                  edgetpu=m.edgetpu or None, cpu_fallback=None, mode=m.preprocess)
+            return segmenter, sanity_check(segmenter, req.sample, req.golden_mask, req.min_agreement)
+
+        job.request.progress(stage="checking", **job.fields)
+        try:
+            return run_with_timeout(load, 3 * m.inference_timeout_s + 30.0, "loading and the sanity invoke")
+        except DeployFailed:
+            raise
+        except EdgeAgentError as exc:  # ModelError, RuntimeNotAvailable, InferenceError
+            text = str(exc).replace(f"{path}: ", "").replace(str(path), path.name)  # no store paths
+            raise DeployFailed(f"model refused: {text}") from None
+
+    def _activate(self, job: _Job, segmenter: Segmenter, final: str) -> Dict[str, Any]:
+        """Swap in, move the pointers with a pending marker, confirm on real frames (or undo)."""
+        req = job.spec
+        self._adopt_running_model()
+        old_pointers = (self.store.current(), self.store.previous())
+        self.store.begin_switch(req.sha256, reason=job.kind)
+        job.request.progress(stage="activating", **job.fields)
+        pipeline = self.agent.pipeline
+        old = self.agent.segmenter
+        if pipeline is not None:
+            pipeline.swap_segmenter(segmenter)
+            self.agent.segmenter = segmenter
+        else:  # idle agent (its configured model or source failed): start on the new model
+            self.agent.start_pipeline()
+            pipeline = self.agent.pipeline
+            if pipeline is None:
+                self._undo(None, None, old_pointers, f"cannot start: {self.agent.error}")
+                raise DeployFailed(f"the pipeline does not start: {self.agent.error}")
+        self.agent.publish_info()
+        problem = self._await_confirm(pipeline, req.confirm_frames, req.confirm_timeout_s)
+        if problem is not None:
+            self._undo(pipeline, old, old_pointers, problem)
+            raise DeployFailed(f"rolled back after the swap: {problem}")
+        self.store.confirm()
+        removed = self.store.prune()
+        self.agent.publish_info()
+        log.info("%s %s: now running %s (%s)", job.kind, job.id, req.name, req.sha256[:12])
+        return {"state": final, "pruned": removed or None}
+
+    def _undo(self, pipeline: Any, old: Optional[Segmenter], pointers: Tuple[Optional[str], Optional[str]],
+              reason: str) -> None:
+        if pipeline is not None and old is not None:
+            pipeline.swap_segmenter(old)
+            self.agent.segmenter = old
+        elif pipeline is not None:  # the agent was idle before: idle again, saying why
+            self.agent.stop_pipeline()
+            self.agent.segmenter = None
+            self.agent.error = f"deployed model rolled back: {reason}"
+        self.store.rollback_pending(reason)
+        self.store.set_pointers(*pointers)
+        self.agent.publish_info()
+
+    def _await_confirm(self, pipeline: Any, frames: int, timeout_s: float) -> Optional[str]:
+        """None once ``frames`` frames went through the new model; else why not."""
+        counters = pipeline.counters
+        ok0, errors0 = counters.inferred, counters.inference_errors
+        deadline = time.monotonic() + timeout_s
+        limit = self.agent.config.model.inference_timeout_s
+        while counters.inferred - ok0 < frames:
+            if counters.inference_errors - errors0 >= max(1, frames):
+                return f"inference fails on the new model ({counters.last_error})"
+            if not pipeline.healthy(limit):
+                return f"the pipeline is unhealthy on the new model ({counters.last_error or 'inference stuck'})"
+            if time.monotonic() > deadline:
+                return (f"only {counters.inferred - ok0} of {frames} frames processed within "
+                        f"{timeout_s:g} s of the swap")
+            time.sleep(0.02)
+        return None
+
+    def _adopt_running_model(self) -> None:
+        """First deployment: put the configured model into the store so a rollback can reach it."""
+        if self.store.current() is not None or self.agent.segmenter is None:
+            return
+        seg = self.agent.segmenter
+        path = seg.model.file.path
+        entry = self.store.adopt(path, {"name": seg.model.file.name, "labels": seg.labels,
+                                        "input_size": list(seg.model.input_size), "source": f"config:{path}"})
+        self.store.set_pointers(entry.sha256, None)
+
+    def _progress_reporter(self, job: _Job, total: int) -> Callable[[int], None]:
+        last = {"at": 0.0}
+
+        def report(received: int) -> None:
+            now = time.monotonic()
+            if now - last["at"] >= PROGRESS_EVERY_S:
+                last["at"] = now
+                job.request.progress(stage="downloading", received=received, total=total)
+        return report
+
+    def _running_sha(self) -> Optional[str]:
+        seg = self.agent.segmenter
+        return seg.model.file.sha256 if seg is not None else None
+
+    # -- what the agent runs at startup, and tells in info --------------------------------------
+    def resolve_model(self, config: Any) -> Tuple[str, Any]:
+        """The store's current model when there is one, else what the config names."""
+        sha = self.store.current()
+        if sha is not None and self.store.has(sha):
+            entry = self.store.get(sha)
+            log.info("running %s (%s) from the model store", entry.name, sha[:12])
+            return str(entry.path), entry.labels
+        return self._config_resolver(config)
+
+    def info_extras(self, doc: Dict[str, Any]) -> Dict[str, Any]:
+        """``info`` with the store's model name and the deployment pointers."""
+        sha = self._running_sha()
+        if sha is not None and isinstance(doc.get("model"), dict) and self.store.has(sha):
+            doc["model"]["name"] = self.store.get(sha).name
+        pending = self.store.pending()
+        doc["deploy"] = {"current": self.store.current(), "previous": self.store.previous(),
+                         "pending": pending.get("sha256") if pending else None,
+                         "signing": "required" if self.public_key is not None else "off"}
+        return doc
+
+
+def install(agent: Any) -> Optional[Deployer]:
+    """Open (and repair) the store, start from its current model, and register the commands.
+
+    Called by ``Agent.run`` before the pipeline starts, so the model resolver sees the store
+    after an unconfirmed model was rolled back.
+    """
+    cfg = agent.config
+    try:
+        store = ModelStore.open(cfg.agent.state_dir, cfg.deploy.keep_models)
+    except (EdgeAgentError, OSError) as exc:  # the agent must serve its configured model anyway
+        log.error("model deployment disabled: the model store in %s is unusable (%s)", cfg.agent.state_dir, exc)
+        return None
+    deployer = Deployer(agent, store)
+    agent.model_resolver = deployer.resolve_model
+    agent.info_extras.append(deployer.info_extras)
+    agent.deployer = deployer
+    agent.add_command_handler("deploy", deployer.on_deploy, subtree=True)
+    agent.add_command_handler("rollback", deployer.on_rollback)
+    agent.add_command_handler("models", deployer.on_models)
+    return deployer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_agent.cli import build_parser
 from edge_agent.daemon import benchmark as bench
 from edge_agent.daemon.benchmark import BenchSettings, parse_frame_size, run_benchmark
 from edge_agent.errors import EdgeAgentError, ModelError
@@ -180,9 +180,7 @@ def test_throttling_flags_from_vcgencmd(dm05, tmp_path, monkeypatch):
 # -- CLI -----------------------------------------------------------------------------------------------
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["bench", *argv])
+    args = build_parser().parse_args(["bench", *argv])
     return args.func(args)
 
 

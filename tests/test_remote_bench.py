@@ -7,7 +7,6 @@ host side (fleet discovery, a device killed mid-benchmark, table/CSV/JSON/plot a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -26,6 +25,7 @@ from edge_agent.daemon.benchmark import BenchSettings, run_benchmark
 from edge_agent.comms.mqtt import MqttComms
 from edge_agent.comms.commands import CommandChannel, RequestError, decode_json, validate
 from edge_agent.config import BenchmarkConfig, MqttConfig
+from edge_agent.cli import build_parser
 from edge_agent.fleet import bench as fleet_bench
 from edge_agent.fleet.client import FleetClient
 from edge_agent.remote.bench import request_schema
@@ -199,9 +199,7 @@ def same_shape(a: Any, b: Any, path: str = "") -> None:
 
 
 def run_remote_cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser()
-    fleet_bench.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["remote", "bench", *argv])
+    args = build_parser().parse_args(["remote", "bench", *argv])
     return args.func(args)
 
 

@@ -148,8 +148,8 @@ def test_no_mprotect_exec_which_systemd_seccomp_mdwe_would_refuse(tmp_path):
 
 
 def run_service(*argv: str) -> subprocess.CompletedProcess:
-    """The installer as install.sh runs it: `python -m edge_agent.daemon.service ...` from the repo."""
-    return subprocess.run([sys.executable, "-m", "edge_agent.daemon.service", *argv],
+    """The installer as install.sh runs it: `python -m edge_agent.cli.service ...` from the repo."""
+    return subprocess.run([sys.executable, "-m", "edge_agent.cli.service", *argv],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
 
 

@@ -1,4 +1,4 @@
-"""``edge-agent`` command line: one sub-command a module, registered here.
+"""``edge-agent`` command line: one module of this package per command group, registered here.
 
 Every user error is an :class:`EdgeAgentError`: printed as one line on stderr, exit code 2.
 """
@@ -16,17 +16,18 @@ from edge_agent import __version__
 from edge_agent.errors import ConfigError, EdgeAgentError
 
 # Modules that contribute sub-commands through ``add_parser(subparsers)``.
+# Domain modules never import argparse: each command's options and wiring live here.
 COMMAND_MODULES = (
     "edge_agent.cli.segment",
-    "edge_agent.inference.inspect",
-    "edge_agent.models.catalog",
-    "edge_agent.daemon.agent",
-    "edge_agent.config",
+    "edge_agent.cli.inspect",
+    "edge_agent.cli.models",
+    "edge_agent.cli.run",
+    "edge_agent.cli.config",
     "edge_agent.cli.demo",
-    "edge_agent.daemon.service",
-    "edge_agent.fleet.deploy",
-    "edge_agent.daemon.benchmark",
-    "edge_agent.fleet.bench",
+    "edge_agent.cli.service",
+    "edge_agent.cli.remote",
+    "edge_agent.cli.bench",
+    "edge_agent.cli.host",
 )
 
 

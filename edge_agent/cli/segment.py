@@ -16,16 +16,7 @@ from edge_agent.inference.postprocess import class_fractions
 from edge_agent.inference.preprocess import MODES
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.output.visuals import overlay
-
-
-def read_image(path: str) -> np.ndarray:
-    """Read an image file as RGB uint8 (one readable error if it is missing or not an image)."""
-    if not os.path.isfile(path):
-        raise EdgeAgentError(f"{path}: image not found")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise EdgeAgentError(f"{path}: not a readable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+from edge_agent.sources.images import read_image
 
 
 def write_png(path: Path, image: np.ndarray, rgb: bool = False) -> None:

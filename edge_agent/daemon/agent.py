@@ -12,7 +12,6 @@ while idle by design), ``STATUS=`` with fps, ``RELOADING=1`` on SIGHUP, ``STOPPI
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -28,7 +27,7 @@ from edge_agent.models import catalog
 from edge_agent.daemon import sdnotify
 
 from edge_agent.daemon import system
-from edge_agent.config import Config, add_config_arguments, config_from_args
+from edge_agent.config import Config
 from edge_agent.errors import EdgeAgentError
 from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
 from edge_agent.inference.segmenter import Segmenter
@@ -302,22 +301,3 @@ class Agent:
         for extra in self.info_extras:
             doc = extra(doc)
         self.comms.set_info(doc)
-
-
-# -- CLI ---------------------------------------------------------------------------------------
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("run", help="run the agent daemon (camera -> segmentation -> MQTT)")
-    add_config_arguments(p)
-    p.set_defaults(func=_cmd_run)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if not args.verbose:
-        logging.getLogger().setLevel(config.agent.log_level.upper())
-    agent = Agent(config)
-    agent.config_path = args.config
-    agent.config_overrides = args.overrides
-    log.info("edge-agent %s starting as device '%s'", __version__, config.agent.device_id)
-    return agent.run()

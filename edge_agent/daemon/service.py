@@ -16,7 +16,6 @@ concern the running host, not the staging tree); the unit is enabled with ``syst
 
 from __future__ import annotations
 
-import argparse
 import grp
 import os
 import pwd
@@ -28,7 +27,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from edge_agent import data
 from edge_agent.errors import EdgeAgentError
@@ -227,8 +226,8 @@ def chown(path: Path, user: str, group: str) -> None:
 # --------------------------------------------------------------------------- plans
 
 
-def plan_install(args: argparse.Namespace) -> List[Step]:
-    lay = Layout(Path(args.root or "/").resolve(), args.prefix)
+def plan_install(opts: Any) -> List[Step]:
+    lay = Layout(Path(opts.root or "/").resolve(), opts.prefix)
     steps: List[Step] = []
     staging_note = "skipped: --root installs into a staging tree, not this host"
 
@@ -252,29 +251,29 @@ def plan_install(args: argparse.Namespace) -> List[Step]:
 
     # 2. venv and package
     venv_python = lay.venv / "bin" / "python"
-    venv_cmd = [args.python, "-m", "venv"]
-    if args.system_site_packages:
+    venv_cmd = [opts.python, "-m", "venv"]
+    if opts.system_site_packages:
         venv_cmd.append("--system-site-packages")
-    if args.no_package:
+    if opts.no_package:
         venv_cmd.append("--without-pip")
     venv_cmd.append(str(lay.venv))
     steps.append(Step(f"create venv {lay.venv}", lambda: run_command(venv_cmd),
                       done=venv_python.exists(), command=venv_cmd))
-    if args.no_package:
+    if opts.no_package:
         steps.append(Step("install the edge-agent package into the venv", lambda: None,
                           skip_reason="skipped: --no-package"))
     else:
-        pip_cmd = [str(venv_python), "-m", "pip", "install", "--upgrade", args.package]
-        steps.append(Step(f"install {args.package} into the venv",
+        pip_cmd = [str(venv_python), "-m", "pip", "install", "--upgrade", opts.package]
+        steps.append(Step(f"install {opts.package} into the venv",
                           lambda: run_command(pip_cmd), command=pip_cmd))
 
     # 3. config (never overwritten)
-    example = find_config_example(args.config_example)
+    example = find_config_example(opts.config_example)
     source = str(example) if example else "the built-in defaults"
 
     def install_config() -> None:
         text = example.read_text() if example else default_config_text()
-        if not args.config_example:  # the shipped example: fill in this device's camera and model
+        if not opts.config_example:  # the shipped example: fill in this device's camera and model
             from edge_agent.models import catalog
 
             text = tailor_config(text, None if lay.staging else detect_camera(),
@@ -289,7 +288,7 @@ def plan_install(args: argparse.Namespace) -> List[Step]:
                       install_config, done=lay.config.exists()))
 
     # 4. unit
-    unit_text = render_unit(Path(args.unit_template).read_text(), args.prefix)
+    unit_text = render_unit(Path(opts.unit_template).read_text(), opts.prefix)
     unit_current = lay.unit.read_text() if lay.unit.exists() else None
     steps.append(Step(f"install {lay.unit}", lambda: write_file(lay.unit, unit_text, 0o644),
                       done=unit_current == unit_text))
@@ -301,20 +300,20 @@ def plan_install(args: argparse.Namespace) -> List[Step]:
         wants = lay.at(UNIT_DIR) / "multi-user.target.wants" / UNIT_NAME
         steps.append(Step(f"enable {UNIT_NAME} in {lay.root}", lambda: run_command(enable),
                           done=wants.is_symlink(), command=enable,
-                          skip_reason="" if not args.no_enable else "skipped: --no-enable"))
+                          skip_reason="" if not opts.no_enable else "skipped: --no-enable"))
     else:
         reload_cmd = ["systemctl", "daemon-reload"]
         steps.append(Step("run systemctl daemon-reload", lambda: run_command(reload_cmd),
                           command=reload_cmd))
-        enable = ["systemctl", "enable"] + ([] if args.no_start else ["--now"]) + [UNIT_NAME]
-        steps.append(Step(f"enable{'' if args.no_start else ' and start'} {UNIT_NAME}",
+        enable = ["systemctl", "enable"] + ([] if opts.no_start else ["--now"]) + [UNIT_NAME]
+        steps.append(Step(f"enable{'' if opts.no_start else ' and start'} {UNIT_NAME}",
                           lambda: run_command(enable), command=enable,
-                          skip_reason="" if not args.no_enable else "skipped: --no-enable"))
+                          skip_reason="" if not opts.no_enable else "skipped: --no-enable"))
     return steps
 
 
-def plan_uninstall(args: argparse.Namespace) -> List[Step]:
-    lay = Layout(Path(args.root or "/").resolve(), args.prefix)
+def plan_uninstall(opts: Any) -> List[Step]:
+    lay = Layout(Path(opts.root or "/").resolve(), opts.prefix)
     steps: List[Step] = []
     if lay.staging:
         disable = ["systemctl", f"--root={lay.root}", "disable", UNIT_NAME]
@@ -327,13 +326,13 @@ def plan_uninstall(args: argparse.Namespace) -> List[Step]:
         reload_cmd = ["systemctl", "daemon-reload"]
         steps.append(Step("run systemctl daemon-reload", lambda: run_command(reload_cmd),
                           command=reload_cmd))
-    prefix_dir = lay.at(args.prefix)
+    prefix_dir = lay.at(opts.prefix)
     steps.append(Step(f"remove {prefix_dir}", lambda: shutil.rmtree(prefix_dir),
                       done=not prefix_dir.exists()))
     keep = "kept (use --purge to remove)"
     for path in (lay.at(CONFIG_DIR), lay.at(STATE_DIR)):
         steps.append(Step(f"remove {path}", lambda p=path: shutil.rmtree(p), done=not path.exists(),
-                          skip_reason="" if args.purge else keep))
+                          skip_reason="" if opts.purge else keep))
     if lay.staging:
         steps.append(Step(f"remove user {USER}", lambda: None,
                           skip_reason="skipped: --root installs into a staging tree"))
@@ -341,7 +340,7 @@ def plan_uninstall(args: argparse.Namespace) -> List[Step]:
         userdel = ["userdel", USER]
         steps.append(Step(f"remove user {USER}", lambda: run_command(userdel),
                           done=not user_exists(USER), command=userdel,
-                          skip_reason="" if args.purge else keep))
+                          skip_reason="" if opts.purge else keep))
     return steps
 
 
@@ -364,25 +363,23 @@ def execute(steps: Sequence[Step], dry_run: bool, out: Callable[[str], None] = p
     return changed
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def _check_privileges(args: argparse.Namespace) -> None:
-    if not args.dry_run and not args.root and os.geteuid() != 0:
+def _check_privileges(opts: Any) -> None:
+    if not opts.dry_run and not opts.root and os.geteuid() != 0:
         raise ServiceError("service install/uninstall changes the system: run it as root "
                            "(sudo), or use --dry-run / --root DIR")
 
 
-def cmd_install(args: argparse.Namespace) -> int:
-    _check_privileges(args)
-    if not Path(args.unit_template).is_file():
-        raise ServiceError(f"unit template not found: {args.unit_template} "
+def install(opts: Any) -> int:
+    """Run (or, with ``opts.dry_run``, print) every install step; ``opts`` holds the CLI's options."""
+    _check_privileges(opts)
+    if not Path(opts.unit_template).is_file():
+        raise ServiceError(f"unit template not found: {opts.unit_template} "
                            "(run from a checkout, or pass --unit-template)")
-    mode = " (dry run: nothing is changed)" if args.dry_run else ""
+    mode = " (dry run: nothing is changed)" if opts.dry_run else ""
     print(f"Installing edge-agent as a systemd service{mode}")
-    changed = execute(plan_install(args), args.dry_run)
-    lay = Layout(Path(args.root or "/").resolve(), args.prefix)
-    if not args.dry_run:
+    changed = execute(plan_install(opts), opts.dry_run)
+    lay = Layout(Path(opts.root or "/").resolve(), opts.prefix)
+    if not opts.dry_run:
         print("Nothing to change: already installed." if changed == 0 else "Done.")
     if not lay.at(CREDENTIAL_FILE).exists():
         print(f"Note: for an MQTT password, put it in {CREDENTIAL_FILE} (root, mode 0600); "
@@ -392,67 +389,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_uninstall(args: argparse.Namespace) -> int:
-    _check_privileges(args)
-    mode = " (dry run: nothing is changed)" if args.dry_run else ""
+def uninstall(opts: Any) -> int:
+    """Disable and remove the unit and the venv (``opts.purge``: config, state and user too)."""
+    _check_privileges(opts)
+    mode = " (dry run: nothing is changed)" if opts.dry_run else ""
     print(f"Uninstalling the edge-agent service{mode}")
-    execute(plan_uninstall(args), args.dry_run)
+    execute(plan_uninstall(opts), opts.dry_run)
     return 0
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefix", default=DEFAULT_PREFIX,
-                   help=f"where the venv lives (default {DEFAULT_PREFIX})")
-    p.add_argument("--root", metavar="DIR",
-                   help="install into a staging tree DIR instead of / (no user, no start)")
-    p.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
-
-
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Register ``service install|uninstall`` on the CLI's sub-command parser."""
-    svc = subparsers.add_parser("service", help="install or remove the systemd service",
-                                description="Install or remove edge-agent as a systemd service.")
-    sub = svc.add_subparsers(dest="service_command", metavar="{install,uninstall}")
-    sub.required = True
-    inst = sub.add_parser("install", help="create user, venv, config; install and enable the unit")
-    _common(inst)
-    inst.add_argument("--package", default=default_package(),
-                      help="what pip installs into the venv (default: this checkout, else "
-                           "edge-agent from the index)")
-    inst.add_argument("--no-package", action="store_true",
-                      help="create the venv only (offline staging, tests)")
-    inst.add_argument("--python", default=default_python(), help="interpreter for the venv")
-    site = inst.add_mutually_exclusive_group()
-    site.add_argument("--system-site-packages", dest="system_site_packages",
-                      action="store_true", default=has_system_picamera2(),
-                      help="let the venv see apt's python3-picamera2 (default: on if installed)")
-    site.add_argument("--no-system-site-packages", dest="system_site_packages",
-                      action="store_false")
-    inst.add_argument("--config-example", metavar="FILE",
-                      help="config to copy to /etc/edge-agent/config.toml if absent")
-    inst.add_argument("--unit-template", default=str(UNIT_TEMPLATE), help=argparse.SUPPRESS)
-    inst.add_argument("--no-enable", action="store_true", help="install but do not enable")
-    inst.add_argument("--no-start", action="store_true", help="enable but do not start now")
-    inst.set_defaults(func=cmd_install)
-    uni = sub.add_parser("uninstall", help="disable and remove the unit and the venv")
-    _common(uni)
-    uni.add_argument("--purge", action="store_true",
-                     help="also remove /etc/edge-agent, /var/lib/edge-agent and the user")
-    uni.set_defaults(func=cmd_uninstall)
-    return svc
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Standalone entry (``python3 -m edge_agent.daemon.service``) for systemd/install.sh."""
-    parser = argparse.ArgumentParser(prog="edge-agent")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["service", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.func(args)
-    except EdgeAgentError as err:
-        print(f"edge-agent: error: {err}", file=sys.stderr)
-        return err.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

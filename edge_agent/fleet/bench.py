@@ -16,20 +16,15 @@ Exit code 0 when every device answered ``done``, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import sys
 import time
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
-from edge_agent.daemon.benchmark import parse_frame_size
 from edge_agent.errors import EdgeAgentError
-from edge_agent.fleet import remote_commands
-from edge_agent.fleet.client import DISCOVERY_S, Answer, FleetClient, add_broker_arguments, mqtt_from_args, new_request_id
+from edge_agent.fleet.client import Answer
 
 COMMAND = "benchmark"
-__all__ = ["add_parser", "add_broker_arguments", "mqtt_from_args"]  # the broker helpers live in .client
 CSV_FIELDS = ("device", "status", "model", "runtime", "delegate", "threads", "runs",
               "p50_ms", "p90_ms", "p99_ms", "mean_ms", "fps", "reason")
 TABLE_COLUMNS = (("device", "device"), ("status", "status"), ("model", "model"), ("runtime", "runtime"),
@@ -40,16 +35,16 @@ TABLE_COLUMNS = (("device", "device"), ("status", "status"), ("model", "model"),
 # --------------------------------------------------------------------------- report data
 
 
-def command_params(args: argparse.Namespace) -> Dict[str, Any]:
-    """The ``cmd/benchmark`` fields from the command line (only those given: the device has defaults)."""
-    params: Dict[str, Any] = {"runs": args.runs, "warmup": args.warmup, "pipeline": args.pipeline,
-                              "pause": args.pause, "input": args.input}
-    for key in ("threads", "model", "min_secs", "max_secs"):
-        value = getattr(args, key)
-        if value is not None:
-            params[key] = value
-    if args.frame_size is not None:
-        params["frame_size"] = "%dx%d" % args.frame_size
+def command_params(runs: int, warmup: int = 1, pipeline: bool = False, pause: bool = False,
+                   input: str = "random", frame_size: Optional[Tuple[int, int]] = None,
+                   **optional: Any) -> Dict[str, Any]:
+    """The ``cmd/benchmark`` fields (``optional``: threads, model, min_secs, max_secs; only those
+    given, not None, are sent: the device has defaults)."""
+    params: Dict[str, Any] = {"runs": runs, "warmup": warmup, "pipeline": pipeline, "pause": pause,
+                              "input": input}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    if frame_size is not None:
+        params["frame_size"] = "%dx%d" % tuple(frame_size)
     return params
 
 
@@ -220,77 +215,6 @@ def _tqdm_available() -> bool:
     except ImportError:
         return False
 
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = remote_commands(subparsers).add_parser(
-        "bench", help="benchmark devices over MQTT (one, several, or --all)",
-        description="Send cmd/benchmark to devices through the broker and collect their results.")
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
-    who.add_argument("--all", action="store_true", help="every device online (fleet topic)")
-    p.add_argument("--runs", type=int, default=50, help="measured runs per device (default 50)")
-    p.add_argument("--warmup", type=int, default=1, help="warmup runs (default 1)")
-    p.add_argument("--min-secs", type=float, default=None, help="run at least this long")
-    p.add_argument("--max-secs", type=float, default=None, help="stop after this long (device caps apply)")
-    p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: as configured)")
-    p.add_argument("--model", default=None, help="a model name/sha256 from the device's store or manifest "
-                                                 "(default: the running model)")
-    p.add_argument("--pipeline", action="store_true", help="time every stage and end to end")
-    p.add_argument("--frame-size", type=_frame_size_arg, default=None, metavar="WxH")
-    p.add_argument("--input", choices=("random", "pattern"), default="random")
-    p.add_argument("--pause", action="store_true", help="pause the live pipeline while benchmarking")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all answers (default 300)")
-    p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
-                   help="seconds to collect retained device states before sending (default 1)")
-    p.add_argument("--csv", metavar="FILE", help="write one row per device as CSV")
-    p.add_argument("--json", metavar="FILE", help="write every answer (full results) as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="PNG of the latency distribution per device (matplotlib)")
-    p.add_argument("--progress", choices=("auto", "bar", "text", "none"), default="auto",
-                   help="progress display on stderr (default: bar with tqdm on a terminal, else text)")
-    add_broker_arguments(p)
-    p.set_defaults(func=cmd_remote_bench)
-    return p
-
-
-def _frame_size_arg(text: str) -> Any:
-    try:
-        return parse_frame_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def cmd_remote_bench(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
-    out = out or sys.stdout
-    if args.plot:
-        check_matplotlib()
-    mqtt = mqtt_from_args(args)
-    params = command_params(args)
-    with FleetClient(mqtt) as client:
-        devices = client.discover(args.discover_s)
-        if args.all and not any(d.online for d in devices.values()):
-            print(f"no device online under {mqtt.topic_prefix}/ (retained availability); "
-                  f"waiting for unannounced devices anyway", file=sys.stderr)
-        progress = Progress("none" if args.progress == "none" else args.progress, args.runs, args.warmup)
-        rid = new_request_id()
-        try:
-            answers = client.request(COMMAND, params, devices=None if args.all else args.device,
-                                     fleet=args.all, timeout=args.timeout, request_id=rid, on_message=progress)
-        finally:
-            progress.close()
-    report = report_doc(rid, params, answers)
-    rows = summary_rows(report)
-    print(format_table(rows) if rows else "no device answered", file=out)
-    if args.csv:
-        _write(args.csv, lambda fh: write_csv(rows, fh))
-    if args.json:
-        _write(args.json, lambda fh: fh.write(json.dumps(report, indent=2) + "\n"))
-    if args.plot:
-        plot_latencies(report, args.plot)
-        print(f"plot: {args.plot}", file=sys.stderr)
-    return 0 if rows and all(r["status"] == "done" for r in rows) else 1
 
 
 def _write(path: str, write: Any) -> None:

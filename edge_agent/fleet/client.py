@@ -17,7 +17,6 @@ it was not discovered (its retained state may have been cleared).
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
@@ -30,7 +29,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.comms.commands import FINAL_STATUSES
 from edge_agent.comms.mqtt import apply_credentials
-from edge_agent.config import load_config
 from edge_agent.errors import EdgeAgentError
 
 FLEET = "all"
@@ -80,23 +78,6 @@ class _Pending:
     seen: Dict[str, Answer] = field(default_factory=dict)  # every device that said anything
     on_message: Optional[AnswerCallback] = None
 
-
-def add_broker_arguments(p: argparse.ArgumentParser) -> None:
-    """--config/--set (the agent's TOML: [mqtt]) and the usual overrides; shared by remote commands."""
-    p.add_argument("--config", "-c", metavar="FILE", help="agent config TOML whose [mqtt] section to use")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="mqtt.KEY=VALUE",
-                   help="override a config key (e.g. mqtt.username=ops); repeatable")
-    p.add_argument("--host", help="broker host (overrides the config)")
-    p.add_argument("--port", type=int, help="broker port")
-    p.add_argument("--prefix", help="topic prefix (default edge-agent)")
-
-
-def mqtt_from_args(args: argparse.Namespace) -> Any:
-    overrides = list(args.overrides)
-    for key, value in (("host", args.host), ("port", args.port), ("topic_prefix", args.prefix)):
-        if value is not None:
-            overrides.append(f"mqtt.{key}={value}")
-    return load_config(args.config, overrides).mqtt
 
 
 def new_request_id() -> str:

@@ -9,7 +9,6 @@ one final answer per device and prints a table.  Protocol: :mod:`edge_agent.remo
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import math
@@ -21,10 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, TextIO
 
 from edge_agent.errors import EdgeAgentError
-from edge_agent.inference.labels import read_labels
-from edge_agent.fleet import remote_commands
-from edge_agent.fleet.bench import add_broker_arguments, mqtt_from_args
-from edge_agent.fleet.client import DISCOVERY_S, Answer, FleetClient, new_request_id
+from edge_agent.fleet.client import Answer, FleetClient, new_request_id
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 ACCEPT_GRACE_S = 3.0  # fleet: how long to wait for more devices to accept before sending chunks
@@ -218,97 +214,10 @@ def _print_progress(device: str, doc: Dict[str, Any]) -> None:
         print(f"{device}: accepted", file=sys.stderr)
 
 
-# -- CLI -------------------------------------------------------------------------------------------
-
-def _targets(p: argparse.ArgumentParser) -> None:
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
-    who.add_argument("--all", action="store_true", help="every device online (fleet topic)")
-    p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
-                   help="seconds to collect retained device states before sending (default 1)")
-    add_broker_arguments(p)
-
-
-def add_parser(subparsers: Any) -> None:
-    remote = remote_commands(subparsers)
-    p = remote.add_parser("deploy", help="deploy a .tflite model to devices (verified, atomic, rollback)",
-                          description="Send a model to devices over MQTT (inline chunks, or a URL the "
-                                      "devices download); each verifies, test-runs and swaps it in.")
-    p.add_argument("file", metavar="FILE", help="the .tflite model")
-    _targets(p)
-    p.add_argument("--name", help="model name (default: the file name without .tflite)")
-    p.add_argument("--labels", metavar="FILE", help="class names, one a line (default: the device's "
-                                                    "manifest labels for known models)")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
-                   help=f"inline transfer chunk size (default {DEFAULT_CHUNK_SIZE})")
-    p.add_argument("--url", help="let the devices download FILE from this http(s) URL instead")
-    p.add_argument("--sign-key", metavar="FILE", help="ed25519 private key (PEM or base64 seed) to sign with")
-    p.add_argument("--sample", metavar="IMAGE", help="image for the device's sanity invoke")
-    p.add_argument("--golden", metavar="MASK.png", help="class-id mask expected on --sample")
-    p.add_argument("--min-agreement", type=float, default=None, help="with --golden (default 0.9)")
-    p.add_argument("--confirm-frames", type=int, default=None,
-                   help="live frames the new model must process before it is confirmed (default 5)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all answers (default 300)")
-    p.set_defaults(func=cmd_deploy)
-
-    rb = remote.add_parser("rollback", help="switch devices back to their previous model")
-    _targets(rb)
-    rb.add_argument("--to", help="a model name or sha256 in the device's store (default: the previous one)")
-    rb.add_argument("--timeout", type=float, default=120.0)
-    rb.set_defaults(func=cmd_rollback)
-
-    ls = remote.add_parser("models", help="list the models in the devices' stores")
-    _targets(ls)
-    ls.add_argument("--timeout", type=float, default=20.0)
-    ls.set_defaults(func=cmd_models)
-
-
-def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
-    out = out or sys.stdout
-    data = _read(args.file, "model")
-    sign_key = None
-    if args.sign_key:
-        from edge_agent.models import signing
-
-        sign_key = signing.load_private_key(args.sign_key)
-    params = deploy_params(
-        data, args.name or Path(args.file).stem, labels=read_labels(args.labels) if args.labels else None,
-        url=args.url, chunk_size=args.chunk_size, sign_key=sign_key,
-        sample=_read(args.sample, "sample image") if args.sample else None,
-        golden_mask=_read(args.golden, "golden mask") if args.golden else None,
-        min_agreement=args.min_agreement, confirm_frames=args.confirm_frames)
-    with FleetClient(mqtt_from_args(args)) as client:
-        client.discover(args.discover_s)
-        answers = deploy(client, params, data, devices=args.device, fleet=args.all,
-                         timeout=args.timeout, on_message=_print_progress)
-    return report_deploy_answers(answers, out)
-
 
 def report_deploy_answers(answers, out: TextIO) -> int:
     """The deploy/rollback table; exit 0 only when every device answered ``done``."""
     rows = deploy_rows(answers)
     print(table(rows, ("device", "status", "state", "model", "sha256", "running")) if rows
-          else "no device answered", file=out)
-    return 0 if rows and all(r["status"] == "done" for r in rows) else 1
-
-
-def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
-    out = out or sys.stdout
-    params = {"to": args.to} if args.to else {}
-    with FleetClient(mqtt_from_args(args)) as client:
-        client.discover(args.discover_s)
-        answers = client.request("rollback", params, devices=None if args.all else args.device, fleet=args.all,
-                                 kind=COMMAND, timeout=args.timeout, on_message=_print_progress)
-    return report_deploy_answers(answers, out)
-
-
-def cmd_models(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
-    out = out or sys.stdout
-    with FleetClient(mqtt_from_args(args)) as client:
-        client.discover(args.discover_s)
-        answers = client.request("models", {}, devices=None if args.all else args.device, fleet=args.all,
-                                 timeout=args.timeout)
-    rows = model_rows(answers)
-    print(table(rows, ("device", "status", "role", "name", "sha256", "size", "deployed")) if rows
           else "no device answered", file=out)
     return 0 if rows and all(r["status"] == "done" for r in rows) else 1

@@ -88,20 +88,3 @@ def _tensor_line(t: Dict[str, Any]) -> str:
     else:
         quant = f"scale {q['scale']:.6g} zero_point {q['zero_point']}"
     return f"[{t['index']:3d}] {t['name']:60s} {t['dtype']:8s} {str(t['shape']):18s} {quant}"
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="print a model's tensors, dtypes, shapes, quantization, ops")
-    p.add_argument("model")
-    p.add_argument("--runtime", default="auto")
-    p.add_argument("--all", action="store_true", help="list every tensor, not just inputs/outputs")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args) -> int:
-    import json
-
-    info = describe(args.model, args.runtime)
-    print(json.dumps(info, indent=2) if args.json else format_report(info, args.all))
-    return 0

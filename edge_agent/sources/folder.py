@@ -9,48 +9,16 @@ instead of spinning).
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from typing import List, Optional, Set
 
-import cv2
 import numpy as np
 
 from edge_agent.errors import SourceError
+from edge_agent.sources.images import IMAGE_EXTENSIONS, list_images, read_rgb
 from edge_agent.sources.base import BaseSource, EndOfStream, Pacer, SourceSettings, register
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-def list_images(uri: str) -> List[str]:
-    """A directory -> its images (by extension, case-insensitive), else ``uri`` as a glob."""
-    if not uri:
-        raise SourceError("folder source needs source.uri (a directory or a glob pattern)")
-    path = os.path.expanduser(uri)
-    if os.path.isdir(path):
-        names = [
-            os.path.join(path, n)
-            for n in os.listdir(path)
-            if n.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-    else:
-        names = glob.glob(path)
-    return sorted(p for p in names if os.path.isfile(p))
-
-
-def read_rgb(path: str) -> Optional[np.ndarray]:
-    """Decode an image file to RGB; None when it cannot be read or decoded."""
-    try:
-        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    except cv2.error:
-        return None
-    if bgr is None:
-        return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
 
 @register("folder")
 class FolderSource(BaseSource):

@@ -1,0 +1,22 @@
+"""``edge-agent inspect MODEL``: tensors, dtypes, shapes, quantization and ops of a .tflite."""
+
+from __future__ import annotations
+
+import json
+
+from edge_agent.inference.inspect import describe, format_report
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="print a model's tensors, dtypes, shapes, quantization, ops")
+    p.add_argument("model")
+    p.add_argument("--runtime", default="auto")
+    p.add_argument("--all", action="store_true", help="list every tensor, not just inputs/outputs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    info = describe(args.model, args.runtime)
+    print(json.dumps(info, indent=2) if args.json else format_report(info, args.all))
+    return 0

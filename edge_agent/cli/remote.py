@@ -1,0 +1,204 @@
+"""``edge-agent remote bench|deploy|rollback|models``: commands sent to devices through the broker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+from edge_agent.config import load_config
+from edge_agent.daemon.benchmark import parse_frame_size
+from edge_agent.fleet.bench import (COMMAND, Progress, check_matplotlib, command_params, format_table,
+                                    plot_latencies, report_doc, summary_rows, write_csv, _write)
+from edge_agent.fleet.client import DISCOVERY_S, FleetClient, new_request_id
+from edge_agent.fleet.deploy import (DEFAULT_CHUNK_SIZE, _print_progress, _read, deploy, deploy_params,
+                                     model_rows, report_deploy_answers, table)
+from edge_agent.fleet.deploy import COMMAND as DEPLOY_COMMAND
+from edge_agent.inference.labels import read_labels
+
+
+def add_parser(subparsers: Any) -> None:
+    remote = subparsers.add_parser("remote", help="benchmark and manage devices over MQTT",
+                                   description="Commands sent to devices through the MQTT broker.")
+    sub = remote.add_subparsers(dest="remote_command", metavar="COMMAND", required=True)
+    _add_bench(sub)
+    _add_deploy(sub)
+
+
+def add_broker_arguments(p: argparse.ArgumentParser) -> None:
+    """--config/--set (the agent's TOML: [mqtt]) and the usual overrides; shared by remote commands."""
+    p.add_argument("--config", "-c", metavar="FILE", help="agent config TOML whose [mqtt] section to use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="mqtt.KEY=VALUE",
+                   help="override a config key (e.g. mqtt.username=ops); repeatable")
+    p.add_argument("--host", help="broker host (overrides the config)")
+    p.add_argument("--port", type=int, help="broker port")
+    p.add_argument("--prefix", help="topic prefix (default edge-agent)")
+
+
+def mqtt_from_args(args: argparse.Namespace) -> Any:
+    overrides = list(args.overrides)
+    for key, value in (("host", args.host), ("port", args.port), ("topic_prefix", args.prefix)):
+        if value is not None:
+            overrides.append(f"mqtt.{key}={value}")
+    return load_config(args.config, overrides).mqtt
+
+
+def _add_bench(remote: Any) -> None:
+    p = remote.add_parser(
+        "bench", help="benchmark devices over MQTT (one, several, or --all)",
+        description="Send cmd/benchmark to devices through the broker and collect their results.")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
+    who.add_argument("--all", action="store_true", help="every device online (fleet topic)")
+    p.add_argument("--runs", type=int, default=50, help="measured runs per device (default 50)")
+    p.add_argument("--warmup", type=int, default=1, help="warmup runs (default 1)")
+    p.add_argument("--min-secs", type=float, default=None, help="run at least this long")
+    p.add_argument("--max-secs", type=float, default=None, help="stop after this long (device caps apply)")
+    p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: as configured)")
+    p.add_argument("--model", default=None, help="a model name/sha256 from the device's store or manifest "
+                                                 "(default: the running model)")
+    p.add_argument("--pipeline", action="store_true", help="time every stage and end to end")
+    p.add_argument("--frame-size", type=_frame_size_arg, default=None, metavar="WxH")
+    p.add_argument("--input", choices=("random", "pattern"), default="random")
+    p.add_argument("--pause", action="store_true", help="pause the live pipeline while benchmarking")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all answers (default 300)")
+    p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
+                   help="seconds to collect retained device states before sending (default 1)")
+    p.add_argument("--csv", metavar="FILE", help="write one row per device as CSV")
+    p.add_argument("--json", metavar="FILE", help="write every answer (full results) as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="PNG of the latency distribution per device (matplotlib)")
+    p.add_argument("--progress", choices=("auto", "bar", "text", "none"), default="auto",
+                   help="progress display on stderr (default: bar with tqdm on a terminal, else text)")
+    add_broker_arguments(p)
+    p.set_defaults(func=cmd_remote_bench)
+
+
+def _frame_size_arg(text: str) -> Any:
+    try:
+        return parse_frame_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_remote_bench(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    if args.plot:
+        check_matplotlib()
+    mqtt = mqtt_from_args(args)
+    params = command_params(args.runs, args.warmup, args.pipeline, args.pause, args.input, args.frame_size,
+                            threads=args.threads, model=args.model, min_secs=args.min_secs,
+                            max_secs=args.max_secs)
+    with FleetClient(mqtt) as client:
+        devices = client.discover(args.discover_s)
+        if args.all and not any(d.online for d in devices.values()):
+            print(f"no device online under {mqtt.topic_prefix}/ (retained availability); "
+                  f"waiting for unannounced devices anyway", file=sys.stderr)
+        progress = Progress("none" if args.progress == "none" else args.progress, args.runs, args.warmup)
+        rid = new_request_id()
+        try:
+            answers = client.request(COMMAND, params, devices=None if args.all else args.device,
+                                     fleet=args.all, timeout=args.timeout, request_id=rid, on_message=progress)
+        finally:
+            progress.close()
+    report = report_doc(rid, params, answers)
+    rows = summary_rows(report)
+    print(format_table(rows) if rows else "no device answered", file=out)
+    if args.csv:
+        _write(args.csv, lambda fh: write_csv(rows, fh))
+    if args.json:
+        _write(args.json, lambda fh: fh.write(json.dumps(report, indent=2) + "\n"))
+    if args.plot:
+        plot_latencies(report, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0 if rows and all(r["status"] == "done" for r in rows) else 1
+
+
+
+
+def _targets(p: argparse.ArgumentParser) -> None:
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
+    who.add_argument("--all", action="store_true", help="every device online (fleet topic)")
+    p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
+                   help="seconds to collect retained device states before sending (default 1)")
+    add_broker_arguments(p)
+
+
+def _add_deploy(remote: Any) -> None:
+    p = remote.add_parser("deploy", help="deploy a .tflite model to devices (verified, atomic, rollback)",
+                          description="Send a model to devices over MQTT (inline chunks, or a URL the "
+                                      "devices download); each verifies, test-runs and swaps it in.")
+    p.add_argument("file", metavar="FILE", help="the .tflite model")
+    _targets(p)
+    p.add_argument("--name", help="model name (default: the file name without .tflite)")
+    p.add_argument("--labels", metavar="FILE", help="class names, one a line (default: the device's "
+                                                    "manifest labels for known models)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                   help=f"inline transfer chunk size (default {DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--url", help="let the devices download FILE from this http(s) URL instead")
+    p.add_argument("--sign-key", metavar="FILE", help="ed25519 private key (PEM or base64 seed) to sign with")
+    p.add_argument("--sample", metavar="IMAGE", help="image for the device's sanity invoke")
+    p.add_argument("--golden", metavar="MASK.png", help="class-id mask expected on --sample")
+    p.add_argument("--min-agreement", type=float, default=None, help="with --golden (default 0.9)")
+    p.add_argument("--confirm-frames", type=int, default=None,
+                   help="live frames the new model must process before it is confirmed (default 5)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all answers (default 300)")
+    p.set_defaults(func=cmd_deploy)
+
+    rb = remote.add_parser("rollback", help="switch devices back to their previous model")
+    _targets(rb)
+    rb.add_argument("--to", help="a model name or sha256 in the device's store (default: the previous one)")
+    rb.add_argument("--timeout", type=float, default=120.0)
+    rb.set_defaults(func=cmd_rollback)
+
+    ls = remote.add_parser("models", help="list the models in the devices' stores")
+    _targets(ls)
+    ls.add_argument("--timeout", type=float, default=20.0)
+    ls.set_defaults(func=cmd_models)
+
+
+def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    data = _read(args.file, "model")
+    sign_key = None
+    if args.sign_key:
+        from edge_agent.models import signing
+
+        sign_key = signing.load_private_key(args.sign_key)
+    params = deploy_params(
+        data, args.name or Path(args.file).stem, labels=read_labels(args.labels) if args.labels else None,
+        url=args.url, chunk_size=args.chunk_size, sign_key=sign_key,
+        sample=_read(args.sample, "sample image") if args.sample else None,
+        golden_mask=_read(args.golden, "golden mask") if args.golden else None,
+        min_agreement=args.min_agreement, confirm_frames=args.confirm_frames)
+    with FleetClient(mqtt_from_args(args)) as client:
+        client.discover(args.discover_s)
+        answers = deploy(client, params, data, devices=args.device, fleet=args.all,
+                         timeout=args.timeout, on_message=_print_progress)
+    return report_deploy_answers(answers, out)
+
+
+
+
+def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    params = {"to": args.to} if args.to else {}
+    with FleetClient(mqtt_from_args(args)) as client:
+        client.discover(args.discover_s)
+        answers = client.request("rollback", params, devices=None if args.all else args.device, fleet=args.all,
+                                 kind=DEPLOY_COMMAND, timeout=args.timeout, on_message=_print_progress)
+    return report_deploy_answers(answers, out)
+
+
+def cmd_models(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    with FleetClient(mqtt_from_args(args)) as client:
+        client.discover(args.discover_s)
+        answers = client.request("models", {}, devices=None if args.all else args.device, fleet=args.all,
+                                 timeout=args.timeout)
+    rows = model_rows(answers)
+    print(table(rows, ("device", "status", "role", "name", "sha256", "size", "deployed")) if rows
+          else "no device answered", file=out)
+    return 0 if rows and all(r["status"] == "done" for r in rows) else 1

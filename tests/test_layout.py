@@ -1,0 +1,63 @@
+"""The package layout: what the README's Layout section promises, checked against the tree."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "edge_agent"
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+
+
+def test_top_level_holds_few_modules():
+    modules = sorted(p.name for p in PKG.glob("*.py"))
+    assert len(modules) <= 5, modules
+
+
+def test_domain_modules_do_not_import_argparse():
+    offenders = [str(p.relative_to(REPO)) for p in PKG.rglob("*.py")
+                 if "cli" not in p.relative_to(PKG).parts and "argparse" in set(_imports(p))]
+    assert offenders == []
+
+
+def test_pyproject_lists_every_package():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in PKG.rglob("__init__.py")}
+    assert on_disk | {"edge_agent_host"} == listed
+    assert config["package-dir"] == {"edge_agent_host": "tools/host"}
+    assert all(name.startswith("edge_agent") for name in listed)
+
+
+@pytest.mark.slow
+def test_wheel_top_level_packages_are_edge_agent_only(tmp_path):
+    """The wheel installs ``edge_agent`` and ``edge_agent_host`` (never a generic ``tools``) with its data."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                           "-q", "-w", str(tmp_path), str(REPO)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    wheel = next(tmp_path.glob("edge_agent-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"edge_agent", "edge_agent_host"}
+    for data in ("manifest.json", "edge-agent.service", "config.example.toml"):
+        assert f"edge_agent/data/{data}" in names
+    assert "edge_agent_host/ptq.py" in names

@@ -201,6 +201,7 @@ class SourceConfig:
 class ModelConfig:
     path: str = opt("", PATH)
     name: str = opt("", STR)  # name in the model store / manifest
+    mirror: str = opt("", PATH)  # local folder with manifest files: fetch model.name from it (offline)
     labels: str = opt("", PATH)
     runtime: str = opt("auto", Choice("auto", "litert", "tflite-runtime", "tensorflow"))
     threads: int = opt(0, Int(0, 256))  # 0 = number of CPUs

@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "edge_agent"

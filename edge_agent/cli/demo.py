@@ -24,7 +24,9 @@ from edge_agent.output.encode import decode_mask_png
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "test_data"
+# Sample images and a model mirror come with a checkout (../shared/test_data beside it); an
+# installed package has none and asks for --images (the model is then fetched from its source).
+SHARED = REPO.parent / "shared" / "test_data" if (REPO / "pyproject.toml").is_file() else None
 DEVICE = "demo"
 
 
@@ -92,7 +94,7 @@ class Viewer:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the agent on sample images with an embedded broker")
-    p.add_argument("--images", help=f"folder of images (default: {SHARED / 'images'} when present)")
+    p.add_argument("--images", help="folder of images (default: the checkout's ../shared/test_data/images)")
     p.add_argument("--model", help="manifest model name (default: the manifest's default)")
     p.add_argument("--mirror", help="local folder holding the model files (default: ../shared when present)")
     p.add_argument("--out", default="demo-out", help="where overlays are written (default: ./demo-out)")
@@ -101,12 +103,18 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    images = Path(args.images) if args.images else SHARED / "images"
+    if args.images:
+        images = Path(args.images)
+    elif SHARED is not None and (SHARED / "images").is_dir():
+        images = SHARED / "images"
+    else:
+        raise EdgeAgentError("no sample images here (they come with a checkout's ../shared/test_data): "
+                             "pass --images DIR")
     if not images.is_dir():
         raise EdgeAgentError(f"{images}: no such image folder (pass --images DIR)")
     manifest = catalog.load_manifest()
     entry = manifest.get(args.model or manifest.default)
-    mirror = args.mirror or (str(SHARED / "models") if (SHARED / "models").is_dir() else None)
+    mirror = args.mirror or (str(SHARED / "models") if SHARED is not None and (SHARED / "models").is_dir() else None)
     model_path = catalog.fetch(entry, mirror=mirror)
     print(f"model   {entry.name} ({model_path}, sha256 verified)")
     out = Path(args.out)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 from edge_agent.inference.inspect import describe, format_report
+from edge_agent.models import catalog
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="print a model's tensors, dtypes, shapes, quantization, ops")
-    p.add_argument("model")
+    p.add_argument("model", help="a .tflite path or a manifest model name")
     p.add_argument("--runtime", default="auto")
     p.add_argument("--all", action="store_true", help="list every tensor, not just inputs/outputs")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -17,6 +18,6 @@ def add_parser(subparsers) -> None:
 
 
 def _cmd(args) -> int:
-    info = describe(args.model, args.runtime)
+    info = describe(catalog.resolve(args.model).path, args.runtime)
     print(json.dumps(info, indent=2) if args.json else format_report(info, args.all))
     return 0

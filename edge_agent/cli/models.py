@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from edge_agent.models.catalog import ENV_MODELS_DIR, fetch, load_manifest, models_dir
+import sys
+
+from edge_agent.models.catalog import ENV_MODELS_DIR, ProgressLog, fetch, load_manifest, models_dir
 
 
 def add_parser(subparsers) -> None:
@@ -38,6 +40,10 @@ def _cmd_fetch(args) -> int:
     names = args.names or list(manifest.models)
     entries = [manifest.get(n) for n in names]  # validate every name before fetching any
     for entry in entries:
-        path = fetch(entry, args.dest, args.mirror, args.force)
+        tty = sys.stderr.isatty()
+        progress = ProgressLog(entry.name, lambda text: print(text, end="" if tty else "\n",
+                                                              file=sys.stderr, flush=True),
+                               every_s=0.2 if tty else 2.0, overwrite=tty)
+        path = fetch(entry, args.dest, args.mirror, args.force, progress=progress)
         print(f"{entry.name}: {path} (sha256 ok)")
     return 0

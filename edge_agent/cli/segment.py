@@ -34,7 +34,7 @@ def add_runtime_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: CPU count)")
     p.add_argument("--edgetpu", nargs="?", const="", default=None, metavar="DEVICE",
                    help="use the Coral Edge TPU delegate (DEVICE: usb, usb:N, pci, pci:N, :N)")
-    p.add_argument("--cpu-fallback", help="CPU model to use when the Edge TPU (or its model) cannot run")
+    p.add_argument("--cpu-fallback", help="CPU model (path or manifest name) to use when the Edge TPU (or its model) cannot run")
     p.add_argument("--mode", default="letterbox", choices=MODES, help="preprocessing")
 
 
@@ -45,7 +45,8 @@ def make_segmenter(args) -> Segmenter:
         entry = catalog.entry_for_file(resolved.path)
         labels = entry.labels if entry else None
     return Segmenter(resolved.path, labels=labels, runtime=args.runtime, threads=args.threads,
-                     edgetpu=args.edgetpu, cpu_fallback=args.cpu_fallback, mode=args.mode)
+                     edgetpu=args.edgetpu,
+                     cpu_fallback=catalog.resolve(args.cpu_fallback).path if args.cpu_fallback else None, mode=args.mode)
 
 
 def add_parser(subparsers) -> None:

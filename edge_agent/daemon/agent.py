@@ -85,7 +85,7 @@ def resolve_model(config: Config) -> Tuple[str, Optional[List[str]]]:
         resolved = catalog.resolve(m.path)
     else:  # a manifest name: fetched into the state directory on first start, then offline
         dest = os.environ.get(catalog.ENV_MODELS_DIR) or os.path.join(config.agent.state_dir, "catalog")
-        resolved = catalog.ensure(m.name, dest)
+        resolved = catalog.ensure(m.name, dest, mirror=m.mirror or None)
     labels: Any = m.labels or resolved.labels
     if labels is None:
         entry = catalog.entry_for_file(resolved.path)

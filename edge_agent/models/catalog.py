@@ -10,16 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import logging
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from edge_agent import data
 from edge_agent.errors import EdgeAgentError, ModelError
+
+log = logging.getLogger(__name__)
 
 ENV_MANIFEST = "EDGE_AGENT_MANIFEST"
 ENV_MODELS_DIR = "EDGE_AGENT_MODELS_DIR"
@@ -121,11 +124,14 @@ def fetch(
     dest: Optional[str] = None,
     mirror: Optional[str] = None,
     force: bool = False,
+    progress: Optional[Progress] = None,
 ) -> Path:
     """Make ``entry`` present and verified in the models dir; return its path.
 
     ``mirror`` is a local directory holding the files under their manifest names. The file is
     written to a temporary name, verified, then renamed: a wrong hash leaves nothing behind.
+    ``progress(done_bytes, total_bytes_or_None)`` is called as the bytes arrive (throttled by the
+    caller) and once at the end.
     """
     target_dir = models_dir(dest)
     target = target_dir / entry.file
@@ -141,9 +147,9 @@ def fetch(
                 if not source.is_file():
                     raise ModelError(f"{entry.name}: {source} not found in the mirror directory")
                 with open(source, "rb") as src:
-                    shutil.copyfileobj(src, out)
+                    _copy(src, out, entry.size or source.stat().st_size, progress)
             else:
-                _download(entry.url, out)
+                _download(entry.url, out, entry.size, progress)
         actual = sha256_file(tmp)
         if actual != entry.sha256:
             raise ModelError(
@@ -157,16 +163,57 @@ def fetch(
     return target
 
 
-def _download(url: str, out) -> None:
+Progress = Callable[[int, Optional[int]], None]
+
+
+class ProgressLog:
+    """Download progress as text: one line at most every ``every_s`` seconds, and the last one.
+
+    For logs and pipes (the daemon's first fetch, ``models fetch`` without a terminal); on a
+    terminal the CLI passes ``overwrite=True`` and the line is redrawn in place.
+    """
+
+    def __init__(self, name: str, emit: Callable[[str], Any], every_s: float = 2.0,
+                 overwrite: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name, self.emit, self.every_s, self.overwrite, self.clock = name, emit, every_s, overwrite, clock
+        self._last: Optional[float] = None
+        self._finished = False
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        final = total is not None and done >= total
+        now = self.clock()
+        if self._finished or (not final and self._last is not None and now - self._last < self.every_s):
+            return
+        self._last, self._finished = now, final
+        if total:
+            text = f"{self.name}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({100 * done // total}%)"
+        else:
+            text = f"{self.name}: {done / 1e6:.1f} MB"
+        self.emit(("\r" + text + ("\n" if final else "")) if self.overwrite else text)
+
+
+def _copy(src: Any, out: Any, total: Optional[int], progress: Optional[Progress],
+          limit: Optional[int] = None, what: str = "") -> None:
+    """Copy in 64 KiB blocks, reporting progress and refusing more than ``limit`` bytes."""
+    done = 0
+    for block in iter(lambda: src.read(1 << 16), b""):
+        done += len(block)
+        if limit is not None and done > limit:
+            raise ModelError(f"{what}: larger than {limit} bytes, refused")
+        out.write(block)
+        if progress is not None:
+            progress(done, total)
+    if progress is not None:
+        progress(done, done)
+
+
+def _download(url: str, out, size: Optional[int] = None, progress: Optional[Progress] = None) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})
     try:
         with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-            total = 0
-            for block in iter(lambda: resp.read(1 << 16), b""):
-                total += len(block)
-                if total > MAX_DOWNLOAD_BYTES:
-                    raise ModelError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, refused")
-                out.write(block)
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else size
+            _copy(resp, out, total, progress, MAX_DOWNLOAD_BYTES, url)
     except urllib.error.HTTPError as exc:
         raise ModelError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from exc
     except OSError as exc:  # URLError, timeouts, connection errors
@@ -195,14 +242,16 @@ def resolve(model: str, dest: Optional[str] = None, manifest: Optional[str] = No
 
 
 def ensure(name: str, dest: str, mirror: Optional[str] = None,
-           manifest: Optional[str] = None) -> ResolvedModel:
+           manifest: Optional[str] = None, progress: Optional[Progress] = None) -> ResolvedModel:
     """A manifest model, fetched (and sha256-verified) into ``dest`` first if it is not there.
 
     What the daemon does for ``model.name``: a device configured with a model name gets it from
     its public source (or ``$EDGE_AGENT_MODEL_MIRROR``) on first start, then runs it offline.
     """
     entry = load_manifest(manifest).get(name)
-    path = fetch(entry, dest=dest, mirror=mirror)
+    if progress is None:
+        progress = ProgressLog(entry.name, log.info)
+    path = fetch(entry, dest=dest, mirror=mirror, progress=progress)
     return ResolvedModel(str(path), entry.labels or None, entry)
 
 

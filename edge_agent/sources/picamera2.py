@@ -57,12 +57,40 @@ def i420_to_rgb(array: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :width])
 
 
+NUMPY_ABI_HINT = (
+    "picamera2 cannot be imported ({cause}): apt's python3-picamera2 is built against apt's numpy "
+    "and this venv has numpy {numpy} over it; keep them compatible with "
+    "`pip install \"numpy<2\"` in the venv (or `pip uninstall numpy` to use apt's)"
+)
+
+
 def _import_picamera2() -> Any:
+    """``Picamera2``, or one line naming the cause and the fix.
+
+    Not only ImportError: in a ``--system-site-packages`` venv where pip put numpy 2 over apt's
+    numpy 1.x, importing apt's picamera2 (simplejpeg, its C extensions) raises ``ValueError``
+    ("numpy.dtype size changed") — picamera2 upstream issues #1088 and #1211.
+    """
     try:
         from picamera2 import Picamera2  # type: ignore[import-not-found]
-    except ImportError:
-        raise SourceError(INSTALL_HINT) from None
+    except ImportError as exc:
+        if exc.name in ("picamera2", "libcamera"):
+            raise SourceError(INSTALL_HINT) from None
+        raise SourceError(f"picamera2 cannot be imported: {_one_line(exc)} (missing module "
+                          f"{exc.name!r}: `sudo apt install python3-picamera2` brings its "
+                          f"dependencies)") from None
+    except Exception as exc:  # ValueError (numpy ABI), RuntimeError, OSError from C extensions
+        import numpy
+
+        if isinstance(exc, ValueError) and ("numpy" in str(exc) or "dtype" in str(exc)):
+            raise SourceError(NUMPY_ABI_HINT.format(cause=_one_line(exc),
+                                                    numpy=numpy.__version__)) from None
+        raise SourceError(f"picamera2 cannot be imported: {type(exc).__name__}: {_one_line(exc)}") from None
     return Picamera2
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _bt601_colour_space() -> Optional[Any]:

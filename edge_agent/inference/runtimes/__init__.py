@@ -8,12 +8,15 @@ Coral DeepLab 10–20x faster than tflite-runtime 2.14 on x86), overridable with
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import pkgutil
+import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from edge_agent.errors import ModelError, RuntimeNotAvailable
 from edge_agent.inference.runtimes import edgetpu
@@ -158,12 +161,14 @@ def create_interpreter(
         kwargs: Dict[str, Any] = {"model_path": model_path, "num_threads": threads}
         if delegates:
             kwargs["experimental_delegates"] = delegates
-        interpreter = Interpreter(**kwargs)
+        with native_stderr_filtered():
+            interpreter = Interpreter(**kwargs)
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{model_path}: not a loadable TFLite model ({_first_line(exc)})") from exc
     if allocate:
         try:
-            interpreter.allocate_tensors()
+            with native_stderr_filtered():
+                interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(
                 f"{model_path}: the runtime cannot prepare this model ({_first_line(exc)})"
@@ -176,6 +181,36 @@ def create_interpreter(
         threads=threads,
         model_path=model_path,
     )
+
+
+@contextlib.contextmanager
+def native_stderr_filtered() -> Iterator[None]:
+    """Hold back the runtime's native ``INFO:`` chatter (e.g. LiteRT's "Created TensorFlow Lite
+    XNNPACK delegate for CPU.", written by C++ straight to fd 2 while the interpreter is created).
+
+    Anything else the native code writes (warnings, errors) is passed on to stderr unchanged; the
+    INFO lines go to the DEBUG log, so ``-vv`` shows them. fd 2 is redirected for the duration only.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if line.startswith("INFO: "):
+                    log.debug("runtime: %s", line.rstrip())
+                else:
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -118,6 +118,8 @@ def test_fetch_downloads_over_http_and_verifies(tmp_path, http_models):
     proc = run_cli("models", "fetch", "deeplabv3_mnv2_dm05_pascal_quant", "--manifest", str(manifest),
                    "--dest", str(dest))
     assert proc.returncode == 0, proc.stderr
+    # not a terminal: progress as whole lines on stderr, the last one at 100 %
+    assert proc.stderr.splitlines()[-1] == "deeplabv3_mnv2_dm05_pascal_quant: 0.8 / 0.8 MB (100%)"
     assert catalog.sha256_file(str(dest / "deeplabv3_mnv2_dm05_pascal_quant.tflite")) == \
         catalog.parse_manifest(str(manifest)).get("deeplabv3_mnv2_dm05_pascal_quant").sha256
     # a second fetch finds the verified copy and does not download again
@@ -142,3 +144,16 @@ def test_fetch_refuses_oversized_downloads(tmp_path, http_models, monkeypatch):
     with pytest.raises(ModelError, match="larger than 1000 bytes"):
         catalog.fetch(manifest.get("deeplabv3_mnv2_dm05_pascal_quant"), dest=str(tmp_path / "m"))
     assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_progress_lines_are_throttled_and_end_at_100_percent():
+    now = [0.0]
+    lines = []
+    progress = catalog.ProgressLog("m", lines.append, every_s=2.0, clock=lambda: now[0])
+    for done in range(0, 8_000_001, 65536):  # 8 MB in 64 KiB blocks over 12 s
+        now[0] = done / 8e6 * 12
+        progress(done, 8_000_000)
+    progress(8_000_000, 8_000_000)
+    assert lines[0] == "m: 0.0 / 8.0 MB (0%)" and lines[-1] == "m: 8.0 / 8.0 MB (100%)"
+    assert 6 <= len(lines) <= 8  # one every 2 s of 12 s, plus the last, never a line per block
+    assert sum(line.endswith("(100%)") for line in lines) == 1

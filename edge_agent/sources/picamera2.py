@@ -73,8 +73,10 @@ def _bt601_colour_space() -> Optional[Any]:
     return ColorSpace.Smpte170m()
 
 
-@register("picamera2")
 class Picamera2Source(BaseSource):
+    kind = "picamera2"
+    live = True  # a camera
+
     def __init__(self, settings: SourceSettings) -> None:
         super().__init__(settings)
         uri = settings.uri.strip()
@@ -155,3 +157,6 @@ class Picamera2Source(BaseSource):
             return None
         self._job = None
         return array
+
+
+BACKEND = Picamera2Source

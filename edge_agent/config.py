@@ -47,10 +47,10 @@ CREDENTIAL_MQTT_PASSWORD = "mqtt_password"
 # --------------------------------------------------------------------------- value specs
 
 
-def _runtime_names() -> Tuple[str, ...]:
+def _runtime_choices() -> List[str]:
     from edge_agent.inference import runtimes  # late: loading a config does not load backends
 
-    return ("auto", *runtimes.names())
+    return runtimes.choices()
 
 
 def _source_kinds() -> Tuple[str, ...]:
@@ -101,7 +101,7 @@ class ModelConfig:
     path: str = opt("", PATH)
     name: str = opt("", STR)  # name in the model store / manifest
     labels: str = opt("", PATH)
-    runtime: str = opt("auto", Choice(_runtime_names))  # auto or a registered runtime
+    runtime: str = opt("auto", Choice(_runtime_choices))  # auto or a registered runtime
     threads: int = opt(0, Int(0, 256))  # 0 = number of CPUs
     edgetpu: str = opt("", EDGETPU)
     cpu_fallback: str = opt("", PATH)

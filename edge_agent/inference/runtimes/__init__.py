@@ -122,6 +122,11 @@ def names() -> List[str]:
     return [b.name for b in backends()]
 
 
+def choices() -> List[str]:
+    """What ``model.runtime`` and ``--runtime`` accept: ``auto`` and every registered backend."""
+    return ["auto", *names()]
+
+
 def resolve(name: Optional[str] = "auto") -> RuntimeBackend:
     """Return the backend for ``name`` (``auto``/None: $EDGE_AGENT_RUNTIME, else the fastest)."""
     _discover()

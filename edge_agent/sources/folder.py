@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_agent.errors import SourceError
 from edge_agent.sources.images import IMAGE_EXTENSIONS, list_images, read_rgb
-from edge_agent.sources.base import BaseSource, EndOfStream, Pacer, SourceSettings, register
+from edge_agent.sources.base import BaseSource, EndOfStream, Pacer, SourceSettings
 
 log = logging.getLogger(__name__)
 

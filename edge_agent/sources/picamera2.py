@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import BaseSource, SourceSettings, register
+from edge_agent.sources.base import BaseSource, SourceSettings
 
 log = logging.getLogger(__name__)
 

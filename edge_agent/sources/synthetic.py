@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from edge_agent.sources.base import BaseSource, Pacer, SourceSettings, register
+from edge_agent.sources.base import BaseSource, Pacer, SourceSettings
 
 DEFAULT_SIZE = (640, 480)  # (w, h)
 

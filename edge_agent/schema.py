@@ -81,11 +81,19 @@ def _check_range(value: float, lo: Optional[float], hi: Optional[float]) -> None
         raise ValueError
 
 
-class Int(Field):
-    def __init__(self, lo: Optional[int] = None, hi: Optional[int] = None, **kwargs: Any) -> None:
+class _Number(Field):
+    """A number in ``lo..hi`` (either bound optional)."""
+
+    noun = "number"
+
+    def __init__(self, lo: Optional[float] = None, hi: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lo, self.hi = lo, hi
-        self.expected = "integer" + range_text(lo, hi)
+        self.expected = self.noun + range_text(lo, hi)
+
+
+class Int(_Number):
+    noun = "integer"
 
     def check(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -100,12 +108,7 @@ class Int(Field):
         return str(value)
 
 
-class Float(Field):
-    def __init__(self, lo: Optional[float] = None, hi: Optional[float] = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.lo, self.hi = lo, hi
-        self.expected = "number" + range_text(lo, hi)
-
+class Float(_Number):
     def check(self, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError

@@ -3,9 +3,12 @@
 Why it looks like this:
 
 * The schema is declarative: every key is ONE line in a section dataclass below,
-  ``name: type = opt(default, Spec)``.  The ``Spec`` both validates TOML values and parses the
-  strings that arrive through ``EDGE_AGENT_<SECTION>_<KEY>`` and ``--set section.key=value``, so
-  adding a key never touches the loader.
+  ``name: type = opt(default, Field)``.  The field (``edge_agent.schema``, shared with the MQTT
+  commands) both validates TOML values and parses the strings that arrive through
+  ``EDGE_AGENT_<SECTION>_<KEY>`` and ``--set section.key=value``, so adding a key never touches
+  the loader.
+* ``source.kind`` and ``model.runtime`` accept what the source and runtime registries know
+  (built-in backends and installed plugins), looked up only when such a value is checked.
 * Everything the user can get wrong is refused up front with a ``ConfigError`` naming the key
   path and the expected type (``mqtt.port: expected integer 1..65535, got 'abc'``): a daemon that
   starts with a typo'd key silently ignored is worse than one that does not start.
@@ -20,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import re
 import socket
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from edge_agent.errors import ConfigError
+from edge_agent.schema import Bool, Choice, Field, Float, Int, Invalid, Str
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,123 +47,19 @@ CREDENTIAL_MQTT_PASSWORD = "mqtt_password"
 # --------------------------------------------------------------------------- value specs
 
 
-class Spec:
-    """How one key's value is checked: ``check`` for TOML values, ``parse`` for text overrides."""
+def _runtime_choices() -> List[str]:
+    from edge_agent.inference import runtimes  # late: loading a config does not load backends
 
-    expected = "value"
-
-    def check(self, value: Any) -> Any:
-        """Return the normalised value or raise ValueError."""
-        raise NotImplementedError
-
-    def parse(self, text: str) -> Any:
-        """Parse an override string (env var or --set) into a value, then check it."""
-        return self.check(text)
-
-    def to_toml(self, value: Any) -> str:
-        return json.dumps(value)
+    return runtimes.choices()
 
 
-class Int(Spec):
-    def __init__(self, lo: Optional[int] = None, hi: Optional[int] = None) -> None:
-        self.lo, self.hi = lo, hi
-        self.expected = "integer" + _range_text(lo, hi)
+def _source_kinds() -> Tuple[str, ...]:
+    from edge_agent import sources  # late: backends import numpy and OpenCV
 
-    def check(self, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError
-        _check_range(value, self.lo, self.hi)
-        return value
-
-    def parse(self, text: str) -> int:
-        return self.check(int(text.strip(), 10))
-
-    def to_toml(self, value: Any) -> str:
-        return str(value)
+    return sources.available_kinds()
 
 
-class Float(Spec):
-    def __init__(self, lo: Optional[float] = None, hi: Optional[float] = None) -> None:
-        self.lo, self.hi = lo, hi
-        self.expected = "number" + _range_text(lo, hi)
-
-    def check(self, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError
-        _check_range(value, self.lo, self.hi)
-        return float(value)
-
-    def parse(self, text: str) -> float:
-        return self.check(float(text.strip()))
-
-    def to_toml(self, value: Any) -> str:
-        return repr(float(value))
-
-
-class Bool(Spec):
-    expected = "boolean (true/false)"
-    _TEXT = {"true": True, "1": True, "yes": True, "on": True,
-             "false": False, "0": False, "no": False, "off": False}
-
-    def check(self, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError
-        return value
-
-    def parse(self, text: str) -> bool:
-        return self._TEXT[text.strip().lower()]  # KeyError -> refused by the caller
-
-    def to_toml(self, value: Any) -> str:
-        return "true" if value else "false"
-
-
-class Str(Spec):
-    """A string, optionally constrained by a regular expression described in words."""
-
-    def __init__(self, pattern: Optional[str] = None, expected: str = "string") -> None:
-        self.regex = re.compile(pattern) if pattern else None
-        self.expected = expected
-
-    def check(self, value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError
-        if self.regex is not None and not self.regex.fullmatch(value):
-            raise ValueError
-        return value
-
-
-class Choice(Spec):
-    def __init__(self, *choices: str) -> None:
-        self.choices = choices
-        self.expected = "one of " + ", ".join(repr(c) for c in choices)
-
-    def check(self, value: Any) -> str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)  # protocol = 5 in TOML means "5"
-        if not isinstance(value, str) or value not in self.choices:
-            raise ValueError
-        return value
-
-    def parse(self, text: str) -> str:
-        return self.check(text.strip())
-
-
-def _range_text(lo: Optional[float], hi: Optional[float]) -> str:
-    if lo is not None and hi is not None:
-        return f" {lo}..{hi}"
-    if lo is not None:
-        return f" >= {lo}"
-    if hi is not None:
-        return f" <= {hi}"
-    return ""
-
-
-def _check_range(value: float, lo: Optional[float], hi: Optional[float]) -> None:
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError
-
-
-def opt(default: Any, spec: Spec, secret: bool = False) -> Any:
+def opt(default: Any, spec: Field, secret: bool = False) -> Any:
     """One schema line: the default, how to validate it, whether ``config show`` masks it."""
     return field(default=default, metadata={"spec": spec, "secret": secret})
 
@@ -187,7 +86,7 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = opt("folder", Choice("picamera2", "opencv", "folder", "synthetic"))
+    kind: str = opt("folder", Choice(_source_kinds))  # the source registry's kinds
     uri: str = opt("", STR)
     loop: bool = opt(True, BOOL)
     width: int = opt(640, Int(1, 16384))
@@ -203,7 +102,7 @@ class ModelConfig:
     name: str = opt("", STR)  # name in the model store / manifest
     mirror: str = opt("", PATH)  # local folder with manifest files: fetch model.name from it (offline)
     labels: str = opt("", PATH)
-    runtime: str = opt("auto", Choice("auto", "litert", "tflite-runtime", "tensorflow"))
+    runtime: str = opt("auto", Choice(_runtime_choices))  # auto or a registered runtime
     threads: int = opt(0, Int(0, 256))  # 0 = number of CPUs
     edgetpu: str = opt("", EDGETPU)
     cpu_fallback: str = opt("", PATH)
@@ -232,7 +131,7 @@ class MqttConfig:
     host: str = opt("localhost", Str(r".+", "non-empty host name"))
     port: int = opt(1883, Int(1, 65535))
     client_id: str = opt("", STR)  # "" -> edge-agent-<device_id>
-    protocol: str = opt("auto", Choice("auto", "5", "3.1.1"))
+    protocol: str = opt("auto", Choice("auto", "5", "3.1.1", numbers=True))
     keepalive: int = opt(30, Int(5, 65535))
     username: str = opt("", STR)
     password: str = opt("", STR, secret=True)
@@ -295,7 +194,7 @@ class Config:
 SECTIONS: Dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
 
 
-def _specs(cls: type) -> Dict[str, Spec]:
+def _specs(cls: type) -> Dict[str, Field]:
     return {f.name: f.metadata["spec"] for f in fields(cls)}
 
 
@@ -344,11 +243,10 @@ def _merge_file(raw: Dict[str, Dict[str, Any]], data: Mapping[str, Any]) -> None
             raise ConfigError(f"{section}: expected a table ([{section}]), got {table!r}")
         specs = _specs(SECTIONS[section])
         for name, value in table.items():
-            spec = _spec_for(section, name, specs)
             try:
-                raw[section][name] = spec.check(value)
-            except ValueError:
-                raise ConfigError(f"{section}.{name}: expected {spec.expected}, got {value!r}") from None
+                raw[section][name] = _spec_for(section, name, specs).validate(f"{section}.{name}", value)
+            except Invalid as exc:
+                raise ConfigError(str(exc)) from None
 
 
 def _env_target(var: str) -> Optional[Tuple[str, str]]:
@@ -379,18 +277,17 @@ def _split_set(item: str) -> Tuple[str, str, str]:
     return section, name, text
 
 
-def _spec_for(section: str, name: str, specs: Mapping[str, Spec]) -> Spec:
+def _spec_for(section: str, name: str, specs: Mapping[str, Field]) -> Field:
     if name not in specs:
         raise ConfigError(f"{section}.{name}: unknown key{_suggest(name, specs)}")
     return specs[name]
 
 
 def _parse_text(section: str, name: str, text: str, origin: str) -> Any:
-    spec = _specs(SECTIONS[section])[name]
     try:
-        return spec.parse(text)
-    except (ValueError, KeyError):
-        raise ConfigError(f"{section}.{name}: expected {spec.expected}, got {text!r}{origin}") from None
+        return _specs(SECTIONS[section])[name].validate_text(f"{section}.{name}", text, origin)
+    except Invalid as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _suggest(word: str, known: Iterable[str]) -> str:

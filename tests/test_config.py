@@ -91,7 +91,7 @@ def test_file_values_are_typed(tmp_path):
     ("[mqtx]\nport = 1", "mqtx: unknown section (did you mean 'mqtt'?)"),
     ("mqtt = 1", "mqtt: expected a table"),
     ('[agent]\ndevice_id = "a/b"', "agent.device_id: expected string of letters, digits"),
-    ('[source]\nkind = "webcam"', "source.kind: expected one of 'picamera2', 'opencv', 'folder', 'synthetic'"),
+    ('[source]\nkind = "webcam"', "source.kind: expected one of 'folder', 'opencv', 'picamera2', 'synthetic', got 'webcam'"),
     ("[source]\nfps = -1", "source.fps: expected number >= 0.0, got -1"),
     ('[model]\nedgetpu = "usb:x"', "model.edgetpu: expected '' or usb, usb:N, pci, pci:N, :N, got 'usb:x'"),
     ("[publish]\npng_compression = 10", "publish.png_compression: expected integer 0..9, got 10"),

@@ -407,7 +407,7 @@ def test_wrapper_never_raises_transient_errors():
                 raise OSError("device went away\nsecond line")
             return Frame(np.zeros((2, 2, 3), np.uint8), 1, time.time(), time.monotonic(), "x")
 
-    src = ReopeningSource(Flaky, "flaky", stall_timeout_s=0, backoff_initial_s=0.0,
+    src = ReopeningSource(Flaky, "flaky", live=True, stall_timeout_s=0, backoff_initial_s=0.0,
                           backoff_max_s=0.0)
     src.open()
     got = [src.read(0.1) for _ in range(8)]

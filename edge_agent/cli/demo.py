@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 from edge_agent.models import catalog
 from edge_agent.daemon.agent import Agent
 from edge_agent.comms.broker import EmbeddedBroker
+from edge_agent.cli.segment import add_runtime_option
 from edge_agent.config import load_config
 from edge_agent.errors import EdgeAgentError
 from edge_agent.output.encode import decode_mask_png
@@ -98,7 +99,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", help="manifest model name (default: the manifest's default)")
     p.add_argument("--mirror", help="local folder holding the model files (default: ../shared when present)")
     p.add_argument("--out", default="demo-out", help="where overlays are written (default: ./demo-out)")
-    p.add_argument("--runtime", default="auto")
+    add_runtime_option(p)
     p.set_defaults(func=run)
 
 

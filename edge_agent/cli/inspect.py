@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from edge_agent.cli.segment import add_runtime_option
 from edge_agent.inference.inspect import describe, format_report
 from edge_agent.models import catalog
 
@@ -11,7 +12,7 @@ from edge_agent.models import catalog
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="print a model's tensors, dtypes, shapes, quantization, ops")
     p.add_argument("model", help="a .tflite path or a manifest model name")
-    p.add_argument("--runtime", default="auto")
+    add_runtime_option(p)
     p.add_argument("--all", action="store_true", help="list every tensor, not just inputs/outputs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd)

@@ -25,12 +25,17 @@ def write_png(path: Path, image: np.ndarray, rgb: bool = False) -> None:
         raise EdgeAgentError(f"{path}: cannot write image")
 
 
+def add_runtime_option(p) -> None:
+    """--runtime: the runtime registry's names (built-in and plugins) or auto."""
+    p.add_argument("--runtime", default="auto", choices=runtimes.choices(),
+                   help="TFLite runtime (default: fastest installed; env EDGE_AGENT_RUNTIME)")
+
+
 def add_runtime_args(p) -> None:
     """Model/runtime options shared by segment, bench and run."""
     p.add_argument("--model", "-m", required=True, help="a .tflite path or a manifest model name")
     p.add_argument("--labels", help="label file (default: from the manifest when the model is known)")
-    p.add_argument("--runtime", default="auto", choices=["auto"] + runtimes.names(),
-                   help="TFLite runtime (default: fastest installed; env EDGE_AGENT_RUNTIME)")
+    add_runtime_option(p)
     p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: CPU count)")
     p.add_argument("--edgetpu", nargs="?", const="", default=None, metavar="DEVICE",
                    help="use the Coral Edge TPU delegate (DEVICE: usb, usb:N, pci, pci:N, :N)")

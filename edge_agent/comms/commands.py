@@ -34,12 +34,13 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Mapping, Optional, Sequence, Tuple
+
+from edge_agent.schema import Bool, Choice, Field, Float, Int, Invalid, Str, range_text
 
 log = logging.getLogger(__name__)
 
@@ -70,94 +71,31 @@ def _show(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- schema fields
+# The fields are edge_agent.schema's (shared with the config); only the wording is the wire's.
+
+FieldSpec = Field
+StrField = Str
 
 
-class FieldSpec:
-    """One request field: its check, its default, and what it expects (for the reason text)."""
-
-    expected = "value"
-
-    def __init__(self, default: Any = None, required: bool = False, nullable: bool = False,
-                 doc: str = "") -> None:
-        self.default = default
-        self.required = required
-        self.nullable = nullable
-        self.doc = doc
-
-    def check(self, value: Any) -> Any:
-        """The normalised value, or ValueError."""
-        raise NotImplementedError
-
-    def validate(self, name: str, value: Any) -> Any:
-        if value is None and self.nullable:
-            return None
-        try:
-            return self.check(value)
-        except (ValueError, TypeError):
-            raise RequestError(f"{name}: expected {self.expected}, got {_show(value)}") from None
-
-
-class IntField(FieldSpec):
+class IntField(Int):
     def __init__(self, lo: int, hi: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.lo, self.hi = lo, hi
-        self.expected = f"an integer {lo}..{hi}"
-
-    def check(self, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not self.lo <= value <= self.hi:
-            raise ValueError
-        return value
+        super().__init__(lo, hi, **kwargs)
+        self.expected = "an integer" + range_text(lo, hi)
 
 
-class FloatField(FieldSpec):
+class FloatField(Float):
     def __init__(self, lo: float, hi: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.lo, self.hi = lo, hi
-        self.expected = f"a number {lo:g}..{hi:g}"
-
-    def check(self, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError
-        if not math.isfinite(value) or not self.lo <= value <= self.hi:
-            raise ValueError
-        return float(value)
+        super().__init__(lo, hi, **kwargs)
+        self.expected = "a number" + range_text(lo, hi, "g")
 
 
-class BoolField(FieldSpec):
+class BoolField(Bool):
     expected = "true or false"
 
-    def check(self, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError
-        return value
 
-
-class StrField(FieldSpec):
-    """A string matching ``pattern`` in full; ``convert`` may turn it into something else."""
-
-    def __init__(self, pattern: str, expected: str, convert: Optional[Callable[[str], Any]] = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.regex = re.compile(pattern)
-        self.expected = expected
-        self.convert = convert
-
-    def check(self, value: Any) -> Any:
-        if not isinstance(value, str) or not self.regex.fullmatch(value):
-            raise ValueError
-        return self.convert(value) if self.convert else value
-
-
-class ChoiceField(FieldSpec):
+class ChoiceField(Choice):
     def __init__(self, choices: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.choices = tuple(choices)
-        self.expected = "one of " + ", ".join(repr(c) for c in self.choices)
-
-    def check(self, value: Any) -> str:
-        if not isinstance(value, str) or value not in self.choices:
-            raise ValueError
-        return value
+        super().__init__(*choices, **kwargs)
 
 
 Schema = Mapping[str, FieldSpec]
@@ -242,7 +180,10 @@ def validate(doc: Any, schema: Schema) -> Dict[str, Any]:
     params: Dict[str, Any] = {}
     for name, spec in schema.items():
         if name in doc:
-            params[name] = spec.validate(name, doc[name])
+            try:
+                params[name] = spec.validate(name, doc[name], show=_show)
+            except Invalid as exc:
+                raise RequestError(str(exc)) from None
         elif spec.required:
             raise RequestError(f"{name}: missing (expected {spec.expected})")
         else:

@@ -10,8 +10,9 @@ Typical use (the capture thread)::
     finally:
         src.close()
 
-Adding a backend: write ``edge_agent/sources/<kind>.py`` with a ``BaseSource`` subclass
-decorated ``@register("<kind>")`` and import it below.
+Adding a backend is one file: ``edge_agent/sources/<kind>.py`` defining a ``BaseSource`` subclass
+with ``kind`` and ``live`` and ``BACKEND = ThatClass`` (found automatically), or the same file in
+an installed package that names it in the ``edge_agent.sources`` entry-point group (docs/plugins.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 from edge_agent.sources.base import (
-    KINDS,
     BaseSource,
     Captured,
     EndOfStream,
@@ -28,15 +28,12 @@ from edge_agent.sources.base import (
     SourceSettings,
     available_kinds,
     backend_for,
+    is_live,
     register,
 )
 from edge_agent.sources.reopen import ReopeningSource, SourceStats
 
-# Backends register themselves on import; none imports optional packages at import time.
-from edge_agent.sources import folder, opencv, picamera2, synthetic  # noqa: E402,F401
-
 __all__ = [
-    "KINDS",
     "BaseSource",
     "Captured",
     "EndOfStream",
@@ -46,7 +43,9 @@ __all__ = [
     "SourceSettings",
     "SourceStats",
     "available_kinds",
+    "backend_for",
     "build_source",
+    "is_live",
     "open_source",
     "register",
 ]
@@ -78,6 +77,7 @@ def open_source(settings: Any, reopen: bool = True, strict: bool = True) -> Fram
     wrapper = ReopeningSource(
         factory=lambda: backend(s),
         name=probe.name,
+        live=probe.live,
         stall_timeout_s=s.stall_timeout_s,
         backoff_initial_s=s.reopen_backoff_initial_s,
         backoff_max_s=s.reopen_backoff_max_s,

@@ -1,17 +1,25 @@
 """The one interface every frame source implements, its settings, and the backend registry.
 
-Why a registry: the daemon names its source in the config (``source.kind = "picamera2"``) and
-must not import backends it does not use (picamera2 exists only on a Raspberry Pi). Each
-backend is one module that decorates its class with ``@register("kind")``; adding a backend is
-adding one file and one import line in ``edge_agent/sources/__init__.py``.
+Why a registry: the daemon names its source in the config (``source.kind = "picamera2"``), the
+config accepts exactly the registered kinds, and backends import optional packages (picamera2
+exists only on a Raspberry Pi) only when opened. A backend is ONE file: a module of
+``edge_agent/sources`` that defines ``BACKEND = <BaseSource subclass>``, found automatically, or an
+installed plugin in the ``edge_agent.sources`` entry-point group (docs/plugins.md).
+
+Every backend class declares ``kind`` and ``live`` (True: a camera or stream that runs in real time,
+so the pipeline drops frames to keep up; False: files, folders, generators, every frame is
+processed). A class without ``live`` is refused at registration: a live camera must never run in
+lossless mode because it forgot to say so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Callable, ClassVar, Dict, Mapping, NamedTuple, Optional, Tuple, Type, Union
 
 import numpy as np
 
@@ -20,6 +28,7 @@ try:  # Python >= 3.8
 except ImportError:  # pragma: no cover
     from typing_extensions import Protocol, runtime_checkable  # type: ignore
 
+from edge_agent import discover_backends
 from edge_agent.errors import SourceError
 
 
@@ -72,9 +81,6 @@ class FrameSource(Protocol):
     def read(self, timeout: float = 1.0) -> Optional[Frame]: ...
 
     def close(self) -> None: ...
-
-
-KINDS = ("picamera2", "opencv", "folder", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -149,30 +155,68 @@ def _pair(value: Any, name: str) -> Optional[Tuple[int, int]]:
     return (a, b)
 
 
+ENTRY_POINT_GROUP = "edge_agent.sources"
+_KIND = re.compile(r"[a-z0-9][a-z0-9_-]*")  # SourceSettings lower-cases the configured kind
 _REGISTRY: Dict[str, Type["BaseSource"]] = {}
+_FAILED: Dict[str, str] = {}  # plugin -> why it was not loaded
+_LOCK = threading.RLock()
+_discovered = False
 
 
-def register(kind: str) -> Callable[[Type["BaseSource"]], Type["BaseSource"]]:
-    """Class decorator: make ``kind`` openable by ``open_source``."""
-
-    def deco(cls: Type["BaseSource"]) -> Type["BaseSource"]:
+def register(cls: Type["BaseSource"]) -> Type["BaseSource"]:
+    """Make ``cls`` openable as ``source.kind = cls.kind``; refuses a class that does not declare
+    ``kind`` and ``live``, or whose kind is taken. Usable as a class decorator."""
+    where = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
+    if not (isinstance(cls, type) and issubclass(cls, BaseSource)):
+        raise TypeError(f"source backend {where}: not a BaseSource subclass")
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
+        raise TypeError(f"source backend {where}: declare kind = '<name>' (lower-case letters, "
+                        f"digits, '_' or '-'), got {kind!r}")
+    if not isinstance(getattr(cls, "live", None), bool):
+        raise TypeError(f"source backend {where}: declare live = True (camera or stream: frames "
+                        f"are dropped to keep up) or live = False (files, folders: every frame "
+                        f"is processed)")
+    with _LOCK:
+        if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+            raise ValueError(f"source backend {where}: kind {kind!r} is already taken by "
+                             f"{_REGISTRY[kind].__module__}.{_REGISTRY[kind].__qualname__}")
         _REGISTRY[kind] = cls
-        cls.kind = kind
-        return cls
+    return cls
 
-    return deco
+
+def _discover() -> None:
+    global _discovered
+    with _LOCK:
+        if not _discovered:
+            _discovered = True  # first: a plugin's import may ask the registry again
+            try:
+                _FAILED.update(discover_backends("edge_agent.sources", ENTRY_POINT_GROUP, register))
+            except BaseException:
+                _discovered = False
+                raise
 
 
 def available_kinds() -> Tuple[str, ...]:
+    """Every registered kind (built-in and plugins), sorted."""
+    _discover()
     return tuple(sorted(_REGISTRY))
 
 
 def backend_for(kind: str) -> Type["BaseSource"]:
+    _discover()
     try:
         return _REGISTRY[kind]
     except KeyError:
         known = ", ".join(available_kinds()) or "none"
-        raise SourceError(f"unknown source kind {kind!r} (known: {known})") from None
+        broken = f"; plugin {kind!r} failed to load: {_FAILED[kind]}" if kind in _FAILED else ""
+        raise SourceError(f"unknown source kind {kind!r} (known: {known}{broken})") from None
+
+
+def is_live(settings: Any) -> bool:
+    """Whether the source ``settings`` name runs in real time, asked of its class (nothing opened)."""
+    s = SourceSettings.from_any(settings)
+    return backend_for(s.kind).live_for(s)
 
 
 class BaseSource:
@@ -180,12 +224,21 @@ class BaseSource:
 
     Backends implement ``open``/``_read``/``close``; ``read`` wraps ``_read`` so every frame
     is stamped the same way. ``skipped`` counts inputs dropped for cause (unreadable files).
+    Subclasses declare ``kind`` and ``live`` (see the module docstring); an instance's ``live``
+    is ``live_for(settings)``.
     """
 
-    kind = "base"
+    kind: ClassVar[str]
+    live: bool  # declared per class; per instance: live_for(settings)
+
+    @classmethod
+    def live_for(cls, settings: SourceSettings) -> bool:
+        """Live with these settings? The class's ``live``; override when the uri decides."""
+        return cls.live
 
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
+        self.live = self.live_for(settings)
         self.name = f"{self.kind}:{settings.uri}" if settings.uri else self.kind
         self.skipped = 0
         self._seq = 0

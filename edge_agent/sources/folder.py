@@ -16,12 +16,14 @@ import numpy as np
 
 from edge_agent.errors import SourceError
 from edge_agent.sources.images import IMAGE_EXTENSIONS, list_images, read_rgb
-from edge_agent.sources.base import BaseSource, EndOfStream, Pacer, SourceSettings, register
+from edge_agent.sources.base import BaseSource, EndOfStream, Pacer, SourceSettings
 
 log = logging.getLogger(__name__)
 
-@register("folder")
 class FolderSource(BaseSource):
+    kind = "folder"
+    live = False  # every image is processed
+
     def __init__(self, settings: SourceSettings) -> None:
         super().__init__(settings)
         self._files: List[str] = []
@@ -77,3 +79,6 @@ class FolderSource(BaseSource):
         if path not in self._warned:
             self._warned.add(path)
             log.warning("folder source: skipping unreadable image %s", path)
+
+
+BACKEND = FolderSource

@@ -31,7 +31,6 @@ from edge_agent.sources.base import (
     EndOfStream,
     Pacer,
     SourceSettings,
-    register,
 )
 
 log = logging.getLogger(__name__)
@@ -136,18 +135,20 @@ class _Grabber:
         self._thread.join(join_s)
 
 
-@register("opencv")
 class OpenCVSource(BaseSource):
+    kind = "opencv"
+    live = True  # cameras and streams; a video file is not (live_for)
+
+    @classmethod
+    def live_for(cls, settings: SourceSettings) -> bool:
+        return classify(settings.uri)[0] != "file"
+
     def __init__(self, settings: SourceSettings) -> None:
         super().__init__(settings)
         self.input_kind, self.target = classify(settings.uri)
         self._grabber: Optional[_Grabber] = None
         self._cap: Optional["cv2.VideoCapture"] = None
         self._pacer = Pacer(settings.fps if self.input_kind == "file" else 0.0)
-
-    @property
-    def live(self) -> bool:
-        return self.input_kind != "file"
 
     def open(self) -> None:
         if self.live:
@@ -217,3 +218,6 @@ class OpenCVSource(BaseSource):
         if not ok or bgr is None:
             raise SourceError(f"video file {self.target} has no decodable frame")
         return bgr
+
+
+BACKEND = OpenCVSource

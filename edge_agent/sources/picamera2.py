@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import BaseSource, SourceSettings, register
+from edge_agent.sources.base import BaseSource, SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,10 @@ def _bt601_colour_space() -> Optional[Any]:
     return ColorSpace.Smpte170m()
 
 
-@register("picamera2")
 class Picamera2Source(BaseSource):
+    kind = "picamera2"
+    live = True  # a camera
+
     def __init__(self, settings: SourceSettings) -> None:
         super().__init__(settings)
         uri = settings.uri.strip()
@@ -183,3 +185,6 @@ class Picamera2Source(BaseSource):
             return None
         self._job = None
         return array
+
+
+BACKEND = Picamera2Source

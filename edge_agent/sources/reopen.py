@@ -48,19 +48,23 @@ class ReopeningSource:
     should stop the daemon with a clear message). After that, any exception from the backend,
     or no frame for ``stall_timeout_s`` (0 disables), closes it; reopening is attempted after
     ``backoff_initial_s``, doubling up to ``backoff_max_s``; the delay resets once a frame
-    arrives. ``EndOfStream`` is passed through.
+    arrives. ``EndOfStream`` is passed through. ``live`` is the wrapped backend's (a camera's
+    frames are dropped to keep up; a file's are not), given by the caller so no backend is built.
     """
 
     def __init__(
         self,
         factory: Callable[[], FrameSource],
         name: str,
+        *,
+        live: bool,
         stall_timeout_s: float = 10.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
     ) -> None:
         self._factory = factory
         self.name = name
+        self.live = live
         self.stall_timeout_s = stall_timeout_s
         self.backoff_initial_s = min(backoff_initial_s, backoff_max_s)
         self.backoff_max_s = backoff_max_s

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from edge_agent.sources.base import BaseSource, Pacer, SourceSettings, register
+from edge_agent.sources.base import BaseSource, Pacer, SourceSettings
 
 DEFAULT_SIZE = (640, 480)  # (w, h)
 
@@ -47,9 +47,11 @@ def pattern(width: int, height: int, n: int) -> np.ndarray:
     return img
 
 
-@register("synthetic")
 class SyntheticSource(BaseSource):
     """Generates ``pattern`` frames at ``fps`` (0 = as fast as asked)."""
+
+    kind = "synthetic"
+    live = False  # a generator: every frame is processed
 
     def __init__(self, settings: SourceSettings) -> None:
         super().__init__(settings)
@@ -71,3 +73,6 @@ class SyntheticSource(BaseSource):
         img = pattern(self.width, self.height, self._n)
         self._n += 1
         return img
+
+
+BACKEND = SyntheticSource

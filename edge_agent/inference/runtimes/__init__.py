@@ -1,7 +1,9 @@
 """Pluggable TFLite runtimes: a registry of small backends.
 
 Each backend module in this package defines ``BACKEND``, a :class:`RuntimeBackend`; modules are
-discovered automatically, so adding a runtime touches exactly one new file. ``auto`` picks the
+discovered automatically, so adding a runtime touches exactly one new file. Installed packages add
+runtimes through the ``edge_agent.runtimes`` entry-point group (docs/plugins.md). The registry's
+names are ``model.runtime``'s allowed values and the CLI's ``--runtime`` choices. ``auto`` picks the
 installed backend with the lowest ``priority`` (the fastest here: LiteRT's XNNPACK build runs the
 Coral DeepLab 10–20x faster than tflite-runtime 2.14 on x86), overridable with ``EDGE_AGENT_RUNTIME``.
 """
@@ -12,18 +14,20 @@ import contextlib
 import importlib
 import logging
 import os
-import pkgutil
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+from edge_agent import discover_backends
 from edge_agent.errors import ModelError, RuntimeNotAvailable
 from edge_agent.inference.runtimes import edgetpu
 
 log = logging.getLogger(__name__)
 
 ENV_RUNTIME = "EDGE_AGENT_RUNTIME"
+ENTRY_POINT_GROUP = "edge_agent.runtimes"  # third-party runtimes (docs/plugins.md)
 
 
 @dataclass(frozen=True)
@@ -81,16 +85,29 @@ def package_backend(name: str, priority: int, package: str, aliases: tuple = ())
 
 
 _REGISTRY: Dict[str, RuntimeBackend] = {}
+_FAILED: Dict[str, str] = {}  # plugin -> why it was not loaded
+_LOCK = threading.Lock()
+_discovered = False
+
+
+def register(backend: RuntimeBackend) -> RuntimeBackend:
+    """Add a backend; refuses anything else and a name or alias that is already taken."""
+    if not isinstance(backend, RuntimeBackend):
+        raise TypeError(f"{backend!r} is not a RuntimeBackend (a runtime module defines BACKEND = RuntimeBackend(...))")
+    taken = {n for b in _REGISTRY.values() for n in (b.name, *b.aliases)}
+    clash = sorted({backend.name, *backend.aliases} & (taken | {"auto"}))
+    if clash:
+        raise ValueError(f"runtime {backend.name!r}: name or alias {clash[0]!r} is already taken")
+    _REGISTRY[backend.name] = backend
+    return backend
 
 
 def _discover() -> None:
-    if _REGISTRY:
-        return
-    for info in pkgutil.iter_modules(__path__):
-        mod = importlib.import_module(f"{__name__}.{info.name}")
-        backend = getattr(mod, "BACKEND", None)
-        if isinstance(backend, RuntimeBackend):
-            _REGISTRY[backend.name] = backend
+    global _discovered
+    with _LOCK:
+        if not _discovered:
+            _FAILED.update(discover_backends(__name__, ENTRY_POINT_GROUP, register))
+            _discovered = True
 
 
 def backends() -> List[RuntimeBackend]:
@@ -106,6 +123,11 @@ def available() -> List[str]:
 
 def names() -> List[str]:
     return [b.name for b in backends()]
+
+
+def choices() -> List[str]:
+    """What ``model.runtime`` and ``--runtime`` accept: ``auto`` and every registered backend."""
+    return ["auto", *names()]
 
 
 def resolve(name: Optional[str] = "auto") -> RuntimeBackend:
@@ -129,7 +151,8 @@ def resolve(name: Optional[str] = "auto") -> RuntimeBackend:
                     f"cannot be imported); installed: {', '.join(available()) or 'none'}"
                 )
             return backend
-    raise RuntimeNotAvailable(f"unknown runtime '{name}': choose auto, {', '.join(names())}")
+    broken = f" (plugin '{name}' failed to load: {_FAILED[name]})" if name in _FAILED else ""
+    raise RuntimeNotAvailable(f"unknown runtime '{name}': choose auto, {', '.join(names())}{broken}")
 
 
 def default_threads() -> int:

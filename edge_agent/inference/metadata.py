@@ -217,6 +217,36 @@ def metadata_buffer(model: bytes) -> Optional[bytes]:
     return None
 
 
+_OP_NAMES = {14: "LOGISTIC", 25: "SOFTMAX", 56: "ARG_MAX"}
+
+
+def output_producers(model: bytes) -> Dict[int, str]:
+    """Tensor index -> the builtin op that writes it, for the main subgraph's outputs.
+
+    Read from the file, because a delegate (XNNPACK is applied at allocation) replaces the ops
+    the interpreter reports. Ops not named in ``_OP_NAMES`` are given as their builtin code.
+    """
+    try:
+        root = _root(bytearray(model))
+        codes = []
+        for c in root.tables(1):  # OperatorCode: deprecated_builtin_code 0, custom_code 1, version 2, builtin_code 3
+            o = c._o(3)
+            code = max(c.u8(0), c.t.Get(N.Int32Flags, o + c.t.Pos) if o else 0)
+            codes.append(c.str(1) if code == 32 else _OP_NAMES.get(code, str(code)))  # 32 = CUSTOM
+        subgraphs = root.tables(2)  # SubGraph: tensors 0, inputs 1, outputs 2, operators 3
+        if not subgraphs:
+            return {}
+        wanted = set(subgraphs[0].ints(2))
+        found = {}
+        for op in subgraphs[0].tables(3):  # Operator: opcode_index 0, inputs 1, outputs 2
+            for t in op.ints(2):
+                if t in wanted and op.u32(0) < len(codes):
+                    found[t] = codes[op.u32(0)]
+        return found
+    except Exception:  # a model the runtime will refuse anyway; no producer knowledge
+        return {}
+
+
 def packed_files(model: bytes) -> Dict[str, bytes]:
     """Files appended to the model as a zip archive (associated files), by name."""
     try:

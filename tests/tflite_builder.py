@@ -184,9 +184,10 @@ def build_metadata(mean: Sequence[float] = (), std: Sequence[float] = (), label_
 
 def conv_model(size: int, weights: np.ndarray, nchw: bool = False, input_dtype=np.float32,
                input_scale: Optional[float] = None, input_zero_point: int = 0, logistic: bool = False,
-               **kwargs) -> bytes:
+               both: bool = False, **kwargs) -> bytes:
     """Input [1, size, size, 3] -> 1x1 CONV_2D with ``weights`` (C x 3) -> [1, H, W, C]
-    (-> TRANSPOSE to [1, C, H, W] when ``nchw``; -> LOGISTIC when ``logistic``)."""
+    (-> TRANSPOSE to [1, C, H, W] when ``nchw``; -> LOGISTIC when ``logistic``; ``both``: output
+    the NHWC scores and their NCHW transpose)."""
     c = weights.shape[0]
     tensors: List[T] = [T("image", [1, size, size, 3], input_dtype, scale=input_scale, zero_point=input_zero_point)]
     ops: List[Op] = []
@@ -204,12 +205,13 @@ def conv_model(size: int, weights: np.ndarray, nchw: bool = False, input_dtype=n
         tensors.append(T("probability", [1, size, size, c]))
         ops.append(Op("LOGISTIC", [y], [len(tensors) - 1]))
         y = len(tensors) - 1
-    if nchw:
+    outputs = [y]
+    if nchw or both:
         tensors += [T("perm", [4], np.int32, data=np.array([0, 3, 1, 2], np.int32)),
                     T("scores_nchw", [1, c, size, size])]
         ops.append(Op("TRANSPOSE", [y, len(tensors) - 2], [len(tensors) - 1]))
-        y = len(tensors) - 1
-    return build_model(tensors, ops, [0], [y], **kwargs)
+        outputs = [y, len(tensors) - 1] if both else [len(tensors) - 1]
+    return build_model(tensors, ops, [0], outputs, **kwargs)
 
 
 def upscale_model(size: int, factor: int = 2) -> bytes:

@@ -374,6 +374,8 @@ def _detect_layout(candidates: Dict[str, Tuple[int, int, int]], input_hw: Tuple[
         return layout, f"only its H x W matches the input's {input_hw[0]}x{input_hw[1]} grid"
     if len(fits) == 1 and not by_grid:
         return next(iter(fits)), "the only readable layout"
+    if fits and not by_grid and all(v[0] > input_hw[0] or v[1] > input_hw[1] for v in fits.values()):
+        return "nhwc", "TFLite's own layout"  # larger than the input either way: refused as image-to-image
     if not fits:
         raise ModelError(f"{where}: not a segmentation model: no axis holds 2..256 class scores")
     raise ModelError(f"{where}: ambiguous layout: could be [1, H, W, C] or [1, C, H, W]: set {LAYOUT_SETTING}")

@@ -47,23 +47,20 @@ class _B:
     def __init__(self) -> None:
         self.b = flatbuffers.Builder(1024)
 
-    def ints(self, xs: Sequence[int]) -> int:
-        self.b.StartVector(4, len(xs), 4)
+    def _scalars(self, xs: Sequence, width: int, prepend) -> int:
+        self.b.StartVector(width, len(xs), width)
         for x in reversed(list(xs)):
-            self.b.PrependInt32(int(x))
+            prepend(x)
         return self.b.EndVector()
+
+    def ints(self, xs: Sequence[int]) -> int:
+        return self._scalars([int(x) for x in xs], 4, self.b.PrependInt32)
 
     def longs(self, xs: Sequence[int]) -> int:
-        self.b.StartVector(8, len(xs), 8)
-        for x in reversed(list(xs)):
-            self.b.PrependInt64(int(x))
-        return self.b.EndVector()
+        return self._scalars([int(x) for x in xs], 8, self.b.PrependInt64)
 
     def floats(self, xs: Sequence[float]) -> int:
-        self.b.StartVector(4, len(xs), 4)
-        for x in reversed(list(xs)):
-            self.b.PrependFloat32(float(x))
-        return self.b.EndVector()
+        return self._scalars([float(x) for x in xs], 4, self.b.PrependFloat32)
 
     def tables(self, offsets: Sequence[int]) -> int:
         self.b.StartVector(4, len(offsets), 4)

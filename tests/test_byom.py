@@ -273,6 +273,11 @@ def test_single_channel_logits_need_to_be_told_apart_from_probabilities(tmp_path
     assert seg.labels == ["background", "foreground"]
 
 
+def test_threshold_outside_0_1_is_refused(tmp_path):
+    assert_refused(cli("segment", GRACE, "--model", SELFIE, "--out", tmp_path / "o", "--threshold", "1.5"),
+                   "model.threshold 1.5 is not a probability")
+
+
 def test_sigmoid_output_is_a_probability_map_with_a_threshold(tmp_path):
     model = write(tmp_path, "sig.tflite", conv_model(64, np.array([[2.0, -2.0, 0.0]]), logistic=True))
     frame = blocks(64, 8, seed=7)

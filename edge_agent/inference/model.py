@@ -5,7 +5,7 @@ and TFLite Metadata (never assumes 513x513, uint8 or [-1, 1]), writes frames str
 input tensor (letterboxed, normalised, re-quantized with a 256-entry LUT when needed) and returns
 the class-id label map at model resolution. What it cannot interpret with certainty (an output
 layout, probabilities vs logits, an image-to-image model) is refused with one readable line naming
-the ``model.*`` setting that resolves it; docs/byom.md and README's "Bring your own model".
+the ``model.*`` setting that resolves it (README, "Bring your own model").
 """
 
 from __future__ import annotations
@@ -313,6 +313,8 @@ def read_output_spec(details: Dict[str, Any], where: str, input_hw: Optional[Tup
             raise ModelError(f"{where}: a single-channel map, but nothing says whether it holds probabilities "
                              f"or logits (no sigmoid in the graph, no metadata range): set {SCORES_SETTING}")
         t = float(options.threshold)
+        if not 0.0 <= t <= 1.0:
+            raise ModelError(f"{where}: model.threshold {t:g} is not a probability (0..1)")
         raw = t if scores == "probability" else (math.log(t / (1 - t)) if 0 < t < 1 else math.copysign(math.inf, t - 0.5))
         if scale:  # quantized: compare the stored integers
             raw = raw / scale + zero_point

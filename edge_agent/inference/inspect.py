@@ -15,7 +15,7 @@ import numpy as np
 from edge_agent.errors import ModelError
 from edge_agent.inference import runtimes
 from edge_agent.inference.labels import labels_for
-from edge_agent.inference.model import ModelOptions, read_contract, read_model_file
+from edge_agent.inference.model import ModelOptions, add_model_args, read_contract, read_model_file
 from edge_agent.inference.preprocess import Normalization
 
 
@@ -128,8 +128,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--all", action="store_true", help="list every tensor, not just inputs/outputs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--labels", help="label file (default: the model's own, from its metadata)")
-    from edge_agent.cli.segment import add_model_args
-
     add_model_args(p)
     p.set_defaults(func=_cmd)
 

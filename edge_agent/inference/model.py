@@ -85,6 +85,23 @@ class ModelOptions:
                              f"(one number, or three for R, G, B, comma-separated)") from None
 
 
+def add_model_args(p) -> None:
+    """CLI flags for :class:`ModelOptions` (the ``[model]`` keys of the same names)."""
+    g = p.add_argument_group("model interpretation (only when the model's metadata does not say it)")
+    g.add_argument("--normalization", choices=["-1..1", "0..1", "raw"], default="",
+                   help="range pixels 0..255 are mapped to (default: metadata, input quantization, -1..1)")
+    g.add_argument("--input-mean", default="", metavar="M[,M,M]", help="per-channel mean: real = (pixel - mean) / std")
+    g.add_argument("--input-std", default="", metavar="S[,S,S]", help="per-channel std (with --input-mean)")
+    g.add_argument("--output-layout", choices=["auto", "nhwc", "nchw"], default="auto",
+                   help="where the class axis of score outputs is (default: auto, refused when ambiguous)")
+    g.add_argument("--output-tensor", dest="output", default="", metavar="NAME",
+                   help="output tensor to read when the model has several")
+    g.add_argument("--output-scores", choices=["auto", "probability", "logit"], default="auto",
+                   help="single-channel maps: probabilities or logits (default: from the graph/metadata)")
+    g.add_argument("--threshold", type=float, default=0.5,
+                   help="single-channel maps: foreground above this probability (default 0.5)")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     index: int

@@ -323,6 +323,20 @@ def test_normalisation_settings_reach_the_input_tensor(tmp_path):
         Segmenter(str(model), options=ModelOptions(input_mean="1"))
 
 
+def test_per_channel_normalisation_of_a_quantized_input(tmp_path):
+    """uint8 input (scale 1/64, zero point 128: real -2..1.98) with ImageNet mean/std: a 3-channel LUT."""
+    model = write(tmp_path, "u8.tflite", conv_model(16, np.eye(2, 3), input_dtype=np.uint8,
+                                                      input_scale=1 / 64, input_zero_point=128))
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    seg = Segmenter(str(model), options=ModelOptions(input_mean="123.675,116.28,103.53",
+                                                      input_std="58.395,57.12,57.375"))
+    frame = np.random.default_rng(10).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    seg.model.set_frame(frame)
+    it = seg.model.loaded.interpreter
+    expected = np.clip(np.round((frame - mean) / std * 64 + 128), 0, 255)
+    np.testing.assert_array_equal(it.get_tensor(it.get_input_details()[0]["index"])[0], expected)
+
+
 def test_unknown_input_quantization_range_is_refused(tmp_path):
     model = write(tmp_path, "q.tflite", conv_model(16, np.eye(2, 3), input_dtype=np.int8, input_scale=0.02,
                                                      input_zero_point=0))  # covers -2.56..2.54

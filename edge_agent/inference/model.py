@@ -225,8 +225,8 @@ def resolve_normalization(spec: InputSpec, meta: Optional[TensorMeta], options: 
             raise ModelError(f"{where}: the metadata's input normalisation is unusable ({exc}): "
                              f"fix the model's metadata") from None
         if configured is not None and not configured.same_as(found):
-            raise ModelError(f"{where}: {configured.source.replace('setting ', '').replace('settings ', '')} "
-                             f"contradicts the model's metadata ({found.describe()}): remove the setting")
+            raise ModelError(f"{where}: {configured.source} contradicts the model's metadata "
+                             f"({found.describe()}): remove the setting")
         return found
     if configured is not None:
         return configured

@@ -273,6 +273,13 @@ def test_single_channel_logits_need_to_be_told_apart_from_probabilities(tmp_path
     assert seg.labels == ["background", "foreground"]
 
 
+def test_a_21_class_label_file_on_a_binary_model_is_refused(tmp_path):
+    assert_refused(cli("segment", GRACE, "--model", SELFIE, "--labels", LABELS, "--out", tmp_path / "o"),
+                   "21 labels for a background/foreground output", "model.labels")
+    person = write(tmp_path, "person.txt", b"person\n")
+    assert Segmenter(str(SELFIE), labels=str(person)).labels == ["background", "person"]
+
+
 def test_threshold_outside_0_1_is_refused(tmp_path):
     assert_refused(cli("segment", GRACE, "--model", SELFIE, "--out", tmp_path / "o", "--threshold", "1.5"),
                    "model.threshold 1.5 is not a probability")

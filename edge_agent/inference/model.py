@@ -429,6 +429,9 @@ def choose_output(outputs: Sequence[Dict[str, Any]], where: str, input_hw: Tuple
         except ModelError as exc:
             first_error = first_error or exc
             continue
+        if spec.kind == "binary" and names_here is not None and len(names_here) > 2:
+            raise ModelError(f"{where}: {len(names_here)} labels for a background/foreground output "
+                             f"'{spec.name}': give model.labels with 1 or 2 names")
         if spec.kind == "binary" and names_here is not None and len(names_here) == 1:
             names_here = ["background", names_here[0]]
         elif spec.kind == "binary" and names_here is None:

@@ -72,6 +72,8 @@ NAME = Str(r"[A-Za-z0-9_-]*", "string of letters, digits, '_' or '-'")
 TOPIC_PREFIX = Str(r"[^#+/\x00]+(/[^#+/\x00]+)*", "MQTT topic without wildcards or leading/trailing '/'")
 EDGETPU = Str(r"|usb(:\d+)?|pci(:\d+)?|:\d+", "'' or usb, usb:N, pci, pci:N, :N")
 QOS = Int(0, 2)
+_NUM = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+NUMBERS = Str(rf"|{_NUM}|{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}", "'' or one number or three comma-separated (R, G, B)")
 
 
 # --------------------------------------------------------------------------- the schema
@@ -108,6 +110,14 @@ class ModelConfig:
     cpu_fallback: str = opt("", PATH)
     preprocess: str = opt("letterbox", Choice("letterbox", "stretch"))
     inference_timeout_s: float = opt(10.0, Float(lo=0.1))
+    # What the model's own metadata/tensors leave open (README "Bring your own model"):
+    normalization: str = opt("", Choice("", "-1..1", "0..1", "raw"))  # "" = from the model
+    input_mean: str = opt("", NUMBERS)  # per channel "R,G,B" or one value; with input_std
+    input_std: str = opt("", NUMBERS)
+    output_layout: str = opt("auto", Choice("auto", "nhwc", "nchw"))
+    output: str = opt("", STR)  # output tensor name (or index) when there are several
+    output_scores: str = opt("auto", Choice("auto", "probability", "logit"))  # single-channel maps
+    threshold: float = opt(0.5, Float(0.0, 1.0))  # single-channel maps: foreground above it
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from edge_agent.output import encode as publish
-from edge_agent.inference.model import SegmentationModel, argmax_channels
+from edge_agent.inference.model import SegmentationModel
+from edge_agent.inference.postprocess import argmax_channels
 from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
 from edge_agent.inference.preprocess import AREA, FAST, letterbox, letterbox_geometry, resize_into, shrink_into
 from edge_agent.inference.segmenter import Segmenter

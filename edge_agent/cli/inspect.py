@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from edge_agent.cli.segment import add_runtime_option
+from edge_agent.cli.segment import add_model_args, add_runtime_option
+from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.inspect import describe, format_report
 from edge_agent.models import catalog
 
@@ -15,10 +16,12 @@ def add_parser(subparsers) -> None:
     add_runtime_option(p)
     p.add_argument("--all", action="store_true", help="list every tensor, not just inputs/outputs")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--labels", help="label file (default: the model's own, from its metadata)")
+    add_model_args(p)
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> int:
-    info = describe(catalog.resolve(args.model).path, args.runtime)
+    info = describe(catalog.resolve(args.model).path, args.runtime, ModelOptions.from_config(args), args.labels)
     print(json.dumps(info, indent=2) if args.json else format_report(info, args.all))
     return 0

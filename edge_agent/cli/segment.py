@@ -14,6 +14,7 @@ from edge_agent.inference import runtimes
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import class_fractions
 from edge_agent.inference.preprocess import MODES
+from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.output.visuals import overlay
 from edge_agent.sources.images import read_image
@@ -41,6 +42,24 @@ def add_runtime_args(p) -> None:
                    help="use the Coral Edge TPU delegate (DEVICE: usb, usb:N, pci, pci:N, :N)")
     p.add_argument("--cpu-fallback", help="CPU model (path or manifest name) to use when the Edge TPU (or its model) cannot run")
     p.add_argument("--mode", default="letterbox", choices=MODES, help="preprocessing")
+    add_model_args(p)
+
+
+def add_model_args(p) -> None:
+    """CLI flags for :class:`ModelOptions` (the ``[model]`` keys of the same names)."""
+    g = p.add_argument_group("model interpretation (only when the model's metadata does not say it)")
+    g.add_argument("--normalization", choices=["-1..1", "0..1", "raw"], default="",
+                   help="range pixels 0..255 are mapped to (default: metadata, input quantization, -1..1)")
+    g.add_argument("--input-mean", default="", metavar="M[,M,M]", help="per-channel mean: real = (pixel - mean) / std")
+    g.add_argument("--input-std", default="", metavar="S[,S,S]", help="per-channel std (with --input-mean)")
+    g.add_argument("--output-layout", choices=["auto", "nhwc", "nchw"], default="auto",
+                   help="where the class axis of score outputs is (default: auto, refused when ambiguous)")
+    g.add_argument("--output-tensor", dest="output", default="", metavar="NAME",
+                   help="output tensor to read when the model has several")
+    g.add_argument("--output-scores", choices=["auto", "probability", "logit"], default="auto",
+                   help="single-channel maps: probabilities or logits (default: from the graph/metadata)")
+    g.add_argument("--threshold", type=float, default=0.5,
+                   help="single-channel maps: foreground above this probability (default 0.5)")
 
 
 def make_segmenter(args) -> Segmenter:
@@ -51,7 +70,8 @@ def make_segmenter(args) -> Segmenter:
         labels = entry.labels if entry else None
     return Segmenter(resolved.path, labels=labels, runtime=args.runtime, threads=args.threads,
                      edgetpu=args.edgetpu,
-                     cpu_fallback=catalog.resolve(args.cpu_fallback).path if args.cpu_fallback else None, mode=args.mode)
+                     cpu_fallback=catalog.resolve(args.cpu_fallback).path if args.cpu_fallback else None,
+                     mode=args.mode, options=ModelOptions.from_config(args))
 
 
 def add_parser(subparsers) -> None:

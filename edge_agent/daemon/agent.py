@@ -30,6 +30,7 @@ from edge_agent.daemon import system
 from edge_agent.config import Config
 from edge_agent.errors import EdgeAgentError
 from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
+from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.sources import build_source, open_source
 
@@ -98,6 +99,7 @@ def build_segmenter(config: Config, path: str, labels) -> Segmenter:
     return Segmenter(
         path, labels=labels, runtime=m.runtime, threads=m.threads or None,
         edgetpu=m.edgetpu or None, cpu_fallback=m.cpu_fallback or None, mode=m.preprocess,
+        options=ModelOptions.from_config(m),
     )
 
 
@@ -291,7 +293,7 @@ class Agent:
             i = self.segmenter.info()
             doc["model"] = {k: i[k] for k in ("name", "sha256", "size_bytes", "input_size", "input_dtype",
                                               "output_kind", "output_dtype", "labels", "preprocess",
-                                              "fallback_reason")}
+                                              "fallback_reason", "classes", "normalization", "output")}
             doc.update(runtime=i["runtime"], runtime_version=i["runtime_version"],
                        delegate=i["delegate"], threads=i["threads"])
         return doc

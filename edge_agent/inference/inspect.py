@@ -1,4 +1,5 @@
-"""``edge-agent inspect MODEL``: tensors, dtypes, shapes, quantization and ops of a .tflite.
+"""``edge-agent inspect MODEL``: tensors, dtypes, shapes, quantization and ops of a .tflite, and
+how the agent would read it (normalisation and where it came from, the output, class names).
 
 Works on any model the runtime can parse, including Edge TPU builds (tensors are read without
 allocating, so the custom op does not need to resolve).
@@ -7,15 +8,19 @@ allocating, so the custom op does not need to resolve).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from edge_agent.errors import ModelError
 from edge_agent.inference import runtimes
-from edge_agent.inference.model import read_model_file
+from edge_agent.inference.labels import labels_for
+from edge_agent.inference.model import ModelOptions, read_contract, read_model_file
+from edge_agent.inference.preprocess import Normalization
 
 
-def describe(model_path: str, runtime: str = "auto") -> Dict[str, Any]:
+def describe(model_path: str, runtime: str = "auto", options: Optional[ModelOptions] = None,
+             labels: Optional[str] = None) -> Dict[str, Any]:
     mf = read_model_file(model_path)
     loaded = runtimes.create_interpreter(model_path, runtime, threads=1, allocate=False)
     it = loaded.interpreter
@@ -23,6 +28,10 @@ def describe(model_path: str, runtime: str = "auto") -> Dict[str, Any]:
         ops = [op["op_name"] for op in it._get_ops_details()]  # stable since TF 2.5
     except Exception:  # pragma: no cover - very old runtimes
         ops = []
+    try:
+        segmentation: Dict[str, Any] = read_contract(it, mf, options or ModelOptions(), labels_for(labels)).describe()
+    except ModelError as exc:
+        segmentation = {"refused": str(exc)}
     return {
         "path": model_path,
         "sha256": mf.sha256,
@@ -33,6 +42,7 @@ def describe(model_path: str, runtime: str = "auto") -> Dict[str, Any]:
         "outputs": [_tensor(d) for d in it.get_output_details()],
         "tensors": [_tensor(d) for d in it.get_tensor_details()],
         "ops": ops,
+        "segmentation": segmentation,
     }
 
 
@@ -75,7 +85,28 @@ def format_report(info: Dict[str, Any], all_tensors: bool = False) -> str:
     if all_tensors:
         lines.append(f"tensors ({len(info['tensors'])}):")
         lines.extend("  " + _tensor_line(t) for t in info["tensors"])
+    lines.extend(segmentation_lines(info["segmentation"]))
     return "\n".join(lines)
+
+
+def segmentation_lines(seg: Dict[str, Any]) -> List[str]:
+    """How the agent reads the model: normalisation and its source, output, classes, metadata."""
+    if "refused" in seg:
+        return [f"segmentation: refused: {seg['refused']}"]
+    norm, out, md = seg["normalization"], seg["output"], seg["metadata"]
+    lines = [f"normalisation  {Normalization.of(norm['mean'], norm['std'], norm['source']).describe()}",
+             f"output   '{out['name']}': {out['reason']}"]
+    names = seg["labels"]
+    classes = seg["classes"]
+    lines.append(f"classes  {classes if classes is not None else 'unknown'}"
+                 + (f": {', '.join(names)}" if names else " (no label names: pass --labels)"))
+    if md and "problem" in md:
+        lines.append(f"metadata {md['problem']}")
+    elif md:
+        lines.append(f"metadata {md['name']} {md['version']}".rstrip() + (f"; files {', '.join(md['files'])}" if md["files"] else ""))
+    else:
+        lines.append("metadata none (TFLite Metadata absent: settings and defaults apply)")
+    return lines
 
 
 def _tensor_line(t: Dict[str, Any]) -> str:

@@ -1,33 +1,83 @@
 """The model contract: what a segmentation ``.tflite`` must look like, and how to feed/read it.
 
 A :class:`SegmentationModel` owns one interpreter. It reads the model's own input/output details
-(never assumes 513x513 or uint8), writes frames straight into the input tensor (letterboxed and,
-if needed, re-quantized with a 256-entry LUT) and returns the class-id label map at model
-resolution. Anything that is not a segmentation model is refused with one readable line.
+and TFLite Metadata (never assumes 513x513, uint8 or [-1, 1]), writes frames straight into the
+input tensor (letterboxed, normalised, re-quantized with a 256-entry LUT when needed) and returns
+the class-id label map at model resolution. What it cannot interpret with certainty (an output
+layout, probabilities vs logits, an image-to-image model) is refused with one readable line naming
+the ``model.*`` setting that resolves it (README, "Bring your own model").
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from edge_agent.inference import runtimes
 
-from edge_agent.inference import tflite_check
+from edge_agent.inference import postprocess, tflite_check
 from edge_agent.errors import EdgeAgentError, InferenceError, ModelError
-from edge_agent.inference.preprocess import DEFAULT_RESIZE, LETTERBOX, Geometry, check_frame, make_geometry, resize_into
+from edge_agent.inference.metadata import ModelMetadata, TensorMeta, output_producers, read_metadata
+from edge_agent.inference.preprocess import (DEEPLAB, DEFAULT_RESIZE, LETTERBOX, PRESETS, Geometry, Normalization,
+                                             check_frame, make_geometry, normalize_into, resize_into)
 from edge_agent.inference.runtimes import edgetpu
 
 log = logging.getLogger(__name__)
 
 TFLITE_IDENTIFIER = b"TFL3"
 _SUPPORTED_INPUT = (np.uint8, np.int8, np.float32)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What the user says about a model that the model itself may not (config ``[model]`` / CLI).
+
+    Every field's default means "from the model": these settings only resolve what the model's
+    metadata and tensors leave open; docs in README "Bring your own model".
+    """
+
+    normalization: str = ""  # "" | "-1..1" | "0..1" | "raw"
+    input_mean: str = ""  # "127.5" or "123.7,116.3,103.5" (R, G, B)
+    input_std: str = ""
+    output_layout: str = "auto"  # "auto" | "nhwc" | "nchw"
+    output: str = ""  # output tensor name (or index) when the model has several
+    output_scores: str = "auto"  # single-channel maps: "auto" | "probability" | "logit"
+    threshold: float = 0.5  # single-channel maps: foreground when probability > threshold
+
+    @classmethod
+    def from_config(cls, m: Any) -> "ModelOptions":
+        """From a ``[model]`` config section (or any object with these attributes)."""
+        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__ if getattr(m, f, None) is not None})
+
+    def configured(self, where: str) -> Optional[Normalization]:
+        """The normalisation the settings ask for, or None when they leave it to the model."""
+        if self.normalization and (self.input_mean or self.input_std):
+            raise ModelError(f"{where}: set either model.normalization or model.input_mean/model.input_std, not both")
+        if self.normalization:
+            if self.normalization not in PRESETS:
+                raise ModelError(f"{where}: model.normalization '{self.normalization}' is not one of "
+                                 f"{', '.join(PRESETS)}")
+            mean, std = PRESETS[self.normalization]
+            return Normalization.of(mean, std, f"setting model.normalization = '{self.normalization}'")
+        if not (self.input_mean or self.input_std):
+            return None
+        if not (self.input_mean and self.input_std):
+            raise ModelError(f"{where}: model.input_mean and model.input_std go together: set both")
+        try:
+            mean = [float(v) for v in self.input_mean.split(",")]
+            std = [float(v) for v in self.input_std.split(",")]
+            return Normalization.of(mean, std, "settings model.input_mean/model.input_std")
+        except ValueError as exc:
+            raise ModelError(f"{where}: model.input_mean/model.input_std: {exc} "
+                             f"(one number, or three for R, G, B, comma-separated)") from None
 
 
 @dataclass(frozen=True)
@@ -43,11 +93,24 @@ class InputSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     index: int
-    kind: str  # "labels" (ArgMax in the graph) or "logits" (HxWxC, argmax done here)
+    kind: str  # "labels" (ArgMax in the graph), "logits" (C score maps, argmax here) or "binary"
     height: int
     width: int
     classes: Optional[int]
     dtype: Any
+    layout: str = "nhwc"  # where the class axis is: "nhwc" ([1, H, W, C]) or "nchw" ([1, C, H, W])
+    name: str = ""
+    scores: str = ""  # binary: "probability" or "logit"
+    threshold: float = 0.5  # binary: foreground above this probability
+    raw_threshold: float = 0.0  # the same threshold in the tensor's own (quantized/logit) units
+    reason: str = ""  # why this interpretation (for info / inspect)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"name": self.name, "kind": self.kind, "layout": self.layout, "classes": self.classes,
+               "size": [self.height, self.width], "reason": self.reason}
+        if self.kind == "binary":
+            out.update(scores=self.scores, threshold=self.threshold)
+        return out
 
 
 @dataclass
@@ -56,6 +119,9 @@ class ModelFile:
     sha256: str
     size: int
     edgetpu: bool
+    metadata: Optional[ModelMetadata] = None
+    metadata_problem: Optional[str] = None
+    producers: Dict[int, str] = field(default_factory=dict)  # output tensor -> op writing it
 
     @property
     def name(self) -> str:
@@ -83,12 +149,23 @@ def read_model_file(path: str) -> ModelFile:
     problem = tflite_check.check(data)
     if problem:
         raise ModelError(f"{path}: corrupt TFLite model ({problem})")
+    metadata, metadata_problem = read_metadata(data)
+    if metadata_problem:
+        log.warning("%s: %s; using the settings and defaults instead", path, metadata_problem)
     return ModelFile(
         path=path,
         sha256=hashlib.sha256(data).hexdigest(),
         size=len(data),
         edgetpu=edgetpu.is_edgetpu_model(data),
+        metadata=metadata,
+        metadata_problem=metadata_problem,
+        producers=output_producers(data),
     )
+
+
+def cpu_twin_name(path: str) -> str:
+    """``x_mobilenet_edgetpu_y_edgetpu.tflite`` -> ``x_mobilenet_edgetpu_y.tflite`` (only the trailing one)."""
+    return re.sub(r"_edgetpu(\.tflite)?$", r"\1", os.path.basename(path))
 
 
 def _spatial(shape) -> Tuple[int, ...]:
@@ -108,42 +185,313 @@ def read_input_spec(details: Dict[str, Any], where: str) -> InputSpec:
     return InputSpec(details["index"], shape[1], shape[2], dtype, float(scale), int(zero_point))
 
 
-def read_output_spec(details: Dict[str, Any], where: str) -> OutputSpec:
+NORMALIZATION_SETTINGS = "model.normalization (-1..1, 0..1, raw) or model.input_mean/model.input_std"
+
+
+def resolve_normalization(spec: InputSpec, meta: Optional[TensorMeta], options: ModelOptions,
+                          where: str) -> Normalization:
+    """The input normalisation in force: metadata, else the settings, else the input's quantization
+    range (a quantized input says which real range it was calibrated for), else the DeepLab default.
+
+    A setting that contradicts the metadata is refused rather than silently ignored or obeyed.
+    """
+    configured = options.configured(where)
+    if meta is not None and meta.mean and meta.std:
+        try:
+            found = Normalization.of(meta.mean, meta.std, "the model's metadata")
+        except ValueError as exc:
+            raise ModelError(f"{where}: the metadata's input normalisation is unusable ({exc}): "
+                             f"fix the model's metadata") from None
+        if configured is not None and not configured.same_as(found):
+            raise ModelError(f"{where}: {configured.source} contradicts the model's metadata "
+                             f"({found.describe()}): remove the setting")
+        return found
+    if configured is not None:
+        return configured
+    if spec.dtype == np.float32:
+        return DEEPLAB
+    info = np.iinfo(spec.dtype)
+    lo, hi = (info.min - spec.zero_point) * spec.scale, (info.max - spec.zero_point) * spec.scale
+    tolerance = 3 * spec.scale + 0.02 * (hi - lo)
+    for name, (mean, std) in PRESETS.items():
+        candidate = Normalization.of(mean, std, "")
+        rlo, rhi = candidate.real_range()
+        if abs(rlo - lo) <= tolerance and abs(rhi - hi) <= tolerance:
+            return Normalization.of(mean, std, f"the input quantization (real range {lo:.4g}..{hi:.4g})")
+    raise ModelError(f"{where}: the input quantization covers {lo:.4g}..{hi:.4g}, which is none of "
+                     f"-1..1, 0..1, raw, and the model has no normalisation metadata: set {NORMALIZATION_SETTINGS}")
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+LAYOUT_SETTING = "model.output_layout (nhwc or nchw)"
+SCORES_SETTING = "model.output_scores (probability or logit)"
+_SEGMENTATION_WORDS = ("segment", "mask")
+
+
+def says_segmentation(md: Optional[ModelMetadata], meta: Optional[TensorMeta]) -> bool:
+    """Does the model's metadata say this output is a segmentation (label file or description)?"""
+    if meta is not None and meta.label_file:
+        return True
+    texts = [meta.name, meta.description] if meta is not None else []
+    if md is not None:
+        texts += [md.name, md.description]
+    return any(w in t.lower() for t in texts for w in _SEGMENTATION_WORDS)
+
+
+def _grid_fits(h: int, w: int, input_hw: Tuple[int, int]) -> bool:
+    """An output grid of ``h x w`` that is the input's grid (same aspect ratio, at most its size)."""
+    ih, iw = input_hw
+    return h <= ih and w <= iw and abs(h * iw - w * ih) <= max(ih, iw)
+
+
+def _quant(details: Dict[str, Any]) -> Tuple[float, int]:
+    scale, zero_point = details.get("quantization", (0.0, 0)) or (0.0, 0)
+    return float(scale), int(zero_point)
+
+
+def read_output_spec(details: Dict[str, Any], where: str, input_hw: Optional[Tuple[int, int]] = None,
+                     meta: Optional[TensorMeta] = None, options: ModelOptions = ModelOptions(),
+                     label_count: Optional[int] = None, producer: str = "",
+                     md: Optional[ModelMetadata] = None) -> OutputSpec:
+    """Decide what one output tensor is, or refuse it in one line naming the setting that would tell.
+
+    ``input_hw`` (the input's H, W) tells a class axis from a spatial one and spots image-to-image
+    models; ``label_count`` (from a label file or the metadata) and ``meta`` disambiguate further.
+    """
     shape = _spatial(details["shape"])
     dtype = np.dtype(details["dtype"]).type
+    name = str(details.get("name", ""))
+    where = f"{where}: output '{name}' {list(shape)}" if name else f"{where}: output {list(shape)}"
+    scale, zero_point = _quant(details)
     integer = np.issubdtype(dtype, np.integer)
-    if len(shape) == 3 and shape[0] == 1 and integer:
-        return OutputSpec(details["index"], "labels", shape[1], shape[2], None, dtype)
-    if len(shape) == 4 and shape[0] == 1 and shape[3] == 1 and integer:
-        return OutputSpec(details["index"], "labels", shape[1], shape[2], None, dtype)
-    if len(shape) == 4 and shape[0] == 1 and shape[3] >= 2 and shape[1] > 1 and shape[2] > 1:
-        if dtype not in (np.uint8, np.int8, np.float32, np.float16):
-            raise ModelError(f"{where}: logits dtype {np.dtype(dtype).name} not supported")
-        if shape[3] > 256:
-            raise ModelError(f"{where}: {shape[3]} classes; at most 256 fit in an 8-bit mask")
-        return OutputSpec(details["index"], "logits", shape[1], shape[2], shape[3], dtype)
-    hint = " (looks like an image classifier)" if len(shape) == 2 else ""
-    raise ModelError(
-        f"{where}: not a segmentation model: output shape {list(shape)} is neither [1, H, W] "
-        f"class ids nor [1, H, W, C] logits{hint}"
-    )
+    ids = integer and not scale  # ArgMax output: class ids, not quantized scores
+    input_hw = input_hw or (max(shape[1:], default=1),) * 2
+    layout_set = options.output_layout in ("nhwc", "nchw")
+    configured = layout_set or options.output_scores in ("probability", "logit")
+    index = details["index"]
+
+    def check_size(h: int, w: int) -> None:
+        if (h > input_hw[0] or w > input_hw[1]) and not configured:
+            raise ModelError(f"{where}: not a segmentation model: its output ({h}x{w}) is larger than its "
+                             f"input ({input_hw[0]}x{input_hw[1]}), as in image-to-image models "
+                             f"(if it is a segmenter, set {LAYOUT_SETTING})")
+
+    if ids and shape[:1] == (1,) and (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        check_size(shape[1], shape[2])
+        return OutputSpec(index, "labels", shape[1], shape[2], label_count, dtype, "nhwc", name,
+                          reason="class ids (ArgMax in the model)")
+    if ids and len(shape) == 4 and shape[0] == 1 and shape[1] == 1 and options.output_layout != "nhwc":
+        check_size(shape[2], shape[3])
+        return OutputSpec(index, "labels", shape[2], shape[3], label_count, dtype, "nchw", name,
+                          reason="class ids (ArgMax in the model), [1, 1, H, W]")
+    if dtype not in (np.uint8, np.int8, np.float32, np.float16) or shape[:1] != (1,) or len(shape) not in (3, 4):
+        hint = " (looks like an image classifier)" if len(shape) == 2 else ""
+        raise ModelError(f"{where}: not a segmentation model: the output is neither [1, H, W] class ids "
+                         f"nor [1, H, W, C] / [1, C, H, W] scores ({np.dtype(dtype).name}){hint}")
+
+    # Single-channel maps: a probability (or logit) of one class per pixel.
+    single = None
+    if len(shape) == 3:
+        single = (shape[1], shape[2], "nhwc")
+    elif shape[3] == 1 and options.output_layout != "nchw":
+        single = (shape[1], shape[2], "nhwc")
+    elif shape[1] == 1 and options.output_layout != "nhwc":
+        single = (shape[2], shape[3], "nchw")
+    if single is not None:
+        h, w, layout = single
+        check_size(h, w)
+        scores, why = options.output_scores, "set by model.output_scores"
+        if scores == "auto":
+            scores, why = _detect_scores(meta, producer, dtype, scale, zero_point)
+        if scores == "auto":
+            raise ModelError(f"{where}: a single-channel map, but nothing says whether it holds probabilities "
+                             f"or logits (no sigmoid in the graph, no metadata range): set {SCORES_SETTING}")
+        t = float(options.threshold)
+        if not 0.0 <= t <= 1.0:
+            raise ModelError(f"{where}: model.threshold {t:g} is not a probability (0..1)")
+        raw = t if scores == "probability" else (math.log(t / (1 - t)) if 0 < t < 1 else math.copysign(math.inf, t - 0.5))
+        if scale:  # quantized: compare the stored integers
+            raw = raw / scale + zero_point
+        return OutputSpec(index, "binary", h, w, 2, dtype, layout, name, scores, t, raw,
+                          reason=f"single-channel {scores} map ({why}), foreground above {t:g}")
+
+    # Several score maps: find the class axis.
+    candidates = {"nhwc": (shape[1], shape[2], shape[3]), "nchw": (shape[2], shape[3], shape[1])}
+    if layout_set:
+        layout, reason = options.output_layout, "set by model.output_layout"
+    else:
+        layout, reason = _detect_layout(candidates, input_hw, meta, label_count, where)
+    h, w, classes = candidates[layout]
+    if classes < 2 or h < 2 or w < 2:
+        raise ModelError(f"{where}: not a segmentation model as {layout.upper()} ({classes} classes of {h}x{w})")
+    if classes > 256:
+        raise ModelError(f"{where}: {classes} classes; at most 256 fit in an 8-bit mask")
+    check_size(h, w)
+    if (classes == 3 and (h, w) == tuple(input_hw) and not configured and label_count != 3
+            and not says_segmentation(md, meta)):
+        raise ModelError(f"{where}: not a segmentation model: 3 channels at the input's size is an image "
+                         f"(image-to-image model?); if these are 3 class scores, give 3 labels or set "
+                         f"{LAYOUT_SETTING}")
+    return OutputSpec(index, "logits", h, w, classes, dtype, layout, name,
+                      reason=f"{classes} class scores, {layout.upper()} ({reason})")
 
 
-def input_lut(spec: InputSpec) -> Optional[np.ndarray]:
-    """256-entry LUT pixel -> quantized input, or None when raw pixels are already right.
+def _detect_scores(meta: Optional[TensorMeta], producer: str, dtype, scale: float,
+                   zero_point: int) -> Tuple[str, str]:
+    if producer == "LOGISTIC":
+        return "probability", "a sigmoid (LOGISTIC) produces it"
+    if meta is not None and meta.stats_min and meta.stats_max:
+        if min(meta.stats_min) >= 0 and max(meta.stats_max) <= 1:
+            return "probability", "the metadata's value range is 0..1"
+    if scale and np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        lo, hi = (info.min - zero_point) * scale, (info.max - zero_point) * scale
+        if lo >= -scale and hi <= 1 + scale:
+            return "probability", f"its quantization covers {lo:.3g}..{hi:.3g}"
+    return "auto", ""
 
-    The DeepLab convention is ``real = pixel / 127.5 - 1``. Coral's uint8 models (scale 1/128,
-    zero point 128) take raw pixels within one quantization step, as pycoral feeds them; any other
-    quantization gets an exact LUT (applied by ``cv2.LUT``, ~0.2 ms at 513x513).
+
+def _detect_layout(candidates: Dict[str, Tuple[int, int, int]], input_hw: Tuple[int, int],
+                   meta: Optional[TensorMeta], label_count: Optional[int], where: str) -> Tuple[str, str]:
+    names = [n.lower() for n in (meta.dimension_names if meta is not None else ())]
+    if len(names) == 4:
+        for layout, axis in (("nhwc", 3), ("nchw", 1)):
+            if any(word in names[axis] for word in ("class", "channel", "categor")):
+                return layout, f"the metadata names dimension {axis} '{names[axis]}'"
+    fits = {k: v for k, v in candidates.items() if v[2] >= 2 and v[0] >= 2 and v[1] >= 2 and v[2] <= 256}
+    if label_count:
+        by_labels = {k: v for k, v in fits.items() if v[2] == label_count}
+        if len(by_labels) == 1:
+            layout = next(iter(by_labels))
+            return layout, f"the class axis is the one with {label_count} entries, one per label"
+    by_grid = {k: v for k, v in fits.items() if _grid_fits(v[0], v[1], input_hw)}
+    if len(by_grid) == 1:
+        layout = next(iter(by_grid))
+        return layout, f"only its H x W matches the input's {input_hw[0]}x{input_hw[1]} grid"
+    if len(fits) == 1 and not by_grid:
+        return next(iter(fits)), "the only readable layout"
+    if fits and not by_grid and all(v[0] > input_hw[0] or v[1] > input_hw[1] for v in fits.values()):
+        return "nhwc", "TFLite's own layout"  # larger than the input either way: refused as image-to-image
+    if not fits:
+        raise ModelError(f"{where}: not a segmentation model: no axis holds 2..256 class scores")
+    raise ModelError(f"{where}: ambiguous layout: could be [1, H, W, C] or [1, C, H, W]: set {LAYOUT_SETTING}")
+
+
+def choose_output(outputs: Sequence[Dict[str, Any]], where: str, input_hw: Tuple[int, int],
+                  md: Optional[ModelMetadata], options: ModelOptions, labels: Optional[Sequence[str]],
+                  producers: Dict[int, str]) -> Tuple[OutputSpec, Optional[List[str]]]:
+    """Pick the segmentation output and its class names: the one ``model.output`` names, else one
+    the metadata labels, else the first that can be read (in-graph ArgMax first)."""
+    metas = list(md.outputs) if md is not None else []
+    order = list(range(len(outputs)))
+    if options.output:
+        names = [str(d.get("name", "")) for d in outputs]
+        wanted = [i for i, n in enumerate(names) if n == options.output or str(i) == options.output]
+        if not wanted:
+            raise ModelError(f"{where}: model.output '{options.output}' names no output "
+                             f"(outputs: {', '.join(repr(n) for n in names)})")
+        order = wanted[:1]
+    else:
+        order.sort(key=lambda i: (0 if i < len(metas) and metas[i].label_file else 1,
+                                  0 if np.issubdtype(np.dtype(outputs[i]["dtype"]), np.integer)
+                                  and not _quant(outputs[i])[0] else 1))
+    first_error: Optional[ModelError] = None
+    for i in order:
+        meta = metas[i] if i < len(metas) else None
+        names_here = list(labels) if labels else (md.labels(meta) if md is not None else None)
+        try:
+            spec = read_output_spec(outputs[i], where, input_hw, meta, options,
+                                    len(names_here) if names_here else None,
+                                    producers.get(int(outputs[i]["index"]), ""), md)
+        except ModelError as exc:
+            first_error = first_error or exc
+            continue
+        if spec.kind == "binary" and names_here is not None and len(names_here) > 2:
+            raise ModelError(f"{where}: {len(names_here)} labels for a background/foreground output "
+                             f"'{spec.name}': give model.labels with 1 or 2 names")
+        if spec.kind == "binary" and names_here is not None and len(names_here) == 1:
+            names_here = ["background", names_here[0]]
+        elif spec.kind == "binary" and names_here is None:
+            names_here = ["background", "foreground"]
+        return spec, names_here
+    assert first_error is not None
+    raise first_error
+
+
+def input_lut(spec: InputSpec, norm: Normalization = DEEPLAB) -> Optional[np.ndarray]:
+    """LUT pixel -> quantized input (256 entries; 256x1x3 when channels differ), or None when raw
+    pixels are already right.
+
+    ``real = (pixel - mean) / std`` then ``q = real / scale + zero_point``. Coral's uint8 DeepLab
+    models (scale 1/128, zero point 128, mean = std = 127.5) take raw pixels within one
+    quantization step, as pycoral feeds them; any other case gets an exact LUT (applied by
+    ``cv2.LUT``, ~0.2 ms at 513x513).
     """
     if spec.dtype == np.float32:
         return None
     info = np.iinfo(spec.dtype)
-    real = np.arange(256, dtype=np.float64) / 127.5 - 1.0
+    pixels = np.arange(256, dtype=np.float64)[:, None]
+    real = (pixels - np.asarray(norm.mean)) / np.asarray(norm.std)  # 256 x 3
     q = np.clip(np.round(real / spec.scale + spec.zero_point), info.min, info.max)
-    if spec.dtype == np.uint8 and np.max(np.abs(q - np.arange(256))) <= 1:
+    if spec.dtype == np.uint8 and np.max(np.abs(q - pixels)) <= 1:
         return None
-    return q.astype(spec.dtype).view(np.uint8)
+    lut = q.astype(spec.dtype).view(np.uint8)
+    if (lut == lut[:, :1]).all():
+        return np.ascontiguousarray(lut[:, 0])
+    return np.ascontiguousarray(lut.reshape(256, 1, 3))
+
+
+def quantize_zero(spec: InputSpec) -> Any:
+    """The input value that means real 0 (what letterbox padding is filled with)."""
+    if spec.dtype == np.float32:
+        return 0.0
+    info = np.iinfo(spec.dtype)
+    return int(np.clip(spec.zero_point, info.min, info.max))
+
+
+@dataclass
+class Contract:
+    """How to feed and read one model: its input, normalisation, chosen output and class names."""
+
+    input: InputSpec
+    normalization: Normalization
+    output: OutputSpec
+    labels: Optional[List[str]]
+    metadata: Optional[ModelMetadata] = None
+    metadata_problem: Optional[str] = None
+    outputs: List[str] = field(default_factory=list)
+
+    def describe(self) -> Dict[str, Any]:
+        md = self.metadata
+        return {
+            "normalization": self.normalization.to_dict(),
+            "output": self.output.to_dict(),
+            "classes": self.output.classes if self.output.classes else (len(self.labels) if self.labels else None),
+            "labels": self.labels,
+            "metadata": ({"name": md.name, "description": md.description, "version": md.version,
+                          "files": sorted(md.packed)} if md is not None else
+                         ({"problem": self.metadata_problem} if self.metadata_problem else None)),
+        }
+
+
+def read_contract(interpreter: Any, mf: ModelFile, options: ModelOptions,
+                  labels: Optional[Sequence[str]] = None) -> Contract:
+    """Interpret a loaded (not necessarily allocated) interpreter's tensors with the model's metadata."""
+    where = mf.path
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(inputs) != 1:
+        raise ModelError(f"{where}: {len(inputs)} inputs; a segmentation model has one image input")
+    md = mf.metadata
+    spec = read_input_spec(inputs[0], where)
+    norm = resolve_normalization(spec, md.inputs[0] if md is not None and md.inputs else None, options, where)
+    output, names = choose_output(outputs, where, (spec.height, spec.width), md, options, labels, mf.producers)
+    if output.kind == "logits" and names and len(names) != output.classes and labels is None:
+        log.warning("%s: the metadata has %d labels for %d classes; showing class ids", where, len(names),
+                    output.classes)
+        names = None
+    return Contract(spec, norm, output, names, md, mf.metadata_problem,
+                    [str(d.get("name", "")) for d in outputs])
 
 
 class SegmentationModel:
@@ -156,14 +504,18 @@ class SegmentationModel:
         threads: Optional[int] = None,
         edgetpu_device: Optional[str] = None,
         cpu_fallback: Optional[str] = None,
+        options: Optional[ModelOptions] = None,
+        labels: Optional[Sequence[str]] = None,
     ) -> None:
         self.fallback_reason: Optional[str] = None
+        self.options = options or ModelOptions()
+        self._given_labels = list(labels) if labels else None
         self.file = read_model_file(model_path)
         if self.file.edgetpu and edgetpu_device is None:
             msg = (
                 f"{model_path}: compiled for the Edge TPU (contains edgetpu-custom-op) and cannot "
                 f"run on the CPU: pass --edgetpu [DEVICE], or use its CPU twin "
-                f"({os.path.basename(model_path).replace('_edgetpu', '')}) or --cpu-fallback"
+                f"({cpu_twin_name(model_path)}) or --cpu-fallback"
             )
             self._fallback_or_raise(ModelError(msg), cpu_fallback, runtime, threads)
             return
@@ -189,29 +541,13 @@ class SegmentationModel:
     def _setup(self, loaded: runtimes.LoadedInterpreter) -> None:
         self.loaded = loaded
         it = loaded.interpreter
-        where = self.file.path
-        inputs, outputs = it.get_input_details(), it.get_output_details()
-        if len(inputs) != 1:
-            raise ModelError(f"{where}: {len(inputs)} inputs; a segmentation model has one image input")
-        self.input = read_input_spec(inputs[0], where)
-        specs = []
-        for details in outputs:
-            try:
-                specs.append(read_output_spec(details, where))
-            except ModelError as exc:
-                error = exc
-        if not specs:
-            raise error
-        # Prefer an in-graph ArgMax when a model exports both logits and labels.
-        specs.sort(key=lambda s: 0 if s.kind == "labels" else 1)
-        self.output = specs[0]
-        self._lut = input_lut(self.input)
-        if self.input.dtype == np.float32:
-            self._pad = 0.0
-        elif self._lut is None:
-            self._pad = self.input.zero_point
-        else:
-            self._pad = int(self._lut[128])
+        self.contract = read_contract(it, self.file, self.options, self._given_labels)
+        self.input = self.contract.input
+        self.output = self.contract.output
+        self.normalization = self.contract.normalization
+        self.labels = self.contract.labels
+        self._lut = input_lut(self.input, self.normalization)
+        self._pad = quantize_zero(self.input)
         self._input_tensor = it.tensor(self.input.index)
 
     # -- properties reported in info / benchmarks -------------------------------------------
@@ -235,7 +571,7 @@ class SegmentationModel:
             "output_kind": self.output.kind,
             "output_dtype": np.dtype(self.output.dtype).name,
             "output_size": [self.output.height, self.output.width],
-            "classes": self.output.classes,
+            **self.contract.describe(),
             "runtime": self.loaded.runtime,
             "runtime_version": self.loaded.runtime_version,
             "delegate": self.loaded.delegate,
@@ -266,8 +602,7 @@ class SegmentationModel:
         scratch = np.empty((self.input.height, self.input.width, 3), np.uint8)
         resize_into(frame, scratch, geometry, 128, quality)
         if self.input.dtype == np.float32:
-            np.multiply(scratch, np.float32(1 / 127.5), out=view, casting="unsafe")
-            view -= np.float32(1.0)
+            normalize_into(scratch, view, self.normalization)
         else:
             cv2.LUT(scratch, self._lut, dst=view.view(np.uint8))
         # Padding means exactly 0 after normalisation.
@@ -309,23 +644,6 @@ class SegmentationModel:
         """
         view = self.loaded.interpreter.tensor(self.output.index)()[0]
         try:
-            if self.output.kind == "labels":
-                if view.ndim == 3:
-                    view = view[..., 0]
-                return view.astype(np.uint8)
-            return argmax_channels(view)
+            return postprocess.decode(view, self.output)
         finally:
             del view
-
-
-def argmax_channels(logits: np.ndarray) -> np.ndarray:
-    """Argmax over the last axis of HxWxC logits, as uint8 class ids (first maximum wins).
-
-    Plain ``np.argmax``, on purpose: numpy >= 2 vectorises the last-axis argmax (SIMD), and it
-    measured faster here than a channel loop of ``np.greater``/``np.maximum`` (3-4x slower at
-    513x513x21 float32) and than ``cv2.reduceArgMax`` (~1.2x slower); see bench/perf.py. What
-    this path saves is the copy: the caller passes the output tensor's view, not ``get_tensor``.
-    """
-    if logits.shape[-1] > 256:
-        raise ValueError(f"{logits.shape[-1]} classes do not fit in a uint8 mask")
-    return np.argmax(logits, axis=-1).astype(np.uint8)

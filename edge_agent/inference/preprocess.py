@@ -168,3 +168,73 @@ def make_geometry(frame_h: int, frame_w: int, input_h: int, input_w: int, mode: 
     if mode == STRETCH:
         return stretch_geometry(frame_h, frame_w, input_h, input_w)
     raise ValueError(f"unknown preprocess mode '{mode}': choose {', '.join(MODES)}")
+
+
+# -- input normalisation: real = (pixel - mean) / std, per channel (R, G, B) --------------------
+
+@dataclass(frozen=True)
+class Normalization:
+    """How pixels become the model's real-valued input, and where that rule came from."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    source: str = "default"
+
+    @classmethod
+    def of(cls, mean, std, source: str) -> "Normalization":
+        """Build from 1 or 3 values each (one value applies to every channel, as in TFLite)."""
+        m, s = _per_channel(mean, "mean"), _per_channel(std, "std")
+        if any(v == 0 for v in s):
+            raise ValueError("std must not be 0")
+        return cls(m, s, source)
+
+    def real_range(self) -> Tuple[float, float]:
+        """The real values pixels 0..255 map to (over all channels)."""
+        lo = [(0 - m) / s for m, s in zip(self.mean, self.std)]
+        hi = [(255 - m) / s for m, s in zip(self.mean, self.std)]
+        return min(min(lo), min(hi)), max(max(lo), max(hi))
+
+    def same_as(self, other: "Normalization") -> bool:
+        return all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in
+                   zip(self.mean + self.std, other.mean + other.std))
+
+    @property
+    def preset(self) -> Optional[str]:
+        for name, (mean, std) in PRESETS.items():
+            if self.same_as(Normalization.of(mean, std, "")):
+                return name
+        return None
+
+    def describe(self) -> str:
+        def fmt(values):
+            return f"{values[0]:g}" if len(set(values)) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"
+        name = self.preset
+        rule = f"mean {fmt(self.mean)} std {fmt(self.std)}"
+        return f"{name} ({rule}) from {self.source}" if name else f"{rule} from {self.source}"
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "mean": list(self.mean), "std": list(self.std), "source": self.source}
+
+
+def _per_channel(values, what: str) -> Tuple[float, float, float]:
+    vals = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    if len(vals) == 1:
+        vals *= 3
+    if len(vals) != 3:
+        raise ValueError(f"{what} needs 1 or 3 values (R, G, B), got {len(vals)}")
+    return vals[0], vals[1], vals[2]
+
+
+# Named presets: the range pixels 0..255 are mapped to.
+PRESETS = {"-1..1": (127.5, 127.5), "0..1": (0.0, 255.0), "raw": (0.0, 1.0)}
+DEEPLAB = Normalization.of(127.5, 127.5, "default (the DeepLab convention; no metadata or setting)")
+
+
+def normalize_into(pixels: np.ndarray, out: np.ndarray, norm: Normalization) -> None:
+    """Float input: ``out = (pixels - mean) / std`` per channel, written into ``out``."""
+    scale = np.asarray([1.0 / s for s in norm.std], np.float32)
+    offset = np.asarray([m / s for m, s in zip(norm.mean, norm.std)], np.float32)
+    if len(set(norm.mean)) == 1 and len(set(norm.std)) == 1:
+        scale, offset = scale[0], offset[0]
+    np.multiply(pixels, scale, out=out, casting="unsafe")
+    out -= offset

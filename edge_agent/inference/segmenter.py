@@ -10,7 +10,7 @@ import numpy as np
 
 from edge_agent.inference import postprocess
 from edge_agent.inference.labels import labels_for
-from edge_agent.inference.model import SegmentationModel
+from edge_agent.inference.model import ModelOptions, SegmentationModel
 from edge_agent.inference.preprocess import LETTERBOX, MODES, Geometry
 from edge_agent.errors import EdgeAgentError
 
@@ -51,12 +51,16 @@ class Segmenter:
         edgetpu: Optional[str] = None,
         cpu_fallback: Optional[str] = None,
         mode: str = LETTERBOX,
+        options: Optional[ModelOptions] = None,
     ) -> None:
+        """``labels``: a label file or names; None = the model's own (metadata), if any.
+        ``options``: what config/CLI say about the model (``ModelOptions.from_config(config.model)``)."""
         if mode not in MODES:
             raise EdgeAgentError(f"unknown preprocess mode '{mode}': choose {', '.join(MODES)}")
         self.mode = mode
-        self.model = SegmentationModel(model_path, runtime, threads, edgetpu, cpu_fallback)
-        self.labels = labels_for(labels)
+        self.model = SegmentationModel(model_path, runtime, threads, edgetpu, cpu_fallback,
+                                       options=options, labels=labels_for(labels))
+        self.labels = self.model.labels
 
     def segment(self, frame: np.ndarray, full_mask: bool = True) -> Segmentation:
         """Segment one RGB uint8 frame. ``full_mask`` resizes the mask to the frame now (timed)."""
@@ -80,7 +84,6 @@ class Segmenter:
 
     def info(self) -> Dict[str, Any]:
         info = self.model.describe()
-        info["labels"] = self.labels
         info["preprocess"] = self.mode
         return info
 

@@ -46,6 +46,7 @@ from edge_agent.models import catalog
 from edge_agent.comms.commands import (BoolField, ChoiceField, CommandChannel, FloatField, IntField, Request,
                        Schema, StrField)
 from edge_agent.errors import EdgeAgentError, ModelError
+from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ class RemoteBench:
     def _load(self, path: str, labels: Any, threads: Optional[int]) -> Segmenter:
         m = self.agent.config.model
         return Segmenter(path, labels=labels, runtime=m.runtime, threads=threads or m.threads or None,
-                         edgetpu=m.edgetpu or None, cpu_fallback=m.cpu_fallback or None, mode=m.preprocess)
+                         edgetpu=m.edgetpu or None, cpu_fallback=m.cpu_fallback or None, mode=m.preprocess,
+                         options=ModelOptions.from_config(m))
 
     def _live_state(self, paused: bool) -> Dict[str, Any]:
         pipeline = self.agent.pipeline

@@ -49,6 +49,7 @@ from edge_agent.comms.commands import (CommandChannel, FieldSpec, FloatField, In
                        StrField)
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import agreement
+from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.models.store import ModelStore, StoredModel, sha256_file
 
@@ -567,7 +568,8 @@ class Deployer:
         def load() -> Tuple[Segmenter, Dict[str, Any]]:
             # No cpu_fallback: a deployment must run what was deployed, or be refused.
             segmenter = Segmenter(str(path), labels=labels, runtime=m.runtime, threads=m.threads or None,
-                                  edgetpu=m.edgetpu or None, cpu_fallback=None, mode=m.preprocess)
+                                  edgetpu=m.edgetpu or None, cpu_fallback=None, mode=m.preprocess,
+                                  options=ModelOptions.from_config(m))
             return segmenter, sanity_check(segmenter, req.sample, req.golden_mask, req.min_agreement)
 
         job.request.progress(stage="checking", **job.fields)

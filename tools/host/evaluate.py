@@ -73,6 +73,8 @@ def evaluate(models: Sequence["str | Path"], voc_root: "str | Path", split: str 
     results = []
     for name, path in zip(_unique_names(paths), paths):
         seg = Segmenter(str(path), runtime=runtime, threads=threads)
+        if seg.model.output.kind == "binary":  # its class 1 is not VOC's class 1: never a wrong score
+            raise ConfigError(f"{path}: a background/foreground model; evaluate scores {n}-class label maps")
         res = ModelResult(name, path, path.stat().st_size, seg.describe_runtime(),
                           conf=np.zeros((n, n), np.int64))
         for sample, image, label in tqdm(dataset, total=len(dataset), desc=name, unit="img",

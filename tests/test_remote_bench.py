@@ -28,6 +28,7 @@ from edge_agent.config import BenchmarkConfig, MqttConfig
 from edge_agent.cli import build_parser
 from edge_agent.fleet import bench as fleet_bench
 from edge_agent.fleet.client import FleetClient
+from edge_agent.fleet.table import format_table
 from edge_agent.remote.bench import request_schema
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.models.store import ModelStore
@@ -474,7 +475,7 @@ def test_table_csv_and_progress_for_failed_devices():
     report = fleet_bench.report_doc("rid", {"runs": 3}, answers_)
     assert report["devices"]["b"] == {"status": "offline", "reason": answers_["b"].reason, "result": None}
     rows = fleet_bench.summary_rows(report)
-    table = fleet_bench.format_table(rows)
+    table = format_table(rows, fleet_bench.TABLE_COLUMNS)
     parsed = parse_table(table)
     assert parsed["a"]["p50 ms"] == "49.99" and parsed["a"]["delegate"] == "cpu" and parsed["a"]["fps"] == "20.00"
     assert "(device went offline after accepting the request)" in table.splitlines()[2]

@@ -193,12 +193,3 @@ def _tqdm_available() -> bool:
         return True
     except ImportError:
         return False
-
-
-
-def _write(path: str, write: Any) -> None:
-    try:
-        with open(path, "w", encoding="utf-8", newline="") as fh:
-            write(fh)
-    except OSError as exc:
-        raise EdgeAgentError(f"{path}: cannot write ({exc.strerror})") from None

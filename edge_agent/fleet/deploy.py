@@ -13,10 +13,8 @@ import base64
 import hashlib
 import math
 import queue
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, TextIO
 
 from edge_agent.errors import EdgeAgentError
@@ -28,13 +26,6 @@ ACCEPT_GRACE_S = 3.0  # fleet: how long to wait for more devices to accept befor
 COMMAND = "deploy"
 DEPLOY_COLUMNS = ("device", "status", "state", "model", "sha256", "running")
 MODEL_COLUMNS = ("device", "status", "role", "name", "sha256", "size", "deployed")
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise EdgeAgentError(f"{path}: cannot read the {what} ({exc.strerror})") from None
 
 
 def deploy_params(data: bytes, name: str, labels: Optional[List[str]] = None, url: Optional[str] = None,
@@ -67,6 +58,11 @@ def deploy_params(data: bytes, name: str, labels: Optional[List[str]] = None, ur
 
 def chunks_of(data: bytes, chunk_size: int) -> List[bytes]:
     return [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+def chunk_topic(prefix: str, target: str, request_id: str, n: int) -> str:
+    """Where chunk ``n`` (0-based) of an inline transfer goes; ``target``: a device id or ``all``."""
+    return f"{prefix}/{target}/cmd/{COMMAND}/{request_id}/chunk/{n}"
 
 
 class ChunkSender:
@@ -124,10 +120,10 @@ class ChunkSender:
                 self._send(target)
 
     def _send(self, target: str) -> None:
-        base = f"{self.client.prefix}/{target}/cmd/{COMMAND}/{self.rid}/chunk"
         try:
             for n, chunk in enumerate(self.chunks):
-                self.client._publish(f"{base}/{n}", chunk)  # waits for the broker's PUBACK
+                # waits for the broker's PUBACK
+                self.client.publish(chunk_topic(self.client.prefix, target, self.rid, n), chunk)
         except (RuntimeError, ValueError, OSError) as exc:
             self.errors.append(f"{target}: sending chunks failed ({exc})")
 
@@ -192,17 +188,6 @@ def model_rows(answers: Dict[str, Answer]) -> List[Dict[str, Any]]:
         if not final.get("models"):
             rows.append({"device": dev, "status": "done", "name": "(empty store)"})
     return rows
-
-
-def _print_progress(device: str, doc: Dict[str, Any]) -> None:
-    status = doc.get("status")
-    if status == "progress":
-        stage = doc.get("stage")
-        extra = f" {doc['received']}/{doc['total']} bytes" if "received" in doc else ""
-        print(f"{device}: {stage}{extra}", file=sys.stderr)
-    elif status == "accepted":
-        print(f"{device}: accepted", file=sys.stderr)
-
 
 
 def report_deploy_answers(answers, out: TextIO) -> int:

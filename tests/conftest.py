@@ -1,4 +1,7 @@
-"""Shared pytest fixtures: real mosquitto brokers on free loopback ports, TLS certificates."""
+"""Shared pytest fixtures (real mosquitto brokers on free loopback ports, TLS certificates) and the
+suite's marker rules: a test that uses a mosquitto fixture without the ``broker`` marker fails
+collection (so ``-m "not broker"`` really leaves out every test needing mosquitto), and a test
+over ``SLOW_S`` without the ``slow`` marker is named in the summary."""
 
 from __future__ import annotations
 
@@ -9,6 +12,34 @@ from typing import Callable, Dict, Iterator, List, Optional
 import pytest
 
 from tests.broker import Certs, MosquittoServer, make_certs, mosquitto_available
+
+BROKER_FIXTURES = frozenset({"mosquitto"})  # fixtures that start a real mosquitto
+SLOW_S = 20.0  # a test taking longer (call phase) belongs under the ``slow`` marker
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Refuse the run when a test needs mosquitto (directly or through another fixture) unmarked."""
+    unmarked = [item.nodeid for item in items
+                if BROKER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("broker") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use a mosquitto fixture but lack @pytest.mark.broker: "
+                                + ", ".join(unmarked))
+
+
+_unmarked_slow: List[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
+        _unmarked_slow.append(f"{report.nodeid} ({report.duration:.0f} s)")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _unmarked_slow:
+        terminalreporter.write_sep("-", f"took more than {SLOW_S:.0f} s without @pytest.mark.slow")
+        for line in _unmarked_slow:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,40 +18,10 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import agreement
 from edge_agent.output.encode import decode_mask_png
 from tests.broker import Recorder
-from tests.data import DM05, IMAGES, LABELS, bird_513, bird_mask
+from tests.data import DM05, IMAGES, bird_513, bird_mask
+from tests.helpers import NotifySocket, start_agent, stop_agent, stop_agent_when_done, wait_until, write_config
 
 PREFIX = "edge-agent"
-
-
-def write_config(path: Path, device: str, port: int, source: dict, **sections) -> Path:
-    lines = [f'[agent]\ndevice_id = "{device}"\nlog_level = "debug"\nstate_dir = "{path.parent / "state"}"']
-    lines.append("[source]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in source.items()))
-    model = {"path": str(DM05), "labels": str(LABELS)}
-    model.update(sections.pop("model", {}))
-    lines.append("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in model.items()))
-    mqtt = {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5}
-    mqtt.update(sections.pop("mqtt", {}))
-    lines.append("[mqtt]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in mqtt.items()))
-    for name, values in sections.items():
-        lines.append(f"[{name}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()))
-    path.write_text("\n\n".join(lines) + "\n")
-    return path
-
-
-def start_agent(config: Path, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-
-
-def stop_agent(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out.decode(errors="replace")
 
 
 def bird_folder(tmp_path: Path) -> Path:
@@ -64,6 +31,7 @@ def bird_folder(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.broker
 def test_folder_source_end_to_end(mosquitto, tmp_path):
     broker = mosquitto()
     rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/#")
@@ -122,6 +90,7 @@ def make_video(path: Path, frames: int = 12) -> Path:
     return path
 
 
+@pytest.mark.broker
 def test_video_file_source_frame_resolution_masks(mosquitto, tmp_path):
     broker = mosquitto()
     video = make_video(tmp_path / "clip.avi")
@@ -148,22 +117,18 @@ def test_video_file_source_frame_resolution_masks(mosquitto, tmp_path):
     rec.close()
 
 
-def stop_agent_when_done(proc: subprocess.Popen, timeout: float = 60) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return stop_agent(proc)
-    return out.decode(errors="replace")
-
-
+@pytest.mark.broker
 def test_broker_down_at_start_restart_and_lwt(mosquitto, tmp_path):
     broker = mosquitto(start=False)
     config = write_config(tmp_path / "agent.toml", "pi-3", broker.port,
                           {"kind": "synthetic", "width": 320, "height": 240, "fps": 10.0},
                           publish={"stats_interval_s": 0.5}, mqtt={"keepalive": 5})
-    agent = start_agent(config)
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    agent = start_agent(config, env=dict(os.environ, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="1000000"))
     try:
-        time.sleep(2.0)  # the agent runs without a broker
+        # the agent runs without a broker: ready after its first frame, and frames keep flowing
+        ready = notify.wait_for("READY=1")
+        notify.wait_count("WATCHDOG=1", 2, since=ready)
         assert agent.poll() is None
         broker.start()
         rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/#")
@@ -184,8 +149,10 @@ def test_broker_down_at_start_restart_and_lwt(mosquitto, tmp_path):
         rec.close()
     finally:
         stop_agent(agent)
+        notify.close()
 
 
+@pytest.mark.broker
 def test_bad_model_keeps_the_agent_online_with_the_error(mosquitto, tmp_path):
     broker = mosquitto()
     rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/#")
@@ -196,7 +163,11 @@ def test_bad_model_keeps_the_agent_online_with_the_error(mosquitto, tmp_path):
         rec.wait_for(f"{PREFIX}/pi-4/availability", b"online", timeout=20)
         info = json.loads(rec.wait_for(f"{PREFIX}/pi-4/info", timeout=10)[-1].payload)
         assert info["status"] == "error" and "not a TFLite model" in info["error"]
-        time.sleep(1.0)
+        # still serving commands after the error: a benchmark request gets its final answer
+        rec.publish(f"{PREFIX}/pi-4/cmd/benchmark", b'{"request_id":"alive","runs":1,"warmup":0}')
+        answers = wait_until(lambda: [json.loads(m.payload) for m in rec.matching(f"{PREFIX}/pi-4/benchmark/alive")
+                                      if json.loads(m.payload)["final"]], timeout=30, what="a final answer")
+        assert answers[-1]["status"] == "failed" and "not a TFLite model" in answers[-1]["reason"]
         assert agent.poll() is None
     finally:
         out = stop_agent(agent)
@@ -206,56 +177,16 @@ def test_bad_model_keeps_the_agent_online_with_the_error(mosquitto, tmp_path):
 
 # -- sd_notify with a real NOTIFY_SOCKET ---------------------------------------------------------
 
-class NotifySocket:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.path = path
-        self.messages = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096).decode()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), data))
-
-    def wait_for(self, text: str, timeout: float = 20.0) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for at, message in list(self.messages):
-                if text in message.splitlines():
-                    return at
-            time.sleep(0.05)
-        raise AssertionError(f"{text} not received; got {self.messages}")
-
-    def count(self, text: str, since: float = 0.0) -> int:
-        return sum(1 for at, m in list(self.messages) if at >= since and text in m.splitlines())
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
 def test_sd_notify_ready_watchdog_stopping_in_a_real_process(tmp_path):
-    notify = NotifySocket(tmp_path / "notify.sock")
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
     config = write_config(tmp_path / "agent.toml", "pi-5", 1, {"kind": "synthetic", "fps": 10.0},
                           mqtt={"enabled": False})
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000")
+    env = dict(os.environ, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="1000000")
     agent = start_agent(config, env=env)
     try:
         notify.wait_for("READY=1")
         t = notify.wait_for("WATCHDOG=1")
-        time.sleep(2.0)
-        assert notify.count("WATCHDOG=1", since=t) >= 3
+        notify.wait_count("WATCHDOG=1", 3, since=t)  # WatchdogSec=1: a ping every 0.5 s while frames flow
         assert any(m.startswith("STATUS=") for _, m in notify.messages)
     finally:
         out = stop_agent(agent)
@@ -266,8 +197,8 @@ def test_sd_notify_ready_watchdog_stopping_in_a_real_process(tmp_path):
 
 def test_watchdog_stops_when_inference_hangs(tmp_path, monkeypatch):
     """Fault injection: invoke() blocks forever; the agent must withhold WATCHDOG=1."""
-    notify = NotifySocket(tmp_path / "notify.sock")
-    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.address)
     monkeypatch.setenv("WATCHDOG_USEC", "600000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     cfg = load_config(None, [
@@ -282,8 +213,7 @@ def test_watchdog_stops_when_inference_hangs(tmp_path, monkeypatch):
     try:
         notify.wait_for("READY=1")
         t0 = notify.wait_for("WATCHDOG=1")
-        time.sleep(0.7)
-        assert notify.count("WATCHDOG=1", since=t0) >= 2
+        notify.wait_count("WATCHDOG=1", 2, since=t0)  # WatchdogSec=0.6: a ping every 0.3 s
         model = agent.pipeline.segmenter.model
         original = model.invoke
 
@@ -294,14 +224,14 @@ def test_watchdog_stops_when_inference_hangs(tmp_path, monkeypatch):
 
         model.invoke = stuck
         assert hang.wait(5)
-        time.sleep(1.5)  # inference_timeout_s passes
-        quiet_from = time.monotonic()
-        time.sleep(2.0)
-        assert notify.count("WATCHDOG=1", since=quiet_from) == 0
+        hung_at = time.monotonic()
+        # once inference_timeout_s (1 s) has passed the pings stop: systemd sees a gap of more than
+        # three times WatchdogSec (it would restart the unit after one)
+        silent_from = notify.wait_silence("WATCHDOG=1", quiet_s=2.0, timeout=15)
+        assert silent_from >= hung_at
         release.set()
         model.invoke = original
-        time.sleep(1.5)
-        assert notify.count("WATCHDOG=1", since=quiet_from) >= 1  # pings resume with progress
+        notify.wait_count("WATCHDOG=1", 1, since=time.monotonic(), timeout=15)  # pings resume with progress
     finally:
         release.set()
         agent.request_stop()
@@ -309,6 +239,7 @@ def test_watchdog_stops_when_inference_hangs(tmp_path, monkeypatch):
         notify.close()
 
 
+@pytest.mark.broker
 def test_sighup_reload_moves_to_a_new_broker_with_its_commands(mosquitto, tmp_path):
     """SIGHUP re-reads the config; a new broker gets online/info and the command handlers."""
     first, second = mosquitto(), mosquitto()

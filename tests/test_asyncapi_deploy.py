@@ -9,7 +9,6 @@ until it is documented).
 from __future__ import annotations
 
 import ast
-import inspect
 import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Set
@@ -119,9 +118,9 @@ def test_asyncapi_chunk_topic_is_the_one_host_and_agent_use(doc):
     message = doc["components"]["messages"]["deployChunk"]
     assert message["contentType"] == "application/octet-stream"
     # the host's publisher builds exactly this topic; the agent routes it to the chunk assembler
-    source = inspect.getsource(host.ChunkSender._send)
-    assert 'f"{self.client.prefix}/{target}/cmd/{COMMAND}/{self.rid}/chunk"' in source
-    assert 'f"{base}/{n}"' in source
+    for target in ("pi-1", "all"):
+        assert host.chunk_topic("edge-agent", target, "r-1", 7) == chunk["address"].format(
+            prefix="edge-agent", target=target, requestId="r-1", chunk=7)
     operation = doc["operations"]["receiveDeployChunk"]
     assert operation["channel"]["$ref"] == "#/channels/deployChunk"
 

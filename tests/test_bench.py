@@ -18,13 +18,7 @@ from edge_agent.errors import EdgeAgentError, ModelError
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.output.timing import summarize
 from tests.data import BIRD, CLASSIFIER, DM05, IMAGES, LABELS
-
-RESULT_KEYS = {
-    "schema", "agent_version", "device_id", "started_at", "model", "runtime", "runtime_version",
-    "delegate", "threads", "settings", "init_ms", "first_inference_ms", "warmup_avg_ms", "invoke",
-    "stages", "fps", "stopped", "duration_s", "peak_rss_mb", "rss_mb", "device", "live_pipeline",
-    "samples_ms",
-}
+from tests.helpers import RESULT_KEYS
 
 
 # -- statistics ----------------------------------------------------------------------------------

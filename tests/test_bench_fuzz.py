@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.broker import Recorder
-from tests.test_agent_e2e import write_config
+from tests.helpers import write_config
 
 PREFIX = "edge-agent"
 DEVICE = "fz"
@@ -129,6 +130,7 @@ class Cases:
         return out
 
 
+@pytest.mark.broker
 def test_fuzz_command_topics_of_a_running_agent(mosquitto, tmp_path: Path):
     broker = mosquitto()
     rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/{DEVICE}/#")
@@ -175,7 +177,15 @@ def test_fuzz_command_topics_of_a_running_agent(mosquitto, tmp_path: Path):
             if answered >= len(cases) - sum(1 for _, w in cases if w is None):
                 break
             time.sleep(0.1)
-        time.sleep(0.5)  # let anything unexpected arrive too
+        # a barrier instead of a grace period: the agent handles commands in arrival order and
+        # answers in that order, so once this last request's rejection arrived (on its id topic and
+        # on its MQTT 5 response topic) every answer to the storm, expected or not, has arrived too
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = "fuzz-replies/barrier", b"barrier"
+        rec.client.publish(topics[0], b'{"request_id":"fuzz-barrier","runs":0}', qos=1,
+                           properties=props).wait_for_publish(10)
+        rec.wait_for(f"{PREFIX}/{DEVICE}/benchmark/fuzz-barrier", timeout=30)
+        replies.wait_for("fuzz-replies/barrier", timeout=30)
 
         # the live pipeline published masks during the storm and keeps doing so after it
         after = len(rec.matching(f"{PREFIX}/{DEVICE}/mask"))
@@ -188,6 +198,8 @@ def test_fuzz_command_topics_of_a_running_agent(mosquitto, tmp_path: Path):
         for m in rec.messages:
             if m.topic.startswith(f"{PREFIX}/{DEVICE}/benchmark/"):
                 by_topic.setdefault(m.topic.rsplit("/", 1)[1], []).append(json.loads(m.payload))
+        barrier = by_topic.pop("fuzz-barrier")
+        assert len(barrier) == 1 and barrier[0]["status"] == "rejected", barrier
         statuses = {d["status"] for docs in by_topic.values() for d in docs}
         assert statuses == {"rejected"}, statuses
         counts = {k: len(v) for k, v in by_topic.items()}

@@ -30,7 +30,7 @@ from edge_agent.inference.segmenter import Segmenter
 from edge_agent.models.store import ModelStore
 from tests.broker import Recorder
 from tests.data import BIRD, BIRD_MASK, CLASSIFIER, DM05, DM05_EDGETPU, DM10, LABELS, bird_mask
-from tests.test_agent_e2e import start_agent, stop_agent, write_config
+from tests.helpers import start_agent, stop_agent, write_config
 
 PREFIX = "edge-agent"
 SHA = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (DM05, DM10)}
@@ -232,6 +232,7 @@ def store_is_clean(env: Env, allowed: set) -> None:
 
 
 @needs_crypto
+@pytest.mark.broker
 def test_chunked_deploy_swaps_without_gap_then_rollback(env_factory, http_dir, tmp_path, capsys):
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -306,6 +307,7 @@ def test_chunked_deploy_swaps_without_gap_then_rollback(env_factory, http_dir, t
 
 
 @needs_crypto
+@pytest.mark.broker
 def test_every_bad_deployment_is_refused_and_the_old_model_keeps_serving(env_factory, http_dir):
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -370,6 +372,7 @@ def test_every_bad_deployment_is_refused_and_the_old_model_keeps_serving(env_fac
     assert env.agent.pipeline is not None and env.agent.pipeline.counters.inference_errors == 0
 
 
+@pytest.mark.broker
 def test_a_model_failing_on_live_frames_is_swapped_back(env_factory, monkeypatch):
     """Passes the sanity invoke, then fails on every live frame: rolled back during confirmation."""
     env = env_factory()
@@ -395,6 +398,7 @@ def test_a_model_failing_on_live_frames_is_swapped_back(env_factory, monkeypatch
 
 # -- SIGKILL during a deployment, real subprocesses ---------------------------------------------------
 
+@pytest.mark.broker
 def test_sigkill_mid_deployment_comes_back_on_the_old_model(mosquitto, tmp_path):
     broker = mosquitto()
     device = "kill-1"
@@ -482,6 +486,7 @@ def test_unusable_state_dir_leaves_the_agent_on_its_configured_model(tmp_path):
         runner.join(15)
 
 
+@pytest.mark.broker
 def test_malformed_commands_and_stray_chunks_are_answered_not_fatal(env_factory):
     env = env_factory(device="fuzz-1")
     rng = __import__("random").Random(6)

@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.inference import runtimes
 from edge_agent.errors import RuntimeNotAvailable
-from edge_agent.inference.inspect import _tensor
+from edge_agent.inference.inspect import tensor_summary
 from edge_agent.inference.runtimes import edgetpu
 from tests.data import CLASSIFIER, DM05, DM10_EDGETPU, FLOAT_257
 
@@ -49,7 +49,7 @@ def test_per_axis_quantization_is_summarised():
                "quantization_parameters": {"scales": np.linspace(0.01, 0.08, 8, dtype=np.float32),
                                            "zero_points": np.zeros(8, np.int32),
                                            "quantized_dimension": 0}}
-    q = _tensor(details)["quantization"]
+    q = tensor_summary(details)["quantization"]
     assert q["per_axis"] and q["channels"] == 8 and q["quantized_dimension"] == 0
     assert q["scale_min"] == pytest.approx(0.01) and q["scale_max"] == pytest.approx(0.08)
 

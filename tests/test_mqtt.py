@@ -23,6 +23,7 @@ from edge_agent.comms.broker import AmqttBroker, EmbeddedBroker, amqtt_available
 from edge_agent.comms import MqttComms, encode_payload, should_fall_back
 from edge_agent.config import MqttConfig
 from tests.broker import Recorder
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -54,12 +55,13 @@ def comms_factory():
         comms.stop()
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+def publish_until(rec: Recorder, topic: str, payload: bytes, handled: threading.Event,
+                  timeout: float = 10.0) -> None:
+    """Publish ``payload`` until a handler set ``handled``. A subscription's SUBACK is not visible
+    from outside, so this is how a test waits for it; it also proves that everything paho's network
+    thread did before (e.g. finishing an on_publish) is over."""
+    wait_until(lambda: handled.is_set() or rec.publish(topic, payload), timeout=timeout,
+               what=f"a handler for {topic}", poll_s=0.1)
 
 
 # ---------------------------------------------------------------- pure functions
@@ -147,7 +149,7 @@ LWT_CHILD = textwrap.dedent("""
     comms.start()
     assert comms.wait_connected(10)
     print("connected", flush=True)
-    time.sleep(60)
+    time.sleep(60)  # idle until the test SIGKILLs this child (not a wait in the test)
 """)
 
 
@@ -173,7 +175,8 @@ def test_last_will_offline_when_process_is_sigkilled(mosquitto):
 # ---------------------------------------------------------------- broker down / restarted
 
 
-def test_broker_down_at_start_then_started(mosquitto, comms_factory):
+def test_broker_down_at_start_then_started(mosquitto, comms_factory, caplog):
+    caplog.set_level(logging.DEBUG, logger="edge_agent.comms.mqtt")
     broker = mosquitto(start=False)
     comms = comms_factory(mqtt_cfg(broker.port))
     comms.set_info({"v": 1})
@@ -185,7 +188,10 @@ def test_broker_down_at_start_then_started(mosquitto, comms_factory):
     assert not any(results)
     assert comms.stats()["dropped"] == 500
     wait_until(lambda: "cannot connect" in (comms.stats()["last_error"] or ""), what="a failed attempt")
-    time.sleep(0.5)  # a few more failed attempts with backoff
+    wait_until(lambda: sum("cannot connect" in r.getMessage() for r in list(caplog.records)) >= 3,
+               what="three failed attempts with backoff (the first logged as a warning, the rest at debug)")
+    assert sum(r.levelno == logging.WARNING and "cannot connect" in r.getMessage()
+               for r in list(caplog.records)) == 1  # said once, not at every retry
     assert not comms.connected
     broker.start()
     assert comms.wait_connected(10)
@@ -232,10 +238,18 @@ def test_publish_drops_when_too_many_in_flight(mosquitto, comms_factory):
     """A frozen broker (SIGSTOP: TCP up, no PUBACKs) fills the in-flight window; the rest is dropped."""
     broker = mosquitto()
     comms = comms_factory(mqtt_cfg(broker.port, max_queued_messages=5, keepalive=60))
+    probed = threading.Event()
+    comms.add_command_handler("probe", lambda t, p, props: probed.set())
     comms.start()
     assert comms.wait_connected(10)
     wait_until(lambda: comms.stats()["inflight"] == 0, what="online acknowledged")
-    time.sleep(0.1)  # paho forgets the acknowledged message just after calling on_publish
+    # paho forgets an acknowledged message just after calling on_publish, in its network thread:
+    # a command handled there afterwards proves it is forgotten (it would take an in-flight slot)
+    rec = Recorder(broker.host, broker.port, "unused")
+    try:
+        publish_until(rec, f"edge-agent/{DEV}/cmd/probe", b"x", probed)
+    finally:
+        rec.close()
     assert broker.pid is not None
     os.kill(broker.pid, signal.SIGSTOP)
     try:
@@ -303,7 +317,12 @@ def test_command_handlers_device_and_fleet_and_exceptions(mosquitto, comms_facto
     got: List[Tuple[str, bytes]] = []
     done = threading.Event()
 
+    probed = threading.Event()
+
     def handler(topic: str, payload: bytes, props: Dict[str, Any]) -> None:
+        if payload == b"probe":
+            probed.set()
+            return
         got.append((topic, payload))
         if payload == b"boom":
             raise RuntimeError("handler bug")
@@ -318,7 +337,7 @@ def test_command_handlers_device_and_fleet_and_exceptions(mosquitto, comms_facto
     assert comms.wait_connected(10)
     comms.add_command_handler("deploy", handler, subtree=True)  # while connected: subscribed now
     try:
-        time.sleep(0.2)  # let the SUBSCRIBE of "deploy" reach the broker
+        publish_until(rec, f"edge-agent/{DEV}/cmd/deploy/probe", b"probe", probed)  # "deploy" subscribed
         rec.publish(f"edge-agent/{DEV}/cmd/ping", b"boom")
         rec.publish("edge-agent/all/cmd/ping", b"fleet")
         rec.publish("edge-agent/other-device/cmd/ping", b"not for us")
@@ -347,11 +366,9 @@ def test_handlers_resubscribed_after_broker_restart(mosquitto, comms_factory):
     assert comms.wait_connected(10)
     broker.restart()
     wait_until(lambda: comms.stats()["reconnects"] == 1, what="reconnect")
-    time.sleep(0.2)
     rec = Recorder(broker.host, broker.port, "unused")
     try:
-        rec.publish("edge-agent/all/cmd/models", b"list")
-        assert got.wait(10)
+        publish_until(rec, "edge-agent/all/cmd/models", b"list", got)  # resubscribed: handled again
     finally:
         rec.close()
 

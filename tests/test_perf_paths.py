@@ -68,24 +68,49 @@ def test_label_map_is_a_new_array_each_frame():
 
 # -- argmax ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8, np.int8])
-def test_argmax_channels_equals_numpy_including_ties(dtype):
-    rng = np.random.default_rng(7)
+def _planted_logits(dtype, shape=(33, 47, 21), seed=7):
+    """Logits whose argmax is known by construction: (logits, expected uint8 class ids).
+
+    Every pixel gets 1-3 "winner" channels set to the dtype's top value; all other channels lie
+    strictly below it. The expected class is the lowest winner (the first maximum wins a tie).
+    """
+    rng = np.random.default_rng(seed)
+    h, w, c = shape
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        x = rng.integers(info.min, info.max, (33, 47, 21), endpoint=True).astype(dtype)
-        x[::3, ::5, 4] = x[::3, ::5, 9] = info.max  # ties: the first maximum must win
+        top = info.max
+        x = rng.integers(info.min, top - 1, shape, endpoint=True).astype(dtype)
     else:
-        x = rng.standard_normal((33, 47, 21)).astype(dtype)
-        x[::4, ::3, 2] = x[::4, ::3, 17] = 100  # ties
-    np.testing.assert_array_equal(argmax_channels(x), np.argmax(x, axis=-1).astype(np.uint8))
+        top = 100.0
+        x = np.clip(rng.standard_normal(shape), -50, 50).astype(dtype)
+    expected = np.empty((h, w), np.uint8)
+    for i in range(h):
+        for j in range(w):
+            winners = rng.choice(c, size=int(rng.integers(1, 4)), replace=False)
+            x[i, j, winners] = top
+            expected[i, j] = min(winners)
+    return x, expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8, np.int8])
+def test_argmax_channels_finds_the_planted_class_and_first_of_ties(dtype):
+    x, expected = _planted_logits(dtype)
+    assert (x == x.max(-1, keepdims=True)).sum(-1).max() > 1  # ties are really there
+    got = argmax_channels(x)
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_argmax_channels_nan_and_class_limit():
     x = np.zeros((4, 4, 3), np.float32)
-    x[1, 1, 2] = np.nan
+    x[1, 1, 2] = np.nan  # NaN counts as the maximum (numpy's rule), never as a silent class 0
     x[2, 2, 1] = 5
-    np.testing.assert_array_equal(argmax_channels(x), np.argmax(x, -1).astype(np.uint8))
+    expected = np.zeros((4, 4), np.uint8)  # all-equal pixels: the first class wins
+    expected[1, 1], expected[2, 2] = 2, 1
+    np.testing.assert_array_equal(argmax_channels(x), expected)
+    widest = np.zeros((2, 2, 256), np.float32)
+    widest[..., 255] = 1
+    assert (argmax_channels(widest) == 255).all()  # 256 classes still fit in a uint8 mask
     with pytest.raises(ValueError, match="257 classes"):
         argmax_channels(np.zeros((2, 2, 257), np.float32))
 

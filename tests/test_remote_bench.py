@@ -28,12 +28,13 @@ from edge_agent.config import BenchmarkConfig, MqttConfig
 from edge_agent.cli import build_parser
 from edge_agent.fleet import bench as fleet_bench
 from edge_agent.fleet.client import FleetClient
+from edge_agent.fleet.table import format_table
 from edge_agent.remote.bench import request_schema
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.models.store import ModelStore
 from tests.broker import Recorder
 from tests.data import DM05, LABELS
-from tests.test_agent_e2e import start_agent, stop_agent, write_config
+from tests.helpers import RESULT_KEYS, start_agent, stop_agent, write_config
 
 PREFIX = "edge-agent"
 try:
@@ -96,6 +97,7 @@ def test_request_ids_and_defaults():
 
 # -- the channel on a real broker (one final answer, duplicates, response topic) --------------------
 
+@pytest.mark.broker
 def test_channel_one_final_answer_duplicates_and_response_topic(mosquitto):
     broker = mosquitto()
     comms = MqttComms(MqttConfig(host="127.0.0.1", port=broker.port), "unit")
@@ -119,8 +121,9 @@ def test_channel_one_final_answer_duplicates_and_response_topic(mosquitto):
         assert channel.receive(topic, b"\xff", {"response_topic": "a/+/wildcard"}) is None
         fleet_req = channel.receive(f"{PREFIX}/all/cmd/benchmark", b'{"request_id":"r3"}', {})
         assert fleet_req.fleet
-        assert channel.outbox.flush(10)
-        time.sleep(0.3)
+        assert channel.outbox.flush(10)  # the broker acknowledged every answer ...
+        comms.publish("stats", {"barrier": True}, qos=1)  # ... so the recorder gets them before this
+        rec.wait_for(f"{PREFIX}/unit/stats", timeout=10)
         on_id = [json.loads(m.payload) for m in rec.matching(f"{PREFIX}/unit/benchmark/r1")]
         assert [d["status"] for d in on_id] == ["accepted", "progress", "done"]
         assert [d["final"] for d in on_id] == [False, False, True] and on_id[-1]["result"] == {"x": 1}
@@ -141,6 +144,7 @@ def test_channel_one_final_answer_duplicates_and_response_topic(mosquitto):
         comms.stop()
 
 
+@pytest.mark.broker
 def test_channels_answering_on_one_topic_share_their_id_memory(mosquitto):
     """deploy and rollback both answer on deploy/<id>: one id must not run twice across them."""
     broker = mosquitto()
@@ -216,6 +220,7 @@ def parse_table(text: str) -> Dict[str, Dict[str, str]]:
 
 # -- acceptance: three agents, one fleet command ----------------------------------------------------
 
+@pytest.mark.broker
 def test_fleet_command_three_agents_table_csv_json_agree(mosquitto, tmp_path, capsys):
     broker = mosquitto()
     devices = ["pi-1", "pi-2", "pi-3"]
@@ -305,6 +310,7 @@ def wait_final(rec: Recorder, dev: str, rid: str, timeout: float = 60.0) -> Dict
     raise AssertionError(f"no final answer for {rid} on {dev}: {answers(rec, dev, rid)}")
 
 
+@pytest.mark.broker
 def test_queue_busy_duplicates_mqtt5_pause_models_and_offline(mosquitto, tmp_path):
     broker = mosquitto()
     rec = Recorder("127.0.0.1", broker.port, "#")
@@ -327,7 +333,9 @@ def test_queue_busy_duplicates_mqtt5_pause_models_and_offline(mosquitto, tmp_pat
         rec.publish(cmd, b"{not json")
         for rid in ("long", "q1", "q2", "q3", "q4", "q5", "q6"):
             wait_final(rec, "pi-q", rid)
-        time.sleep(0.5)  # room for any (wrong) extra answer
+        # a barrier for any (wrong) extra answer: commands are handled and answered in arrival order
+        rec.publish(cmd, b'{"request_id":"barrier","runs":0}')
+        assert wait_final(rec, "pi-q", "barrier")["status"] == "rejected"
         positions = {rid: answers(rec, "pi-q", rid)[0] for rid in ("long", "q1", "q2", "q3", "q4")}
         assert [positions[r]["queue_position"] for r in ("long", "q1", "q2", "q3", "q4")] == [0, 1, 2, 3, 4]
         for rid in ("long", "q1", "q2", "q3", "q4", "q5", "q6"):
@@ -410,8 +418,6 @@ def test_queue_busy_duplicates_mqtt5_pause_models_and_offline(mosquitto, tmp_pat
 
 def test_asyncapi_documents_every_request_and_result_field():
     yaml = pytest.importorskip("yaml")
-    from tests.test_bench import RESULT_KEYS
-
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml").read_text())
     messages = doc["components"]["messages"]
     request = messages["benchmarkRequest"]["payload"]["properties"]
@@ -422,6 +428,7 @@ def test_asyncapi_documents_every_request_and_result_field():
     assert set(answer["result"]["properties"]) == RESULT_KEYS
 
 
+@pytest.mark.broker
 def test_shutdown_answers_running_and_queued_requests(mosquitto, tmp_path):
     """An in-process agent: shutdown() (for the agent's stop path) leaves no request unanswered."""
     from edge_agent.daemon.agent import Agent
@@ -474,7 +481,7 @@ def test_table_csv_and_progress_for_failed_devices():
     report = fleet_bench.report_doc("rid", {"runs": 3}, answers_)
     assert report["devices"]["b"] == {"status": "offline", "reason": answers_["b"].reason, "result": None}
     rows = fleet_bench.summary_rows(report)
-    table = fleet_bench.format_table(rows)
+    table = format_table(rows, fleet_bench.TABLE_COLUMNS)
     parsed = parse_table(table)
     assert parsed["a"]["p50 ms"] == "49.99" and parsed["a"]["delegate"] == "cpu" and parsed["a"]["fps"] == "20.00"
     assert "(device went offline after accepting the request)" in table.splitlines()[2]

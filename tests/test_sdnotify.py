@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
-from typing import List
 
 import pytest
 
 from edge_agent.daemon import sdnotify
 from edge_agent.daemon.sdnotify import Watchdog
-
-
-class NotifySocket:
-    """A bound SOCK_DGRAM socket collecting datagrams, like systemd's notify socket."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.05)
-        self.messages: List[str] = []
-
-    def drain(self, wait_s: float = 0.0) -> List[str]:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                if time.monotonic() >= deadline:
-                    return self.messages
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.helpers import NotifySocket, wait_until
 
 
 @pytest.fixture
@@ -51,7 +28,8 @@ def test_messages_arrive(notify_socket):
     assert sdnotify.watchdog()
     assert sdnotify.reloading()
     assert sdnotify.stopping()
-    msgs = notify_socket.drain()
+    msgs = notify_socket.sync()
+    assert len(msgs) == 5, msgs
     assert msgs[0] == "READY=1\nSTATUS=model loaded, first frame done"
     assert msgs[1] == "STATUS=12.5 fps, 0 dropped ignored newline"
     assert msgs[2] == "WATCHDOG=1"
@@ -68,7 +46,7 @@ def test_abstract_socket(monkeypatch):
     try:
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
         assert sdnotify.ready()
-        assert sock.drain() == ["READY=1"]
+        assert sock.sync() == ["READY=1"]
     finally:
         sock.close()
 
@@ -110,18 +88,20 @@ def test_watchdog_pings_only_while_progress_is_made(notify_socket, monkeypatch):
     worker = threading.Thread(target=pipeline)
     with wd:
         worker.start()
-        alive = list(notify_socket.drain(wait_s=0.5))
+        notify_socket.wait_count("WATCHDOG=1", 3)
         hang.set()
-        time.sleep(0.15)  # let the last progress be consumed by one more ping
-        notify_socket.drain()
-        notify_socket.messages.clear()
-        stuck = list(notify_socket.drain(wait_s=0.5))
+        # the first interval without progress withholds its ping; no progress can follow (the
+        # worker is stuck), so from then on every interval must be a withheld ping
+        missed = wait_until(lambda: wd.missed, what="a withheld ping")
+        alive = notify_socket.sync()
+        wait_until(lambda: wd.missed >= missed + 5, what="five more intervals")
+        stuck = notify_socket.sync()[len(alive):]
         stop.set()
         worker.join()
     assert alive.count("WATCHDOG=1") >= 3
     assert set(alive) == {"WATCHDOG=1"}
     assert stuck == [], "no WATCHDOG=1 while the pipeline is stuck"
-    assert wd.missed >= 3
+    assert wd.missed >= 6
 
 
 def test_watchdog_startup_grace_then_requires_progress(notify_socket):
@@ -131,14 +111,19 @@ def test_watchdog_startup_grace_then_requires_progress(notify_socket):
     wd.progress()
     assert wd.tick(now=107.0, started=100.0) is True
     assert wd.tick(now=108.0, started=100.0) is False
-    assert notify_socket.drain() == ["WATCHDOG=1", "WATCHDOG=1"]
+    assert notify_socket.sync() == ["WATCHDOG=1", "WATCHDOG=1"]
     assert wd.pings == 2 and wd.missed == 2
 
 
 def test_watchdog_disabled_without_systemd(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    def watchdog_threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "sd-watchdog")
+
+    before = watchdog_threads()
     wd = Watchdog().start()
-    assert not wd.enabled and wd._thread is None
+    assert not wd.enabled and watchdog_threads() == before  # start() started nothing
     wd.progress()
     wd.stop()
+    assert wd.pings == 0

@@ -231,7 +231,7 @@ default_selection() {  # the device-side subset: core (golden incl. CLI, letterb
   echo "${out[*]}"
 }
 
-self_test() {  # raw runtime, no project code: proves the platform before the project tests
+self_test() {  # raw runtime (only the agreement score is the project's): proves the platform before the project tests
   local venv
   venv=$(venv_of "$1")
   say "[$1] golden self-test (raw runtime, both DeepLab models)"

@@ -6,16 +6,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Dict, Optional, TextIO
 
 from edge_agent.config import load_config
 from edge_agent.daemon.benchmark import parse_frame_size
-from edge_agent.fleet.bench import (COMMAND, Progress, check_matplotlib, command_params, format_table,
-                                    plot_latencies, report_doc, summary_rows, write_csv, _write)
+from edge_agent.errors import EdgeAgentError
+from edge_agent.fleet.bench import (COMMAND, TABLE_COLUMNS, Progress, check_matplotlib, command_params,
+                                    plot_latencies, report_doc, summary_rows, write_csv)
 from edge_agent.fleet.client import DISCOVERY_S, FleetClient, new_request_id
-from edge_agent.fleet.deploy import (DEFAULT_CHUNK_SIZE, _print_progress, _read, deploy, deploy_params,
-                                     model_rows, report_deploy_answers, table)
+from edge_agent.fleet.deploy import (DEFAULT_CHUNK_SIZE, deploy, deploy_params,
+                                     report_deploy_answers, report_model_answers)
 from edge_agent.fleet.deploy import COMMAND as DEPLOY_COMMAND
+from edge_agent.fleet.table import format_table
 from edge_agent.inference.labels import read_labels
 
 
@@ -104,7 +106,7 @@ def cmd_remote_bench(args: argparse.Namespace, out: Optional[TextIO] = None) -> 
             progress.close()
     report = report_doc(rid, params, answers)
     rows = summary_rows(report)
-    print(format_table(rows) if rows else "no device answered", file=out)
+    print(format_table(rows, TABLE_COLUMNS) if rows else "no device answered", file=out)
     if args.csv:
         _write(args.csv, lambda fh: write_csv(rows, fh))
     if args.json:
@@ -198,7 +200,31 @@ def cmd_models(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         client.discover(args.discover_s)
         answers = client.request("models", {}, devices=None if args.all else args.device, fleet=args.all,
                                  timeout=args.timeout)
-    rows = model_rows(answers)
-    print(table(rows, ("device", "status", "role", "name", "sha256", "size", "deployed")) if rows
-          else "no device answered", file=out)
-    return 0 if rows and all(r["status"] == "done" for r in rows) else 1
+    return report_model_answers(answers, out)
+
+
+# -- files and progress lines of the remote commands -------------------------------------------
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise EdgeAgentError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+
+
+def _write(path: str, write: Any) -> None:
+    try:
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            write(fh)
+    except OSError as exc:
+        raise EdgeAgentError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def _print_progress(device: str, doc: Dict[str, Any]) -> None:
+    status = doc.get("status")
+    if status == "progress":
+        stage = doc.get("stage")
+        extra = f" {doc['received']}/{doc['total']} bytes" if "received" in doc else ""
+        print(f"{device}: {stage}{extra}", file=sys.stderr)
+    elif status == "accepted":
+        print(f"{device}: accepted", file=sys.stderr)

@@ -61,7 +61,8 @@ def report_doc(request_id: str, params: Dict[str, Any], answers: Dict[str, Answe
 
 
 def summary_rows(report: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """One row per device with raw numbers (ms, fps); the table and the CSV are made from these."""
+    """One row per device with raw numbers (ms, fps); the table (``format_table(rows, TABLE_COLUMNS)``)
+    and the CSV are made from these."""
     rows = []
     for dev, entry in report["devices"].items():
         result = entry.get("result") or {}
@@ -76,28 +77,6 @@ def summary_rows(report: Dict[str, Any]) -> List[Dict[str, Any]]:
             "mean_ms": invoke.get("mean"), "fps": result.get("fps"), "reason": entry.get("reason"),
         })
     return rows
-
-
-def _cell(value: Any, digits: int) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def format_table(rows: List[Dict[str, Any]]) -> str:
-    """Aligned columns, times with 2 decimals; failures get their reason on the row."""
-    header = [title for _, title in TABLE_COLUMNS]
-    body = [[_cell(r[key], 2) for key, _ in TABLE_COLUMNS] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    for r, cells in zip(rows, body):
-        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-        if r["status"] != "done" and r["reason"]:
-            line += f"  ({r['reason']})"
-        lines.append(line)
-    return "\n".join(lines)
 
 
 def write_csv(rows: List[Dict[str, Any]], out: TextIO) -> None:
@@ -214,12 +193,3 @@ def _tqdm_available() -> bool:
         return True
     except ImportError:
         return False
-
-
-
-def _write(path: str, write: Any) -> None:
-    try:
-        with open(path, "w", encoding="utf-8", newline="") as fh:
-            write(fh)
-    except OSError as exc:
-        raise EdgeAgentError(f"{path}: cannot write ({exc.strerror})") from None

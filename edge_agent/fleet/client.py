@@ -197,10 +197,10 @@ class FleetClient:
             self.subscribe([f"{self.prefix}/+/{kind}/{rid}"])
             payload = json.dumps({"request_id": rid, **params}).encode()
             if fleet:
-                self._publish(f"{self.prefix}/{FLEET}/cmd/{command}", payload)
+                self.publish(f"{self.prefix}/{FLEET}/cmd/{command}", payload)
             else:
                 for dev in sorted(pending.expected):
-                    self._publish(f"{self.prefix}/{dev}/cmd/{command}", payload)
+                    self.publish(f"{self.prefix}/{dev}/cmd/{command}", payload)
             self._wait(pending, timeout, fleet_grace_s if fleet else 0.0)
         finally:
             with self._cond:
@@ -209,7 +209,8 @@ class FleetClient:
                 self._client.unsubscribe(f"{self.prefix}/+/{kind}/{rid}")
         return dict(sorted(pending.answers.items()))
 
-    def _publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 1 publish that returns once the broker acknowledged it (10 s at most)."""
         assert self._client is not None
         info = self._client.publish(topic, payload, qos=1)
         info.wait_for_publish(10)

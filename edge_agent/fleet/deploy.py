@@ -13,25 +13,19 @@ import base64
 import hashlib
 import math
 import queue
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, TextIO
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet.client import Answer, FleetClient, new_request_id
+from edge_agent.fleet.table import format_table
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 ACCEPT_GRACE_S = 3.0  # fleet: how long to wait for more devices to accept before sending chunks
 COMMAND = "deploy"
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise EdgeAgentError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+DEPLOY_COLUMNS = ("device", "status", "state", "model", "sha256", "running")
+MODEL_COLUMNS = ("device", "status", "role", "name", "sha256", "size", "deployed")
 
 
 def deploy_params(data: bytes, name: str, labels: Optional[List[str]] = None, url: Optional[str] = None,
@@ -64,6 +58,11 @@ def deploy_params(data: bytes, name: str, labels: Optional[List[str]] = None, ur
 
 def chunks_of(data: bytes, chunk_size: int) -> List[bytes]:
     return [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+def chunk_topic(prefix: str, target: str, request_id: str, n: int) -> str:
+    """Where chunk ``n`` (0-based) of an inline transfer goes; ``target``: a device id or ``all``."""
+    return f"{prefix}/{target}/cmd/{COMMAND}/{request_id}/chunk/{n}"
 
 
 class ChunkSender:
@@ -121,10 +120,10 @@ class ChunkSender:
                 self._send(target)
 
     def _send(self, target: str) -> None:
-        base = f"{self.client.prefix}/{target}/cmd/{COMMAND}/{self.rid}/chunk"
         try:
             for n, chunk in enumerate(self.chunks):
-                self.client._publish(f"{base}/{n}", chunk)  # waits for the broker's PUBACK
+                # waits for the broker's PUBACK
+                self.client.publish(chunk_topic(self.client.prefix, target, self.rid, n), chunk)
         except (RuntimeError, ValueError, OSError) as exc:
             self.errors.append(f"{target}: sending chunks failed ({exc})")
 
@@ -174,19 +173,6 @@ def deploy_rows(answers: Dict[str, Answer]) -> List[Dict[str, Any]]:
     return rows
 
 
-def table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
-    """Aligned columns; a failed row gets its reason appended."""
-    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    for r, row in zip(rows, cells):
-        line = "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-        if r.get("status") not in ("done", None) and r.get("reason"):
-            line += f"  ({r['reason']})"
-        lines.append(line)
-    return "\n".join(lines)
-
-
 def model_rows(answers: Dict[str, Answer]) -> List[Dict[str, Any]]:
     rows = []
     for dev, answer in answers.items():
@@ -204,20 +190,16 @@ def model_rows(answers: Dict[str, Answer]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _print_progress(device: str, doc: Dict[str, Any]) -> None:
-    status = doc.get("status")
-    if status == "progress":
-        stage = doc.get("stage")
-        extra = f" {doc['received']}/{doc['total']} bytes" if "received" in doc else ""
-        print(f"{device}: {stage}{extra}", file=sys.stderr)
-    elif status == "accepted":
-        print(f"{device}: accepted", file=sys.stderr)
-
-
-
 def report_deploy_answers(answers, out: TextIO) -> int:
     """The deploy/rollback table; exit 0 only when every device answered ``done``."""
-    rows = deploy_rows(answers)
-    print(table(rows, ("device", "status", "state", "model", "sha256", "running")) if rows
-          else "no device answered", file=out)
+    return _report(deploy_rows(answers), DEPLOY_COLUMNS, out)
+
+
+def report_model_answers(answers: Dict[str, Answer], out: TextIO) -> int:
+    """The ``models`` table (one row per stored model); exit 0 only when every device answered ``done``."""
+    return _report(model_rows(answers), MODEL_COLUMNS, out)
+
+
+def _report(rows: List[Dict[str, Any]], columns: Sequence[str], out: TextIO) -> int:
+    print(format_table(rows, columns) if rows else "no device answered", file=out)
     return 0 if rows and all(r["status"] == "done" for r in rows) else 1

@@ -38,15 +38,17 @@ def describe(model_path: str, runtime: str = "auto", options: Optional[ModelOpti
         "size_bytes": mf.size,
         "edgetpu": mf.edgetpu,
         "runtime": f"{loaded.runtime} {loaded.runtime_version}",
-        "inputs": [_tensor(d) for d in it.get_input_details()],
-        "outputs": [_tensor(d) for d in it.get_output_details()],
-        "tensors": [_tensor(d) for d in it.get_tensor_details()],
+        "inputs": [tensor_summary(d) for d in it.get_input_details()],
+        "outputs": [tensor_summary(d) for d in it.get_output_details()],
+        "tensors": [tensor_summary(d) for d in it.get_tensor_details()],
         "ops": ops,
         "segmentation": segmentation,
     }
 
 
-def _tensor(d: Dict[str, Any]) -> Dict[str, Any]:
+def tensor_summary(d: Dict[str, Any]) -> Dict[str, Any]:
+    """One entry of a runtime's ``get_*_details()`` as JSON: index, name, dtype, shape and its
+    quantization (scale/zero point, or a per-axis summary: dimension, channels, scale range)."""
     qp = d.get("quantization_parameters") or {}
     scales = np.asarray(qp.get("scales", []), dtype=np.float64)
     zero_points = np.asarray(qp.get("zero_points", []), dtype=np.int64)

@@ -1,7 +1,10 @@
 """Platform smoke check for the arm64 run: the raw TFLite runtime reproduces the golden bird mask.
 
-It deliberately bypasses edge_agent: if this fails, the aarch64 wheels / emulator are at fault,
-not the project code, and the project tests that follow would only repeat the failure.
+It deliberately bypasses the agent's inference path (runtime wrappers, preprocessing, segmenter)
+and drives the raw ``Interpreter``: if this fails, the aarch64 wheels / emulator are at fault, not
+the project code, and the project tests that follow would only repeat the failure. Only the score,
+``edge_agent.inference.postprocess.agreement`` (the package is installed in the root's venvs before
+this runs), comes from the project, so the platform is judged by the same formula as the tests.
 
     python golden_check.py TEST_DATA_DIR        (runtime from $EDGE_AGENT_RUNTIME: litert | tflite-runtime)
 
@@ -21,6 +24,8 @@ from typing import Any, Tuple
 import cv2
 import numpy as np
 
+from edge_agent.inference.postprocess import agreement
+
 MODELS = ("deeplabv3_mnv2_pascal_quant", "deeplabv3_mnv2_dm05_pascal_quant")
 THRESHOLD = 0.90
 
@@ -34,11 +39,6 @@ def load_runtime(name: str) -> Tuple[Any, str]:
     import ai_edge_litert
     from ai_edge_litert.interpreter import Interpreter
     return Interpreter, getattr(ai_edge_litert, "__version__", "?")
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    equal = int(np.count_nonzero(a == b))
-    return equal / (2 * a.size - equal)
 
 
 def segment(interpreter_cls: Any, model: Path, image: np.ndarray) -> np.ndarray:

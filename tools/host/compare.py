@@ -15,12 +15,11 @@ from typing import Optional, Tuple
 import numpy as np
 import tf_keras as keras
 
-from edge_agent.inference.postprocess import to_frame
+from edge_agent.inference.postprocess import agreement, to_frame
 from edge_agent.inference.preprocess import Geometry
 from edge_agent.inference.segmenter import Segmenter
 
 from .datasets import model_input, read_rgb
-from .metrics import agreement
 
 
 def input_size(model: keras.Model) -> Tuple[int, int]:

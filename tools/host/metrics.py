@@ -1,6 +1,8 @@
 """Segmentation metrics on class-id maps: confusion matrix, IoU, pixel accuracy, agreement.
 
-Pure numpy. ``ignore_index`` pixels (VOC's 255 "void" borders) count for nothing.
+Pure numpy (no TensorFlow: the device test suite runs these). ``ignore_index`` pixels (VOC's 255
+"void" borders) count for nothing. ``agreement`` is the agent's own (libcoral's formula), so host
+evaluations and the device's golden checks score masks identically.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 from typing import Dict, List
 
 import numpy as np
+
+from edge_agent.inference.postprocess import agreement  # noqa: F401  (re-exported)
 
 IGNORE_INDEX = 255
 
@@ -46,14 +50,6 @@ def mean_iou(conf: np.ndarray) -> float:
 def pixel_accuracy(conf: np.ndarray) -> float:
     total = conf.sum()
     return float(np.trace(conf) / total) if total else float("nan")
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """libcoral's mask agreement: equal / (2 * size - equal) (1.0 = identical)."""
-    if a.shape != b.shape:
-        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    equal = int(np.count_nonzero(a == b))
-    return equal / (2 * a.size - equal)
 
 
 def summarize(conf: np.ndarray) -> Dict[str, float]:

@@ -133,6 +133,7 @@ def test_selfie_info_says_what_was_read_and_from_where():
     assert info["metadata"]["files"] == ["labels.txt"]
 
 
+@pytest.mark.broker
 def test_selfie_through_the_daemon_matches_deeplab_person(mosquitto, tmp_path, deeplab_person):
     broker = mosquitto()
     folder = tmp_path / "frames"

@@ -19,7 +19,7 @@ from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
 from edge_agent.inference.preprocess import AREA, FAST, letterbox, letterbox_geometry, resize_into, shrink_into
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.sources.base import Frame
-from tests.data import BIRD, DM05, DM10, FLOAT_257, IMAGES, VOC, bird_mask, rgb
+from tests.data import BIRD, DM05, FLOAT_257, IMAGES, VOC, bird_mask, rgb
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,9 @@ from edge_agent.inference.segmenter import Segmenter
 from edge_agent.output.encode import decode_mask_png
 from tests.broker import Recorder
 from tests.data import DM05_EDGETPU, DM10, FLOAT_257, IMAGES, LABELS, MODELS, rgb
-from tests.test_agent_e2e import PREFIX, start_agent, stop_agent, write_config
+from tests.helpers import start_agent, stop_agent, write_config
+
+PREFIX = "edge-agent"
 from tests.tflite_builder import build_metadata, conv_model, upscale_model
 
 SELFIE = MODELS / "selfie_segmentation.tflite"

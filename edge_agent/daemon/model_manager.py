@@ -224,14 +224,18 @@ class ModelManager:
 
     # -- info -----------------------------------------------------------------------------------
     def info(self, doc: Dict[str, Any]) -> Dict[str, Any]:
-        """``info`` with the store's name of the running model and the store's pointers."""
+        """``info`` with the store's name of the running model."""
+        store = self.store
+        sha = self.running_sha()
+        if store is not None and sha is not None and isinstance(doc.get("model"), dict) and store.has(sha):
+            doc["model"]["name"] = store.get(sha).name
+        return doc
+
+    def pointers(self) -> Dict[str, Optional[str]]:
+        """The store's current, previous and pending sha256s (all None without a store)."""
         store = self.store
         if store is None:
-            return doc
-        sha = self.running_sha()
-        if sha is not None and isinstance(doc.get("model"), dict) and store.has(sha):
-            doc["model"]["name"] = store.get(sha).name
+            return {"current": None, "previous": None, "pending": None}
         pending = store.pending()
-        doc["deploy"] = {"current": store.current(), "previous": store.previous(),
-                         "pending": pending.get("sha256") if pending else None}
-        return doc
+        return {"current": store.current(), "previous": store.previous(),
+                "pending": pending.get("sha256") if pending else None}

@@ -614,6 +614,7 @@ class Deployer:
 
     # -- what the agent tells in info ----------------------------------------------------------
     def info(self, doc: Dict[str, Any]) -> Dict[str, Any]:
-        """``info.deploy`` (the store's pointers, from the model manager) plus whether signing is on."""
-        doc.setdefault("deploy", {})["signing"] = "required" if self.public_key is not None else "off"
+        """``info.deploy``: the store's pointers (the model manager's) and whether signing is on."""
+        doc["deploy"] = {**self.models.pointers(),
+                         "signing": "required" if self.public_key is not None else "off"}
         return doc

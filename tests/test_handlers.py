@@ -8,6 +8,8 @@ import json
 import threading
 from typing import Any, Dict, List
 
+import pytest
+
 from edge_agent.config import load_config
 from edge_agent.daemon.agent import Agent
 from edge_agent.remote import HANDLERS
@@ -44,6 +46,7 @@ class EchoHandler:
         self.ctx.comms().publish("echo", json.dumps({"bye": reason}).encode(), qos=1)
 
 
+@pytest.mark.broker
 def test_a_handler_in_the_table_receives_its_command(mosquitto, tmp_path):
     broker = mosquitto()
     cfg = load_config(None, ["agent.device_id=tbl-1", "source.kind=synthetic", "source.fps=10",
@@ -77,10 +80,26 @@ def test_a_handler_in_the_table_receives_its_command(mosquitto, tmp_path):
     rec.close()
 
 
-def test_the_default_table_lists_the_device_handlers():
-    assert set(HANDLERS) == {"benchmark", "deploy"}
-    routes = {}
-    for name, factory in HANDLERS.items():
-        assert callable(factory)
-        routes[name] = factory
-    assert Agent.__init__.__defaults__ is not None and HANDLERS in Agent.__init__.__defaults__
+def test_the_default_table_serves_bench_and_deploy(tmp_path):
+    cfg = load_config(None, ["mqtt.enabled=false", f"model.path={DM05}", f"agent.state_dir={tmp_path}"], env={})
+    agent = Agent(cfg, install_signals=False)  # the default table: edge_agent.remote.HANDLERS
+    assert agent.models.open_store() is not None
+    agent.start_handlers()
+    assert set(agent.handlers) == set(HANDLERS) == {"benchmark", "deploy"}
+    commands = {name: {(r.command, r.subtree) for r in h.routes()} for name, h in agent.handlers.items()}
+    assert commands == {"benchmark": {("benchmark", False)},
+                        "deploy": {("deploy", True), ("rollback", False), ("models", False)}}
+    assert agent.info()["deploy"] == {"current": None, "previous": None, "pending": None, "signing": "off"}
+    for handler in agent.handlers.values():
+        handler.shutdown("test over")  # idle handlers stop at once
+
+
+def test_a_table_factory_may_decline(tmp_path):
+    """The deploy handler declines without a usable model store; the agent serves on without it."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = load_config(None, ["mqtt.enabled=false", f"model.path={DM05}", f"agent.state_dir={blocker}"], env={})
+    agent = Agent(cfg, install_signals=False)
+    assert agent.models.open_store() is None
+    agent.start_handlers()
+    assert set(agent.handlers) == {"benchmark"} and "deploy" not in agent.info()

@@ -144,9 +144,9 @@ class Agent:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
             signal.signal(signal.SIGHUP, self.request_reload)
-        self.comms.start()
         self.models.open_store()  # repairs it: an unconfirmed deployment is rolled back first
-        self.start_handlers()
+        self.start_handlers()  # before connecting: the first CONNACK subscribes every route
+        self.comms.start()
         self.watchdog.start()
         try:
             self.start_pipeline()

@@ -6,8 +6,8 @@
 What it measures (see docs/performance.md for a result and the reading of it):
 
 * latency   per-frame end-to-end latency of the agent's own per-frame code
-            (``Pipeline.process_frame``: letterbox, memcpy, invoke, label map, crop, class
-            fractions, PNG, result JSON, publish) divided by ``invoke()`` alone, at 640x480,
+            (``daemon.stages.run_frame``, the stage functions the pipeline threads run: letterbox,
+            memcpy, invoke, label map, crop, class fractions, PNG, result JSON, publish) divided by ``invoke()`` alone, at 640x480,
             1280x720 and 1920x1080, for the depth-1.0 and 0.5 Coral models; and the same frame
             done the naive way the public examples do it (PIL LANCZOS resize to the input size,
             ``set_tensor``/``get_tensor``, ``np.argmax`` when the output is logits, PIL NEAREST
@@ -137,7 +137,7 @@ def naive_frame(interpreter, in_idx: int, out_idx: int, size_hw: Tuple[int, int]
 
 
 def measure_latency(frames: Dict[str, Any], rounds: int, per_round: int, threads: int) -> Dict[str, Any]:
-    from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
+    from edge_agent.daemon.stages import PIPELINE_STAGES, FrameOutput, run_frame
     from edge_agent.inference.segmenter import Segmenter
     from edge_agent.sources.base import Frame
 
@@ -145,7 +145,7 @@ def measure_latency(frames: Dict[str, Any], rounds: int, per_round: int, threads
     for name, path in MODEL_FILES.items():
         seg = Segmenter(str(path), labels=str(LABELS), threads=threads)
         sink = CountingSink()
-        pipe = Pipeline(None, seg, sink, PipelineSettings())
+        pipe = FrameOutput()
         it = seg.model.loaded.interpreter
         setups[name] = (seg, pipe, sink, it)
     samples: Dict[Tuple[str, str, str], List[float]] = {}
@@ -165,8 +165,10 @@ def measure_latency(frames: Dict[str, Any], rounds: int, per_round: int, threads
                             seg.model.invoke()
                         elif kind == "ours":
                             seq += 1
-                            timings = pipe.process_frame(Frame(frame, seq, time.time(), time.monotonic(), "bench"))
-                            inner = timings["inference"]
+                            invoke_at: List[float] = []  # invoke() start and end (the on_invoke hook)
+                            timings = run_frame(seg, Frame(frame, seq, time.time(), time.monotonic(), "bench"),
+                                                pipe, sink, on_invoke=lambda _: invoke_at.append(time.monotonic()))
+                            inner = (invoke_at[1] - invoke_at[0]) * 1e3
                         else:
                             inner = naive_frame(it, in_idx, out_idx, seg.model.input_size, frame, naive_sink)
                         ms = (time.perf_counter() - t0) * 1e3
@@ -188,8 +190,7 @@ def measure_latency(frames: Dict[str, Any], rounds: int, per_round: int, threads
             naive_over = median(samples[(name, size, "naive_overhead")])
             st = stages[(name, size)]
             per_stage = {k: round(median([t[k] for t in st if k in t]), 3)
-                         for k in ("preprocess", "set_input", "inference", "output", "postprocess",
-                                   "encode", "publish")}
+                         for k in PIPELINE_STAGES if k not in ("capture", "queue", "end_to_end")}
             rows.append({
                 "model": name, "size": size, "invoke_ms": round(inv, 2), "ours_ms": round(ours, 2),
                 "naive_ms": round(naive, 2), "ours_ratio": round(ours / inv, 3),

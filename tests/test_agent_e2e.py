@@ -271,25 +271,24 @@ def test_sighup_reload_moves_to_a_new_broker_with_its_commands(mosquitto, tmp_pa
 
 
 def test_model_name_is_fetched_into_the_state_dir(tmp_path, monkeypatch):
-    from edge_agent.daemon.agent import resolve_model
+    from edge_agent.daemon.model_manager import ModelManager
     from tests.data import MODELS
 
     monkeypatch.delenv("EDGE_AGENT_MODELS_DIR", raising=False)
     monkeypatch.setenv("EDGE_AGENT_MODEL_MIRROR", str(MODELS))
     cfg = load_config(None, ["model.name=deeplabv3_mnv2_dm05_pascal_quant",
                              f"agent.state_dir={tmp_path}"], env={})
-    path, labels = resolve_model(cfg)
+    path, labels = ModelManager(cfg, host=None).configured()
     assert path == str(tmp_path / "catalog" / "deeplabv3_mnv2_dm05_pascal_quant.tflite")
     assert Path(path).read_bytes() == DM05.read_bytes() and labels[3] == "bird"
     cfg = load_config(None, ["model.name=resnet50", f"agent.state_dir={tmp_path}"], env={})
     with pytest.raises(EdgeAgentError, match="unknown model 'resnet50'"):
-        resolve_model(cfg)
+        ModelManager(cfg, host=None).configured()
 
 
 def test_a_stored_model_that_no_longer_loads_falls_back_to_the_configured_one(tmp_path):
     """The store's current model cannot run (here: an Edge TPU build, no delegate): serve the
     configured model instead of nothing."""
-    from edge_agent.remote import deploy
     from edge_agent.models.store import ModelStore
     from tests.data import DM05_EDGETPU
 
@@ -299,7 +298,7 @@ def test_a_stored_model_that_no_longer_loads_falls_back_to_the_configured_one(tm
     cfg = load_config(None, [f"model.path={DM05}", "mqtt.enabled=false", "source.kind=synthetic",
                              f"agent.state_dir={tmp_path}"], env={})
     agent = Agent(cfg, install_signals=False)
-    assert deploy.install(agent) is not None
+    assert agent.models.open_store() is not None
     agent.start_pipeline()
     try:
         assert agent.error is None and agent.pipeline is not None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.daemon.agent import Agent, build_segmenter, resolve_model
+from edge_agent.daemon.agent import Agent
 from edge_agent.config import load_config
 from tests.data import DM05
 
@@ -22,15 +22,12 @@ def info_doc(tmp_path, with_model: bool):
     cfg = load_config(None, [f"model.path={DM05}", "mqtt.enabled=false",
                              f"agent.state_dir={tmp_path}"], env={})
     agent = Agent(cfg, install_signals=False)
+    assert agent.models.open_store() is not None
+    agent.start_handlers()
     if with_model:
-        agent.segmenter = build_segmenter(cfg, *resolve_model(cfg))
-    from edge_agent.remote import deploy
-    deployer = deploy.install(agent)
-    doc = agent.info()
-    for extra in agent.info_extras:
-        doc = extra(doc)
-    assert deployer is not None
-    return doc
+        agent.models.load()
+    assert "deploy" in agent.handlers
+    return agent.info()
 
 
 def check(value, spec, path):

@@ -453,14 +453,14 @@ def test_shutdown_answers_running_and_queued_requests(mosquitto, tmp_path):
         while not any(d.get("phase") == "runs" for d in answers(rec, "pi-s", "run")):
             assert time.monotonic() < deadline, answers(rec, "pi-s", "run")
             time.sleep(0.05)
-        agent.remote_bench.shutdown("agent stopping", timeout=10)
+        agent.handlers["benchmark"].shutdown("agent stopping", timeout=10)
         rec.publish(cmd, b'{"request_id":"late","runs":1}')
         run, queued, late = (wait_final(rec, "pi-s", r, timeout=10) for r in ("run", "queued", "late"))
         assert run["status"] == "failed" and run["reason"] == "cancelled: agent stopping"
         assert run["result"]["stopped"] == "cancelled" and run["result"]["invoke"]["count"] >= 1
         assert queued["status"] == "failed" and queued["reason"] == "cancelled: agent stopping"
         assert late["status"] == "rejected" and late["reason"] == "agent stopping: agent stopping"
-        assert agent.remote_bench.stats()["running"] == 0
+        assert agent.handlers["benchmark"].stats()["running"] == 0
         rec.wait_for(f"{PREFIX}/pi-s/mask", count=len(rec.matching(f"{PREFIX}/pi-s/mask")) + 1, timeout=10)
     finally:
         agent.request_stop()

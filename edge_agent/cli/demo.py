@@ -123,7 +123,7 @@ def run(args) -> int:
     with EmbeddedBroker() as broker:
         print(f"broker  {broker.kind} on {broker.host}:{broker.port}")
         config = load_config(None, [
-            f"agent.device_id={DEVICE}", "source.kind=folder", f"source.uri={images}",
+            f"agent.device_id={DEVICE}", f"agent.state_dir={out / '.state'}", "source.kind=folder", f"source.uri={images}",
             "source.loop=false", f"model.path={model_path}", f"model.runtime={args.runtime}",
             f"mqtt.host={broker.host}", f"mqtt.port={broker.port}",
             "mqtt.protocol=auto", "publish.timings=frame", "publish.overlay=true",
@@ -131,8 +131,7 @@ def run(args) -> int:
         ], env={})
         viewer = Viewer(broker.host, broker.port, config.mqtt.topic_prefix, out)
         try:
-            agent = Agent(config)
-            agent.model_resolver = lambda cfg: (str(model_path), entry.labels)
+            agent = Agent(config)  # model.path is the fetched file; its labels come from the manifest
             code = agent.run()
             if agent.error:
                 raise EdgeAgentError(agent.error)

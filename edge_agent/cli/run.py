@@ -8,6 +8,7 @@ import logging
 from edge_agent import __version__
 from edge_agent.cli.config import add_config_arguments, config_from_args
 from edge_agent.daemon.agent import Agent
+from edge_agent.remote import HANDLERS
 
 log = logging.getLogger("edge_agent.daemon.agent")
 
@@ -22,8 +23,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not args.verbose:
         logging.getLogger().setLevel(config.agent.log_level.upper())
-    agent = Agent(config)
-    agent.config_path = args.config
-    agent.config_overrides = args.overrides
+    agent = Agent(config, handlers=HANDLERS, config_path=args.config, config_overrides=args.overrides)
     log.info("edge-agent %s starting as device '%s'", __version__, config.agent.device_id)
     return agent.run()

@@ -15,7 +15,7 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import class_fractions
 from edge_agent.inference.preprocess import MODES
 from edge_agent.inference.model import ModelOptions
-from edge_agent.inference.segmenter import Segmenter
+from edge_agent.inference.segmenter import ModelSettings, Segmenter
 from edge_agent.output.visuals import overlay
 from edge_agent.sources.images import read_image
 
@@ -62,16 +62,17 @@ def add_model_args(p) -> None:
                    help="single-channel maps: foreground above this probability (default 0.5)")
 
 
+def model_settings(args) -> ModelSettings:
+    """The runtime options of :func:`add_runtime_args`, once."""
+    return ModelSettings(runtime=args.runtime, threads=args.threads, edgetpu=args.edgetpu,
+                         cpu_fallback=catalog.resolve(args.cpu_fallback).path if args.cpu_fallback else None,
+                         mode=args.mode, options=ModelOptions.from_config(args))
+
+
 def make_segmenter(args) -> Segmenter:
+    """``--model`` (path or manifest name, with its labels unless ``--labels``) as a segmenter."""
     resolved = catalog.resolve(args.model)
-    labels = args.labels or resolved.labels
-    if labels is None:
-        entry = catalog.entry_for_file(resolved.path)
-        labels = entry.labels if entry else None
-    return Segmenter(resolved.path, labels=labels, runtime=args.runtime, threads=args.threads,
-                     edgetpu=args.edgetpu,
-                     cpu_fallback=catalog.resolve(args.cpu_fallback).path if args.cpu_fallback else None,
-                     mode=args.mode, options=ModelOptions.from_config(args))
+    return Segmenter.from_settings(resolved.path, args.labels or resolved.labels, model_settings(args))
 
 
 def add_parser(subparsers) -> None:

@@ -421,6 +421,10 @@ class MqttComms:
         if filters:
             client.subscribe([(f, COMMAND_QOS) for f in filters])
         self._connected.set()  # after online/info: they always precede the pipeline's messages
+        with self._lock:  # a handler added since the snapshot saw connected still unset: subscribe it here
+            late = sorted({f for f, _, _ in self._handlers} - set(filters))
+        if late:
+            client.subscribe([(f, COMMAND_QOS) for f in late])
 
     def _connect_refused(self, client: paho.Client, code: int, reason: str) -> None:
         self._set_error(f"connection refused: {reason}")

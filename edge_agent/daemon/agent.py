@@ -8,38 +8,36 @@ fixed config (SIGHUP) or a deployment can bring it back.
 sd_notify: ``READY=1`` once the model is loaded and the first frame is processed (or at once when
 the agent is up but cannot run a pipeline), ``WATCHDOG=1`` only while frames make progress (or
 while idle by design), ``STATUS=`` with fps, ``RELOADING=1`` on SIGHUP, ``STOPPING=1`` on SIGTERM.
+The watchdog is fed from ONE place, the main loop, when :meth:`Pipeline.healthy` says so.
+
+Who owns what: the running model and the store are the :class:`ModelManager`'s; MQTT commands
+are served by the handlers of the table given to the constructor (:data:`edge_agent.remote.HANDLERS`
+by default), each built with a narrow :class:`~edge_agent.remote.context.HandlerContext`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from edge_agent import __version__
-
-from edge_agent.models import catalog
-
-from edge_agent.daemon import sdnotify
-
-from edge_agent.daemon import system
 from edge_agent.config import Config
-from edge_agent.errors import EdgeAgentError
+from edge_agent.daemon import sdnotify, system
+from edge_agent.daemon.model_manager import ModelManager
 from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
-from edge_agent.inference.model import ModelOptions
+from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.segmenter import Segmenter
-from edge_agent.sources import build_source, open_source
+from edge_agent.remote import HANDLERS
+from edge_agent.remote.context import CommandHandler, HandlerContext, HandlerTable, PipelineControl, Route
+from edge_agent.sources import open_source
 
 log = logging.getLogger(__name__)
 
 STARTUP_GRACE_S = 60.0
-
-# Modules that add MQTT command handlers: each has ``install(agent)``.
-COMMAND_PLUGINS: Tuple[str, ...] = ("edge_agent.remote.bench", "edge_agent.remote.deploy")
 
 
 class NullSink:
@@ -76,48 +74,25 @@ def make_comms(config: Config):
     return MqttComms(config.mqtt, config.agent.device_id)
 
 
-def resolve_model(config: Config) -> Tuple[str, Optional[List[str]]]:
-    """The model file and labels to run: ``model.path``, else ``model.name`` from the manifest
-    (fetched and verified into ``<state_dir>/catalog`` if needed)."""
-    m = config.model
-    if not (m.path or m.name):
-        raise EdgeAgentError("no model configured: set model.path or model.name")
-    if m.path:
-        resolved = catalog.resolve(m.path)
-    else:  # a manifest name: fetched into the state directory on first start, then offline
-        dest = os.environ.get(catalog.ENV_MODELS_DIR) or os.path.join(config.agent.state_dir, "catalog")
-        resolved = catalog.ensure(m.name, dest, mirror=m.mirror or None)
-    labels: Any = m.labels or resolved.labels
-    if labels is None:
-        entry = catalog.entry_for_file(resolved.path)
-        labels = entry.labels if entry else None
-    return resolved.path, labels
-
-
-def build_segmenter(config: Config, path: str, labels) -> Segmenter:
-    m = config.model
-    return Segmenter(
-        path, labels=labels, runtime=m.runtime, threads=m.threads or None,
-        edgetpu=m.edgetpu or None, cpu_fallback=m.cpu_fallback or None, mode=m.preprocess,
-        options=ModelOptions.from_config(m),
-    )
-
-
-def is_live(config: Config) -> bool:
-    """Cameras and streams run in real time; files, folders and the test pattern do not."""
-    try:
-        return bool(getattr(build_source(config.source), "live", config.source.kind == "picamera2"))
-    except EdgeAgentError:
-        return True
+def source_is_live(source: Any) -> bool:
+    """Cameras and streams run in real time; files, folders and the test pattern do not: as the
+    OPENED source declares it (``live``), so a new camera backend decides for itself."""
+    live = getattr(source, "live", None)
+    if live is None:  # transitional, until every source and the reopen wrapper declare ``live`` (r-registry)
+        live = getattr(getattr(source, "_inner", None), "live", False)
+    return bool(live)
 
 
 class Agent:
-    def __init__(self, config: Config, install_signals: bool = True) -> None:
+    def __init__(self, config: Config, install_signals: bool = True, handlers: HandlerTable = HANDLERS,
+                 config_path: Optional[str] = None, config_overrides: Sequence[str] = ()) -> None:
         self.config = config
+        self.config_path = config_path  # what a reload (SIGHUP) reads again
+        self.config_overrides = tuple(config_overrides)
         self.install_signals = install_signals
         self.comms = make_comms(config)
         self.pipeline: Optional[Pipeline] = None
-        self.segmenter: Optional[Segmenter] = None
+        self.models = ModelManager(config, self)
         self.error: Optional[str] = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -125,48 +100,60 @@ class Agent:
         self._started_at = time.time()
         # Model load and the first frame may take long on a Pi Zero: ping during a grace period.
         self.watchdog = sdnotify.Watchdog(startup_grace_s=STARTUP_GRACE_S)
-        self.model_resolver: Callable[[Config], Tuple[str, Any]] = resolve_model
-        # Plugins add fields to the retained info document (e.g. the model store's pointers).
-        self.info_extras: List[Callable[[Dict[str, Any]], Dict[str, Any]]] = []
-        self.plugins: List[Any] = []
-        self._handlers: List[Tuple[str, Callable[..., None], bool]] = []
+        self._handler_table = handlers
+        self.handlers: Dict[str, CommandHandler] = {}
+        self._routes: List[Route] = []
         self.exit_code = 0
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    def add_command_handler(self, name: str, callback: Callable[..., None], subtree: bool = False) -> None:
-        """Subscribe ``cmd/<name>`` (device and fleet); kept across a reload that replaces comms."""
-        self._handlers.append((name, callback, subtree))
-        self.comms.add_command_handler(name, callback, subtree=subtree)
+    @property
+    def segmenter(self) -> Optional[Segmenter]:
+        """The running model (the model manager's)."""
+        return self.models.running
 
+    # -- lifecycle ------------------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
 
     def request_reload(self, *_: Any) -> None:
         self._reload.set()
 
+    def start_handlers(self) -> None:
+        """Build every handler of the table and subscribe its routes (kept across comms reloads)."""
+        ctx = HandlerContext(config=lambda: self.config, comms=lambda: self.comms, models=self.models,
+                             pipeline=PipelineControl(lambda: self.pipeline))
+        for name, factory in self._handler_table.items():
+            handler = factory(ctx)
+            if handler is None:
+                log.info("command handler %s is disabled", name)
+                continue
+            self.handlers[name] = handler
+            for route in handler.routes():
+                self._routes.append(route)
+                self.comms.add_command_handler(route.command, route.callback, subtree=route.subtree)
+
+    def _stop_handlers(self, reason: str) -> None:
+        """Each handler gets its final answers out: before the comms stop."""
+        for name, handler in self.handlers.items():
+            try:
+                handler.shutdown(reason)
+            except Exception:  # stopping must go on
+                log.exception("command handler %s: shutdown failed", name)
+
     def run(self) -> int:
         if self.install_signals:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
             signal.signal(signal.SIGHUP, self.request_reload)
+        self.models.open_store()  # repairs it: an unconfirmed deployment is rolled back first
+        self.start_handlers()  # before connecting: the first CONNACK subscribes every route
         self.comms.start()
-        for name in COMMAND_PLUGINS:
-            plugin = __import__(name, fromlist=["install"]).install(self)
-            if plugin is not None:
-                self.plugins.append(plugin)
         self.watchdog.start()
         try:
             self.start_pipeline()
             self._main_loop()
         finally:
             sdnotify.stopping("stopping")
-            for plugin in self.plugins:  # each running command gets its final answer
-                shutdown = getattr(plugin, "shutdown", None)
-                if callable(shutdown):
-                    try:
-                        shutdown()
-                    except Exception:  # stopping must go on
-                        log.exception("plugin %s shutdown failed", type(plugin).__name__)
+            self._stop_handlers("agent stopping")
             if self.pipeline is not None:
                 log.info("pipeline totals: %s", self.pipeline.stats())
             self.stop_pipeline()
@@ -200,14 +187,16 @@ class Agent:
             return f"idle: {self.error or 'no pipeline'}"
         return f"{self.pipeline.fps:.1f} fps, dropped {sum(self.pipeline.dropped().values())}"
 
-    def start_pipeline(self) -> None:
-        """Load the model and open the source; on failure stay up and report the error."""
+    def start_pipeline(self, segmenter: Optional[Segmenter] = None) -> None:
+        """Open the source and run ``segmenter`` (default: the model manager loads the start-up
+        model); on failure stay up and report the error."""
         self.error = None
         try:
-            self.segmenter = self._load_segmenter()
+            if segmenter is None:
+                segmenter = self.models.load()
             # The model size lets picamera2 size its lores stream so the ISP does the downscale.
             source = open_source({**dataclasses.asdict(self.config.source),
-                                  "model_input": self.segmenter.model.input_size})
+                                  "model_input": segmenter.model.input_size})
         except EdgeAgentError as exc:
             self.error = str(exc)
             log.error("cannot start the pipeline: %s", exc)
@@ -215,36 +204,21 @@ class Agent:
             self._notify_ready()  # up, serving what it can (MQTT, commands); STATUS says why idle
             return
         settings = PipelineSettings.from_config(self.config)
-        settings.lossless = self.config.source.fps == 0 and not is_live(self.config)
-        self.pipeline = Pipeline(
-            source, self.segmenter, self.comms, settings,
-            on_progress=self.watchdog.progress, on_first_frame=self._notify_ready,
-        )
-        self.pipeline.extra_stats = lambda: {"mqtt": self.comms.stats()}
+        settings.lossless = self.config.source.fps == 0 and not source_is_live(source)
+        self.pipeline = Pipeline(source, segmenter, self.comms, settings, on_first_frame=self._notify_ready,
+                                 extra_stats=lambda: {"mqtt": self.comms.stats()})
         self.publish_info()
         self.pipeline.start()
-        log.info("running %s on %s with %s", self.segmenter.model.file.name,
-                 getattr(source, "name", self.config.source.kind), self.segmenter.describe_runtime())
+        log.info("running %s on %s with %s", segmenter.model.file.name,
+                 getattr(source, "name", self.config.source.kind), segmenter.describe_runtime())
 
-    def _load_segmenter(self) -> Segmenter:
-        """The resolver's model (e.g. the model store's current one); if that cannot run any more
-        (a runtime upgrade, a lost delegate), the configured model instead of no model at all."""
-        path, labels = self.model_resolver(self.config)
-        try:
-            return build_segmenter(self.config, path, labels)
-        except EdgeAgentError as exc:
-            if self.model_resolver is resolve_model:
-                raise
-            fallback_path, fallback_labels = resolve_model(self.config)
-            if os.path.realpath(fallback_path) == os.path.realpath(path):
-                raise
-            log.error("%s; falling back to the configured model %s", exc, fallback_path)
-            return build_segmenter(self.config, fallback_path, fallback_labels)
-
-    def stop_pipeline(self) -> None:
+    def stop_pipeline(self, reason: Optional[str] = None) -> None:
+        """Stop the pipeline; ``reason`` (why the agent is idle now) goes to ``info.error``."""
         if self.pipeline is not None:
             self.pipeline.stop()
             self.pipeline = None
+        if reason is not None:
+            self.error = reason
 
     def _notify_ready(self) -> None:
         if not self._ready_sent:
@@ -255,10 +229,8 @@ class Agent:
         from edge_agent.config import load_config
 
         sdnotify.reloading("reloading config")
-        source_path = getattr(self, "config_path", None)
-        overrides = getattr(self, "config_overrides", ())
         try:
-            new = load_config(source_path, overrides)
+            new = load_config(self.config_path, self.config_overrides)
         except EdgeAgentError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             sdnotify.ready(self.status_text())
@@ -269,10 +241,11 @@ class Agent:
             self.comms.stop()
             self.config = new
             self.comms = make_comms(new)
-            for name, callback, subtree in self._handlers:
-                self.comms.add_command_handler(name, callback, subtree=subtree)
+            for route in self._routes:
+                self.comms.add_command_handler(route.command, route.callback, subtree=route.subtree)
             self.comms.start()
         self.config = new
+        self.models.set_config(new)
         self.start_pipeline()
         sdnotify.ready(self.status_text())
 
@@ -289,17 +262,18 @@ class Agent:
             "publish": {"mask_resolution": self.config.publish.mask_resolution,
                         "timings": self.config.publish.timings},
         }
-        if self.segmenter is not None:
-            i = self.segmenter.info()
+        segmenter = self.segmenter
+        if segmenter is not None:
+            i = segmenter.info()
             doc["model"] = {k: i[k] for k in ("name", "sha256", "size_bytes", "input_size", "input_dtype",
                                               "output_kind", "output_dtype", "labels", "preprocess",
                                               "fallback_reason", "classes", "normalization", "output")}
             doc.update(runtime=i["runtime"], runtime_version=i["runtime_version"],
                        delegate=i["delegate"], threads=i["threads"])
+        doc = self.models.info(doc)
+        for handler in self.handlers.values():
+            doc = handler.info(doc)
         return doc
 
     def publish_info(self) -> None:
-        doc = self.info()
-        for extra in self.info_extras:
-            doc = extra(doc)
-        self.comms.set_info(doc)
+        self.comms.set_info(self.info())

@@ -8,9 +8,10 @@ What is measured, and why this way:
   lazily, so it is slower); then ``warmup`` runs (average reported), then the measured runs.
 * Invoke-only (default): the input is prepared once per distinct input frame and copied into
   the tensor OUTSIDE the timed region; only ``invoke()`` is timed, like ``benchmark_model``.
-* ``pipeline``: every stage of the daemon's per-frame path at a given frame size, timed
-  separately and end to end (preprocess = letterbox/normalise + tensor copy, invoke,
-  postprocess = read output + crop padding + class fractions, encode = mask PNG).
+* ``pipeline``: every stage of the daemon's per-frame path at a given frame size, run by the
+  daemon's own stage functions (:func:`edge_agent.daemon.stages.run_frame`) and timed with the
+  same stage names (:data:`~edge_agent.daemon.stages.BENCH_STAGES`: preprocess, inference,
+  postprocess, encode, end_to_end); ``invoke`` is still ``invoke()`` alone.
 * Run count follows ``benchmark_model``: at least ``runs`` runs and at least ``min_secs``
   seconds, but never past ``max_secs`` (``stopped`` tells which limit ended it) nor
   ``max_count`` runs (or until the caller cancels: ``stopped: cancelled``).
@@ -34,8 +35,9 @@ import numpy as np
 from edge_agent import __version__
 
 from edge_agent.daemon import system
+from edge_agent.daemon.stages import BENCH_STAGES, FrameOutput, run_frame
+from edge_agent.daemon.stages import prepare as stages_prepare
 from edge_agent.errors import EdgeAgentError
-from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.sources.base import Frame
 from edge_agent.output.timing import summarize
@@ -43,7 +45,7 @@ from edge_agent.output.timing import summarize
 RESULT_SCHEMA = "edge-agent/benchmark/1"
 DEFAULT_FRAME_SIZE = (640, 480)  # (w, h) for random and pattern inputs
 MAX_INPUT_IMAGES = 64
-STAGES = ("preprocess", "invoke", "postprocess", "encode", "end_to_end")
+STAGES = BENCH_STAGES
 SUMMARY_KEYS = ("count", "min", "max", "mean", "std", "p50", "p90", "p99")
 _FRAME_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 FRAME_SIDE = (16, 8192)
@@ -236,21 +238,28 @@ class _DiscardSink:
         return True
 
 
-def _pipeline_for(segmenter: Segmenter) -> Pipeline:
-    """An unstarted daemon pipeline: ``process_frame`` runs the daemon's own stage code."""
-    return Pipeline(None, segmenter, _DiscardSink(), PipelineSettings(mode=segmenter.mode))
+class _InvokeClock:
+    """Times ``invoke()`` alone inside :func:`run_frame` (the ``on_invoke`` hook of ``stages.infer``)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.ms = 0.0
+
+    def __call__(self, started: Optional[float]) -> None:
+        if started is not None:
+            self.started = started
+        else:
+            self.ms = (time.monotonic() - self.started) * 1e3
 
 
-def _time_pipeline(pipeline: Pipeline, frame: np.ndarray, seq: int) -> Dict[str, float]:
-    """One frame through the daemon's per-frame path; the daemon's stages folded into ours (ms)."""
-    t = pipeline.process_frame(Frame(frame, seq, time.time(), time.monotonic(), "bench"))
-    stages = {
-        "preprocess": t["preprocess"] + t.get("set_input", 0.0),
-        "invoke": t["inference"],
-        "postprocess": t.get("output", 0.0) + t["postprocess"],
-        "encode": t["encode"],
-    }
-    stages["end_to_end"] = sum(stages.values())
+def _time_pipeline(segmenter: Segmenter, output: FrameOutput, frame: np.ndarray, seq: int) -> Dict[str, float]:
+    """One frame through the daemon's per-frame stages; the bench stages plus ``invoke`` (ms)."""
+    clock = _InvokeClock()
+    t = run_frame(segmenter, Frame(frame, seq, time.time(), time.monotonic(), "bench"), output,
+                  _DiscardSink(), on_invoke=clock)
+    stages = {k: t[k] for k in STAGES if k != "end_to_end"}
+    stages["end_to_end"] = sum(stages.values())  # the network is not part of it
+    stages["invoke"] = clock.ms
     return stages
 
 
@@ -273,14 +282,14 @@ def run_benchmark(
     frames = frames if frames is not None else load_inputs(settings.input, settings.frame_size)
     frame_size = (int(frames[0].shape[1]), int(frames[0].shape[0]))
     model = segmenter.model
-    prepared = [model.prepare(f, segmenter.mode)[0] for f in frames]
-    pipeline = _pipeline_for(segmenter) if settings.pipeline else None
+    prepared = [stages_prepare(model, f, segmenter.mode)[0] for f in frames]
+    output = FrameOutput() if settings.pipeline else None
     report = progress or (lambda phase, done, total: None)
     t_begin = now()
 
     def one_run(i: int) -> Dict[str, float]:
         if settings.pipeline:
-            return _time_pipeline(pipeline, frames[i % len(frames)], i)
+            return _time_pipeline(segmenter, output, frames[i % len(frames)], i)
         model.set_input(prepared[i % len(prepared)])
         t0 = now()
         model.invoke()

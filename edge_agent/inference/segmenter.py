@@ -1,13 +1,20 @@
-"""One frame in, one correct mask out: preprocess -> runtime -> postprocess, timed per stage."""
+"""One frame in, one correct mask out: preprocess -> inference -> postprocess, timed per stage.
+
+:meth:`Segmenter.from_settings` is THE way to build one from the config or CLI arguments (the
+agent, a deployment's sanity invoke, the remote benchmark, ``segment`` and ``bench``); the
+stages are :mod:`edge_agent.daemon.stages`, shared with the pipeline and ``bench --pipeline``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from edge_agent.daemon import stages
 from edge_agent.inference import postprocess
 from edge_agent.inference.labels import labels_for
 from edge_agent.inference.model import ModelOptions, SegmentationModel
@@ -39,8 +46,38 @@ class Segmentation:
         return postprocess.class_fractions(self.model_mask, self.labels)
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """How a model is run (runtime, threads, delegate, fallback, preprocess mode): built once from
+    ``config.model`` or from CLI arguments, handed to :meth:`Segmenter.from_settings`."""
+
+    runtime: Optional[str] = "auto"
+    threads: Optional[int] = None
+    edgetpu: Optional[str] = None
+    cpu_fallback: Optional[str] = None
+    mode: str = LETTERBOX
+    options: Optional[ModelOptions] = None  # how to read the model where its metadata is silent
+
+    @classmethod
+    def from_config(cls, model: Any) -> "ModelSettings":
+        """From the config's ``[model]`` section (0 / "" mean "not set"), or CLI arguments of the
+        same names."""
+        return cls(runtime=model.runtime, threads=model.threads or None, edgetpu=model.edgetpu or None,
+                   cpu_fallback=model.cpu_fallback or None, mode=getattr(model, "preprocess", LETTERBOX),
+                   options=ModelOptions.from_config(model))
+
+    def replace(self, **changes: Any) -> "ModelSettings":
+        return dataclasses.replace(self, **changes)
+
+
 class Segmenter:
     """The segmentation core used by the CLI, the daemon and the benchmarks."""
+
+    @classmethod
+    def from_settings(cls, path: str, labels: Any, settings: ModelSettings) -> "Segmenter":
+        return cls(path, labels=labels, runtime=settings.runtime, threads=settings.threads,
+                   edgetpu=settings.edgetpu, cpu_fallback=settings.cpu_fallback, mode=settings.mode,
+                   options=settings.options)
 
     def __init__(
         self,
@@ -63,23 +100,19 @@ class Segmenter:
         self.labels = self.model.labels
 
     def segment(self, frame: np.ndarray, full_mask: bool = True) -> Segmentation:
-        """Segment one RGB uint8 frame. ``full_mask`` resizes the mask to the frame now (timed)."""
+        """Segment one RGB uint8 frame. ``full_mask`` resizes the mask to the frame now (timed).
+
+        ``timings`` has the keys of :data:`~edge_agent.daemon.stages.SEGMENT_STAGES`.
+        """
         t0 = time.perf_counter()
-        geometry = self.model.set_frame(frame, self.mode)
+        _, geometry = stages.prepare(self.model, frame, self.mode, into_tensor=True)
         t1 = time.perf_counter()
-        self.model.invoke()
+        label_map = stages.infer(self.model, None)
         t2 = time.perf_counter()
-        label_map = self.model.label_map()
-        model_mask = postprocess.crop_padding(label_map, geometry)
-        result = Segmentation(model_mask, geometry, {}, self.labels)
-        if full_mask:
-            result._mask = postprocess.to_frame(label_map, geometry)
+        masks = stages.postprocess(label_map, geometry, self.labels, frame_mask=full_mask, fractions=False)
         t3 = time.perf_counter()
-        result.timings = {
-            "preprocess": (t1 - t0) * 1e3,
-            "inference": (t2 - t1) * 1e3,
-            "postprocess": (t3 - t2) * 1e3,
-        }
+        result = Segmentation(masks.model_mask, geometry, {}, self.labels, masks.frame_mask)
+        result.timings = dict(zip(stages.SEGMENT_STAGES, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)))
         return result
 
     def info(self) -> Dict[str, Any]:

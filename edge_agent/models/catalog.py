@@ -227,31 +227,43 @@ class ResolvedModel:
     entry: Optional[ModelEntry]
 
 
-def resolve(model: str, dest: Optional[str] = None, manifest: Optional[str] = None) -> ResolvedModel:
-    """A path (used as is) or a manifest name (must have been fetched; we don't fetch silently)."""
-    if os.path.sep in model or model.endswith(".tflite") or os.path.exists(model):
-        return ResolvedModel(model, None, None)
-    entry = load_manifest(manifest).get(model)
+def looks_like_path(model: str) -> bool:
+    return os.path.sep in model or model.endswith(".tflite") or os.path.exists(model)
+
+
+def resolve(model: str, dest: Optional[str] = None, manifest: Optional[str] = None, *,
+            store: Any = None, allow_paths: bool = True, fetch_missing: bool = False,
+            mirror: Optional[str] = None, progress: Optional[Progress] = None) -> ResolvedModel:
+    """THE model-by-name resolver (CLI, daemon config, remote benchmark, rollback), with its labels.
+
+    One matching rule, in this order: an entry of the device's model ``store`` (name, any case;
+    sha256 or a prefix of >= 8 hex digits; the newest wins), a path (only with ``allow_paths``:
+    never for names that came over the network), a manifest name (fetched into ``dest`` first
+    with ``fetch_missing``, from ``mirror`` if given, with ``progress``; else it must be fetched
+    already: we don't fetch silently). Labels
+    come with it: the store's or the manifest's, or for a path the manifest entry with the
+    same sha256: looked up here, once.
+    """
+    if store is not None:
+        hit = store.find(model)
+        if hit is not None:
+            return ResolvedModel(str(hit.path), hit.labels, None)
+    if allow_paths and looks_like_path(model):
+        entry = entry_for_file(model)
+        return ResolvedModel(model, (entry.labels or None) if entry else None, entry)
+    loaded = load_manifest(manifest)
+    if store is not None and model not in loaded.models:
+        raise ModelError(f"unknown model '{model}': not in the device's model store nor in its manifest")
+    entry = loaded.get(model)
     path = models_dir(dest) / entry.file
     if not path.is_file():
-        raise ModelError(
-            f"model '{model}' is not fetched yet: run `edge-agent models fetch {model}` "
-            f"(looked for {path})"
-        )
-    return ResolvedModel(str(path), entry.labels or None, entry)
-
-
-def ensure(name: str, dest: str, mirror: Optional[str] = None,
-           manifest: Optional[str] = None, progress: Optional[Progress] = None) -> ResolvedModel:
-    """A manifest model, fetched (and sha256-verified) into ``dest`` first if it is not there.
-
-    What the daemon does for ``model.name``: a device configured with a model name gets it from
-    its public source (or ``$EDGE_AGENT_MODEL_MIRROR``) on first start, then runs it offline.
-    """
-    entry = load_manifest(manifest).get(name)
-    if progress is None:
-        progress = ProgressLog(entry.name, log.info)
-    path = fetch(entry, dest=dest, mirror=mirror, progress=progress)
+        if fetch_missing:
+            path = fetch(entry, dest=dest, mirror=mirror, progress=progress or ProgressLog(entry.name, log.info))
+        else:
+            raise ModelError(
+                f"model '{model}' is not fetched yet: run `edge-agent models fetch {model}` "
+                f"(looked for {path})"
+            )
     return ResolvedModel(str(path), entry.labels or None, entry)
 
 

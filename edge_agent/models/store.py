@@ -169,6 +169,15 @@ class ModelStore:
         out = [self.get(p.stem) for p in self.root.glob("*.tflite") if self.has(p.stem)]
         return sorted(out, key=lambda e: (e.deployed_at, e.sha256))
 
+    def find(self, key: str) -> Optional[StoredModel]:
+        """The newest entry named ``key`` (any case) or whose sha256 is ``key`` or starts with it
+        (>= 8 hex digits); None if none. The store's half of ``catalog.resolve``'s one rule."""
+        key = key.lower()
+        for entry in reversed(self.entries()):
+            if key in (entry.sha256, entry.name.lower()) or (len(key) >= 8 and entry.sha256.startswith(key)):
+                return entry
+        return None
+
     def _read_manifest(self, sha: str) -> Dict[str, Any]:
         try:
             doc = json.loads(self.manifest_path(sha).read_text(encoding="utf-8"))

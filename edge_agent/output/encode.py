@@ -1,13 +1,12 @@
-"""Encode what the agent publishes: mask PNG, result JSON, overlay JPEG; rate limits.
+"""Encode what the agent publishes: mask PNG, result JSON, overlay JPEG.
 
-Pure functions plus a tiny rate gate; the MQTT connection itself lives in ``comms/mqtt.py``.
+Pure functions (rate limits: ``output/throttle.py``); the MQTT connection itself lives in ``comms/mqtt.py``.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import cv2
 import numpy as np
@@ -60,23 +59,3 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 80) -> bytes:
 def to_json(doc: Dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
-
-class RateGate:
-    """Let through every ``every_n``-th event and at most ``max_hz`` per second (0 = no cap)."""
-
-    def __init__(self, every_n: int = 1, max_hz: float = 0.0, clock=time.monotonic) -> None:
-        self.every_n = max(1, int(every_n))
-        self.min_interval = 1.0 / max_hz if max_hz and max_hz > 0 else 0.0
-        self._clock = clock
-        self._count = 0
-        self._last: Optional[float] = None
-
-    def allow(self) -> bool:
-        self._count += 1
-        if (self._count - 1) % self.every_n:
-            return False
-        now = self._clock()
-        if self._last is not None and now - self._last < self.min_interval:
-            return False
-        self._last = now
-        return True

@@ -1,0 +1,10 @@
+"""Device-side command handlers and THE table of them the agent serves (see ``remote/context.py``)."""
+
+from edge_agent.remote.bench import RemoteBench
+from edge_agent.remote.context import HandlerTable
+from edge_agent.remote.deploy import Deployer
+
+HANDLERS: HandlerTable = {
+    "benchmark": RemoteBench.create,
+    "deploy": Deployer.create,
+}

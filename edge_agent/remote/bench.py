@@ -1,7 +1,7 @@
 """``cmd/benchmark``: benchmark a device over MQTT without touching the live pipeline.
 
-``install(agent)`` (listed in ``agent.COMMAND_PLUGINS``) subscribes ``<prefix>/<device>/cmd/benchmark``
-and ``<prefix>/all/cmd/benchmark``. A request (JSON, see :func:`request_schema`)::
+:class:`RemoteBench` (in the handler table, :data:`edge_agent.remote.HANDLERS`) serves
+``<prefix>/<device>/cmd/benchmark`` and ``<prefix>/all/cmd/benchmark``. A request (JSON, see :func:`request_schema`)::
 
     {"request_id": "r1", "runs": 50, "warmup": 1, "threads": 2, "model": null,
      "pipeline": false, "frame_size": "640x480", "pause": false}
@@ -17,8 +17,9 @@ Design choices:
 * The running model is benchmarked on a SECOND interpreter loaded from the same file (same
   runtime, delegate and threads as configured unless ``threads`` says otherwise): the live
   interpreter is never invoked from another thread. ``model`` names another model from the
-  device's model store (name or sha256) or from the manifest's fetched models; paths are not
-  accepted over the network.
+  device's model store (name or sha256) or from the manifest's fetched models
+  (``catalog.resolve``'s one rule, through the model manager); paths are not accepted over the
+  network.
 * ``pause: true`` pauses the live pipeline (``Pipeline.pause``) for the benchmark and resumes it
   afterwards whatever happens, so the two do not share the CPU; without it, the numbers include
   the interference of the live pipeline (``live_pipeline`` in the result says which).
@@ -37,17 +38,14 @@ import collections
 import logging
 import threading
 import time
-from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
-from edge_agent.daemon import benchmark as bench
-
-from edge_agent.models import catalog
 from edge_agent.comms.commands import (BoolField, ChoiceField, CommandChannel, FloatField, IntField, Request,
-                       Schema, StrField)
-from edge_agent.errors import EdgeAgentError, ModelError
-from edge_agent.inference.model import ModelOptions
-from edge_agent.inference.segmenter import Segmenter
+                                       Schema, StrField)
+from edge_agent.daemon import benchmark as bench
+from edge_agent.errors import EdgeAgentError
+from edge_agent.output.throttle import Throttle
+from edge_agent.remote.context import HandlerContext, Route
 
 log = logging.getLogger(__name__)
 
@@ -87,71 +85,33 @@ def request_schema(limits: Any) -> Schema:
     }
 
 
-# --------------------------------------------------------------------------- models
-
-
-def _store_entries(state_dir: str) -> List[Tuple[str, str, Path, Optional[List[str]]]]:
-    """(name, sha256, path, labels) of complete entries in ``<state_dir>/models``, newest first."""
-    try:
-        from edge_agent.models.store import ModelStore
-    except ImportError:  # pragma: no cover - the store module is part of the package
-        return []
-    root = Path(state_dir) / "models"
-    if not root.is_dir():
-        return []
-    try:
-        entries = ModelStore(root).entries()
-    except (EdgeAgentError, OSError):
-        return []
-    return [(e.name, e.sha256, e.path, e.labels) for e in reversed(entries)]
-
-
-def resolve_named_model(name: str, state_dir: str) -> Tuple[str, Optional[List[str]]]:
-    """A model by name from the device's store (name or sha256) or the manifest; ModelError if unknown."""
-    for entry_name, sha, path, labels in _store_entries(state_dir):
-        if name in (entry_name, sha):
-            return str(path), labels
-    try:
-        manifest = catalog.load_manifest()
-    except EdgeAgentError:
-        manifest = None
-    if manifest is not None and name in manifest.models:
-        entry = manifest.models[name]
-        path = catalog.models_dir() / entry.file
-        if path.is_file():
-            return str(path), entry.labels or None
-        raise ModelError(f"model '{name}' is in the manifest but not fetched on this device")
-    raise ModelError(f"unknown model '{name}': not in the device's model store nor in its manifest")
-
-
 # --------------------------------------------------------------------------- the service
 
 
-class _Throttle:
-    """Progress callbacks for one request, at most one message every ``interval`` seconds."""
+class _Progress:
+    """Progress answers of one request: a phase change or the last run always goes out, else at
+    most one every ``PROGRESS_INTERVAL_S`` (the shared :class:`Throttle`)."""
 
     def __init__(self, request: Request, interval: float = PROGRESS_INTERVAL_S) -> None:
         self.request = request
-        self.interval = interval
-        self.last = 0.0
+        self.throttle = Throttle(interval)
         self.phase = ""
 
     def __call__(self, phase: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if phase == self.phase and now - self.last < self.interval and done != total:
+        if not self.throttle.ready(force=phase != self.phase or done == total):
             return
-        self.phase, self.last = phase, now
+        self.phase = phase
         self.request.progress(phase=phase, done=done, total=total)
 
 
 class RemoteBench:
     """Queue, workers and pause bookkeeping for remote benchmarks on one agent."""
 
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        limits = agent.config.benchmark
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.ctx = ctx
+        limits = ctx.config().benchmark
         self.limits = limits
-        self.channel = CommandChannel(lambda: self.agent.comms, KIND, request_schema(limits), MAX_BYTES)
+        self.channel = CommandChannel(ctx.comms, KIND, request_schema(limits), MAX_BYTES)
         self._queue: Deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._running = 0
@@ -159,6 +119,16 @@ class RemoteBench:
         self._pause_lock = threading.Lock()
         self._pausers = 0
         self._stopping: Optional[str] = None
+
+    @classmethod
+    def create(cls, ctx: HandlerContext) -> "RemoteBench":
+        return cls(ctx)
+
+    def routes(self) -> Iterable[Route]:
+        return [Route(COMMAND, self.on_message)]
+
+    def info(self, doc: Dict[str, Any]) -> Dict[str, Any]:
+        return doc
 
     # -- receiving (paho's network thread: parse, decide, queue; never run anything here) ----
     def on_message(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
@@ -168,7 +138,7 @@ class RemoteBench:
         name = request.params.get("model")
         if name:
             try:
-                request.params["_model"] = resolve_named_model(name, self.agent.config.agent.state_dir)
+                request.params["_model"] = self.ctx.models.find(name)
             except EdgeAgentError as exc:
                 request.reject(str(exc))
                 return
@@ -222,20 +192,21 @@ class RemoteBench:
     def run(self, request: Request) -> None:
         """Load a second interpreter, optionally pause the live pipeline, benchmark, answer."""
         p = request.params
-        path, labels = p.get("_model") or self._running_model()
+        models = self.ctx.models
+        path, labels = p.get("_model") or models.running_model()  # raises the model's problem, if any
         settings = bench.BenchSettings(
             runs=p["runs"], warmup=p["warmup"], min_secs=p["min_secs"], max_secs=p["max_secs"],
             max_count=int(self.limits.max_runs), pipeline=p["pipeline"], frame_size=p["frame_size"],
             input=p["input"], samples=p["samples"],
         )
-        progress = _Throttle(request)
+        progress = _Progress(request)
         progress("init", 0, 1)
         paused = self._pause() if p["pause"] else False
         try:
             t0 = time.perf_counter()
-            segmenter = self._load(path, labels, p["threads"])
+            segmenter = models.build(path, labels, **({"threads": p["threads"]} if p["threads"] else {}))
             init_ms = (time.perf_counter() - t0) * 1e3
-            context = {"device_id": self.agent.config.agent.device_id,
+            context = {"device_id": self.ctx.config().agent.device_id,
                        "live_pipeline": self._live_state(paused)}
             result = bench.run_benchmark(segmenter, settings, init_ms=init_ms, progress=progress, context=context,
                                          cancelled=lambda: self._stopping is not None)
@@ -248,31 +219,19 @@ class RemoteBench:
         else:
             request.done(result=result)
 
-    def _running_model(self) -> Tuple[str, Any]:
-        segmenter = self.agent.segmenter
-        if segmenter is not None:
-            return segmenter.model.path, segmenter.labels
-        return self.agent.model_resolver(self.agent.config)  # raises the model's problem, if any
-
-    def _load(self, path: str, labels: Any, threads: Optional[int]) -> Segmenter:
-        m = self.agent.config.model
-        return Segmenter(path, labels=labels, runtime=m.runtime, threads=threads or m.threads or None,
-                         edgetpu=m.edgetpu or None, cpu_fallback=m.cpu_fallback or None, mode=m.preprocess,
-                         options=ModelOptions.from_config(m))
-
     def _live_state(self, paused: bool) -> Dict[str, Any]:
-        pipeline = self.agent.pipeline
-        return {"running": pipeline is not None, "paused": paused,
-                "fps": None if pipeline is None else round(pipeline.fps, 2)}
+        return {**self.ctx.pipeline.state(), "paused": paused}
 
     # -- pausing (reference counted: with max_concurrent > 1 the last one out resumes) ---------
     def _pause(self) -> bool:
-        pipeline = self.agent.pipeline
-        if pipeline is None:
-            return False
         with self._pause_lock:
             self._pausers += 1
-        if not pipeline.pause(PAUSE_TIMEOUT_S):
+        idle = self.ctx.pipeline.pause(PAUSE_TIMEOUT_S)
+        if idle is None:  # no live pipeline: nothing to pause
+            with self._pause_lock:
+                self._pausers -= 1
+            return False
+        if not idle:
             log.warning("the live pipeline did not become idle within %.0f s", PAUSE_TIMEOUT_S)
         return True
 
@@ -280,9 +239,8 @@ class RemoteBench:
         with self._pause_lock:
             self._pausers -= 1
             last = self._pausers == 0
-        pipeline = self.agent.pipeline
-        if last and pipeline is not None:
-            pipeline.resume()
+        if last:
+            self.ctx.pipeline.resume()
 
     def shutdown(self, reason: str = "agent stopping", timeout: float = 5.0) -> None:
         """Fail queued requests, cancel running ones (after their current run), refuse new ones.
@@ -311,11 +269,3 @@ def _public(params: Dict[str, Any]) -> Dict[str, Any]:
     if out.get("frame_size") is not None:
         out["frame_size"] = "%dx%d" % tuple(out["frame_size"])
     return out
-
-
-def install(agent: Any) -> RemoteBench:
-    """Register ``cmd/benchmark`` on the agent's comms (called once by ``Agent.run``)."""
-    service = RemoteBench(agent)
-    agent.add_command_handler(COMMAND, service.on_message)
-    agent.remote_bench = service
-    return service

@@ -37,21 +37,20 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import cv2
 import numpy as np
 
-from edge_agent.models import catalog
-
-from edge_agent.models import signing
-from edge_agent.comms.commands import (CommandChannel, FieldSpec, FloatField, IntField, Request, RequestError, Schema,
-                       StrField)
+from edge_agent.comms.commands import (CommandChannel, FieldSpec, FloatField, IntField, Request, RequestError,
+                                       Schema, StrField)
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import agreement
-from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.segmenter import Segmenter
+from edge_agent.models import catalog, signing
 from edge_agent.models.store import ModelStore, StoredModel, sha256_file
+from edge_agent.output.throttle import Throttle
+from edge_agent.remote.context import HandlerContext, Route
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ DEFAULT_TRANSFER_TIMEOUT_S = 30.0
 MAX_CHUNKS = 100_000
 MAX_LABELS = 256
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # room for a base64 sample image and golden mask
-PROGRESS_EVERY_S = 1.0
+PROGRESS_INTERVAL_S = 1.0  # at most one progress answer a second
 _B64 = r"[A-Za-z0-9+/]*={0,2}"
 
 
@@ -223,7 +222,7 @@ class ChunkAssembler:
                     shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
                     raise DeployFailed(f"transfer incomplete: no chunk for {idle_timeout_s:g} s; "
                                        f"{len(missing)} of {self.count} chunks missing ({shown})")
-                self._cond.wait(min(PROGRESS_EVERY_S, idle_timeout_s - idle))
+                self._cond.wait(min(PROGRESS_INTERVAL_S, idle_timeout_s - idle))
                 received = self.bytes
                 self._cond.release()
                 try:
@@ -245,11 +244,12 @@ class ChunkAssembler:
 
 
 def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: Callable[[int], None]) -> None:
-    """Download ``url`` into ``path``: at most ``limit`` bytes, within ``timeout_s`` overall."""
+    """Download ``url`` into ``path``: at most ``limit`` bytes, within ``timeout_s`` overall.
+
+    ``on_progress(received)`` after every block (the caller throttles)."""
     deadline = time.monotonic() + timeout_s
     request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})
     total = 0
-    last_report = 0.0
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp, open(path, "wb") as out:
             length = resp.headers.get("Content-Length")
@@ -262,9 +262,7 @@ def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: C
                 if time.monotonic() > deadline:
                     raise DeployFailed(f"download timed out after {timeout_s:g} s (deploy.url_timeout_s)")
                 out.write(block)
-                if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-                    last_report = time.monotonic()
-                    on_progress(total)
+                on_progress(total)
             out.flush()
             os.fsync(out.fileno())
     except DeployFailed:
@@ -375,12 +373,17 @@ class _Job:
 
 
 class Deployer:
-    """Handles cmd/deploy, cmd/rollback and cmd/models for one agent; one job at a time."""
+    """Handles cmd/deploy, cmd/rollback and cmd/models for one agent; one job at a time.
 
-    def __init__(self, agent: Any, store: ModelStore) -> None:
-        self.agent = agent
+    It receives, verifies and checks models; making one the running model (swap, pending marker,
+    confirmation, undo) is the model manager's (:meth:`ModelManager.activate`).
+    """
+
+    def __init__(self, ctx: HandlerContext, store: ModelStore) -> None:
+        self.ctx = ctx
+        self.models = ctx.models
         self.store = store
-        cfg = agent.config.deploy
+        cfg = ctx.config().deploy
         self.max_size = int(cfg.max_size_mb) * 1024 * 1024
         self.url_timeout_s = float(cfg.url_timeout_s)
         self.public_key: Any = None
@@ -391,14 +394,29 @@ class Deployer:
             except EdgeAgentError as exc:
                 self.key_problem = str(exc)
                 log.error("deployments are refused until fixed: %s", exc)
-        comms = lambda: self.agent.comms  # noqa: E731 - the agent may replace its comms on reload
+        comms = ctx.comms  # the agent may replace its comms on reload
         self.deploy_channel = CommandChannel(comms, KIND, DEPLOY_SCHEMA, MAX_REQUEST_BYTES)
         self.rollback_channel = CommandChannel(comms, KIND, ROLLBACK_SCHEMA,
                                                share_ids_with=self.deploy_channel)
         self.models_channel = CommandChannel(comms, MODELS_KIND, MODELS_SCHEMA)
-        self._config_resolver: Callable[[Any], Tuple[str, Any]] = agent.model_resolver
         self._lock = threading.Lock()
         self._job: Optional[_Job] = None
+
+    @classmethod
+    def create(cls, ctx: HandlerContext) -> Optional["Deployer"]:
+        """None when the model store is unusable: the agent then serves its configured model only."""
+        store = ctx.models.store
+        return None if store is None else cls(ctx, store)
+
+    def routes(self) -> Iterable[Route]:
+        return [Route("deploy", self.on_deploy, subtree=True), Route("rollback", self.on_rollback),
+                Route("models", self.on_models)]
+
+    def shutdown(self, reason: str = "agent stopping", timeout: float = 5.0) -> None:
+        """Flush the answers already given (a running job answers when it ends, or not at all)."""
+        deadline = time.monotonic() + timeout
+        for channel in (self.deploy_channel, self.rollback_channel, self.models_channel):
+            channel.outbox.flush(max(0.0, deadline - time.monotonic()))
 
     # -- MQTT entry points (paho's thread: validate, answer, hand off) ----------------------------
     def on_deploy(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
@@ -482,12 +500,10 @@ class Deployer:
             if sha is None or not self.store.has(sha):
                 raise RequestError("no previous model in the store to roll back to")
             return self.store.get(sha)
-        key = to.lower()
-        matches = [e for e in self.store.entries()
-                   if key in (e.sha256, e.name.lower()) or (len(key) >= 8 and e.sha256.startswith(key))]
-        if not matches:
+        entry = self.store.find(to)
+        if entry is None:
             raise RequestError(f"no model '{to}' in the store")
-        return matches[-1]  # the newest of that name
+        return entry
 
     def _on_chunk(self, rid: str, number: str, payload: bytes) -> None:
         job = self._job
@@ -559,17 +575,12 @@ class Deployer:
     def _load_and_check(self, job: _Job, path: Path,
                         labels: Optional[List[str]] = None) -> Tuple[Segmenter, Dict[str, Any]]:
         req = job.spec
-        m = self.agent.config.model
-        labels = labels or req.labels
-        if labels is None:  # a model of the manifest brings its labels
-            entry = catalog.entry_for_file(str(path))
-            labels = entry.labels if entry and entry.labels else None
+        m = self.ctx.config().model
+        labels = labels or req.labels or catalog.resolve(str(path)).labels  # a manifest model brings its own
 
         def load() -> Tuple[Segmenter, Dict[str, Any]]:
             # No cpu_fallback: a deployment must run what was deployed, or be refused.
-            segmenter = Segmenter(str(path), labels=labels, runtime=m.runtime, threads=m.threads or None,
-                                  edgetpu=m.edgetpu or None, cpu_fallback=None, mode=m.preprocess,
-                                  options=ModelOptions.from_config(m))
+            segmenter = self.models.build(str(path), labels, cpu_fallback=None)
             return segmenter, sanity_check(segmenter, req.sample, req.golden_mask, req.min_agreement)
 
         job.request.progress(stage="checking", **job.fields)
@@ -582,127 +593,28 @@ class Deployer:
             raise DeployFailed(f"model refused: {text}") from None
 
     def _activate(self, job: _Job, segmenter: Segmenter, final: str) -> Dict[str, Any]:
-        """Swap in, move the pointers with a pending marker, confirm on real frames (or undo)."""
+        """Hand the checked model to the model manager: swap, confirm on real frames (or undo)."""
         req = job.spec
-        self._adopt_running_model()
-        old_pointers = (self.store.current(), self.store.previous())
-        self.store.begin_switch(req.sha256, reason=job.kind)
-        job.request.progress(stage="activating", **job.fields)
-        pipeline = self.agent.pipeline
-        old = self.agent.segmenter
-        if pipeline is not None:
-            pipeline.swap_segmenter(segmenter)
-            self.agent.segmenter = segmenter
-        else:  # idle agent (its configured model or source failed): start on the new model
-            self.agent.start_pipeline()
-            pipeline = self.agent.pipeline
-            if pipeline is None:
-                self._undo(None, None, old_pointers, f"cannot start: {self.agent.error}")
-                raise DeployFailed(f"the pipeline does not start: {self.agent.error}")
-        self.agent.publish_info()
-        problem = self._await_confirm(pipeline, req.confirm_frames, req.confirm_timeout_s)
-        if problem is not None:
-            self._undo(pipeline, old, old_pointers, problem)
-            raise DeployFailed(f"rolled back after the swap: {problem}")
-        self.store.confirm()
-        removed = self.store.prune()
-        self.agent.publish_info()
+        removed = self.models.activate(
+            segmenter, job.kind, req.confirm_frames, req.confirm_timeout_s,
+            on_activating=lambda: job.request.progress(stage="activating", **job.fields))
         log.info("%s %s: now running %s (%s)", job.kind, job.id, req.name, req.sha256[:12])
         return {"state": final, "pruned": removed or None}
 
-    def _undo(self, pipeline: Any, old: Optional[Segmenter], pointers: Tuple[Optional[str], Optional[str]],
-              reason: str) -> None:
-        if pipeline is not None and old is not None:
-            pipeline.swap_segmenter(old)
-            self.agent.segmenter = old
-        elif pipeline is not None:  # the agent was idle before: idle again, saying why
-            self.agent.stop_pipeline()
-            self.agent.segmenter = None
-            self.agent.error = f"deployed model rolled back: {reason}"
-        self.store.rollback_pending(reason)
-        self.store.set_pointers(*pointers)
-        self.agent.publish_info()
-
-    def _await_confirm(self, pipeline: Any, frames: int, timeout_s: float) -> Optional[str]:
-        """None once ``frames`` frames went through the new model; else why not."""
-        counters = pipeline.counters
-        ok0, errors0 = counters.inferred, counters.inference_errors
-        deadline = time.monotonic() + timeout_s
-        limit = self.agent.config.model.inference_timeout_s
-        while counters.inferred - ok0 < frames:
-            if counters.inference_errors - errors0 >= max(1, frames):
-                return f"inference fails on the new model ({counters.last_error})"
-            if not pipeline.healthy(limit):
-                return f"the pipeline is unhealthy on the new model ({counters.last_error or 'inference stuck'})"
-            if time.monotonic() > deadline:
-                return (f"only {counters.inferred - ok0} of {frames} frames processed within "
-                        f"{timeout_s:g} s of the swap")
-            time.sleep(0.02)
-        return None
-
-    def _adopt_running_model(self) -> None:
-        """First deployment: put the configured model into the store so a rollback can reach it."""
-        if self.store.current() is not None or self.agent.segmenter is None:
-            return
-        seg = self.agent.segmenter
-        path = seg.model.file.path
-        entry = self.store.adopt(path, {"name": seg.model.file.name, "labels": seg.labels,
-                                        "input_size": list(seg.model.input_size), "source": f"config:{path}"})
-        self.store.set_pointers(entry.sha256, None)
-
     def _progress_reporter(self, job: _Job, total: int) -> Callable[[int], None]:
-        last = {"at": 0.0}
+        throttle = Throttle(PROGRESS_INTERVAL_S)
 
         def report(received: int) -> None:
-            now = time.monotonic()
-            if now - last["at"] >= PROGRESS_EVERY_S:
-                last["at"] = now
+            if throttle.ready():
                 job.request.progress(stage="downloading", received=received, total=total)
         return report
 
     def _running_sha(self) -> Optional[str]:
-        seg = self.agent.segmenter
-        return seg.model.file.sha256 if seg is not None else None
+        return self.models.running_sha()
 
-    # -- what the agent runs at startup, and tells in info --------------------------------------
-    def resolve_model(self, config: Any) -> Tuple[str, Any]:
-        """The store's current model when there is one, else what the config names."""
-        sha = self.store.current()
-        if sha is not None and self.store.has(sha):
-            entry = self.store.get(sha)
-            log.info("running %s (%s) from the model store", entry.name, sha[:12])
-            return str(entry.path), entry.labels
-        return self._config_resolver(config)
-
-    def info_extras(self, doc: Dict[str, Any]) -> Dict[str, Any]:
-        """``info`` with the store's model name and the deployment pointers."""
-        sha = self._running_sha()
-        if sha is not None and isinstance(doc.get("model"), dict) and self.store.has(sha):
-            doc["model"]["name"] = self.store.get(sha).name
-        pending = self.store.pending()
-        doc["deploy"] = {"current": self.store.current(), "previous": self.store.previous(),
-                         "pending": pending.get("sha256") if pending else None,
+    # -- what the agent tells in info ----------------------------------------------------------
+    def info(self, doc: Dict[str, Any]) -> Dict[str, Any]:
+        """``info.deploy``: the store's pointers (the model manager's) and whether signing is on."""
+        doc["deploy"] = {**self.models.pointers(),
                          "signing": "required" if self.public_key is not None else "off"}
         return doc
-
-
-def install(agent: Any) -> Optional[Deployer]:
-    """Open (and repair) the store, start from its current model, and register the commands.
-
-    Called by ``Agent.run`` before the pipeline starts, so the model resolver sees the store
-    after an unconfirmed model was rolled back.
-    """
-    cfg = agent.config
-    try:
-        store = ModelStore.open(cfg.agent.state_dir, cfg.deploy.keep_models)
-    except (EdgeAgentError, OSError) as exc:  # the agent must serve its configured model anyway
-        log.error("model deployment disabled: the model store in %s is unusable (%s)", cfg.agent.state_dir, exc)
-        return None
-    deployer = Deployer(agent, store)
-    agent.model_resolver = deployer.resolve_model
-    agent.info_extras.append(deployer.info_extras)
-    agent.deployer = deployer
-    agent.add_command_handler("deploy", deployer.on_deploy, subtree=True)
-    agent.add_command_handler("rollback", deployer.on_rollback)
-    agent.add_command_handler("models", deployer.on_models)
-    return deployer

@@ -1,0 +1,224 @@
+"""The per-frame stages and their names: ONE vocabulary for the segmenter, the pipeline, ``bench``,
+the ``timings`` messages and ``docs/asyncapi.yaml``.
+
+Stages (milliseconds, keys of every timings document):
+
+* ``capture``     reading the frame from the source (pipeline only)
+* ``preprocess``  letterbox/stretch + normalise into an input buffer (thread-safe, no interpreter)
+* ``queue``       waiting for the interpreter in the hand-off (pipeline only)
+* ``inference``   everything that touches the interpreter: copy the input in, ``invoke()``, read
+                  the label map out (the part that must be serialised on one interpreter)
+* ``postprocess`` crop the letterbox padding, resize to the frame, class fractions
+* ``encode``      mask PNG / overlay JPEG / result JSON
+* ``publish``     handing the messages to MQTT (pipeline only)
+* ``end_to_end``  capture to published (pipeline), or the sum of the stages run (bench)
+
+Each context reports the subset it runs, in this order: :data:`SEGMENT_STAGES` (``segment()``),
+:data:`BENCH_STAGES` (``bench --pipeline``), :data:`PIPELINE_STAGES` (the daemon). The
+functions below are the stages themselves; the segmenter, the pipeline threads and
+``bench --pipeline`` all call them, so what is timed is what runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Protocol, Tuple
+
+import numpy as np
+
+from edge_agent.inference import postprocess as post
+from edge_agent.inference.preprocess import Geometry
+from edge_agent.output import encode as enc
+from edge_agent.output.throttle import RateGate
+from edge_agent.output.visuals import overlay
+
+PIPELINE_STAGES: Tuple[str, ...] = ("capture", "preprocess", "queue", "inference", "postprocess",
+                                    "encode", "publish", "end_to_end")
+SEGMENT_STAGES: Tuple[str, ...] = ("preprocess", "inference", "postprocess")
+BENCH_STAGES: Tuple[str, ...] = ("preprocess", "inference", "postprocess", "encode", "end_to_end")
+
+# Topic suffixes of what a frame produces (``<prefix>/<device>/<suffix>``).
+RESULT, MASK, OVERLAY = "result", "mask", "overlay"
+
+
+class Sink(Protocol):
+    def publish(self, suffix: str, payload: Any, qos: Optional[int] = None, retain: bool = False) -> bool: ...
+
+
+def ms_since(t0: float) -> float:
+    return (time.monotonic() - t0) * 1e3
+
+
+# -- preprocess / inference / postprocess ----------------------------------------------------------
+
+def prepare(model: Any, image: np.ndarray, mode: str, into_tensor: bool = False
+            ) -> Tuple[Optional[np.ndarray], Geometry]:
+    """``preprocess``: letterbox + normalise ``image`` for ``model``.
+
+    ``into_tensor``: straight into the interpreter's input tensor (one thread owns the model: no
+    copy, returns ``None`` as the buffer); else into a fresh buffer another thread may hold while
+    the interpreter runs the previous frame.
+    """
+    if into_tensor:
+        return None, model.set_frame(image, mode)
+    return model.prepare(image, mode)
+
+
+def infer(model: Any, prepared: Optional[np.ndarray], on_invoke=None) -> np.ndarray:
+    """``inference``: copy in (unless already in the tensor), ``invoke()``, the label map out.
+
+    ``on_invoke(started)`` is told the monotonic start of ``invoke()`` and ``None`` after it: the
+    pipeline's hang detector. Returns a new uint8 array, safe to hand to another thread.
+    """
+    if prepared is not None:
+        model.set_input(prepared)
+    if on_invoke is not None:
+        on_invoke(time.monotonic())
+    try:
+        model.invoke()
+    finally:
+        if on_invoke is not None:
+            on_invoke(None)
+    return model.label_map()
+
+
+@dataclass
+class Masks:
+    """``postprocess`` output: the mask at model resolution (padding cropped), at frame size if
+    asked for, and the class fractions."""
+
+    model_mask: np.ndarray
+    frame_mask: Optional[np.ndarray]
+    fractions: Dict[str, float]
+
+
+def postprocess(label_map: np.ndarray, geometry: Geometry, labels: Optional[List[str]],
+                frame_mask: bool, fractions: bool = True) -> Masks:
+    """``postprocess``: crop the padding, resize to the frame (if ``frame_mask``), class fractions."""
+    model_mask = post.crop_padding(label_map, geometry)
+    full = post.to_frame(label_map, geometry) if frame_mask else None
+    return Masks(model_mask, full, post.class_fractions(model_mask, labels) if fractions else {})
+
+
+# -- encode / publish ------------------------------------------------------------------------------
+
+@dataclass
+class EncodeOptions:
+    mask: bool = True  # this frame's mask passes the rate gate
+    mask_resolution: str = "model"  # model | frame
+    png_compression: int = 1
+    overlay: bool = False  # this frame's overlay passes its rate gate
+    overlay_jpeg_quality: int = 80
+    result: bool = True
+
+
+def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
+           last_mask_seq: Optional[int]) -> Tuple[List[Tuple[str, bytes]], Optional[int]]:
+    """``encode``: the messages of one frame, and the seq of the newest published mask."""
+    messages: List[Tuple[str, bytes]] = []
+    mask_hw = None
+    if opts.mask:
+        mask = masks.frame_mask if opts.mask_resolution == "frame" else np.ascontiguousarray(masks.model_mask)
+        messages.append((MASK, enc.encode_mask_png(mask, opts.png_compression)))
+        last_mask_seq = frame.seq
+        mask_hw = mask.shape[:2]
+    if opts.overlay and masks.frame_mask is not None:
+        messages.append((OVERLAY, enc.encode_jpeg(overlay(frame.image, masks.frame_mask),
+                                                   opts.overlay_jpeg_quality)))
+    if opts.result:
+        doc = {
+            "seq": frame.seq,
+            "capture_ts": round(frame.timestamp, 6),
+            "frame": {"w": frame.width, "h": frame.height},
+            "mask_seq": last_mask_seq,
+            "mask": ({"w": mask_hw[1], "h": mask_hw[0], "resolution": opts.mask_resolution}
+                     if mask_hw else None),
+            "classes": {k: round(v, 5) for k, v in masks.fractions.items()},
+            "model": model_sha[:12],
+        }
+        messages.insert(0, (RESULT, enc.to_json(doc)))
+    return messages, last_mask_seq
+
+
+def publish(sink: Sink, messages: List[Tuple[str, bytes]]) -> Tuple[int, int]:
+    """``publish``: hand every message to the sink; (masks published, publishes failed)."""
+    masks = failed = 0
+    for suffix, payload in messages:
+        if not sink.publish(suffix, payload):
+            failed += 1
+        elif suffix == MASK:
+            masks += 1
+    return masks, failed
+
+
+# -- postprocess + encode for a stream of frames ------------------------------------------------------
+
+@dataclass
+class OutputSettings:
+    """What each frame produces (``[publish]`` of the config)."""
+
+    mask_every_n: int = 1
+    mask_max_hz: float = 0.0
+    mask_resolution: str = "model"  # model | frame
+    png_compression: int = 1
+    result: bool = True
+    overlay: bool = False
+    overlay_max_hz: float = 1.0
+    overlay_jpeg_quality: int = 80
+
+    @classmethod
+    def from_config(cls, config: Any) -> "OutputSettings":
+        p = config.publish
+        return cls(mask_every_n=p.mask_every_n, mask_max_hz=p.mask_max_hz, mask_resolution=p.mask_resolution,
+                   png_compression=p.png_compression, result=p.result, overlay=p.overlay,
+                   overlay_max_hz=p.overlay_max_hz, overlay_jpeg_quality=p.overlay_jpeg_quality)
+
+
+class FrameOutput:
+    """``postprocess`` + ``encode`` of consecutive frames: owns the mask/overlay rate gates and the
+    seq of the newest published mask. One per stream, used from one thread."""
+
+    def __init__(self, settings: Optional[OutputSettings] = None) -> None:
+        self.settings = s = settings or OutputSettings()
+        self._mask_gate = RateGate(s.mask_every_n, s.mask_max_hz)
+        self._overlay_gate = RateGate(1, s.overlay_max_hz)
+        self._last_mask_seq: Optional[int] = None
+
+    def __call__(self, frame: Any, label_map: np.ndarray, geometry: Geometry, segmenter: Any,
+                 timings: Dict[str, float]) -> List[Tuple[str, bytes]]:
+        s = self.settings
+        t0 = time.monotonic()
+        masks = postprocess(label_map, geometry, segmenter.labels, s.mask_resolution == "frame" or s.overlay)
+        t1 = time.monotonic()
+        opts = EncodeOptions(mask=self._mask_gate.allow(), mask_resolution=s.mask_resolution,
+                             png_compression=s.png_compression,
+                             overlay=s.overlay and self._overlay_gate.allow(),
+                             overlay_jpeg_quality=s.overlay_jpeg_quality, result=s.result)
+        messages, self._last_mask_seq = encode(frame, masks, segmenter.model.file.sha256, opts,
+                                               self._last_mask_seq)
+        timings["postprocess"] = (t1 - t0) * 1e3
+        timings["encode"] = ms_since(t1)
+        return messages
+
+
+def run_frame(segmenter: Any, frame: Any, output: FrameOutput, sink: Sink, on_invoke=None) -> Dict[str, float]:
+    """Every stage of the daemon's per-frame path, in order, on the calling thread; its timings (ms).
+
+    What ``bench --pipeline`` and ``bench/perf.py`` time: the same functions the pipeline threads
+    run, without the hand-offs (so no ``capture``/``queue``; ``end_to_end`` from the start of
+    ``preprocess`` to the end of ``publish``).
+    """
+    timings: Dict[str, float] = {}
+    t0 = time.monotonic()
+    prepared, geometry = prepare(segmenter.model, frame.image, segmenter.mode)
+    t1 = time.monotonic()
+    label_map = infer(segmenter.model, prepared, on_invoke)
+    t2 = time.monotonic()
+    timings["preprocess"], timings["inference"] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+    messages = output(frame, label_map, geometry, segmenter, timings)
+    t3 = time.monotonic()
+    publish(sink, messages)
+    timings["publish"] = ms_since(t3)
+    timings["end_to_end"] = ms_since(t0)
+    return timings

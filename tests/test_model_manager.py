@@ -1,0 +1,99 @@
+"""The model manager is the one owner of the running model: start-up choice and fallback, the one
+model-by-name rule, swap with confirmation, and undo (public API, real models, a real pipeline)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+
+from edge_agent.config import load_config
+from edge_agent.daemon.agent import Agent
+from edge_agent.daemon.model_manager import ActivationFailed
+from edge_agent.errors import EdgeAgentError, ModelError
+from tests.data import DM05, DM05_EDGETPU, DM10, LABELS
+
+SHA = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (DM05, DM10, DM05_EDGETPU)}
+
+
+def make_agent(tmp_path, *extra):
+    cfg = load_config(None, [f"model.path={DM05}", f"model.labels={LABELS}", "mqtt.enabled=false",
+                             "source.kind=synthetic", "source.fps=30", f"agent.state_dir={tmp_path}", *extra],
+                      env={})
+    agent = Agent(cfg, install_signals=False, handlers={})
+    assert agent.models.open_store() is not None
+    return agent
+
+
+@pytest.fixture
+def running(tmp_path):
+    agent = make_agent(tmp_path)
+    agent.start_pipeline()
+    assert agent.pipeline is not None, agent.error
+    yield agent
+    agent.stop_pipeline()
+
+
+def stored_dm10(models):
+    """DM10 placed in the store (as a deployment does before activating), loaded by name."""
+    models.store.adopt(str(DM10), {"name": "dm10", "labels": None})
+    return models.build(*models.find("dm10"))
+
+
+def test_swap_confirms_on_real_frames_and_moves_the_pointers(running):
+    models = running.models
+    assert models.running_sha() == SHA[DM05]
+    new = stored_dm10(models)
+    models.activate(new, "deploy", confirm_frames=3, confirm_timeout_s=60)
+    assert models.running is new and running.pipeline.segmenter is new and running.segmenter is new
+    store = models.store
+    assert (store.current(), store.previous(), store.pending()) == (SHA[DM10], SHA[DM05], None)
+    info = running.info()
+    assert info["model"]["sha256"] == SHA[DM10] and info["model"]["name"] == "dm10"
+    assert models.pointers() == {"current": SHA[DM10], "previous": SHA[DM05], "pending": None}
+
+
+def test_a_model_that_does_not_confirm_is_swapped_back(running):
+    models = running.models
+    old = models.running
+    new = stored_dm10(models)
+    with pytest.raises(ActivationFailed, match="rolled back after the swap: only .* of 100000 frames"):
+        models.activate(new, "deploy", confirm_frames=100_000, confirm_timeout_s=0.5)
+    assert models.running is old and running.pipeline.segmenter is old
+    # the first deployment adopted the configured model; the pointers are back on it
+    assert models.store.current() == SHA[DM05] and models.store.pending() is None
+    counted = running.pipeline.counters.inferred
+    deadline = time.monotonic() + 30
+    while running.pipeline.counters.inferred < counted + 2:  # still serving on the old model
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_start_up_falls_back_to_the_configured_model(tmp_path):
+    agent = make_agent(tmp_path)
+    store = agent.models.store
+    stored = store.adopt(str(DM05_EDGETPU), {"name": "tpu-only", "labels": None})
+    store.set_pointers(stored.sha256, None)
+    assert agent.models.startup_model()[0] == str(stored.path)  # the store's model comes first
+    segmenter = agent.models.load()  # an Edge TPU build without a delegate cannot run here
+    assert segmenter.model.path == str(DM05) and agent.models.running is segmenter
+
+
+def test_one_resolver_names_sha_prefixes_and_never_paths(tmp_path):
+    agent = make_agent(tmp_path)
+    store = agent.models.store
+    store.adopt(str(DM10), {"name": "Big-One", "labels": ["a", "b"]})
+    for key in ("big-one", SHA[DM10], SHA[DM10][:8].upper()):
+        assert agent.models.find(key) == (str(store.model_path(SHA[DM10])), ["a", "b"])
+    with pytest.raises(ModelError, match="unknown model"):
+        agent.models.find(SHA[DM10][:7])  # a prefix shorter than 8 is no match
+    with pytest.raises(ModelError, match="unknown model"):
+        agent.models.find(str(DM05))  # paths are never resolved for a network request
+
+
+def test_no_model_configured_is_one_line(tmp_path):
+    cfg = load_config(None, ["mqtt.enabled=false", f"agent.state_dir={tmp_path}"], env={})
+    agent = Agent(cfg, install_signals=False, handlers={})
+    with pytest.raises(EdgeAgentError, match="set model.path or model.name"):
+        agent.models.load()

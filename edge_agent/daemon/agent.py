@@ -74,15 +74,6 @@ def make_comms(config: Config):
     return MqttComms(config.mqtt, config.agent.device_id)
 
 
-def source_is_live(source: Any) -> bool:
-    """Cameras and streams run in real time; files, folders and the test pattern do not: as the
-    OPENED source declares it (``live``), so a new camera backend decides for itself."""
-    live = getattr(source, "live", None)
-    if live is None:  # transitional, until every source and the reopen wrapper declare ``live`` (r-registry)
-        live = getattr(getattr(source, "_inner", None), "live", False)
-    return bool(live)
-
-
 class Agent:
     def __init__(self, config: Config, install_signals: bool = True, handlers: HandlerTable = HANDLERS,
                  config_path: Optional[str] = None, config_overrides: Sequence[str] = ()) -> None:
@@ -204,7 +195,9 @@ class Agent:
             self._notify_ready()  # up, serving what it can (MQTT, commands); STATUS says why idle
             return
         settings = PipelineSettings.from_config(self.config)
-        settings.lossless = self.config.source.fps == 0 and not source_is_live(source)
+        # Cameras and streams run in real time, as the opened source declares (``live``); files,
+        # folders and the test pattern at full speed are processed frame by frame.
+        settings.lossless = self.config.source.fps == 0 and not source.live
         self.pipeline = Pipeline(source, segmenter, self.comms, settings, on_first_frame=self._notify_ready,
                                  extra_stats=lambda: {"mqtt": self.comms.stats()})
         self.publish_info()

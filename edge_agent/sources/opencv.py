@@ -148,7 +148,7 @@ class OpenCVSource(BaseSource):
         self.input_kind, self.target = classify(settings.uri)
         self._grabber: Optional[_Grabber] = None
         self._cap: Optional["cv2.VideoCapture"] = None
-        self._pacer = Pacer(settings.fps if self.input_kind == "file" else 0.0)
+        self._pacer = Pacer(settings.fps)  # source.fps caps files and live streams alike (0 = no cap)
 
     def open(self) -> None:
         if self.live:

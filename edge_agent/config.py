@@ -130,6 +130,22 @@ class Str(Spec):
         return value
 
 
+class StrList(Spec):
+    """A list of strings each matching ``item``; as text (env, --set): comma-separated."""
+
+    def __init__(self, item: Str) -> None:
+        self.item = item
+        self.expected = f"list of {item.expected}"
+
+    def check(self, value: Any) -> Tuple[str, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        return tuple(self.item.check(v) for v in value)
+
+    def parse(self, text: str) -> Tuple[str, ...]:
+        return self.check([part.strip() for part in text.split(",") if part.strip()])
+
+
 class Choice(Spec):
     def __init__(self, *choices: str) -> None:
         self.choices = choices
@@ -269,6 +285,15 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class HomeAssistantConfig:
+    enabled: bool = opt(False, BOOL)
+    discovery_prefix: str = opt("homeassistant", TOPIC_PREFIX)
+    classes: Tuple[str, ...] = opt((), StrList(Str(r"[^,]+", "class name")))  # empty = every label
+    min_fraction: float = opt(0.01, Float(0.0, 1.0))
+    state_interval_s: float = opt(1.0, Float(lo=0.1))
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -277,6 +302,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
 
     def to_dict(self, mask_secrets: bool = True) -> Dict[str, Dict[str, Any]]:
         """Plain nested dict; non-empty secrets replaced by ``***`` unless asked otherwise."""
@@ -434,6 +460,7 @@ def _resolve(cfg: Config, env: Mapping[str, str]) -> Config:
         password=_mqtt_password(mqtt, env),
     )
     _check_mqtt(mqtt)
+    _check_homeassistant(cfg)
     return dataclasses.replace(cfg, agent=agent, mqtt=mqtt)
 
 
@@ -459,6 +486,15 @@ def _mqtt_password(mqtt: MqttConfig, env: Mapping[str, str]) -> str:
         return _read_secret(str(Path(cred_dir) / CREDENTIAL_MQTT_PASSWORD),
                             f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_MQTT_PASSWORD}")
     return ""
+
+
+def _check_homeassistant(cfg: Config) -> None:
+    if not cfg.homeassistant.enabled:
+        return
+    if not cfg.mqtt.enabled:
+        raise ConfigError("homeassistant.enabled: needs mqtt.enabled = true (discovery goes through the broker)")
+    if not cfg.publish.result:
+        raise ConfigError("homeassistant.enabled: needs publish.result = true (the class entities follow the results)")
 
 
 def _check_mqtt(mqtt: MqttConfig) -> None:

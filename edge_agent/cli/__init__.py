@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "edge_agent.fleet.deploy",
     "edge_agent.daemon.benchmark",
     "edge_agent.fleet.bench",
+    "edge_agent.cli.homeassistant",
 )
 
 

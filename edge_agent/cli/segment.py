@@ -15,6 +15,7 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import class_fractions
 from edge_agent.inference.preprocess import MODES
 from edge_agent.inference.segmenter import Segmenter
+from edge_agent.output.encode import encode_mask_png
 from edge_agent.output.visuals import overlay
 
 
@@ -32,6 +33,14 @@ def write_png(path: Path, image: np.ndarray, rgb: bool = False) -> None:
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb else image
     if not cv2.imwrite(str(path), data):
         raise EdgeAgentError(f"{path}: cannot write image")
+
+
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    """The mask as the agent publishes it: a palette PNG whose pixel values are the class ids."""
+    try:
+        path.write_bytes(encode_mask_png(np.ascontiguousarray(mask)))
+    except OSError as exc:
+        raise EdgeAgentError(f"{path}: cannot write mask ({exc.strerror})") from None
 
 
 def add_runtime_args(p) -> None:
@@ -82,8 +91,8 @@ def run(args) -> int:
     for path, frame in frames:
         result = segmenter.segment(frame)
         stem = Path(path).stem
-        write_png(out_dir / f"{stem}_mask.png", result.mask)
-        write_png(out_dir / f"{stem}_overlay.png", overlay(frame, result.mask), rgb=True)
+        write_mask(out_dir / f"{stem}_mask.png", result.mask)
+        write_png(out_dir / f"{stem}_overlay.png", overlay(frame, result.mask, labels=segmenter.labels), rgb=True)
         fractions = class_fractions(result.mask, segmenter.labels)
         print(summary_line(os.path.basename(path), frame.shape, fractions, result.timings, runtime),
               flush=True)

@@ -68,7 +68,8 @@ class PipelineSettings:
             mask_every_n=p.mask_every_n, mask_max_hz=p.mask_max_hz,
             mask_resolution=p.mask_resolution, png_compression=p.png_compression,
             result=p.result, timings=p.timings, timings_interval_s=p.timings_interval_s,
-            stats_interval_s=p.stats_interval_s, overlay=p.overlay, overlay_max_hz=p.overlay_max_hz,
+            stats_interval_s=p.stats_interval_s, overlay_max_hz=p.overlay_max_hz,
+            overlay=p.overlay or config.homeassistant.enabled,  # Home Assistant's image entity shows it
             overlay_jpeg_quality=p.overlay_jpeg_quality,
         )
 
@@ -432,8 +433,8 @@ class Pipeline:
         else:
             mask_hw = None
         if s.overlay and frame_mask is not None and self._overlay_gate.allow():
-            messages.append(("overlay", publish.encode_jpeg(overlay(frame.image, frame_mask),
-                                                           s.overlay_jpeg_quality)))
+            picture = overlay(frame.image, frame_mask, labels=item.segmenter.labels)
+            messages.append(("overlay", publish.encode_jpeg(picture, s.overlay_jpeg_quality)))
         t2 = time.monotonic()
         if s.result:
             doc = {

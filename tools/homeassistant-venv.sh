@@ -13,8 +13,9 @@ set -euo pipefail
 HA_VERSION=${HA_VERSION:-2025.4.4}
 VENV=${1:-${EDGE_AGENT_HA_VENV:-/tmp/edge-agent-ha-venv}}
 STAMP="$VENV/.edge-agent-ha-version"
+RECIPE="$HA_VERSION+frontend+mqtt"  # what the stamp certifies: bump when the package list changes
 
-if [ -x "$VENV/bin/hass" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$HA_VERSION" ]; then
+if [ -x "$VENV/bin/hass" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$RECIPE" ]; then
   echo "Home Assistant $HA_VERSION already in $VENV"; exit 0
 fi
 
@@ -44,8 +45,12 @@ with zipfile.ZipFile(wheel) as zf:
     constraints = zf.read("homeassistant/package_constraints.txt").decode()
 open(f"{work}/constraints.txt", "w").write(constraints + "\npycares<5\n")
 PY
-# paho-mqtt: the one requirement of the MQTT integration (installed now: HA runs with --skip-pip).
-VIRTUAL_ENV="$VENV" "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" \
-  -c "$work/constraints.txt" "$work"/homeassistant-*.whl "paho-mqtt==2.1.0" "pycares<5"
-echo "$HA_VERSION" > "$STAMP"
+# Home Assistant runs with --skip-pip, so the requirements of what it loads are installed now:
+# paho-mqtt (MQTT), home-assistant-frontend (a critical integration: without it HA falls into
+# recovery mode) and those of the default integrations (backup, person, hardware, network).
+# Versions come from the constraints.
+"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" -c "$work/constraints.txt" \
+  "$work"/homeassistant-*.whl paho-mqtt home-assistant-frontend cronsim securetar Pillow \
+  psutil-home-assistant ifaddr "pycares<5"
+echo "$RECIPE" > "$STAMP"
 echo "Home Assistant $HA_VERSION installed in $VENV ($(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1))"

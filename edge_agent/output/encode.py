@@ -32,7 +32,7 @@ _PNG_TUNING = tuple(
     for value in (getattr(cv2, name), getattr(cv2, flag))
 )
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_GREY, _COLOR_PALETTE = 0, 3
 
 
@@ -68,7 +68,7 @@ def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np
     packer = zlib.compressobj(int(compression), zlib.DEFLATED, 15, 8, zlib.Z_RLE)
     idat = packer.compress(rows.data) + packer.flush()
     header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_PALETTE, 0, 0, 0)
-    return b"".join((_PNG_SIGNATURE, _chunk(b"IHDR", header),
+    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header),
                      _chunk(b"PLTE", colors[:entries].tobytes()),
                      _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
 
@@ -82,7 +82,7 @@ def png_palette(data: bytes) -> Optional[np.ndarray]:
 
 
 def _png_chunks(data: bytes):
-    if data[:8] != _PNG_SIGNATURE:
+    if data[:8] != PNG_SIGNATURE:
         raise ValueError("not a PNG")
     pos = 8
     while pos + 8 <= len(data):

@@ -133,6 +133,25 @@ def test_only_configured_classes_and_unknown_names_said_once(mosquitto, caplog):
         rec.close()
 
 
+def test_a_model_with_many_classes_is_announced_whole_through_a_small_inflight_window(mosquitto):
+    """150 classes = 309 retained configs through a window of 5 unacknowledged messages: the
+    announcer waits for room instead of losing configs (which Home Assistant would never see)."""
+    broker = mosquitto()
+    cfg = config(broker.port, "mqtt.max_queued_messages=5")
+    labels = [f"thing {i}" for i in range(150)]
+    bridge = HomeAssistantBridge(MqttComms(cfg.mqtt, DEVICE), cfg)
+    bridge.start()
+    try:
+        assert bridge.wait_connected(10)
+        bridge.set_info(info(labels))
+        late = Recorder("127.0.0.1", broker.port, f"homeassistant/+/{NODE}/+/config")
+        got = wait_configs(late, lambda c: len([v for v in c.values() if v]) == 9 + 2 * 150, "309 retained configs")
+        assert f"homeassistant/binary_sensor/{NODE}/class_thing_149/config" in got
+        late.close()
+    finally:
+        bridge.stop()
+
+
 def test_slugs_are_unique_and_stable():
     assert class_slugs(["Dining Table", "dining-table", "tv/monitor", "???"]) == [
         ("Dining Table", "dining_table"), ("dining-table", "dining_table_2"), ("tv/monitor", "tv_monitor"),

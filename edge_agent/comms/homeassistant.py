@@ -45,6 +45,7 @@ MANUFACTURER = "edge-agent"
 # A benchmark with the request's defaults; HA renders the template at each press, so every press
 # has its own request id (the agent ignores a repeated id as an MQTT retransmission).
 BUTTON_COMMAND_TEMPLATE = '{"request_id": "ha-{{ (now().timestamp() * 1000) | int }}"}'
+ANNOUNCE_TIMEOUT_S = 30.0  # waiting for room in the in-flight window, per message
 REMOVE_QUIET_S = 0.5  # after the retained configs stop arriving, they are all in
 REMOVE_TIMEOUT_S = 10.0
 
@@ -238,6 +239,10 @@ class HomeAssistantBridge:
         self._discovery = Discovery(config, self._device_id, None)
         self._announced: Set[str] = set()
         self._retained: Set[str] = set()  # this node's config topics the broker holds (as seen)
+        self._to_clear: Set[str] = set()  # seen, not announced: cleared by the announcer
+        self._announce_wanted = False
+        self._closing = False
+        self._wake = threading.Event()
         self._have_info = False
         self._latest: Dict[str, Any] = {}
         self._next_state = 0.0
@@ -248,11 +253,17 @@ class HomeAssistantBridge:
 
     # -- lifecycle (the agent calls these as on MqttComms) ----------------------------------
     def start(self) -> None:
+        threading.Thread(target=self._announcer, name="homeassistant-announcer", daemon=True).start()
         self._comms.add_listener(f"{self.ha.discovery_prefix}/status", self._on_ha_status)
         self._comms.add_listener(config_topic_filter(self.ha.discovery_prefix, self._device_id),
                                  self._on_config_seen)
         self._comms.add_connect_callback(self.announce)
         self._comms.start()
+
+    def stop(self, *args: Any, **kwargs: Any) -> None:
+        self._closing = True
+        self._wake.set()
+        self._comms.stop(*args, **kwargs)
 
     def set_info(self, info: Dict[str, Any]) -> None:
         """The agent's info document: the model and labels decide the class entities."""
@@ -272,23 +283,60 @@ class HomeAssistantBridge:
             self.announce()
 
     # -- announcing ---------------------------------------------------------------------------
-    def announce(self) -> int:
-        """Publish every discovery config (retained), then the current state; returns how many."""
+    def announce(self) -> None:
+        """Have every discovery config (retained) and then the state published, by the announcer
+        thread: never on paho's network thread, which must keep reading acknowledgements while
+        hundreds of configs (one model of 150 classes: 309) wait for room in the in-flight window."""
+        with self._lock:
+            self._announce_wanted = True
+        self._wake.set()
+
+    def _announcer(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            with self._lock:
+                wanted, self._announce_wanted = self._announce_wanted, False
+                clear, self._to_clear = sorted(self._to_clear), set()
+            if wanted:
+                self._announce_now()
+            else:
+                for topic in clear:
+                    self._send(topic, b"")
+
+    def _announce_now(self) -> int:
         with self._lock:
             if not self._have_info:
-                return 0  # the model (and so the classes) is not known yet: announce with the info
+                return 0  # the model (and so the classes) is not known yet: announced with the info
             discovery = self._discovery
             configs = discovery.configs()
-            stale = (self._announced | self._retained) - set(configs)
-            self._announced = set(configs)
+            stale = sorted((self._announced | self._retained | self._to_clear) - set(configs))
+            self._announced, self._to_clear = set(configs), set()
             self.announcements += 1
-        for topic in stale:
-            self._comms.publish_topic(topic, b"", qos=1, retain=True)
-        sent = sum(bool(self._comms.publish_topic(topic, doc, qos=1, retain=True)) for topic, doc in configs.items())
-        log.info("Home Assistant discovery: %d entities announced under %s/+/%s (%d classes)",
-                 sent, self.ha.discovery_prefix, discovery.node, len(discovery.classes))
+        messages = [(topic, b"") for topic in stale] + list(configs.items())
+        for n, (topic, payload) in enumerate(messages):
+            if not self._send(topic, payload):
+                log.warning("Home Assistant discovery interrupted after %d of %d messages (broker away); "
+                            "announcing again at the next connection", n, len(messages))
+                return n
+        log.info("Home Assistant discovery: %d entities announced under %s/+/%s (%d classes), %d removed",
+                 len(configs), self.ha.discovery_prefix, discovery.node, len(discovery.classes), len(stale))
         self._publish_state(force=True)
-        return sent
+        return len(configs)
+
+    def _send(self, topic: str, payload: Any) -> bool:
+        """Publish one retained config, waiting for room in the in-flight window; False when the
+        connection is gone or does not drain within ANNOUNCE_TIMEOUT_S."""
+        deadline = time.monotonic() + ANNOUNCE_TIMEOUT_S
+        delay = 0.005
+        while not self._comms.publish_topic(topic, payload, qos=1, retain=True):
+            if self._closing or not self._comms.connected or time.monotonic() > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 0.2)
+        return True
 
     def _on_ha_status(self, topic: str, payload: bytes, retained: bool) -> None:
         if payload.strip().lower() == b"online":
@@ -306,7 +354,9 @@ class HomeAssistantBridge:
             stale = self._have_info and bool(payload) and topic not in self._announced
         if stale:
             log.info("Home Assistant discovery: removing stale entity %s", topic)
-            self._comms.publish_topic(topic, b"", qos=1, retain=True)
+            with self._lock:
+                self._to_clear.add(topic)
+            self._wake.set()
 
     # -- state ------------------------------------------------------------------------------
     def publish(self, suffix: str, payload: Any, qos: Optional[int] = None, retain: bool = False) -> bool:

@@ -167,3 +167,33 @@ def test_config_refuses_what_home_assistant_cannot_work_with():
         load_config(None, ["homeassistant.discovery_prefix=ha/#"], env={})
     with pytest.raises(ConfigError, match="homeassistant.min_fraction"):
         load_config(None, ["homeassistant.min_fraction=2"], env={})
+
+
+def test_service_uninstall_removes_the_entities(mosquitto, tmp_path, monkeypatch, capsys):
+    """The uninstall step, as on a device (the layout's staging check is what --root would skip):
+    the installed config enables Home Assistant, so its retained configs are cleared."""
+    from edge_agent.daemon import service
+
+    broker = mosquitto()
+    rec = Recorder("127.0.0.1", broker.port, "homeassistant/#")
+    topics = [f"homeassistant/sensor/{NODE}/fps/config", f"homeassistant/sensor/{NODE}/class_cat/config"]
+    for topic in topics + ["homeassistant/sensor/edge-agent-other/fps/config"]:
+        rec.publish(topic, b'{"name": "x"}', retain=True)
+    lay = service.Layout(tmp_path, "/opt/edge-agent")
+    lay.config.parent.mkdir(parents=True)
+    lay.config.write_text(f'[agent]\ndevice_id = "{DEVICE}"\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+                          '[homeassistant]\nenabled = true\n')
+    monkeypatch.setattr(service.Layout, "staging", property(lambda self: False))
+    steps = service.homeassistant_removal(lay)
+    assert [s.what for s in steps] == ["remove the Home Assistant entities"]
+    steps[0].run()
+    assert "removed 2 Home Assistant entities" in capsys.readouterr().out
+    late = Recorder("127.0.0.1", broker.port, "homeassistant/#")
+    rec.publish("homeassistant/sentinel", b"after the retained ones")  # the broker keeps the order
+    late.wait_for("homeassistant/sentinel", timeout=10)
+    assert set(configs(late)) == {"homeassistant/sensor/edge-agent-other/fps/config"}  # another device's stay
+    late.close()
+    rec.close()
+    # Home Assistant not enabled, or a staging tree (--root): no step.
+    lay.config.write_text(f'[agent]\ndevice_id = "{DEVICE}"\n')
+    assert service.homeassistant_removal(lay) == []

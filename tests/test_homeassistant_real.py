@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.broker import MosquittoServer, Recorder, mosquitto_available
-from tests.data import IMAGES
+from tests.data import IMAGES, MODELS
 from tests.homeassistant import NO_PYTHON_EXIT, HomeAssistantServer, ha_venv, install_home_assistant
 from tests.test_agent_e2e import start_agent, stop_agent, write_config
 
@@ -165,11 +165,38 @@ def test_button_runs_a_benchmark_on_the_device(world):
         answers = [json.loads(m.payload) for m in rec.matching(f"{BASE}/benchmark/{request['request_id']}")]
         final = next((a for a in answers if a["final"]), None)
         time.sleep(0.2)
-    assert final is not None and final["status"] == "done", final
+    assert final is not None and final["status"] == "done", (
+        final, request, [(m.topic, bytes(m.payload)[:200]) for m in rec.messages if "/benchmark" in m.topic])
     p50 = final["result"]["invoke"]["p50"]
     assert final["result"]["invoke"]["count"] == 5  # the device's max_runs caps the default 50
     ha.wait_for(lambda: abs(_number(ha.state(f"sensor.{OBJ}_benchmark_p50")) - p50) < 0.01, 20,
                 f"benchmark p50 {p50}")
+
+
+def test_the_demo_with_home_assistant_enabled_appears_too(world, tmp_path):
+    """The README's acceptance: `edge-agent demo --set homeassistant.enabled=true` (pointed at
+    Home Assistant's broker) makes its device and live entities appear."""
+    ha, broker = world["ha"], world["broker"]
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "grace_hopper.bmp").symlink_to(IMAGES / "grace_hopper.bmp")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "demo", "--images", str(images), "--mirror", str(MODELS),
+         "--model", "deeplabv3_mnv2_dm05_pascal_quant", "--out", str(tmp_path / "out"),
+         "--set", "homeassistant.enabled=true", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
+         "--set", "source.loop=true", "--set", "source.fps=2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ha.wait_for(lambda: _number(ha.state("sensor.demo_person")) > 10
+                    and (ha.state("binary_sensor.demo_person") or {}).get("state") == "on", 60, "the demo's person")
+        assert (ha.state("sensor.demo_model") or {}).get("state") == "deeplabv3_mnv2_dm05_pascal_quant"
+    finally:
+        demo.terminate()
+        demo.wait(30)
+    subprocess.run([sys.executable, "-m", "edge_agent", "homeassistant", "--remove", "--set", "agent.device_id=demo",
+                    "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}"], check=True,
+                   capture_output=True, timeout=60)
+    ha.wait_for(lambda: ha.state("sensor.demo_person") is None, 30, "the demo's entities removed")
 
 
 def test_reannounce_on_home_assistant_online_then_remove(world):

@@ -134,9 +134,10 @@ def run(args) -> int:
             f"mqtt.host={broker.host}", f"mqtt.port={broker.port}",
             "mqtt.protocol=auto", "publish.timings=frame", "publish.overlay=true",
             "publish.overlay_max_hz=0", "publish.mask_resolution=model",
+            *args.overrides,  # e.g. homeassistant.enabled=true + the broker Home Assistant uses
         ], env={})
         readable = [p for p in list_images(str(images)) if read_rgb(p) is not None]  # what the source reads
-        viewer = Viewer(broker.host, broker.port, config.mqtt.topic_prefix, out, readable)
+        viewer = Viewer(config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix, out, readable)
         try:
             agent = Agent(config)
             agent.model_resolver = lambda cfg: (str(model_path), entry.labels)

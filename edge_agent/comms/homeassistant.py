@@ -155,8 +155,8 @@ class Discovery:
             elif component == "image":
                 doc["image_topic"] = f"{self.base}/overlay"
             elif component == "button":
-                doc.update(command_topic=f"{self.base}/cmd/benchmark",
-                           command_template=BUTTON_COMMAND_TEMPLATE, retain=False)
+                doc.update(command_topic=f"{self.base}/cmd/benchmark",  # commands: QoS 1, not retained
+                           command_template=BUTTON_COMMAND_TEMPLATE, retain=False, qos=1)
             out[self.topic(component, key)] = doc
         for name, key in self.classes:
             sensor = self._common(f"class_{key}", name, key)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from edge_agent.errors import ConfigError
-from edge_agent.schema import Bool, Choice, Field, Float, Int, Invalid, Str
+from edge_agent.schema import Bool, Choice, Field, Float, Int, Invalid, Str, StrList
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -178,6 +178,15 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class HomeAssistantConfig:
+    enabled: bool = opt(False, BOOL)
+    discovery_prefix: str = opt("homeassistant", TOPIC_PREFIX)
+    classes: Tuple[str, ...] = opt((), StrList(Str(r"[^,]+", "class name")))  # empty = every label
+    min_fraction: float = opt(0.01, Float(0.0, 1.0))
+    state_interval_s: float = opt(1.0, Float(lo=0.1))
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -186,6 +195,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
 
     def to_dict(self, mask_secrets: bool = True) -> Dict[str, Dict[str, Any]]:
         """Plain nested dict; non-empty secrets replaced by ``***`` unless asked otherwise."""
@@ -341,6 +351,7 @@ def _resolve(cfg: Config, env: Mapping[str, str]) -> Config:
         password=_mqtt_password(mqtt, env),
     )
     _check_mqtt(mqtt)
+    _check_homeassistant(cfg)
     return dataclasses.replace(cfg, agent=agent, mqtt=mqtt)
 
 
@@ -366,6 +377,15 @@ def _mqtt_password(mqtt: MqttConfig, env: Mapping[str, str]) -> str:
         return _read_secret(str(Path(cred_dir) / CREDENTIAL_MQTT_PASSWORD),
                             f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_MQTT_PASSWORD}")
     return ""
+
+
+def _check_homeassistant(cfg: Config) -> None:
+    if not cfg.homeassistant.enabled:
+        return
+    if not cfg.mqtt.enabled:
+        raise ConfigError("homeassistant.enabled: needs mqtt.enabled = true (discovery goes through the broker)")
+    if not cfg.publish.result:
+        raise ConfigError("homeassistant.enabled: needs publish.result = true (the class entities follow the results)")
 
 
 def _check_mqtt(mqtt: MqttConfig) -> None:

@@ -159,6 +159,11 @@ def test_sanity_check_with_golden_mask():
 
     with pytest.raises(dep.DeployFailed, match="agreement"):
         dep.sanity_check(seg, BIRD.read_bytes(), cv2.imencode(".png", wrong)[1].tobytes(), 0.5)
+    # The palette PNG the agent publishes (and `segment` writes) works as a golden mask too.
+    from edge_agent.output.encode import encode_mask_png
+
+    palette = dep.sanity_check(seg, BIRD.read_bytes(), encode_mask_png(bird_mask()), 0.5)
+    assert palette["agreement"] == report["agreement"]
 
 
 # -- a real agent in this process, a real broker -------------------------------------------------------

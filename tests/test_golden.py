@@ -11,6 +11,7 @@ import pytest
 
 from edge_agent.inference.postprocess import agreement
 from edge_agent.inference.segmenter import Segmenter
+from edge_agent.output.encode import decode_mask_png
 from tests.data import DM05, DM10, FLOAT_257, FP16_513, LABELS, bird_513, bird_mask, rgb, BIRD
 
 GOLDEN_THRESHOLD = 0.90
@@ -47,7 +48,7 @@ def test_golden_bird_through_cli(model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("bird513.png 513x513:") and "bird" in line and "inference" in line
-    mask = cv2.imread(str(tmp_path / "out" / "bird513_mask.png"), cv2.IMREAD_UNCHANGED)
+    mask = decode_mask_png((tmp_path / "out" / "bird513_mask.png").read_bytes())  # palette PNG: ids
     assert mask.shape == (513, 513) and mask.dtype == np.uint8
     assert agreement(mask, bird_mask()) > GOLDEN_THRESHOLD
     overlay = cv2.imread(str(tmp_path / "out" / "bird513_overlay.png"), cv2.IMREAD_COLOR)

@@ -2,19 +2,22 @@
 # Set up everything the tests need on a fresh Debian/Ubuntu machine, then run every test suite.
 #
 #   bash tools/test.sh            # all suites
-#   SUITES="device" bash tools/test.sh   # a subset: device tflite host
+#   SUITES="device" bash tools/test.sh   # a subset: device tflite host homeassistant
 #
 # Suites (each in its own venv, as users install them):
 #   device  .venv         the agent with its default runtime (ai-edge-litert), real mosquitto
 #   tflite  .venv-tflite  the inference tests again under tflite-runtime 2.14 + numpy<2
 #   host    .venv-host    host model tools (TensorFlow 2.21, tf-keras, tfmot)
+#   homeassistant  .venv + a Home Assistant 2025.4.4 venv ($EDGE_AGENT_HA_VENV, default
+#                  /tmp/edge-agent-ha-venv, cached; tools/homeassistant-venv.sh, ~1-2 min the
+#                  first time): the agent against a real Home Assistant
 # Exit 0 only when every selected suite ran tests and they passed (pytest's exit 5, "no tests
 # collected", counts as a failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"device tflite host"}
+SUITES=${SUITES:-"device tflite host homeassistant"}
 PIP_FLAGS=(-q --disable-pip-version-check)
 export PIP_NO_INPUT=1
 
@@ -60,7 +63,14 @@ for suite in $SUITES; do
     device)
       say "venv .venv (device: ai-edge-litert)"
       make_venv .venv -e ".[dev]" || { RESULTS+=("device=setup-failed"); FAILED=1; continue; }
-      run_pytest device .venv -m "not host" tests --ignore=tests/host
+      run_pytest device .venv -m "not host and not homeassistant" tests --ignore=tests/host
+      ;;
+    homeassistant)
+      say "venv for Home Assistant (tools/homeassistant-venv.sh)"
+      make_venv .venv -e ".[dev]" && bash tools/homeassistant-venv.sh \
+        || { RESULTS+=("homeassistant=setup-failed"); FAILED=1; continue; }
+      # Installed above: a test that cannot install Home Assistant fails here instead of skipping.
+      EDGE_AGENT_HA_REQUIRED=1 run_pytest homeassistant .venv -m homeassistant tests --ignore=tests/host
       ;;
     tflite)
       say "venv .venv-tflite (tflite-runtime 2.14, numpy<2)"

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "edge_agent.cli.remote",
     "edge_agent.cli.bench",
     "edge_agent.cli.host",
+    "edge_agent.cli.homeassistant",
 )
 
 

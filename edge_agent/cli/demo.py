@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from edge_agent.models import catalog
 from edge_agent.daemon.agent import Agent
@@ -21,6 +21,7 @@ from edge_agent.cli.segment import add_runtime_option
 from edge_agent.config import load_config
 from edge_agent.errors import EdgeAgentError
 from edge_agent.output.encode import decode_mask_png
+from edge_agent.sources.folder import list_images, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,19 @@ DEVICE = "demo"
 
 
 class Viewer:
-    """A plain MQTT subscriber: prints results with their timings, saves overlays."""
+    """A plain MQTT subscriber: prints results with their timings, saves overlays.
 
-    def __init__(self, host: str, port: int, prefix: str, out: Path) -> None:
+    An overlay is named after its source frame (``<image name>_overlay.jpg``): the folder source
+    reads ``frames`` (the readable images, sorted) once, in order, so frame ``seq`` is
+    ``frames[seq - 1]``; the overlay is published right after its frame's result.
+    """
+
+    def __init__(self, host: str, port: int, prefix: str, out: Path, frames: Sequence[str] = ()) -> None:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.out = out
+        self.frames = list(frames)
         self.base = f"{prefix}/{DEVICE}"
         self.results: Dict[int, dict] = {}
         self.timings: Dict[int, dict] = {}
@@ -71,7 +78,7 @@ class Viewer:
                 decode_mask_png(bytes(msg.payload))  # what any consumer would do
                 self.masks += 1
             elif kind == "overlay":
-                path = self.out / f"overlay_{getattr(self, '_last_seq', 0):04d}.jpg"
+                path = self.out / f"{self.frame_name(getattr(self, '_last_seq', 0))}_overlay.jpg"
                 path.write_bytes(msg.payload)
                 self.overlays.append(path)
             elif kind == "timings":
@@ -79,6 +86,11 @@ class Viewer:
                 if "seq" in doc:
                     self.timings[doc["seq"]] = doc["ms"]
                     self._print(doc["seq"])
+
+    def frame_name(self, seq: int) -> str:
+        if 1 <= seq <= len(self.frames):
+            return Path(self.frames[seq - 1]).stem
+        return f"frame_{seq:04d}"
 
     def _print(self, seq: int) -> None:
         r, t = self.results.get(seq), self.timings.get(seq)
@@ -100,6 +112,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mirror", help="local folder holding the model files (default: ../shared when present)")
     p.add_argument("--out", default="demo-out", help="where overlays are written (default: ./demo-out)")
     add_runtime_option(p)
+    p.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help="override a key of the demo's agent config, e.g. homeassistant.enabled=true "
+                        "with mqtt.host/mqtt.port of the broker Home Assistant uses")
     p.set_defaults(func=run)
 
 
@@ -128,8 +143,10 @@ def run(args) -> int:
             f"mqtt.host={broker.host}", f"mqtt.port={broker.port}",
             "mqtt.protocol=auto", "publish.timings=frame", "publish.overlay=true",
             "publish.overlay_max_hz=0", "publish.mask_resolution=model",
+            *args.overrides,  # e.g. homeassistant.enabled=true + the broker Home Assistant uses
         ], env={})
-        viewer = Viewer(broker.host, broker.port, config.mqtt.topic_prefix, out)
+        readable = [p for p in list_images(str(images)) if read_rgb(p) is not None]  # what the source reads
+        viewer = Viewer(config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix, out, readable)
         try:
             agent = Agent(config)  # model.path is the fetched file; its labels come from the manifest
             code = agent.run()

@@ -16,6 +16,7 @@ from edge_agent.inference.postprocess import class_fractions
 from edge_agent.inference.preprocess import MODES
 from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.segmenter import ModelSettings, Segmenter
+from edge_agent.output.encode import encode_mask_png
 from edge_agent.output.visuals import overlay
 from edge_agent.sources.images import read_image
 
@@ -30,6 +31,12 @@ def add_runtime_option(p) -> None:
     """--runtime: the runtime registry's names (built-in and plugins) or auto."""
     p.add_argument("--runtime", default="auto", choices=runtimes.choices(),
                    help="TFLite runtime (default: fastest installed; env EDGE_AGENT_RUNTIME)")
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    """The mask as the agent publishes it: a palette PNG whose pixel values are the class ids."""
+    try:
+        path.write_bytes(encode_mask_png(np.ascontiguousarray(mask)))
+    except OSError as exc:
+        raise EdgeAgentError(f"{path}: cannot write mask ({exc.strerror})") from None
 
 
 def add_runtime_args(p) -> None:
@@ -100,8 +107,8 @@ def run(args) -> int:
     for path, frame in frames:
         result = segmenter.segment(frame)
         stem = Path(path).stem
-        write_png(out_dir / f"{stem}_mask.png", result.mask)
-        write_png(out_dir / f"{stem}_overlay.png", overlay(frame, result.mask), rgb=True)
+        write_mask(out_dir / f"{stem}_mask.png", result.mask)
+        write_png(out_dir / f"{stem}_overlay.png", overlay(frame, result.mask, labels=segmenter.labels), rgb=True)
         fractions = class_fractions(result.mask, segmenter.labels)
         print(summary_line(os.path.basename(path), frame.shape, fractions, result.timings, runtime),
               flush=True)

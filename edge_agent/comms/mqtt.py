@@ -65,6 +65,7 @@ _AUTH_REFUSALS = (0x04, 0x05, 0x86, 0x87, 0x8C)
 
 Payload = Union[bytes, bytearray, memoryview, str, dict, list, None]
 CommandCallback = Callable[[str, bytes, Dict[str, Any]], None]
+ListenerCallback = Callable[[str, bytes, bool], None]
 
 
 def protocol_from_setting(setting: str) -> int:
@@ -158,6 +159,8 @@ class MqttComms:
         self._connected = threading.Event()
         self._info: Optional[bytes] = None
         self._handlers: List[Tuple[str, str, CommandCallback]] = []  # (filter, name, callback)
+        self._listeners: List[Tuple[str, ListenerCallback]] = []  # non-command subscriptions
+        self._on_connected: List[Callable[[], None]] = []
         self._inflight: Set[int] = set()
         self._acked_early: Set[int] = set()  # on_publish fired before publish() recorded the mid
         self._ever_connected = False
@@ -315,6 +318,15 @@ class MqttComms:
         if self.connected:
             self._publish(self.topic(INFO), data, self.cfg.qos_state, True, None)
 
+    def publish_topic(self, topic: str, payload: Payload, qos: int = 1, retain: bool = False) -> bool:
+        """Publish on a full topic outside ``<prefix>/<device_id>/``; never blocks, False if dropped.
+
+        Only for topics this device owns elsewhere: its Home Assistant discovery configs
+        (``comms/homeassistant.py`` checks that they name this device).
+        """
+        _check_topic_part(topic, "topic")
+        return self._publish(topic, encode_payload(payload), qos, retain, None)
+
     def _publish(self, topic: str, data: bytes, qos: int, retain: bool,
                  props: Optional[Properties], client: Optional[paho.Client] = None) -> bool:
         """``client`` is passed only by on_connect, which publishes before announcing "connected"."""
@@ -355,7 +367,31 @@ class MqttComms:
         if client is not None and self.connected:
             client.subscribe([(f, COMMAND_QOS) for f in filters])
 
+    def add_listener(self, topic_filter: str, callback: ListenerCallback) -> None:
+        """Call ``callback(topic, payload, retained)`` for messages on ``topic_filter`` (not a
+        command: retained messages are delivered too); subscribed again after every reconnect."""
+        with self._lock:
+            self._listeners.append((topic_filter, callback))
+        client = self._client
+        if client is not None and self.connected:
+            client.subscribe(topic_filter, COMMAND_QOS)
+
+    def add_connect_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every (re)connect, once online/info are published and
+        ``publish()`` works; runs on paho's network thread and must return quickly."""
+        with self._lock:
+            self._on_connected.append(callback)
+
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            listeners = [cb for f, cb in self._listeners if paho.topic_matches_sub(f, msg.topic)]
+        for listener in listeners:
+            try:
+                listener(msg.topic, bytes(msg.payload), bool(msg.retain))
+            except Exception:  # a broken listener must not take the connection down
+                log.exception("listener failed on %s", msg.topic)
+        if listeners:
+            return
         if msg.retain:
             log.warning("ignoring retained command on %s: publish commands with retain=false", msg.topic)
             return
@@ -412,7 +448,8 @@ class MqttComms:
                 self._counters["reconnects"] += 1
             self._ever_connected = True
             info = self._info
-            filters = sorted({f for f, _, _ in self._handlers})
+            filters = sorted({f for f, _, _ in self._handlers} | {f for f, _ in self._listeners})
+            connected_callbacks = list(self._on_connected)
         self._last_fail = ""
         log.info("MQTT connected to %s:%d (MQTT %s)", self.cfg.host, self.cfg.port, self.protocol)
         self._publish(self.topic(AVAILABILITY), ONLINE, self.cfg.qos_state, True, None, client)
@@ -425,6 +462,11 @@ class MqttComms:
             late = sorted({f for f, _, _ in self._handlers} - set(filters))
         if late:
             client.subscribe([(f, COMMAND_QOS) for f in late])
+        for callback in connected_callbacks:
+            try:
+                callback()
+            except Exception:  # e.g. a discovery announcement bug: the connection stays up
+                log.exception("connect callback failed")
 
     def _connect_refused(self, client: paho.Client, code: int, reason: str) -> None:
         self._set_error(f"connection refused: {reason}")

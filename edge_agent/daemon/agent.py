@@ -71,7 +71,12 @@ def make_comms(config: Config):
         return NullSink()
     from edge_agent.comms.mqtt import MqttComms
 
-    return MqttComms(config.mqtt, config.agent.device_id)
+    comms = MqttComms(config.mqtt, config.agent.device_id)
+    if config.homeassistant.enabled:  # HOOK: Home Assistant discovery wraps the comms (all logic there)
+        from edge_agent.comms.homeassistant import HomeAssistantBridge
+
+        comms = HomeAssistantBridge(comms, config)
+    return comms
 
 
 class Agent:
@@ -230,7 +235,8 @@ class Agent:
             return
         log.info("reloading the configuration")
         self.stop_pipeline()
-        if new.mqtt != self.config.mqtt or new.agent.device_id != self.config.agent.device_id:
+        if (new.mqtt != self.config.mqtt or new.agent.device_id != self.config.agent.device_id
+                or new.homeassistant != self.config.homeassistant):
             self.comms.stop()
             self.config = new
             self.comms = make_comms(new)

@@ -322,6 +322,7 @@ def plan_uninstall(opts: Any) -> List[Step]:
     steps.append(Step(f"disable {UNIT_NAME}", lambda: run_command(disable),
                       done=not lay.unit.exists(), command=disable))
     steps.append(Step(f"remove {lay.unit}", lambda: lay.unit.unlink(), done=not lay.unit.exists()))
+    steps.extend(homeassistant_removal(lay))
     if not lay.staging:
         reload_cmd = ["systemctl", "daemon-reload"]
         steps.append(Step("run systemctl daemon-reload", lambda: run_command(reload_cmd),
@@ -342,6 +343,37 @@ def plan_uninstall(opts: Any) -> List[Step]:
                           done=not user_exists(USER), command=userdel,
                           skip_reason="" if opts.purge else keep))
     return steps
+
+
+def homeassistant_removal(lay: Layout) -> List[Step]:
+    """With ``homeassistant.enabled`` in the installed config: remove the device's entities from
+    Home Assistant (the agent is stopped, so nothing re-announces them). A broker that cannot be
+    reached does not stop the uninstall: one line says how to do it later."""
+    from edge_agent.config import load_config
+
+    if lay.staging or not lay.config.is_file():
+        return []
+    try:
+        config = load_config(str(lay.config))
+    except EdgeAgentError:
+        return []
+    if not config.homeassistant.enabled:
+        return []
+    what = "remove the Home Assistant entities"
+    try:
+        from edge_agent.comms import homeassistant  # paho-mqtt: absent under a bare system python3
+    except ImportError:
+        return [Step(what, lambda: None, skip_reason="skipped: paho-mqtt is not installed for this "
+                     f"python; run `edge-agent homeassistant --remove --config {lay.config}` first")]
+
+    def remove() -> None:
+        try:
+            print("  " + homeassistant.removal_note(homeassistant.remove_entities(config), config))
+        except EdgeAgentError as exc:
+            print(f"  Home Assistant entities not removed ({exc}); later: "
+                  f"edge-agent homeassistant --remove --config {lay.config}")
+
+    return [Step(what, remove)]
 
 
 def execute(steps: Sequence[Step], dry_run: bool, out: Callable[[str], None] = print) -> int:

@@ -114,8 +114,10 @@ class EncodeOptions:
 
 
 def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
-           last_mask_seq: Optional[int]) -> Tuple[List[Tuple[str, bytes]], Optional[int]]:
-    """``encode``: the messages of one frame, and the seq of the newest published mask."""
+           last_mask_seq: Optional[int], labels: Optional[List[str]] = None
+           ) -> Tuple[List[Tuple[str, bytes]], Optional[int]]:
+    """``encode``: the messages of one frame, and the seq of the newest published mask
+    (``labels`` name the classes in the overlay's legend)."""
     messages: List[Tuple[str, bytes]] = []
     mask_hw = None
     if opts.mask:
@@ -124,7 +126,7 @@ def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
         last_mask_seq = frame.seq
         mask_hw = mask.shape[:2]
     if opts.overlay and masks.frame_mask is not None:
-        messages.append((OVERLAY, enc.encode_jpeg(overlay(frame.image, masks.frame_mask),
+        messages.append((OVERLAY, enc.encode_jpeg(overlay(frame.image, masks.frame_mask, labels=labels),
                                                    opts.overlay_jpeg_quality)))
     if opts.result:
         doc = {
@@ -171,7 +173,8 @@ class OutputSettings:
     def from_config(cls, config: Any) -> "OutputSettings":
         p = config.publish
         return cls(mask_every_n=p.mask_every_n, mask_max_hz=p.mask_max_hz, mask_resolution=p.mask_resolution,
-                   png_compression=p.png_compression, result=p.result, overlay=p.overlay,
+                   png_compression=p.png_compression, result=p.result,
+                   overlay=p.overlay or config.homeassistant.enabled,  # Home Assistant's image entity shows it
                    overlay_max_hz=p.overlay_max_hz, overlay_jpeg_quality=p.overlay_jpeg_quality)
 
 
@@ -196,7 +199,7 @@ class FrameOutput:
                              overlay=s.overlay and self._overlay_gate.allow(),
                              overlay_jpeg_quality=s.overlay_jpeg_quality, result=s.result)
         messages, self._last_mask_seq = encode(frame, masks, segmenter.model.file.sha256, opts,
-                                               self._last_mask_seq)
+                                               self._last_mask_seq, segmenter.labels)
         timings["postprocess"] = (t1 - t0) * 1e3
         timings["encode"] = ms_since(t1)
         return messages

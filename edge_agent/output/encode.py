@@ -1,4 +1,4 @@
-"""Encode what the agent publishes: mask PNG, result JSON, overlay JPEG.
+"""Encode what the agent publishes: mask palette PNG, result JSON, overlay JPEG.
 
 Pure functions (rate limits: ``output/throttle.py``); the MQTT connection itself lives in ``comms/mqtt.py``.
 """
@@ -6,18 +6,23 @@ Pure functions (rate limits: ``output/throttle.py``); the MQTT connection itself
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+import struct
+import zlib
+from typing import Any, Dict, Optional
 
 import cv2
 import numpy as np
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.inference.labels import pascal_colormap
 
 
 # Class-id masks are long runs of a few values: no PNG row filter + zlib's RLE strategy is ~4x
 # faster than OpenCV's default (all filters, default strategy) and ~2x smaller at every level
 # 1-9 (513x289 mask: 0.17 ms / 1.6 kB vs 0.70 ms / 2.9 kB; 1080p: 2.9 ms / 7.8 kB vs 15 ms /
 # 15 kB; measured by bench/perf.py). Older OpenCV (< 4.10) has no filter flag: strategy only.
+# Masks are written by ``encode_mask_png`` below with the same tuning (filter none, Z_RLE); these
+# OpenCV parameters remain for images that OpenCV writes and for the benchmark's comparison.
 _PNG_TUNING = tuple(
     value
     for name, flag in (("IMWRITE_PNG_FILTER", "IMWRITE_PNG_FILTER_NONE"),
@@ -26,6 +31,9 @@ _PNG_TUNING = tuple(
     for value in (getattr(cv2, name), getattr(cv2, flag))
 )
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLOR_GREY, _COLOR_PALETTE = 0, 3
+
 
 def png_params(compression: int = 1, tuned: bool = True) -> list:
     """cv2.imencode parameters for a mask PNG (``tuned=False``: OpenCV's defaults, for benchmarks)."""
@@ -33,19 +41,105 @@ def png_params(compression: int = 1, tuned: bool = True) -> list:
     return params + list(_PNG_TUNING) if tuned else params
 
 
-def encode_mask_png(mask: np.ndarray, compression: int = 1) -> bytes:
-    """8-bit grayscale PNG of class ids, decodable by any PNG reader (lossless)."""
-    ok, buf = cv2.imencode(".png", mask, png_params(compression))
-    if not ok:  # pragma: no cover - cv2 only fails on invalid input
-        raise EdgeAgentError("PNG encoding failed")
-    return buf.tobytes()
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np.ndarray] = None) -> bytes:
+    """A palette PNG whose pixel values ARE the class ids (lossless) and whose palette colours them.
+
+    Viewers show a coloured picture; palette-aware decoders (PIL, libpng, browsers' canvas
+    ``getImageData`` does not: it sees colours) read the ids. OpenCV expands palettes to BGR, so
+    read masks with :func:`decode_mask_png`. ``palette``: Nx3 uint8 RGB, entry i colours class i
+    (default: the PASCAL VOC colormap); the PLTE chunk holds ``max(id) + 1`` entries, so a
+    21-class mask carries 63 bytes of palette. Written here, not with cv2.imencode (which cannot
+    write palette PNGs): rows unfiltered + zlib Z_RLE, the tuning above.
+    """
+    if mask.dtype != np.uint8 or mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"a mask is a non-empty HxW uint8 array, got {mask.dtype} {mask.shape}")
+    colors = pascal_colormap() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    entries = int(mask.max()) + 1
+    if entries > len(colors):
+        raise ValueError(f"class id {entries - 1} has no palette colour ({len(colors)} colours)")
+    h, w = mask.shape
+    rows = np.zeros((h, w + 1), np.uint8)  # each row: filter byte 0 (none) + the ids
+    rows[:, 1:] = mask
+    packer = zlib.compressobj(int(compression), zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    idat = packer.compress(rows.data) + packer.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_PALETTE, 0, 0, 0)
+    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header),
+                     _chunk(b"PLTE", colors[:entries].tobytes()),
+                     _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
+
+
+def png_palette(data: bytes) -> Optional[np.ndarray]:
+    """The PLTE entries of a PNG as Nx3 uint8 RGB, None when it has none."""
+    for kind, body in _png_chunks(data):
+        if kind == b"PLTE":
+            return np.frombuffer(body, np.uint8).reshape(-1, 3)
+    return None
+
+
+def _png_chunks(data: bytes):
+    if data[:8] != PNG_SIGNATURE:
+        raise ValueError("not a PNG")
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8:pos + 8 + length]
+        if len(body) != length:
+            raise ValueError("truncated PNG")
+        yield kind, body
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+    raise ValueError("truncated PNG")
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:
-    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise ValueError("not a PNG mask")
-    return mask
+    """HxW uint8 class ids from a mask PNG: palette (index = class id) or 8-bit grey (older agents).
+
+    A palette mask without row filters (what :func:`encode_mask_png` writes) is inflated
+    directly; any other palette PNG is decoded by OpenCV (to colours) and mapped back through
+    its palette, refused if two entries share a colour (the ids would be ambiguous).
+    """
+    try:
+        chunks = list(_png_chunks(data))
+        ihdr = dict(chunks).get(b"IHDR", b"")
+        w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
+    except (ValueError, struct.error) as exc:
+        raise ValueError(f"not a PNG mask: {exc}") from None
+    if ctype != _COLOR_PALETTE:
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if mask is None or mask.ndim != 2:
+            raise ValueError("not a PNG mask (expected palette or 8-bit grey)")
+        return mask
+    palette = dict(chunks).get(b"PLTE", b"")
+    if depth == 8 and interlace == 0:
+        try:
+            raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+        except zlib.error as exc:
+            raise ValueError(f"corrupt PNG mask: {exc}") from None
+        if len(raw) == h * (w + 1):
+            rows = np.frombuffer(raw, np.uint8).reshape(h, w + 1)
+            if not rows[:, 0].any():  # no row filters: the bytes are the ids
+                return rows[:, 1:].copy()
+    return _ids_from_colors(data, np.frombuffer(palette, np.uint8).reshape(-1, 3))
+
+
+def _ids_from_colors(data: bytes, palette: np.ndarray) -> np.ndarray:
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("not a PNG mask: OpenCV cannot decode it")
+    keys = palette.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32)
+    if len(np.unique(keys)) != len(keys):
+        raise ValueError("palette PNG with repeated colours: class ids are ambiguous")
+    pixels = bgr[..., ::-1].astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32)
+    order = np.argsort(keys)
+    idx = np.searchsorted(keys[order], pixels).clip(0, len(keys) - 1)
+    if not np.array_equal(keys[order][idx], pixels):
+        raise ValueError("palette PNG with colours outside its palette")
+    return order[idx].astype(np.uint8)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 80) -> bytes:

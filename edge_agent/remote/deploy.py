@@ -49,6 +49,7 @@ from edge_agent.inference.postprocess import agreement
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.models import catalog, signing
 from edge_agent.models.store import ModelStore, StoredModel, sha256_file
+from edge_agent.output.encode import PNG_SIGNATURE, decode_mask_png, png_palette
 from edge_agent.output.throttle import Throttle
 from edge_agent.remote.context import HandlerContext, Route
 
@@ -292,6 +293,18 @@ def decode_image(data: bytes, what: str, flags: int = cv2.IMREAD_COLOR) -> np.nd
     return image
 
 
+def decode_golden_mask(data: bytes) -> np.ndarray:
+    """Class ids of a golden mask: a palette PNG (what the agent and ``segment`` write: the
+    palette index is the id; read as grey it would be the colours' luminance) or a grey image."""
+    if data[:8] == PNG_SIGNATURE:
+        try:
+            if png_palette(data) is not None:
+                return decode_mask_png(data)
+        except ValueError as exc:
+            raise DeployFailed(f"the golden mask is not a usable palette PNG: {exc}") from None
+    return decode_image(data, "golden mask", cv2.IMREAD_GRAYSCALE)
+
+
 def synthetic_frame(height: int, width: int) -> np.ndarray:
     """A deterministic, textured RGB frame: enough to exercise every op of the graph."""
     y, x = np.mgrid[0:height, 0:width]
@@ -323,7 +336,7 @@ def sanity_check(segmenter: Segmenter, sample: Optional[bytes], golden: Optional
         raise DeployFailed(f"sanity invoke: class id {top} but only {len(labels)} labels")
     report: Dict[str, Any] = {"sanity_ms": round(elapsed_ms, 1)}
     if golden is not None:
-        expected = decode_image(golden, "golden mask", cv2.IMREAD_GRAYSCALE)
+        expected = decode_golden_mask(golden)
         if expected.shape != mask.shape:
             raise DeployFailed(f"golden mask is {expected.shape[1]}x{expected.shape[0]}, "
                                f"the sample {mask.shape[1]}x{mask.shape[0]}")

@@ -21,7 +21,7 @@ import pytest
 from tests.broker import MosquittoServer, Recorder, mosquitto_available
 from tests.data import IMAGES, MODELS
 from tests.homeassistant import NO_PYTHON_EXIT, HomeAssistantServer, ha_venv, install_home_assistant
-from tests.test_agent_e2e import start_agent, stop_agent, write_config
+from tests.helpers import start_agent, stop_agent, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.homeassistant, pytest.mark.broker]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -135,10 +136,11 @@ def run(args) -> int:
     print(f"model   {entry.name} ({model_path}, sha256 verified)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with EmbeddedBroker() as broker:
+    # The demo's agent keeps no state: its model store lives and dies with the run.
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-agent-demo-") as state:
         print(f"broker  {broker.kind} on {broker.host}:{broker.port}")
         config = load_config(None, [
-            f"agent.device_id={DEVICE}", f"agent.state_dir={out / '.state'}", "source.kind=folder", f"source.uri={images}",
+            f"agent.device_id={DEVICE}", f"agent.state_dir={state}", "source.kind=folder", f"source.uri={images}",
             "source.loop=false", f"model.path={model_path}", f"model.runtime={args.runtime}",
             f"mqtt.host={broker.host}", f"mqtt.port={broker.port}",
             "mqtt.protocol=auto", "publish.timings=frame", "publish.overlay=true",

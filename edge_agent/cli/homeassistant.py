@@ -11,7 +11,7 @@ import argparse
 import json
 
 from edge_agent.comms import homeassistant
-from edge_agent.config import add_config_arguments, config_from_args
+from edge_agent.cli.config import add_config_arguments, config_from_args
 
 
 def add_parser(subparsers) -> None:

@@ -126,6 +126,7 @@ class PublishConfig:
     mask_max_hz: float = opt(0.0, POS_FLOAT)  # 0 = no cap
     mask_resolution: str = opt("model", Choice("model", "frame"))
     png_compression: int = opt(1, Int(0, 9))
+    mask_format: str = opt("palette", Choice("palette", "grey"))  # grey: for consumers that decode with OpenCV
     result: bool = opt(True, BOOL)
     timings: str = opt("interval", Choice("frame", "interval"))
     timings_interval_s: float = opt(5.0, Float(lo=0.1))

@@ -135,3 +135,26 @@ def test_demo_names_overlays_after_their_source_frames(tmp_path):
     cat = cv2.imread(str(out / "cat_720p_overlay.jpg"))
     assert cat.shape[:2] == (720, 1280)
     assert "cat" in read_labels(str(LABELS))
+
+
+def test_grey_mask_format_is_what_opencv_reads_as_ids(real_masks):
+    """``publish.mask_format = "grey"``: the same ids, no palette, for consumers decoding with OpenCV."""
+    from edge_agent.config import load_config
+    from edge_agent.daemon.stages import EncodeOptions, Masks, OutputSettings, encode as encode_stage
+    from edge_agent.sources.base import Frame
+
+    settings = OutputSettings.from_config(load_config(None, ["publish.mask_format=grey"], env={}))
+    assert settings.mask_format == "grey"
+    mask = real_masks[0]
+    frame = Frame(image=np.zeros((*mask.shape, 3), np.uint8), seq=1, timestamp=0.0, monotonic=0.0, source="test")
+    for fmt, colour_type in (("grey", 0), ("palette", 3)):
+        opts = EncodeOptions(mask_format=fmt)
+        messages, _ = encode_stage(frame, Masks(mask, None, {}), "0" * 64, opts, None)
+        png = dict(messages)["mask"]
+        assert png[25] == colour_type and (b"PLTE" in png) == (fmt == "palette")
+        assert np.array_equal(encode.decode_mask_png(png), mask)
+        decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        if fmt == "grey":
+            assert np.array_equal(decoded, mask)
+        else:  # OpenCV expands the palette to colours
+            assert decoded.shape == (*mask.shape, 3)

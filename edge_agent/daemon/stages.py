@@ -108,6 +108,7 @@ class EncodeOptions:
     mask: bool = True  # this frame's mask passes the rate gate
     mask_resolution: str = "model"  # model | frame
     png_compression: int = 1
+    mask_format: str = "palette"  # palette | grey
     overlay: bool = False  # this frame's overlay passes its rate gate
     overlay_jpeg_quality: int = 80
     result: bool = True
@@ -122,7 +123,8 @@ def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
     mask_hw = None
     if opts.mask:
         mask = masks.frame_mask if opts.mask_resolution == "frame" else np.ascontiguousarray(masks.model_mask)
-        messages.append((MASK, enc.encode_mask_png(mask, opts.png_compression)))
+        messages.append((MASK, enc.encode_mask_png(mask, opts.png_compression,
+                                                   coloured=opts.mask_format == "palette")))
         last_mask_seq = frame.seq
         mask_hw = mask.shape[:2]
     if opts.overlay and masks.frame_mask is not None:
@@ -164,6 +166,7 @@ class OutputSettings:
     mask_max_hz: float = 0.0
     mask_resolution: str = "model"  # model | frame
     png_compression: int = 1
+    mask_format: str = "palette"
     result: bool = True
     overlay: bool = False
     overlay_max_hz: float = 1.0
@@ -173,7 +176,7 @@ class OutputSettings:
     def from_config(cls, config: Any) -> "OutputSettings":
         p = config.publish
         return cls(mask_every_n=p.mask_every_n, mask_max_hz=p.mask_max_hz, mask_resolution=p.mask_resolution,
-                   png_compression=p.png_compression, result=p.result,
+                   png_compression=p.png_compression, mask_format=p.mask_format, result=p.result,
                    overlay=p.overlay or config.homeassistant.enabled,  # Home Assistant's image entity shows it
                    overlay_max_hz=p.overlay_max_hz, overlay_jpeg_quality=p.overlay_jpeg_quality)
 
@@ -195,7 +198,7 @@ class FrameOutput:
         masks = postprocess(label_map, geometry, segmenter.labels, s.mask_resolution == "frame" or s.overlay)
         t1 = time.monotonic()
         opts = EncodeOptions(mask=self._mask_gate.allow(), mask_resolution=s.mask_resolution,
-                             png_compression=s.png_compression,
+                             png_compression=s.png_compression, mask_format=s.mask_format,
                              overlay=s.overlay and self._overlay_gate.allow(),
                              overlay_jpeg_quality=s.overlay_jpeg_quality, result=s.result)
         messages, self._last_mask_seq = encode(frame, masks, segmenter.model.file.sha256, opts,

@@ -45,7 +45,8 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
 
 
-def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np.ndarray] = None) -> bytes:
+def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np.ndarray] = None,
+                    coloured: bool = True) -> bytes:
     """A palette PNG whose pixel values ARE the class ids (lossless) and whose palette colours them.
 
     Viewers show a coloured picture; palette-aware decoders (PIL, libpng, browsers' canvas
@@ -53,22 +54,23 @@ def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np
     read masks with :func:`decode_mask_png`. ``palette``: Nx3 uint8 RGB, entry i colours class i
     (default: the PASCAL VOC colormap); the PLTE chunk holds ``max(id) + 1`` entries, so a
     21-class mask carries 63 bytes of palette. Written here, not with cv2.imencode (which cannot
-    write palette PNGs): rows unfiltered + zlib Z_RLE, the tuning above.
+    write palette PNGs): rows unfiltered + zlib Z_RLE, the tuning above. ``coloured=False`` writes the
+    same ids as an 8-bit grey PNG (``publish.mask_format = "grey"``, for consumers decoding with OpenCV).
     """
     if mask.dtype != np.uint8 or mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"a mask is a non-empty HxW uint8 array, got {mask.dtype} {mask.shape}")
     colors = pascal_colormap() if palette is None else np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     entries = int(mask.max()) + 1
-    if entries > len(colors):
+    if coloured and entries > len(colors):
         raise ValueError(f"class id {entries - 1} has no palette colour ({len(colors)} colours)")
     h, w = mask.shape
     rows = np.zeros((h, w + 1), np.uint8)  # each row: filter byte 0 (none) + the ids
     rows[:, 1:] = mask
     packer = zlib.compressobj(int(compression), zlib.DEFLATED, 15, 8, zlib.Z_RLE)
     idat = packer.compress(rows.data) + packer.flush()
-    header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_PALETTE, 0, 0, 0)
-    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header),
-                     _chunk(b"PLTE", colors[:entries].tobytes()),
+    header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_PALETTE if coloured else _COLOR_GREY, 0, 0, 0)
+    plte = [_chunk(b"PLTE", colors[:entries].tobytes())] if coloured else []
+    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header), *plte,
                      _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
 
 

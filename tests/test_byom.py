@@ -80,8 +80,7 @@ def segment_cli(tmp_path: Path, model: Path, *extra: str, image: Path = GRACE):
     out = tmp_path / "out"
     proc = cli("segment", image, "--model", model, "--out", out, *extra)
     assert proc.returncode == 0, proc.stderr
-    mask = cv2.imread(str(out / f"{image.stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
-    assert mask is not None
+    mask = decode_mask_png((out / f"{image.stem}_mask.png").read_bytes())  # palette PNG of the ids
     return proc, mask
 
 

@@ -189,7 +189,7 @@ make_tflite_venv() {  # venv B: the last tflite-runtime and what it needs (pypro
   say "venv B /venv-tflite: tflite-runtime 2.14, numpy<2, opencv<4.11"
   [ -x "$R/venv-tflite/bin/python" ] || run_in /usr/bin/python3 -m venv /venv-tflite
   run_in /venv-tflite/bin/pip install "${PIP[@]}" "tflite-runtime==2.14.*" "numpy<2" \
-    "opencv-python-headless<4.11" "paho-mqtt>=2,<3" pytest "setuptools>=70.1"
+    "opencv-python-headless<4.11" "paho-mqtt>=2,<3" "flatbuffers>=2" pytest "setuptools>=70.1"
 }
 
 mount_checkout() {  # /w/main and /w/shared, read-only: ../shared resolves, the checkout is never written

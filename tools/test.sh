@@ -75,7 +75,7 @@ for suite in $SUITES; do
     tflite)
       say "venv .venv-tflite (tflite-runtime 2.14, numpy<2)"
       make_venv .venv-tflite "tflite-runtime==2.14.*" "numpy<2" "opencv-python-headless<4.11" \
-          "paho-mqtt>=2,<3" pytest \
+          "paho-mqtt>=2,<3" "flatbuffers>=2" pytest \
         && .venv-tflite/bin/pip install "${PIP_FLAGS[@]}" --no-deps -e . \
         || { RESULTS+=("tflite=setup-failed"); FAILED=1; continue; }
       EDGE_AGENT_RUNTIME=tflite-runtime run_pytest tflite .venv-tflite -m "not host" \

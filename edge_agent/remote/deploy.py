@@ -481,6 +481,7 @@ class Deployer:
         self.models_channel = CommandChannel(comms, MODELS_KIND, MODELS_SCHEMA)
         self._lock = threading.Lock()
         self._job: Optional[_Job] = None
+        self._stopping: Optional[str] = None
 
     @classmethod
     def create(cls, ctx: HandlerContext) -> "Deployer":
@@ -513,7 +514,9 @@ class Deployer:
         Called before the agent's comms stop, so each request in flight is answered before
         ``offline``. A job that does not end in time (a hung interpreter) is answered from here."""
         deadline = time.monotonic() + timeout
-        job = self._job
+        with self._lock:
+            self._stopping = reason  # no new job from here on: it could not be answered
+            job = self._job
         if job is not None:
             job.stop(reason)
             if job.thread is not None:
@@ -558,6 +561,8 @@ class Deployer:
 
     def _claim(self, job: _Job) -> None:
         with self._lock:
+            if self._stopping is not None:
+                raise RequestError(self._stopping)
             if self._job is not None:
                 raise RequestError(f"busy: {self._job.kind} {self._job.id} is in progress")
             self._job = job

@@ -32,7 +32,8 @@ from edge_agent.models import signing
 from edge_agent.models.store import ModelStore
 from tests.broker import Recorder
 from tests.data import DM05, DM10, IMAGES, LABELS
-from tests.helpers import can_unshare_mounts, start_agent, stop_agent, wait_until, write_clip, write_config
+from tests.helpers import (NotifySocket, can_unshare_mounts, start_agent, stop_agent, wait_until, write_clip,
+                           write_config)
 
 PREFIX = "edge-agent"
 SHA = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (DM05, DM10)}
@@ -59,9 +60,9 @@ class Device:
         self.client = FleetClient(load_config(str(self.config), env={}).mqtt).connect()
         self.proc = None
 
-    def start(self, mounts=(), wait_masks: bool = True):
+    def start(self, mounts=(), wait_masks: bool = True, env=None):
         self.rec.messages.clear()
-        self.proc = start_agent(self.config, mounts=mounts)
+        self.proc = start_agent(self.config, mounts=mounts, env=env)
         if wait_masks:
             self.rec.wait_for(f"{self.base}/mask", count=2, timeout=40)
         else:
@@ -384,8 +385,15 @@ def test_sources_missing_at_start_are_retried_until_they_appear(device, tmp_path
     # a folder that does not exist yet: created with images after the start, frames flow
     folder = tmp_path / "incoming"
     dev = device("late-folder", source={"kind": "folder", "uri": str(folder), **fast}, publish=publish)
-    dev.start(wait_masks=False)
-    down = _source_down_and_retried(dev)
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        dev.start(wait_masks=False, env={**os.environ, "NOTIFY_SOCKET": notify.address})
+        down = _source_down_and_retried(dev)
+        notify.wait_for("READY=1")  # up and serving while it waits for its source
+        lines = [line for m in notify.sync() for line in m.splitlines()]
+        assert any(line.startswith("STATUS=waiting for the source") for line in lines), lines
+    finally:
+        notify.close()
     assert "no images" in down["last_error"]
     assert dev.info()["status"] == "running" and not dev.rec.matching(f"{dev.base}/mask")
     folder.mkdir()

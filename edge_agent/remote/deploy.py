@@ -676,6 +676,8 @@ class Deployer:
         assert job.temp is not None and store is not None
         progress = self._progress_reporter(job, req.size)
         try:
+            if job.stopping is not None:  # stopped before this worker began
+                raise DeployFailed(job.stopping)
             if job.assembler is not None:
                 job.assembler.wait(req.transfer_timeout_s, progress)
                 job.assembler.close()

@@ -348,7 +348,7 @@ def test_disk_full_mid_transfer_fails_at_once_removes_the_file_and_keeps_serving
         answer = host.deploy(dev.client, doc, dm10, devices=[dev.device], timeout=20)[dev.device]
         assert answer.status == "failed", answer
         assert answer.reason.startswith("no space left on the device"), answer
-        assert "partial file was removed" in answer.reason
+        assert "the partial file removed" in answer.reason
         assert not [p.name for p in theirs.iterdir() if p.name.startswith(".")], list(theirs.iterdir())
     assert dev.request("models", {}).status == "done"
     dev.rec.wait_for(f"{dev.base}/mask", count=len(dev.rec.matching(f"{dev.base}/mask")) + 2, timeout=20)

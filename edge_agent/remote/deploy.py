@@ -80,9 +80,9 @@ class Cancelled(DeployFailed):
 def storage_problem(exc: OSError) -> str:
     """One line for a failed write into the model store (disk full, read-only, permissions)."""
     if exc.errno == errno.ENOSPC:
-        return "no space left on the device (agent.state_dir): the partial file was removed"
+        return "no space left on the device (agent.state_dir)"
     if exc.errno == errno.EDQUOT:
-        return "disk quota exceeded (agent.state_dir): the partial file was removed"
+        return "disk quota exceeded (agent.state_dir)"
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"the model store is not writable: {exc.strerror} (agent.state_dir)"
     return f"cannot write to the model store: {exc.strerror or exc}"
@@ -216,7 +216,7 @@ class ChunkAssembler:
                 try:
                     _pwrite_all(self._fd, data, n * self.chunk_size)
                 except OSError as exc:  # disk full, I/O error: fail the transfer at once
-                    self.error = storage_problem(exc)
+                    self.error = f"{storage_problem(exc)}: transfer stopped, the partial file removed"
                     self.storage_failed = True
                 else:
                     self._received.add(n)
@@ -321,7 +321,8 @@ def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: C
                     try:
                         out.write(block)
                     except OSError as exc:
-                        raise DeployFailed(storage_problem(exc)) from None
+                        raise DeployFailed(f"{storage_problem(exc)}: download stopped, the partial file "
+                                           "removed") from None
                     on_progress(total)
                 try:
                     out.flush()
@@ -643,27 +644,31 @@ class Deployer:
 
     # -- the worker ----------------------------------------------------------------------------
     def _run_job(self, job: _Job, work: Callable[[_Job], Dict[str, Any]]) -> None:
+        """Run the job; clean up (partial file, slot) BEFORE the final answer, so what it says holds."""
+        status, fields = "failed", {}
         try:
-            extra = work(job)
-            job.request.done(**job.fields, **extra, running=self._running_sha())
+            fields = work(job)
+            status = "done"
         except EdgeAgentError as exc:
             log.error("%s %s failed: %s", job.kind, job.id, exc)
-            job.request.fail(str(exc), **job.fields, running=self._running_sha())
+            fields["reason"] = str(exc)
         except OSError as exc:  # the store cannot be written (disk full, read-only, I/O error)
             log.error("%s %s failed: %s", job.kind, job.id, exc)
-            job.request.fail(storage_problem(exc), **job.fields, running=self._running_sha())
+            fields["reason"] = storage_problem(exc)
         except Exception as exc:  # a bug must answer too: the requester is waiting
             log.exception("%s %s crashed", job.kind, job.id)
-            job.request.fail(f"internal error: {type(exc).__name__}: {exc}", **job.fields,
-                             running=self._running_sha())
+            fields["reason"] = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             try:
                 if job.assembler is not None:
                     job.assembler.close()
-            finally:
                 if job.temp is not None:
                     job.temp.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s %s: cleaning up: %s", job.kind, job.id, exc)
+            finally:
                 self._release(job)
+                job.request.send(status, **{**job.fields, **fields}, running=self._running_sha())
 
     def _release(self, job: _Job) -> None:
         with self._lock:

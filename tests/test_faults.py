@@ -212,7 +212,6 @@ def trickle_server():
 
 
 @pytest.mark.broker
-@pytest.mark.slow
 def test_url_timeout_is_an_overall_deadline_and_frees_the_slot(device, trickle_server):
     server, url = trickle_server
     dev = device(deploy={"url_timeout_s": 2.0})
@@ -299,7 +298,6 @@ def test_with_a_key_no_path_makes_an_unsigned_model_current(device):
 
 @needs_mount_ns
 @pytest.mark.broker
-@pytest.mark.slow
 def test_read_only_state_dir_rejects_deployments_with_the_reason(device):
     dev = device()
     # (a) nothing there yet: the store cannot even be created
@@ -335,7 +333,6 @@ def test_read_only_state_dir_rejects_deployments_with_the_reason(device):
 
 @needs_mount_ns
 @pytest.mark.broker
-@pytest.mark.slow
 def test_disk_full_mid_transfer_fails_at_once_removes_the_file_and_keeps_serving(device):
     dev = device(model={"path": str(DM05), "labels": str(LABELS), "threads": 2})
     dev.state.mkdir()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from tests.data import DM05, LABELS
 
@@ -63,10 +64,42 @@ def write_config(path: Path, device: str, port: int, source: dict, **sections) -
     return path
 
 
-def start_agent(config: Path, env=None) -> subprocess.Popen:
-    """``python -m edge_agent run --config CONFIG``, stdout and stderr captured together."""
-    return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+def start_agent(config: Path, env=None, mounts: Sequence[str] = ()) -> subprocess.Popen:
+    """``python -m edge_agent run --config CONFIG``, stdout and stderr captured together.
+
+    ``mounts``: shell commands (``mount --bind -o ro D D``, ``mount -t tmpfs -o size=1m tmpfs D``)
+    run first in a private mount namespace of the agent alone (``unshare -m``; the process id
+    stays the agent's, so ``/proc/<pid>/root/...`` shows its view). See :func:`can_unshare_mounts`.
+    """
+    cmd = [sys.executable, "-m", "edge_agent", "run", "--config", str(config)]
+    if mounts:
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-ec",
+               "; ".join([*mounts, 'exec "$@"']), "sh", *cmd]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def can_unshare_mounts() -> bool:
+    """True if this process may make private mount namespaces and mount in them (root, CAP_SYS_ADMIN)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def write_clip(path: Path, frames: int, colors: Sequence[Tuple[int, int, int]], size=(96, 64)) -> Path:
+    """An MJPG .avi of ``frames`` solid frames cycling through the RGB ``colors`` (real OpenCV encoding)."""
+    import cv2
+    import numpy as np
+
+    w, h = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h))
+    assert writer.isOpened(), "OpenCV cannot write MJPG/avi here"
+    for i in range(frames):
+        r, g, b = colors[i % len(colors)]
+        writer.write(np.full((h, w, 3), (b, g, r), np.uint8))  # VideoWriter takes BGR
+    writer.release()
+    return path
 
 
 def stop_agent(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:

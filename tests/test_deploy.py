@@ -485,7 +485,8 @@ def test_unusable_state_dir_leaves_the_agent_on_its_configured_model(tmp_path):
         while agent.pipeline is None or agent.pipeline.counters.processed < 2:
             assert time.monotonic() < deadline and runner.is_alive(), agent.error
             time.sleep(0.05)
-        assert "deploy" not in agent.handlers and agent.models.store is None and agent.segmenter.model.file.sha256 == SHA[DM05]
+        assert agent.models.store is None and agent.segmenter.model.file.sha256 == SHA[DM05]
+        assert "not-a-dir" in agent.models.store_problem  # cmd/deploy is rejected with it (test_faults)
     finally:
         agent.request_stop()
         runner.join(15)

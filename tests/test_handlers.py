@@ -95,11 +95,12 @@ def test_the_default_table_serves_bench_and_deploy(tmp_path):
 
 
 def test_a_table_factory_may_decline(tmp_path):
-    """The deploy handler declines without a usable model store; the agent serves on without it."""
+    """A factory may return None (declined); the deploy handler does not decline without a usable
+    store: it stays to answer every deployment ``rejected`` with the reason."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     cfg = load_config(None, ["mqtt.enabled=false", f"model.path={DM05}", f"agent.state_dir={blocker}"], env={})
-    agent = Agent(cfg, install_signals=False)
-    assert agent.models.open_store() is None
+    agent = Agent(cfg, install_signals=False, handlers={**HANDLERS, "declines": lambda ctx: None})
+    assert agent.models.open_store() is None and "file" in agent.models.store_problem
     agent.start_handlers()
-    assert set(agent.handlers) == {"benchmark"} and "deploy" not in agent.info()
+    assert set(agent.handlers) == {"benchmark", "deploy"}

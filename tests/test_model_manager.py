@@ -10,8 +10,9 @@ import pytest
 
 from edge_agent.config import load_config
 from edge_agent.daemon.agent import Agent
-from edge_agent.daemon.model_manager import ActivationFailed
+from edge_agent.daemon.model_manager import ActivationFailed, Untrusted
 from edge_agent.errors import EdgeAgentError, ModelError
+from edge_agent.models import signing
 from tests.data import DM05, DM05_EDGETPU, DM10, LABELS
 
 SHA = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (DM05, DM10, DM05_EDGETPU)}
@@ -97,3 +98,32 @@ def test_no_model_configured_is_one_line(tmp_path):
     agent = Agent(cfg, install_signals=False, handlers={})
     with pytest.raises(EdgeAgentError, match="set model.path or model.name"):
         agent.models.load()
+
+
+@pytest.mark.skipif(not signing.available(), reason="cryptography not installed")
+def test_with_a_key_only_verified_or_configured_models_may_become_current(tmp_path):
+    """trust_problem: the signature kept in the store entry, or the configured model; activate refuses."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key, other = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    agent = make_agent(tmp_path, f"deploy.public_key={signing.public_key_base64(key)}")
+    models, store = agent.models, agent.models.store
+    configured = store.adopt(str(DM05), {"name": "dm05"})  # unsigned, but the config names it
+    unsigned = store.adopt(str(DM10), {"name": "dm10"})
+    assert models.trust_problem(configured) is None
+    assert "has no signature" in models.trust_problem(unsigned)
+    store.update_manifest(SHA[DM10], signature=signing.sign_digest(other, SHA[DM10]))
+    assert "does not verify" in models.trust_problem(store.get(SHA[DM10]))
+    with pytest.raises(Untrusted, match="does not verify"):
+        models.activate(models.build(*models.find("dm10")), "rollback", 1, 10)
+    assert store.current() is None and store.pending() is None  # nothing moved
+    store.update_manifest(SHA[DM10], signature=signing.sign_digest(key, SHA[DM10]))
+    assert models.trust_problem(store.get(SHA[DM10])) is None
+    # the start-up choice follows the same rule
+    store.set_pointers(SHA[DM10], None)
+    assert models.startup_model()[0] == str(store.model_path(SHA[DM10]))
+    store.update_manifest(SHA[DM10], signature=None)
+    assert models.startup_model()[0] == str(DM05)
+    # a key that does not load: no stored model may become current
+    bad = make_agent(tmp_path / "bad", "deploy.public_key=bm90IGEga2V5")
+    assert "deploy.public_key is unusable" in bad.models.trust_problem(store.get(SHA[DM10]))

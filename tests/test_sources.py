@@ -31,6 +31,7 @@ from edge_agent.sources import (
 )
 from edge_agent.sources.picamera2 import INSTALL_HINT, default_lores_size, i420_to_rgb
 from edge_agent.sources.synthetic import pattern
+from tests import helpers
 from tests.fakes.fake_picamera2 import FakePicamera2, install, rgb_to_i420_padded
 
 FAST = {"reopen_backoff_initial_s": 0.05, "reopen_backoff_max_s": 0.2}
@@ -42,14 +43,7 @@ CLIP_FRAMES = 12
 
 
 def write_clip(path: Path, frames: int = CLIP_FRAMES, size=(96, 64)) -> Path:
-    w, h = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h))
-    assert writer.isOpened(), "OpenCV cannot write MJPG/avi here"
-    for i in range(frames):
-        r, g, b = CLIP_COLORS[i % len(CLIP_COLORS)]
-        writer.write(np.full((h, w, 3), (b, g, r), np.uint8))  # VideoWriter takes BGR
-    writer.release()
-    return path
+    return helpers.write_clip(path, frames, CLIP_COLORS, size)
 
 
 def clip_index(frame: Frame) -> int:

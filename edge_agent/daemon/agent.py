@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 STARTUP_GRACE_S = 60.0
 
 
+def _source_state(source: Any) -> Optional[str]:
+    """``open``/``down``/... of a reopening source (None for one without stats)."""
+    stats = getattr(source, "stats", None)
+    return stats().get("state") if callable(stats) else None
+
+
 class NullSink:
     """Where results go when MQTT is disabled (``mqtt.enabled = false``): counted, not sent."""
 
@@ -181,6 +187,8 @@ class Agent:
     def status_text(self) -> str:
         if self.pipeline is None:
             return f"idle: {self.error or 'no pipeline'}"
+        if _source_state(self.pipeline.source) == "down":
+            return f"waiting for the source: {self.pipeline.source.stats().get('last_error', '')}"
         return f"{self.pipeline.fps:.1f} fps, dropped {sum(self.pipeline.dropped().values())}"
 
     def start_pipeline(self, segmenter: Optional[Segmenter] = None) -> None:
@@ -191,8 +199,11 @@ class Agent:
             if segmenter is None:
                 segmenter = self.models.load()
             # The model size lets picamera2 size its lores stream so the ISP does the downscale.
+            # Not strict: a source that cannot be opened now (camera not plugged in, stream or
+            # folder not there yet) is retried with the same backoff as one lost mid-run, and
+            # stats say so; only settings that can never work are refused here.
             source = open_source({**dataclasses.asdict(self.config.source),
-                                  "model_input": segmenter.model.input_size})
+                                  "model_input": segmenter.model.input_size}, strict=False)
         except EdgeAgentError as exc:
             self.error = str(exc)
             log.error("cannot start the pipeline: %s", exc)
@@ -209,6 +220,8 @@ class Agent:
         self.pipeline.start()
         log.info("running %s on %s with %s", segmenter.model.file.name,
                  getattr(source, "name", self.config.source.kind), segmenter.describe_runtime())
+        if _source_state(source) == "down":
+            self._notify_ready()  # up and retrying the source: STATUS says so, the watchdog is fed
 
     def stop_pipeline(self, reason: Optional[str] = None) -> None:
         """Stop the pipeline; ``reason`` (why the agent is idle now) goes to ``info.error``."""

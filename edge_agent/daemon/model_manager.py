@@ -9,10 +9,15 @@ the running segmenter, the store's pointers or the agent's error.
 
 The store is opened (and repaired: an unconfirmed deployment left by a crash is rolled back, see
 :mod:`edge_agent.models.store`) by :meth:`ModelManager.open_store`, before the first model load.
+
+Signing: with ``deploy.public_key`` set, a stored model becomes the running one (start-up,
+recovery, deploy, rollback) only if the signature kept in its store entry verifies, or if it is
+the configured model (trusted by the same config that holds the key); see :meth:`trust_problem`.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import time
@@ -20,8 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.segmenter import ModelSettings, Segmenter
-from edge_agent.models import catalog
-from edge_agent.models.store import ModelStore
+from edge_agent.models import catalog, signing
+from edge_agent.models.store import ModelStore, StoredModel
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,10 @@ Model = Tuple[str, Optional[List[str]]]  # path, labels
 
 class ActivationFailed(EdgeAgentError):
     """The new model was swapped in but did not prove itself: the old one runs again."""
+
+
+class Untrusted(EdgeAgentError):
+    """A stored model whose signature does not verify with ``deploy.public_key``: never made current."""
 
 
 class PipelineHost(Protocol):
@@ -50,7 +59,12 @@ class ModelManager:
         self.config = config
         self._host = host
         self.store: Optional[ModelStore] = None
+        self.store_problem: Optional[str] = None  # why deployments are disabled (None: they are not)
         self._running: Optional[Segmenter] = None
+        self.public_key: Any = None
+        self.key_problem: Optional[str] = None
+        self._configured_sha: Optional[Tuple[str, str]] = None  # (path, sha256) cache
+        self.load_key()
 
     # -- configuration --------------------------------------------------------------------------
     @property
@@ -60,17 +74,68 @@ class ModelManager:
     def set_config(self, config: Any) -> None:
         """A reloaded config: the next :meth:`load` and :meth:`build` use it."""
         self.config = config
+        self.load_key()
+
+    def load_key(self) -> None:
+        """``deploy.public_key`` as a verifier; a key that does not load refuses every stored model."""
+        self.public_key, self.key_problem = None, None
+        spec = getattr(getattr(self.config, "deploy", None), "public_key", "")
+        if spec:
+            try:
+                self.public_key = signing.load_public_key(spec)
+            except EdgeAgentError as exc:
+                self.key_problem = str(exc)
+                log.error("deployments are refused until fixed: %s", exc)
 
     def open_store(self) -> Optional[ModelStore]:
-        """Open and repair the store (rolls back an unconfirmed deployment); None if unusable."""
+        """Open and repair the store (rolls back an unconfirmed deployment); None if unusable.
+
+        ``store_problem`` says why deployments cannot work (unusable or read-only store)."""
         cfg = self.config
+        self.store_problem = None
         try:
             self.store = ModelStore.open(cfg.agent.state_dir, cfg.deploy.keep_models)
         except (EdgeAgentError, OSError) as exc:  # the agent must serve its configured model anyway
-            log.error("model deployment disabled: the model store in %s is unusable (%s)",
-                      cfg.agent.state_dir, exc)
+            self.store_problem = f"the model store in {cfg.agent.state_dir} is unusable ({exc}; agent.state_dir)"
+            log.error("model deployment disabled: %s", self.store_problem)
             self.store = None
         return self.store
+
+    # -- trust (deploy.public_key) ----------------------------------------------------------------
+    def trust_problem(self, entry: StoredModel) -> Optional[str]:
+        """None if ``entry`` may become the running model; else why not (one line).
+
+        Without a key every model may run. With one, the signature kept in the entry's manifest
+        must verify, unless the entry is the configured model (the config is the root of trust)."""
+        if self.key_problem is not None:
+            return f"deploy.public_key is unusable: {self.key_problem}"
+        if self.public_key is None or entry.sha256 == self.configured_sha():
+            return None
+        signature = entry.manifest.get("signature")
+        if not isinstance(signature, str) or not signature:
+            return (f"model {entry.name} ({entry.sha256[:12]}) has no signature, and deploy.public_key "
+                    "is configured: only signed models may run")
+        try:
+            signing.verify_digest(self.public_key, entry.sha256, base64.b64decode(signature, validate=True))
+        except (EdgeAgentError, ValueError):
+            return (f"model {entry.name} ({entry.sha256[:12]}): its signature does not verify with "
+                    "deploy.public_key")
+        return None
+
+    def configured_sha(self) -> Optional[str]:
+        """sha256 of the configured model's file (None if it cannot be resolved or read)."""
+        try:
+            path = self.configured()[0]
+        except EdgeAgentError:
+            return None
+        cached = self._configured_sha
+        if cached is None or cached[0] != path:
+            try:
+                cached = (path, catalog.sha256_file(path))
+            except OSError:
+                return None
+            self._configured_sha = cached
+        return cached[1]
 
     # -- resolving and building -----------------------------------------------------------------
     def configured(self) -> Model:
@@ -92,8 +157,11 @@ class ModelManager:
         sha = store.current() if store is not None else None
         if store is not None and sha is not None and store.has(sha):
             entry = store.get(sha)
-            log.info("running %s (%s) from the model store", entry.name, sha[:12])
-            return str(entry.path), entry.labels
+            problem = self.trust_problem(entry)
+            if problem is None:
+                log.info("running %s (%s) from the model store", entry.name, sha[:12])
+                return str(entry.path), entry.labels
+            log.error("the store's current model is refused: %s; running the configured model", problem)
         return self.configured()
 
     def find(self, name: str) -> Model:
@@ -147,12 +215,18 @@ class ModelManager:
 
     # -- activation with confirmation (deploy, rollback) ----------------------------------------
     def activate(self, segmenter: Segmenter, reason: str, confirm_frames: int, confirm_timeout_s: float,
-                 on_activating: Callable[[], None] = lambda: None) -> List[str]:
+                 on_activating: Callable[[], None] = lambda: None,
+                 cancelled: Callable[[], Optional[str]] = lambda: None) -> List[str]:
         """Swap ``segmenter`` in, move the store's pointers with a pending marker, confirm it on
         ``confirm_frames`` real frames, prune; on any problem undo everything and raise
-        :class:`ActivationFailed`. Returns the pruned sha256s."""
+        :class:`ActivationFailed`. Returns the pruned sha256s. A stored model whose signature does
+        not verify (:meth:`trust_problem`) raises :class:`Untrusted` before anything moves;
+        ``cancelled()`` returning a reason (the agent stopping) undoes the swap too."""
         store = self._require_store()
         sha = segmenter.model.file.sha256
+        problem = self.trust_problem(store.get(sha))
+        if problem is not None:
+            raise Untrusted(problem)
         self.adopt_running()
         old_pointers = (store.current(), store.previous())
         store.begin_switch(sha, reason=reason)
@@ -169,7 +243,7 @@ class ModelManager:
                 raise ActivationFailed(f"the pipeline does not start: {host.error}")
             old = None
         host.publish_info()
-        problem = self._await_confirm(host.pipeline, confirm_frames, confirm_timeout_s)
+        problem = self._await_confirm(host.pipeline, confirm_frames, confirm_timeout_s, cancelled)
         if problem is not None:
             self._undo(old, old_pointers, problem)
             raise ActivationFailed(f"rolled back after the swap: {problem}")
@@ -189,13 +263,17 @@ class ModelManager:
         store.set_pointers(*pointers)
         self._host.publish_info()
 
-    def _await_confirm(self, pipeline: Any, frames: int, timeout_s: float) -> Optional[str]:
+    def _await_confirm(self, pipeline: Any, frames: int, timeout_s: float,
+                       cancelled: Callable[[], Optional[str]]) -> Optional[str]:
         """None once ``frames`` frames went through the new model; else why not."""
         counters = pipeline.counters
         ok0, errors0 = counters.inferred, counters.inference_errors
         deadline = time.monotonic() + timeout_s
         limit = self.config.model.inference_timeout_s
         while counters.inferred - ok0 < frames:
+            stop = cancelled()
+            if stop is not None:
+                return f"{stop} before {frames} frames confirmed the new model"
             if counters.inference_errors - errors0 >= max(1, frames):
                 return f"inference fails on the new model ({counters.last_error})"
             if not pipeline.healthy(limit):
@@ -207,15 +285,17 @@ class ModelManager:
         return None
 
     def adopt_running(self) -> None:
-        """First deployment: put the configured model into the store so a rollback can reach it."""
+        """Before a switch, ``current`` must name the running model: on the first deployment, or
+        after the start-up refused or could not load the store's current model and runs the
+        configured one, that one is put into the store (so a rollback can reach it) and made current."""
         store = self._require_store()
         seg = self._running
-        if store.current() is not None or seg is None:
+        if seg is None or store.current() == seg.model.file.sha256:
             return
         path = seg.model.file.path
         entry = store.adopt(path, {"name": seg.model.file.name, "labels": seg.labels,
                                    "input_size": list(seg.model.input_size), "source": f"config:{path}"})
-        store.set_pointers(entry.sha256, None)
+        store.set_pointers(entry.sha256, store.previous() if store.current() is not None else None)
 
     def _require_store(self) -> ModelStore:
         if self.store is None:

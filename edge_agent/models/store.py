@@ -3,7 +3,9 @@
 Layout of ``<state_dir>/models/``::
 
     <sha256>.tflite    the model, exactly the bytes that were verified
-    <sha256>.json      its manifest (name, labels, input size, source, deploy time, size)
+    <sha256>.json      its manifest (name, labels, input size, source, deploy time, size, and the
+                       base64 ed25519 ``signature`` it was deployed with: checked again whenever
+                       it is to become current, see ModelManager.trust_problem)
     current            sha256 of the model the agent runs (one line)
     previous           sha256 of the model before it (target of a rollback)
     pending.json       a model swapped in but not yet confirmed healthy
@@ -130,7 +132,11 @@ class ModelStore:
             store.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the model store {store.root}: {exc.strerror}") from exc
-        for action in store.recover():
+        try:
+            actions = store.recover()
+        except OSError as exc:  # e.g. a read-only state directory holding an interrupted deployment
+            raise StoreError(f"cannot repair the model store {store.root}: {exc.strerror}") from exc
+        for action in actions:
             log.warning("model store: %s", action)
         return store
 
@@ -147,6 +153,12 @@ class ModelStore:
     def _check_sha(sha: str) -> None:
         if not is_sha256(sha):
             raise StoreError(f"invalid sha256 {sha!r}: 64 lowercase hex digits expected")
+
+    def check_writable(self) -> None:
+        """Raise OSError (EROFS, EACCES, ENOSPC...) unless a file can be created in the store now."""
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=str(self.root))
+        os.close(fd)
+        _unlink(Path(tmp))
 
     def incoming_file(self, tag: str) -> Path:
         """A fresh temporary file for a transfer (deleted by :meth:`recover` if left behind)."""

@@ -28,9 +28,12 @@ costs no transfer).  Answers also go to the MQTT 5 response topic when the reque
 from __future__ import annotations
 
 import base64
+import errno
+import http.client
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -69,6 +72,21 @@ _B64 = r"[A-Za-z0-9+/]*={0,2}"
 
 class DeployFailed(EdgeAgentError):
     """The deployment started but the model was refused: answered ``failed``, old model kept."""
+
+
+class Cancelled(DeployFailed):
+    """The agent is stopping: the job ends now, answered ``failed`` before the agent goes offline."""
+
+
+def storage_problem(exc: OSError) -> str:
+    """One line for a failed write into the model store (disk full, read-only, permissions)."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device (agent.state_dir)"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded (agent.state_dir)"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"the model store is not writable: {exc.strerror} (agent.state_dir)"
+    return f"cannot write to the model store: {exc.strerror or exc}"
 
 
 class LabelsField(FieldSpec):
@@ -178,6 +196,7 @@ class ChunkAssembler:
         self.bytes = 0
         self.duplicates = 0
         self.error: Optional[str] = None
+        self.storage_failed = False
 
     def expected_length(self, n: int) -> int:
         return self.chunk_size if n < self.count - 1 else self.size - self.chunk_size * (self.count - 1)
@@ -195,9 +214,14 @@ class ChunkAssembler:
             elif len(data) != self.expected_length(n):
                 self.error = f"chunk {n} has {len(data)} bytes, expected {self.expected_length(n)}"
             else:
-                os.pwrite(self._fd, data, n * self.chunk_size)
-                self._received.add(n)
-                self.bytes += len(data)
+                try:
+                    _pwrite_all(self._fd, data, n * self.chunk_size)
+                except OSError as exc:  # disk full, I/O error: fail the transfer at once
+                    self.error = f"{storage_problem(exc)}: transfer stopped, the partial file removed"
+                    self.storage_failed = True
+                else:
+                    self._received.add(n)
+                    self.bytes += len(data)
             self._cond.notify_all()
 
     def fail(self, reason: str) -> None:
@@ -231,44 +255,86 @@ class ChunkAssembler:
                 finally:
                     self._cond.acquire()
             if self.error is not None:
-                raise DeployFailed(f"transfer refused: {self.error}")
+                raise DeployFailed(self.error if self.storage_failed else f"transfer refused: {self.error}")
 
     def close(self) -> None:
         with self._cond:
             if self._fd >= 0:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = -1
+                try:
+                    if self.error is None:
+                        os.fsync(self._fd)
+                finally:
+                    os.close(self._fd)
+                    self._fd = -1
             if self.error is None and not self.complete:
                 self.error = "transfer abandoned"
             self._cond.notify_all()
 
 
-def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: Callable[[int], None]) -> None:
-    """Download ``url`` into ``path``: at most ``limit`` bytes, within ``timeout_s`` overall.
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
-    ``on_progress(received)`` after every block (the caller throttles)."""
+
+def _response_socket(resp: Any) -> Any:
+    """The socket under an ``http.client`` response (to bound each read by the time left), or None."""
+    raw = getattr(getattr(resp, "fp", None), "raw", None)
+    sock = getattr(raw, "_sock", None)
+    return sock if hasattr(sock, "settimeout") else None
+
+
+def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: Callable[[int], None],
+              on_connected: Callable[[Callable[[], None]], None] = lambda abort: None) -> None:
+    """Download ``url`` into ``path``: at most ``limit`` bytes, within ``timeout_s`` OVERALL.
+
+    ``timeout_s`` is a deadline for the whole download (``deploy.url_timeout_s``), not per read: a
+    server trickling a byte at a time must not hold the one deployment slot. Each read returns
+    what one ``recv`` got (``read1``) and may wait only the time left. ``on_progress(received)``
+    after every block (the caller throttles); ``on_connected(abort)`` hands out a function that
+    ends a blocked read from another thread (the agent stopping)."""
     deadline = time.monotonic() + timeout_s
+    timed_out = f"download timed out after {timeout_s:g} s (deploy.url_timeout_s limits the whole download)"
     request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})
     total = 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp, open(path, "wb") as out:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > limit:
                 raise DeployFailed(f"download refused: {url} has {length} bytes, more than the {limit} expected")
-            for block in iter(lambda: resp.read(1 << 16), b""):
-                total += len(block)
-                if total > limit:
-                    raise DeployFailed(f"download refused: {url} sends more than the {limit} bytes expected")
-                if time.monotonic() > deadline:
-                    raise DeployFailed(f"download timed out after {timeout_s:g} s (deploy.url_timeout_s)")
-                out.write(block)
-                on_progress(total)
-            out.flush()
-            os.fsync(out.fileno())
+            sock = _response_socket(resp)
+            if sock is not None:
+                on_connected(lambda: sock.shutdown(socket.SHUT_RDWR))
+            with open(path, "wb") as out:
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise DeployFailed(timed_out)
+                    if sock is not None:
+                        sock.settimeout(left)  # a timed-out socket cannot be read again: no slices
+                    block = resp.read1(1 << 16)
+                    if not block:
+                        break
+                    total += len(block)
+                    if total > limit:
+                        raise DeployFailed(f"download refused: {url} sends more than the {limit} bytes expected")
+                    try:
+                        out.write(block)
+                    except OSError as exc:
+                        raise DeployFailed(f"{storage_problem(exc)}: download stopped, the partial file "
+                                           "removed") from None
+                    on_progress(total)
+                try:
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    raise DeployFailed(storage_problem(exc)) from None
     except DeployFailed:
         raise
-    except OSError as exc:  # URLError, HTTPError, timeouts, refused connections
+    except TimeoutError:
+        raise DeployFailed(timed_out) from None
+    except (OSError, http.client.HTTPException) as exc:  # URLError, HTTPError, refused, cut off
         reason = getattr(exc, "reason", None) or exc
         if isinstance(exc, urllib.error.HTTPError):
             reason = f"HTTP {exc.code} {exc.reason}"
@@ -347,8 +413,10 @@ def sanity_check(segmenter: Segmenter, sample: Optional[bytes], golden: Optional
     return report
 
 
-def run_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Run ``fn`` on a daemon thread; a hung interpreter must not hang the deployment forever."""
+def run_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str,
+                     cancelled: Callable[[], Optional[str]] = lambda: None) -> Any:
+    """Run ``fn`` on a daemon thread; a hung interpreter must not hang the deployment forever,
+    nor an agent that stops (``cancelled()`` returns why)."""
     box: Dict[str, Any] = {}
 
     def target() -> None:
@@ -359,7 +427,12 @@ def run_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
     thread = threading.Thread(target=target, name="deploy-check", daemon=True)
     thread.start()
-    thread.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive() and time.monotonic() < deadline:
+        stop = cancelled()
+        if stop is not None:
+            raise Cancelled(f"{stop} during {what}")
+        thread.join(min(0.1, max(0.0, deadline - time.monotonic())))
     if thread.is_alive():
         raise DeployFailed(f"{what} did not finish within {timeout_s:g} s")
     if "error" in box:
@@ -379,10 +452,27 @@ class _Job:
     assembler: Optional[ChunkAssembler] = None
     temp: Optional[Path] = None
     fields: Dict[str, Any] = field(default_factory=dict)
+    stopping: Optional[str] = None  # set by Deployer.shutdown: why the job must end now
+    aborts: List[Callable[[], None]] = field(default_factory=list)  # end a blocked transfer
+    thread: Optional[threading.Thread] = None
 
     @property
     def id(self) -> str:
         return self.request.id
+
+    def cancelled(self) -> Optional[str]:
+        return self.stopping
+
+    def stop(self, reason: str) -> None:
+        """End the job soon (the worker answers ``failed``): wake what it waits on."""
+        self.stopping = reason
+        if self.assembler is not None:
+            self.assembler.fail(reason)
+        for abort in list(self.aborts):
+            try:
+                abort()
+            except OSError:
+                pass
 
 
 class Deployer:
@@ -392,21 +482,12 @@ class Deployer:
     confirmation, undo) is the model manager's (:meth:`ModelManager.activate`).
     """
 
-    def __init__(self, ctx: HandlerContext, store: ModelStore) -> None:
+    def __init__(self, ctx: HandlerContext) -> None:
         self.ctx = ctx
         self.models = ctx.models
-        self.store = store
         cfg = ctx.config().deploy
         self.max_size = int(cfg.max_size_mb) * 1024 * 1024
         self.url_timeout_s = float(cfg.url_timeout_s)
-        self.public_key: Any = None
-        self.key_problem: Optional[str] = None
-        if cfg.public_key:
-            try:
-                self.public_key = signing.load_public_key(cfg.public_key)
-            except EdgeAgentError as exc:
-                self.key_problem = str(exc)
-                log.error("deployments are refused until fixed: %s", exc)
         comms = ctx.comms  # the agent may replace its comms on reload
         self.deploy_channel = CommandChannel(comms, KIND, DEPLOY_SCHEMA, MAX_REQUEST_BYTES)
         self.rollback_channel = CommandChannel(comms, KIND, ROLLBACK_SCHEMA,
@@ -414,20 +495,49 @@ class Deployer:
         self.models_channel = CommandChannel(comms, MODELS_KIND, MODELS_SCHEMA)
         self._lock = threading.Lock()
         self._job: Optional[_Job] = None
+        self._stopping: Optional[str] = None
 
     @classmethod
-    def create(cls, ctx: HandlerContext) -> Optional["Deployer"]:
-        """None when the model store is unusable: the agent then serves its configured model only."""
-        store = ctx.models.store
-        return None if store is None else cls(ctx, store)
+    def create(cls, ctx: HandlerContext) -> "Deployer":
+        """Always built: without a usable store every request is answered ``rejected`` with why."""
+        return cls(ctx)
+
+    @property
+    def public_key(self) -> Any:
+        return self.models.public_key  # the model manager's: one key for every path to "current"
+
+    @property
+    def store(self) -> ModelStore:
+        """The store, ready to be written; RequestError (answered ``rejected``) saying why not."""
+        store = self.models.store
+        if store is None:
+            raise RequestError(f"deployments disabled: {self.models.store_problem or 'no model store'}")
+        try:
+            store.check_writable()
+        except OSError as exc:
+            raise RequestError(f"deployments disabled: {storage_problem(exc)}") from None
+        return store
 
     def routes(self) -> Iterable[Route]:
         return [Route("deploy", self.on_deploy, subtree=True), Route("rollback", self.on_rollback),
                 Route("models", self.on_models)]
 
     def shutdown(self, reason: str = "agent stopping", timeout: float = 5.0) -> None:
-        """Flush the answers already given (a running job answers when it ends, or not at all)."""
+        """End the running job with its final answer (``failed``: the reason), flush every answer.
+
+        Called before the agent's comms stop, so each request in flight is answered before
+        ``offline``. A job that does not end in time (a hung interpreter) is answered from here."""
         deadline = time.monotonic() + timeout
+        with self._lock:
+            self._stopping = reason  # no new job from here on: it could not be answered
+            job = self._job
+        if job is not None:
+            job.stop(reason)
+            if job.thread is not None:
+                job.thread.join(max(0.0, deadline - 1.0 - time.monotonic()))
+            if not job.request.finished:
+                job.request.fail(f"{reason}: the {job.kind} did not finish", **job.fields,
+                                 running=self._running_sha())
         for channel in (self.deploy_channel, self.rollback_channel, self.models_channel):
             channel.outbox.flush(max(0.0, deadline - time.monotonic()))
 
@@ -448,8 +558,13 @@ class Deployer:
 
     def on_models(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
         request = self.models_channel.receive(topic, payload, props)
-        if request is not None:
-            request.done(running=self._running_sha(), **self.store.describe())
+        if request is None:
+            return
+        store = self.models.store
+        if store is None:
+            request.reject(f"no model store: {self.models.store_problem}", running=self._running_sha())
+        else:
+            request.done(running=self._running_sha(), **store.describe())
 
     def _guarded(self, request: Request, start: Callable[[Request], None]) -> None:
         try:
@@ -460,6 +575,8 @@ class Deployer:
 
     def _claim(self, job: _Job) -> None:
         with self._lock:
+            if self._stopping is not None:
+                raise RequestError(self._stopping)
             if self._job is not None:
                 raise RequestError(f"busy: {self._job.kind} {self._job.id} is in progress")
             self._job = job
@@ -471,22 +588,29 @@ class Deployer:
         if req.sha256 == self._running_sha():
             request.done(state="active", note="already running this model: nothing transferred", **job.fields)
             return
+        store = self.store
         self._claim(job)
         try:
-            job.temp = self.store.incoming_file(req.id)
+            job.temp = store.incoming_file(req.id)
             if req.chunks:
                 job.assembler = ChunkAssembler(job.temp, req.size, req.chunks, req.chunk_size)
         except OSError as exc:
             self._release(job)
-            raise RequestError(f"cannot write to the model store: {exc}") from None
+            if job.temp is not None:
+                job.temp.unlink(missing_ok=True)
+            raise RequestError(storage_problem(exc)) from None
         # accepted before the worker can send progress; senders of chunks wait for it
         request.accept(transfer="chunks" if req.chunks else "url", chunks=req.chunks or None, **job.fields)
-        threading.Thread(target=self._run_job, args=(job, self._deploy), name=f"deploy-{req.id}",
-                         daemon=True).start()
+        self._start_worker(job, self._deploy)
+
+    def _start_worker(self, job: _Job, work: Callable[[_Job], Dict[str, Any]]) -> None:
+        job.thread = threading.Thread(target=self._run_job, args=(job, work), name=f"{job.kind}-{job.id}",
+                                      daemon=True)
+        job.thread.start()
 
     def _check_signature(self, req: DeployRequest) -> None:
-        if self.key_problem is not None:
-            raise RequestError(f"deployments disabled: {self.key_problem}")
+        if self.models.key_problem is not None:
+            raise RequestError(f"deployments disabled: {self.models.key_problem}")
         if self.public_key is None:
             return
         if not req.signature:
@@ -502,18 +626,21 @@ class Deployer:
         job = _Job(request, "rollback", spec, fields={"name": target.name, "sha256": target.sha256})
         if target.sha256 == self._running_sha():
             raise RequestError(f"already running {target.name} ({target.sha256[:12]})")
+        problem = self.models.trust_problem(target)
+        if problem is not None:
+            raise RequestError(f"rollback refused: {problem}")
         self._claim(job)
         request.accept(**job.fields)
-        threading.Thread(target=self._run_job, args=(job, self._rollback), name=f"rollback-{job.id}",
-                         daemon=True).start()
+        self._start_worker(job, self._rollback)
 
     def _rollback_target(self, to: Optional[str]) -> StoredModel:
+        store = self.store
         if to is None:
-            sha = self.store.previous()
-            if sha is None or not self.store.has(sha):
+            sha = store.previous()
+            if sha is None or not store.has(sha):
                 raise RequestError("no previous model in the store to roll back to")
-            return self.store.get(sha)
-        entry = self.store.find(to)
+            return store.get(sha)
+        entry = store.find(to)
         if entry is None:
             raise RequestError(f"no model '{to}' in the store")
         return entry
@@ -530,22 +657,31 @@ class Deployer:
 
     # -- the worker ----------------------------------------------------------------------------
     def _run_job(self, job: _Job, work: Callable[[_Job], Dict[str, Any]]) -> None:
+        """Run the job; clean up (partial file, slot) BEFORE the final answer, so what it says holds."""
+        status, fields = "failed", {}
         try:
-            extra = work(job)
-            job.request.done(**job.fields, **extra, running=self._running_sha())
+            fields = work(job)
+            status = "done"
         except EdgeAgentError as exc:
             log.error("%s %s failed: %s", job.kind, job.id, exc)
-            job.request.fail(str(exc), **job.fields, running=self._running_sha())
+            fields["reason"] = str(exc)
+        except OSError as exc:  # the store cannot be written (disk full, read-only, I/O error)
+            log.error("%s %s failed: %s", job.kind, job.id, exc)
+            fields["reason"] = storage_problem(exc)
         except Exception as exc:  # a bug must answer too: the requester is waiting
             log.exception("%s %s crashed", job.kind, job.id)
-            job.request.fail(f"internal error: {type(exc).__name__}: {exc}", **job.fields,
-                             running=self._running_sha())
+            fields["reason"] = f"internal error: {type(exc).__name__}: {exc}"
         finally:
-            if job.assembler is not None:
-                job.assembler.close()
-            if job.temp is not None and job.temp.exists():
-                job.temp.unlink()
-            self._release(job)
+            try:
+                if job.assembler is not None:
+                    job.assembler.close()
+                if job.temp is not None:
+                    job.temp.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s %s: cleaning up: %s", job.kind, job.id, exc)
+            finally:
+                self._release(job)
+                job.request.send(status, **{**job.fields, **fields}, running=self._running_sha())
 
     def _release(self, job: _Job) -> None:
         with self._lock:
@@ -554,33 +690,46 @@ class Deployer:
 
     def _deploy(self, job: _Job) -> Dict[str, Any]:
         req = job.spec
-        assert job.temp is not None
+        store = self.models.store
+        assert job.temp is not None and store is not None
         progress = self._progress_reporter(job, req.size)
-        if job.assembler is not None:
-            job.assembler.wait(req.transfer_timeout_s, progress)
-            job.assembler.close()
-            if job.assembler.duplicates:
-                job.fields["duplicate_chunks"] = job.assembler.duplicates
-        else:
-            fetch_url(req.url or "", job.temp, req.size, self.url_timeout_s, progress)
+        try:
+            if job.stopping is not None:  # stopped before this worker began
+                raise DeployFailed(job.stopping)
+            if job.assembler is not None:
+                job.assembler.wait(req.transfer_timeout_s, progress)
+                job.assembler.close()
+                if job.assembler.duplicates:
+                    job.fields["duplicate_chunks"] = job.assembler.duplicates
+            else:
+                fetch_url(req.url or "", job.temp, req.size, self.url_timeout_s, progress,
+                          on_connected=job.aborts.append)
+        except DeployFailed:
+            if job.stopping is None:
+                raise
+        if job.stopping is not None:
+            raise Cancelled(f"{job.stopping}: transfer abandoned")
         job.request.progress(stage="verifying", **job.fields)
         verify_file(job.temp, req.size, req.sha256)
-        placed = self.store.place(job.temp, req.sha256)
+        placed = store.place(job.temp, req.sha256)
         try:
-            segmenter, report = self._load_and_check(job, self.store.model_path(req.sha256))
+            segmenter, report = self._load_and_check(job, store.model_path(req.sha256))
+            job.fields.update(report)
+            signature = base64.b64encode(req.signature).decode("ascii") if req.signature else None
+            store.write_manifest(req.sha256, {  # a re-deployment refreshes it (and its signature)
+                "name": req.name, "labels": segmenter.labels, "input_size": list(segmenter.model.input_size),
+                "source": req.url or "mqtt", "request_id": req.id, "deployed_at": round(time.time(), 3),
+                "size": req.size, "signature": signature,
+                "signed": bool(req.signature and self.public_key is not None)})
         except BaseException:
             if placed:
-                self.store.discard(req.sha256)
+                store.discard(req.sha256)
             raise
-        job.fields.update(report)
-        self.store.write_manifest(req.sha256, {  # a re-deployment refreshes it
-            "name": req.name, "labels": segmenter.labels, "input_size": list(segmenter.model.input_size),
-            "source": req.url or "mqtt", "request_id": req.id, "deployed_at": round(time.time(), 3),
-            "size": req.size, "signed": bool(req.signature and self.public_key is not None)})
         return self._activate(job, segmenter, "active")
 
     def _rollback(self, job: _Job) -> Dict[str, Any]:
-        entry = self.store.get(job.spec.sha256)
+        assert self.models.store is not None
+        entry = self.models.store.get(job.spec.sha256)
         segmenter, report = self._load_and_check(job, entry.path, labels=entry.labels)
         job.fields.update(report)
         return self._activate(job, segmenter, "rolled_back")
@@ -598,7 +747,8 @@ class Deployer:
 
         job.request.progress(stage="checking", **job.fields)
         try:
-            return run_with_timeout(load, 3 * m.inference_timeout_s + 30.0, "loading and the sanity invoke")
+            return run_with_timeout(load, 3 * m.inference_timeout_s + 30.0, "loading and the sanity invoke",
+                                    job.cancelled)
         except DeployFailed:
             raise
         except EdgeAgentError as exc:  # ModelError, RuntimeNotAvailable, InferenceError
@@ -610,7 +760,8 @@ class Deployer:
         req = job.spec
         removed = self.models.activate(
             segmenter, job.kind, req.confirm_frames, req.confirm_timeout_s,
-            on_activating=lambda: job.request.progress(stage="activating", **job.fields))
+            on_activating=lambda: job.request.progress(stage="activating", **job.fields),
+            cancelled=job.cancelled)
         log.info("%s %s: now running %s (%s)", job.kind, job.id, req.name, req.sha256[:12])
         return {"state": final, "pruned": removed or None}
 

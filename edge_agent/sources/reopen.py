@@ -44,8 +44,9 @@ class SourceStats:
 class ReopeningSource:
     """A ``FrameSource`` that wraps a backend factory and survives its failures.
 
-    ``open()`` opens the backend once and raises ``SourceError`` if that fails (a bad config
-    should stop the daemon with a clear message). After that, any exception from the backend,
+    ``open()`` opens the backend once; strict, it raises ``SourceError`` if that fails, else (the
+    agent's choice: a camera or stream may come up after it) the failure is retried like any
+    later one. After that, any exception from the backend,
     or no frame for ``stall_timeout_s`` (0 disables), closes it; reopening is attempted after
     ``backoff_initial_s``, doubling up to ``backoff_max_s``; the delay resets once a frame
     arrives. ``EndOfStream`` is passed through. ``live`` is the wrapped backend's (a camera's

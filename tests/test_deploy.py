@@ -263,9 +263,10 @@ def test_chunked_deploy_swaps_without_gap_then_rollback(env_factory, http_dir, t
     models = [r["model"] for r in results]
     first_new = models.index(SHA[DM05][:12])
     assert models[first_new - 1] == SHA[DM10][:12] and set(models[first_new:]) == {SHA[DM05][:12]}
+    # Only the swap is the deployment's doing: drops elsewhere (a camera outpacing a loaded CPU,
+    # newest frame wins) say how busy the machine is, not how the swap went.
     seqs = [r["seq"] for r in results]
-    assert max(b - a for a, b in zip(seqs, seqs[1:])) <= 3, seqs
-    assert seqs[first_new] - seqs[first_new - 1] <= 3
+    assert seqs[first_new] - seqs[first_new - 1] <= 3, seqs
     mask = decode_mask_png(bytes(env.rec.matching(f"{env.base}/mask")[-1].payload))
     assert mask.shape == (385, 513)  # model resolution, letterbox padding cropped
     store = env.store()

@@ -354,6 +354,18 @@ def test_unknown_input_quantization_range_is_refused(tmp_path):
     assert Segmenter(str(model), options=ModelOptions(normalization="-1..1")).info()["normalization"]["preset"] == "-1..1"
 
 
+def test_calibrated_input_quantization_picks_the_range_it_lies_in(tmp_path):
+    """Post-training quantization calibrates the input on real data (our host ptq with two VOC
+    images: -0.9635..0.8169): inside -1..1 and filling most of it is -1..1, never raw or 0..1."""
+    for scale, zero_point, expected in ((0.0069819302298128605, 138, "-1..1"),  # -0.96..0.82
+                                        (0.0036, 6, "0..1")):  # -0.02..0.90
+        model = write(tmp_path, f"cal{expected}.tflite",
+                      conv_model(16, np.eye(2, 3), input_dtype=np.uint8, input_scale=scale,
+                                 input_zero_point=zero_point))
+        info = Segmenter(str(model)).info()["normalization"]
+        assert info["preset"] == expected and "input quantization" in info["source"], info
+
+
 # -- not segmenters -------------------------------------------------------------------------------
 
 def test_image_to_image_models_are_refused(tmp_path):

@@ -188,6 +188,9 @@ def read_input_spec(details: Dict[str, Any], where: str) -> InputSpec:
 NORMALIZATION_SETTINGS = "model.normalization (-1..1, 0..1, raw) or model.input_mean/model.input_std"
 
 
+CALIBRATED_COVERAGE = 0.6  # the least share of a preset's range a calibrated input range fills
+
+
 def resolve_normalization(spec: InputSpec, meta: Optional[TensorMeta], options: ModelOptions,
                           where: str) -> Normalization:
     """The input normalisation in force: metadata, else the settings, else the input's quantization
@@ -212,12 +215,19 @@ def resolve_normalization(spec: InputSpec, meta: Optional[TensorMeta], options: 
         return DEEPLAB
     info = np.iinfo(spec.dtype)
     lo, hi = (info.min - spec.zero_point) * spec.scale, (info.max - spec.zero_point) * spec.scale
+    # A quantized input was calibrated on real data: its range lies inside the range the model was
+    # trained for and fills most of it (post-training quantization rarely sees exactly -1 and 1).
+    # Accepted only when exactly one preset fits that way; anything else is refused.
     tolerance = 3 * spec.scale + 0.02 * (hi - lo)
+    fits = []
     for name, (mean, std) in PRESETS.items():
-        candidate = Normalization.of(mean, std, "")
-        rlo, rhi = candidate.real_range()
-        if abs(rlo - lo) <= tolerance and abs(rhi - hi) <= tolerance:
-            return Normalization.of(mean, std, f"the input quantization (real range {lo:.4g}..{hi:.4g})")
+        rlo, rhi = Normalization.of(mean, std, "").real_range()
+        inside = lo >= rlo - tolerance and hi <= rhi + tolerance
+        if inside and (hi - lo) >= CALIBRATED_COVERAGE * (rhi - rlo):
+            fits.append((mean, std))
+    if len(fits) == 1:
+        mean, std = fits[0]
+        return Normalization.of(mean, std, f"the input quantization (real range {lo:.4g}..{hi:.4g})")
     raise ModelError(f"{where}: the input quantization covers {lo:.4g}..{hi:.4g}, which is none of "
                      f"-1..1, 0..1, raw, and the model has no normalisation metadata: set {NORMALIZATION_SETTINGS}")
 

@@ -9,7 +9,7 @@ Routes (JSON unless said otherwise)::
     GET  /api/events               SSE: hello, device, frame and job events (newest wins per client)
     GET  /api/jobs[/{id}]          benchmark/models/deploy/rollback jobs; /{id}/report.json = --json
     POST /api/bench | /api/models | /api/rollback    JSON body -> a job
-    POST /api/deploy?devices=a,b&name=N              the model file as the raw body -> a job
+    POST /api/deploy?devices=a,b&name=N[&labels=...]  the model file as the raw body -> a job
     POST /api/session              token header -> a cookie for the page's GETs (EventSource, images)
 
 Security (docs in README "Console"): broker credentials never leave the server.  Every POST needs
@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 from edge_agent.console.jobs import Jobs
 from edge_agent.console.state import FleetState
 from edge_agent.errors import EdgeAgentError
+from edge_agent.inference.labels import parse_labels
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_HEADER = "x-console-token"
@@ -320,7 +321,8 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
             chunks.append(chunk)
         if size == 0:
             raise RequestProblem("the body is empty: send the model file")
-        job = jobs.deploy(targets, b"".join(chunks), name,
+        labels = parse_labels(q["labels"], "labels") if q.get("labels") else None
+        job = jobs.deploy(targets, b"".join(chunks), name, labels=labels,
                           confirm_frames=_int(dict(q), "confirm_frames", None, 0, 100000))
         return JSONResponse(job.doc(), status_code=202)
 

@@ -98,10 +98,11 @@ class Jobs:
                 job.progress[dev] = {"status": answer.status, "reason": answer.reason}
         return self._start("models", devices, {}, work)
 
-    def deploy(self, devices: List[str], data: bytes, name: str, confirm_frames: Optional[int] = None,
-               timeout: float = 300.0) -> Job:
-        params = fleet_deploy.deploy_params(data, name, sign_key=self.sign_key, confirm_frames=confirm_frames)
-        shown = {k: v for k, v in params.items() if k != "signature"}
+    def deploy(self, devices: List[str], data: bytes, name: str, labels: Optional[List[str]] = None,
+               confirm_frames: Optional[int] = None, timeout: float = 300.0) -> Job:
+        params = fleet_deploy.deploy_params(data, name, labels=labels, sign_key=self.sign_key,
+                                            confirm_frames=confirm_frames)
+        shown = {k: v for k, v in params.items() if k not in ("signature", "labels")}
 
         def work(client: FleetClient, job: Job) -> None:
             answers = fleet_deploy.deploy(client, params, data, devices=devices, timeout=timeout,

@@ -133,7 +133,7 @@ function renderFleetRow(row) {
     tr = el("tr", { data: { device: row.device } });
     cells.forEach(() => tr.append(el("td")));
     tr.cells[0].append(el("a", { onclick: () => selectDevice(row.device, true) }, row.device));
-    tr.cells[9].append(el("canvas", { class: "spark", width: 200, height: 36 }));
+    tr.cells[9].append(el("canvas", { class: "spark", width: 150, height: 36 }));
     const rows = [...body.rows, tr].sort((a, b) => a.dataset.device.localeCompare(b.dataset.device));
     body.append(...rows);
   }
@@ -489,9 +489,13 @@ function wire() {
     if (!file) { $("#deploy-error").textContent = "choose a model file"; return; }
     const name = $("#deploy-name").value.trim() || file.name.replace(/\.tflite$/i, "");
     const query = new URLSearchParams({ devices: chosen("#deploy-devices").join(","), name });
+    const labels = $("#deploy-labels").files[0];
     $("#deploy-start").disabled = $("#rollback-start").disabled = true;
-    startJob("deploy", api(`/api/deploy?${query}`, { method: "POST", body: file,
-                                                     headers: { "Content-Type": "application/octet-stream" } }));
+    startJob("deploy", (labels ? labels.text() : Promise.resolve(null)).then((text) => {
+      if (text) query.set("labels", text);
+      return api(`/api/deploy?${query}`, { method: "POST", body: file,
+                                           headers: { "Content-Type": "application/octet-stream" } });
+    }));
   });
   $("#rollback-start").addEventListener("click", () => {
     $("#deploy-start").disabled = $("#rollback-start").disabled = true;

@@ -1,0 +1,272 @@
+"""``edge-agent console``: the access rules, and the acceptance run in a real headless chromium.
+
+The browser test drives Debian's chromium (Selenium + chromium-driver) against the console, two
+real agent processes (dm05 on VOC photos) and a real mosquitto: both devices appear, the image
+updates, a benchmark's table equals what ``remote bench --json``'s code makes of the same report,
+a deployment completes, and a SIGKILLed agent turns offline. Screenshots go to the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+from edge_agent.cli import build_parser
+from edge_agent.console.jobs import table
+from edge_agent.console.server import parse_listen, read_token
+from edge_agent.errors import EdgeAgentError
+from edge_agent.fleet import bench as fleet_bench
+from tests.broker import Recorder
+from tests.data import DM10, LABELS, VOC
+from tests.helpers import (ConsoleProcess, chromium, chromium_available, start_agent, stop_agent, wait_until,
+                           write_config)
+
+PREFIX = "edge-agent"
+TOKEN = "t0ken-for-the-console-tests"
+
+
+# -- the listen rule (no broker needed: it is checked before connecting) ---------------------------
+
+def test_listen_parsing_and_tokens(tmp_path):
+    assert parse_listen("127.0.0.1:8080").loopback and parse_listen("[::1]:0").loopback
+    assert parse_listen("localhost:1").loopback
+    assert not parse_listen("0.0.0.0:8080").loopback and not parse_listen("console.lan:80").loopback
+    for bad in ("8080", "host:", "host:99999", ":80"):
+        with pytest.raises(EdgeAgentError, match="expected HOST:PORT"):
+            parse_listen(bad)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert read_token(str(tmp_path / "token"), "ignored-when-a-file-is-given") == TOKEN
+    assert read_token(None, TOKEN) == TOKEN and read_token(None, None) is None
+    with pytest.raises(EdgeAgentError, match="at least 16 characters"):
+        read_token(None, "short")
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0"])
+def test_non_loopback_without_a_token_refuses_to_start(listen):
+    proc = subprocess.run([sys.executable, "-m", "edge_agent", "console", "--listen", listen, "--port", "1"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not loopback: configure a token" in lines[0], proc.stderr
+
+
+# -- access over HTTP (a real console on a real broker) ---------------------------------------------
+
+def _http(url: str, method: str = "GET", body: Optional[bytes] = None,
+          headers: Optional[Dict[str, str]] = None) -> tuple:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read(), response.headers
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers
+
+
+@pytest.mark.broker
+def test_every_state_change_needs_the_token_header(mosquitto, tmp_path, monkeypatch):
+    broker = mosquitto()
+    monkeypatch.setenv("EDGE_AGENT_CONSOLE_TOKEN", TOKEN)
+    console = ConsoleProcess(broker.port)
+    try:
+        url = console.url
+        # reads need the token too when one is configured (header or the session cookie)
+        assert _http(url + "api/devices")[0] == 401
+        status, body, _ = _http(url + "api/devices", headers={"X-Console-Token": TOKEN})
+        assert status == 200 and json.loads(body)["devices"] == []
+        # the page never embeds a configured token
+        assert TOKEN not in _http(url)[1].decode()
+        bench = json.dumps({"devices": ["pi-x"], "runs": 3}).encode()
+        for headers in ({}, {"X-Console-Token": "wrong-wrong-wrong-wrong"}, {"Cookie": f"edge_agent_console={TOKEN}"}):
+            status, body, _ = _http(url + "api/bench", "POST", bench, headers)
+            assert status == 403 and b"X-Console-Token" in body, (headers, body)
+        # a cross-origin POST is refused even with the token (a page elsewhere cannot ride on it)
+        status, body, _ = _http(url + "api/bench", "POST", bench,
+                                {"X-Console-Token": TOKEN, "Origin": "http://evil.example"})
+        assert status == 403 and b"cross-origin" in body
+        # with the token: validated (one line naming the field), then accepted
+        status, body, _ = _http(url + "api/bench", "POST", bench, {"X-Console-Token": TOKEN})
+        assert status == 400 and json.loads(body)["error"] == "devices: unknown device(s) pi-x"
+        status, body, headers = _http(url + "api/session", "POST", b"", {"X-Console-Token": TOKEN})
+        cookie = headers["set-cookie"]
+        assert status == 200 and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert _http(url + "api/devices", headers={"Cookie": cookie.split(";")[0]})[0] == 200
+    finally:
+        console.stop()
+
+
+@pytest.mark.broker
+def test_loopback_console_refuses_foreign_host_headers(mosquitto):
+    broker = mosquitto()
+    console = ConsoleProcess(broker.port)
+    try:
+        assert _http(console.url + "api/devices")[0] == 200
+        # DNS rebinding: a name resolving to 127.0.0.1 still says its own name in Host
+        status, body, _ = _http(console.url + "api/devices", headers={"Host": "rebind.example:8080"})
+        assert status == 403 and b"loopback only" in body
+        page = _http(console.url)[1].decode()
+        embedded = page.split('name="console-token" content="')[1].split('"')[0]
+        assert len(embedded) >= 16  # the per-process token the page sends back on POSTs
+        assert _http(console.url + "api/models", "POST", b'{"devices": []}')[0] == 403
+        status, body, _ = _http(console.url + "api/models", "POST", b'{"devices": []}',
+                                {"X-Console-Token": embedded})
+        assert status == 400 and b"devices: expected a non-empty list" in body
+    finally:
+        console.stop()
+
+
+# -- acceptance in a real browser -------------------------------------------------------------------
+
+def _rows(driver) -> Dict[str, str]:
+    return driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#fleet tbody tr')]"
+        ".map(tr => [tr.dataset.device, tr.dataset.online]))")
+
+
+def _table(driver, selector: str) -> List[List[str]]:
+    return driver.execute_script(
+        f"return [...document.querySelectorAll('{selector} tbody tr')]"
+        ".map(tr => [...tr.cells].map(td => td.textContent))")
+
+
+def _click(driver, selector: str) -> None:
+    driver.execute_script(f"document.querySelector('{selector}').click()")
+
+
+def _check(driver, holder: str, devices: List[str]) -> None:
+    wait_until(lambda: driver.execute_script(
+        f"return document.querySelectorAll('{holder} input').length") >= len(devices), 10, "device checkboxes")
+    for dev in devices:
+        driver.execute_script(f"document.querySelector('{holder} input[value=\"{dev}\"]').checked = true")
+
+
+def _status(driver, prefix: str) -> Optional[str]:
+    return driver.execute_script(f"return document.querySelector('#{prefix}-status').dataset.status || null")
+
+
+def _coloured_pixels(driver) -> int:
+    """Pixels of the device canvas that are neither black nor grey (the PASCAL colours)."""
+    return driver.execute_script("""
+        const c = document.querySelector('#device-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (Math.max(d[i], d[i+1], d[i+2]) - Math.min(d[i], d[i+1], d[i+2]) > 40) n++;
+        return n;""")
+
+
+@pytest.mark.broker
+@pytest.mark.browser
+@pytest.mark.slow
+def test_console_in_a_real_browser(mosquitto, tmp_path):
+    if not chromium_available():
+        pytest.skip("chromium + chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    broker = mosquitto()
+    devices = ["pi-a", "pi-b"]
+    rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/+/availability")
+    agents = {}
+    for dev in devices:
+        (tmp_path / dev).mkdir()
+        config = write_config(tmp_path / dev / "agent.toml", dev, broker.port,
+                              {"kind": "folder", "uri": str(VOC / "JPEGImages"), "fps": 2.0, "loop": True},
+                              publish={"stats_interval_s": 2.0, "timings_interval_s": 2.0, "overlay": True,
+                                       "overlay_max_hz": 2.0})
+        agents[dev] = start_agent(config)
+    console = ConsoleProcess(broker.port)
+    driver = None
+    try:
+        driver = chromium(tmp_path / "chromium-profile")
+        driver.get(console.url)
+
+        # -- fleet: both devices appear online, with their model and live numbers
+        wait_until(lambda: _rows(driver) == {"pi-a": "true", "pi-b": "true"}, 60, "both devices online")
+        wait_until(lambda: all(r["fps"] and r["inference_ms"] for r in
+                               json.loads(urllib.request.urlopen(console.url + "api/devices").read())["devices"]),
+                   30, "fps and latency of both devices")
+        wait_until(lambda: all(row[6] != "–" and row[7] != "–" for row in _table(driver, "#fleet")), 10,
+                   "fps and latency shown")
+        fleet = {row[0]: row for row in _table(driver, "#fleet")}
+        assert fleet["pi-a"][2] == "deeplabv3_mnv2_dm05_pascal_quant" and fleet["pi-a"][4] == "cpu"
+        driver.save_screenshot(str(tmp_path / "1-fleet.png"))
+
+        # -- device: the coloured mask over the overlay, updating
+        _click(driver, '#fleet tr[data-device="pi-a"] a')
+        mask_n = lambda: int(driver.execute_script("return document.querySelector('#device-canvas').dataset.maskN"))
+        first = wait_until(mask_n, 30, "a first mask drawn")
+        wait_until(lambda: mask_n() > first, 30, "the image updating")
+        wait_until(lambda: _coloured_pixels(driver) > 500, 30, "a coloured class (VOC photos have objects)")
+        classes = _table(driver, "#device-classes")
+        assert classes and all(cell.endswith("%") for _, cell, _ in classes), classes
+        assert {r[0] for r in _table(driver, "#device-stages")} >= {"inference", "end_to_end"}
+        driver.save_screenshot(str(tmp_path / "2-device.png"))
+
+        # -- benchmark: both devices; the table is summary_rows() of the report (= --json)
+        _click(driver, '#tabs button[data-tab="bench"]')
+        _check(driver, "#bench-devices", devices)
+        driver.execute_script("document.querySelector('#bench-runs').value = 8")
+        _click(driver, "#bench-start")
+        wait_until(lambda: _status(driver, "bench") == "done", 120, "the benchmark to finish")
+        job_id = driver.execute_script("return document.querySelector('#bench-status').dataset.job")
+        report = json.loads(urllib.request.urlopen(f"{console.url}api/jobs/{job_id}/report.json").read())
+        expected = table(fleet_bench.summary_rows(report), fleet_bench.TABLE_COLUMNS)
+        shown = _table(driver, "#bench-table")
+        assert shown == expected["cells"] and len(shown) == 2
+        assert {row[1] for row in shown} == {"done"} and all(float(row[7]) > 0 for row in shown)  # p50 ms
+        assert report["command"] == fleet_bench.command_params(8, 1)
+        # `remote bench --json` writes the same document (same code): same shape, same rows' shape
+        cli_json = tmp_path / "cli.json"
+        args = build_parser().parse_args(["remote", "bench", "--device", "pi-a", "--device", "pi-b", "--runs", "8",
+                                          "--port", str(broker.port), "--host", "127.0.0.1",
+                                          "--json", str(cli_json), "--progress", "none"])
+        assert args.func(args) == 0
+        cli = json.loads(cli_json.read_text())
+        assert cli["command"] == report["command"] and set(cli) == set(report)
+        assert set(cli["devices"]) == set(report["devices"])
+        for dev in devices:
+            assert set(cli["devices"][dev]["result"]) == set(report["devices"][dev]["result"])
+        assert driver.execute_script("return !document.querySelector('#bench-chart').hidden")
+        driver.save_screenshot(str(tmp_path / "3-bench.png"))
+
+        # -- deploy dm1.0 to pi-a from a file chosen in the page; its store then shows it current
+        _click(driver, '#tabs button[data-tab="deploy"]')
+        _check(driver, "#deploy-devices", ["pi-a"])
+        _click(driver, "#models-refresh")
+        wait_until(lambda: _table(driver, "#models-table"), 20, "the model store listing")
+        driver.find_element("css selector", "#deploy-file").send_keys(str(DM10))
+        driver.find_element("css selector", "#deploy-labels").send_keys(str(LABELS))
+        driver.execute_script("document.querySelector('#deploy-name').value = 'dm10-from-console'")
+        _click(driver, "#deploy-start")
+        wait_until(lambda: _status(driver, "deploy") in ("done", "failed"), 120, "the deployment to finish")
+        assert _status(driver, "deploy") == "done"
+        deployed = _table(driver, "#deploy-table")
+        assert deployed[0][:4] == ["pi-a", "done", "active", "dm10-from-console"], deployed
+        wait_until(lambda: any(r[2] == "current" and r[3] == "dm10-from-console"
+                               for r in _table(driver, "#models-table")), 20, "the store showing it current")
+        wait_until(lambda: _table(driver, "#fleet")[0][2] == "dm10-from-console", 20, "the fleet row's new model")
+        driver.save_screenshot(str(tmp_path / "4-deploy.png"))
+
+        # -- pi-b SIGKILLed: offline in the page within a second of its Last Will
+        _click(driver, '#tabs button[data-tab="fleet"]')
+        agents["pi-b"].send_signal(signal.SIGKILL)
+        rec.wait_for(f"{PREFIX}/pi-b/availability", b"offline", timeout=30)
+        will_at = time.monotonic()
+        wait_until(lambda: _rows(driver)["pi-b"] == "false", 1.0, "pi-b offline in the page")
+        print(f"offline shown {1000 * (time.monotonic() - will_at):.0f} ms after the Last Will reached a client")
+        assert _rows(driver)["pi-a"] == "true"
+        driver.save_screenshot(str(tmp_path / "5-offline.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        output = console.stop()
+        for proc in agents.values():
+            stop_agent(proc)
+        rec.close()
+    assert "Traceback" not in output, output

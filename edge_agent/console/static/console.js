@@ -179,13 +179,14 @@ function drawSpark(canvas, history) {
 // -- device view ----------------------------------------------------------------------------------
 function selectDevice(device, show) {
   state.selected = device;
+  lastDrawn = { mask: -1, overlay: -1 };
+  images.mask = images.overlay = null;
+  if (show) showTab("device");
   $("#device-select").value = device;
   const row = state.devices.get(device);
-  lastDrawn = { mask: -1, overlay: -1 };
   const ctx = $("#device-canvas").getContext("2d");
   ctx.clearRect(0, 0, ctx.canvas.width, ctx.canvas.height);
   if (row) { renderDeviceSide(row); renderClasses(row.frame); requestImages(row.frame); }
-  if (show) showTab("device");
 }
 
 function renderDeviceSide(row) {
@@ -220,7 +221,8 @@ let lastDrawn = { mask: -1, overlay: -1 };
 const images = { mask: null, overlay: null };
 
 function requestImages(frame) {
-  if (!frame || (frame.mask === lastDrawn.mask && frame.overlay === lastDrawn.overlay)) return;
+  if (!frame || state.tab !== "device") return;  // images are fetched only while they are seen
+  if (frame.mask === lastDrawn.mask && frame.overlay === lastDrawn.overlay) return;
   wanted = frame;
   if (!inFlight) fetchImages();
 }
@@ -241,12 +243,14 @@ async function fetchImages() {
       await Promise.all(jobs);
       if (frame.device !== state.selected) continue;
       draw();
+      const newMask = frame.mask !== lastDrawn.mask;
       lastDrawn = { mask: frame.mask, overlay: frame.overlay };
-      const canvas = $("#device-canvas");
-      canvas.dataset.maskN = String(frame.mask);
-      const drawn = window.consoleMetrics.drawn;
-      drawn.push({ device: frame.device, n: frame.mask, t: performance.timeOrigin + performance.now() });
-      if (drawn.length > 5000) drawn.splice(0, drawn.length - 5000);
+      $("#device-canvas").dataset.maskN = String(frame.mask);
+      if (newMask) {
+        const drawn = window.consoleMetrics.drawn;
+        drawn.push({ device: frame.device, n: frame.mask, t: performance.timeOrigin + performance.now() });
+        if (drawn.length > 5000) drawn.splice(0, drawn.length - 5000);
+      }
     }
   } catch (err) {
     console.warn("image update failed", err);
@@ -455,7 +459,8 @@ function showTab(name) {
   state.tab = name;
   for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
   for (const s of document.querySelectorAll("section.tab")) s.hidden = s.id !== `tab-${name}`;
-  if (name === "device") draw();
+  const row = state.devices.get(state.selected);
+  if (name === "device" && row) requestImages(row.frame);
 }
 
 function renderAll() {

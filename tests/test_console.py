@@ -9,15 +9,20 @@ a deployment completes, and a SIGKILLed agent turns offline. Screenshots go to t
 from __future__ import annotations
 
 import json
+import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import cv2
+import numpy as np
 import pytest
 
 from edge_agent.cli import build_parser
@@ -58,6 +63,17 @@ def test_non_loopback_without_a_token_refuses_to_start(listen):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not loopback: configure a token" in lines[0], proc.stderr
+
+
+def test_without_the_console_extra_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as on a device installed without [console]
+    assert build_parser().parse_args(["console", "--port", "1"]).func is not None
+    from edge_agent.cli import main
+
+    assert main(["console", "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["edge-agent: error: the console needs its extra (uvicorn is missing): "
+                   "pip install 'edge-agent[console]'"]
 
 
 # -- access over HTTP (a real console on a real broker) ---------------------------------------------
@@ -124,7 +140,16 @@ def test_loopback_console_refuses_foreign_host_headers(mosquitto):
         console.stop()
 
 
-# -- acceptance in a real browser -------------------------------------------------------------------
+# -- in a real browser -----------------------------------------------------------------------------
+
+def need_browser() -> None:
+    """Skip without chromium, except in tools/test.sh's browser suite (EDGE_AGENT_REQUIRE_BROWSER=1)."""
+    if chromium_available():
+        return
+    why = "chromium + chromium-driver are not installed (apt-get install chromium chromium-driver)"
+    if os.environ.get("EDGE_AGENT_REQUIRE_BROWSER") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
 
 def _rows(driver) -> Dict[str, str]:
     return driver.execute_script(
@@ -163,12 +188,69 @@ def _coloured_pixels(driver) -> int:
         return n;""")
 
 
+def palette_png(indices: np.ndarray, palette: List[tuple]) -> bytes:
+    """An 8-bit palette PNG (colour type 3), written by hand: what a palette-mask device sends."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    h, w = indices.shape
+    raw = b"".join(b"\x00" + row.tobytes() for row in indices.astype(np.uint8))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+            + chunk(b"PLTE", b"".join(bytes(c) for c in palette)) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def _pixel(driver, fx: float, fy: float) -> List[int]:
+    return driver.execute_script(f"""
+        const c = document.querySelector('#device-canvas');
+        return [...c.getContext('2d').getImageData(Math.floor(c.width * {fx}), Math.floor(c.height * {fy}), 1, 1).data]
+            .slice(0, 3);""")
+
+
+@pytest.mark.broker
+@pytest.mark.browser
+def test_class_id_and_palette_masks_are_both_coloured(mosquitto, tmp_path):
+    """A grey class-id PNG is coloured with the PASCAL colormap by the page; a palette PNG keeps its colours."""
+    need_browser()
+    broker = mosquitto()
+    device = Recorder("127.0.0.1", broker.port, f"{PREFIX}/cam-1/none")
+    base = f"{PREFIX}/cam-1"
+    labels = [line.strip() for line in LABELS.read_text().splitlines() if line.strip()][:21]
+    device.publish(f"{base}/info", json.dumps({"device_id": "cam-1", "status": "running", "error": None,
+                                               "model": {"name": "m", "labels": labels}}).encode(), retain=True)
+    device.publish(f"{base}/availability", b"online", retain=True)
+    console = ConsoleProcess(broker.port)
+    driver = None
+    try:
+        driver = chromium(tmp_path / "chromium-profile")
+        driver.get(console.url)
+        wait_until(lambda: _rows(driver) == {"cam-1": "true"}, 30, "the device")
+        _click(driver, '#fleet tr[data-device="cam-1"] a')
+        driver.execute_script("const s = document.querySelector('#device-view'); s.value = 'mask'; "
+                              "s.dispatchEvent(new Event('change'))")
+        ids = np.zeros((48, 64), np.uint8)
+        ids[:, :32] = 15  # person: PASCAL (192, 128, 128)
+        device.publish(f"{base}/mask", cv2.imencode(".png", ids)[1].tobytes())
+        wait_until(lambda: _pixel(driver, 0.25, 0.5) == [192, 128, 128], 10, "class 15 in PASCAL colours")
+        assert _pixel(driver, 0.75, 0.5) == [0, 0, 0]
+        driver.save_screenshot(str(tmp_path / "class-id-mask.png"))
+        # a palette PNG: its own colours, whatever they are
+        device.publish(f"{base}/mask", palette_png(np.where(ids == 15, 1, 0), [(0, 0, 0), (10, 200, 30)]))
+        wait_until(lambda: _pixel(driver, 0.25, 0.5) == [10, 200, 30], 10, "the palette's colour")
+        assert _pixel(driver, 0.75, 0.5) == [0, 0, 0]
+        driver.save_screenshot(str(tmp_path / "palette-mask.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        output = console.stop()
+        device.close()
+    assert "Traceback" not in output, output
+
+
 @pytest.mark.broker
 @pytest.mark.browser
 @pytest.mark.slow
 def test_console_in_a_real_browser(mosquitto, tmp_path):
-    if not chromium_available():
-        pytest.skip("chromium + chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    need_browser()
     broker = mosquitto()
     devices = ["pi-a", "pi-b"]
     rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/+/availability")

@@ -2,19 +2,21 @@
 # Set up everything the tests need on a fresh Debian/Ubuntu machine, then run every test suite.
 #
 #   bash tools/test.sh            # all suites
-#   SUITES="device" bash tools/test.sh   # a subset: device tflite host
+#   SUITES="device" bash tools/test.sh   # a subset: device tflite host browser
 #
 # Suites (each in its own venv, as users install them):
 #   device  .venv         the agent with its default runtime (ai-edge-litert), real mosquitto
 #   tflite  .venv-tflite  the inference tests again under tflite-runtime 2.14 + numpy<2
 #   host    .venv-host    host model tools (TensorFlow 2.21, tf-keras, tfmot)
+#   browser .venv         `edge-agent console` in Debian's headless chromium (Selenium + chromium-driver)
+#                         against real agents and mosquitto (tests marked browser)
 # Exit 0 only when every selected suite ran tests and they passed (pytest's exit 5, "no tests
 # collected", counts as a failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"device tflite host"}
+SUITES=${SUITES:-"device tflite host browser"}
 PIP_FLAGS=(-q --disable-pip-version-check)
 export PIP_NO_INPUT=1
 
@@ -28,6 +30,10 @@ install_system_packages() {
   command -v mosquitto_passwd >/dev/null 2>&1 || [ -x /usr/bin/mosquitto_passwd ] || missing+=(mosquitto)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  if [[ " $SUITES " == *" browser "* ]]; then
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     say "apt-get install ${missing[*]}"
     sudo_if_needed apt-get update -qq
@@ -60,7 +66,12 @@ for suite in $SUITES; do
     device)
       say "venv .venv (device: ai-edge-litert)"
       make_venv .venv -e ".[dev]" || { RESULTS+=("device=setup-failed"); FAILED=1; continue; }
-      run_pytest device .venv -m "not host" tests --ignore=tests/host
+      run_pytest device .venv -m "not host and not browser" tests --ignore=tests/host
+      ;;
+    browser)
+      say "venv .venv (browser: chromium $(/usr/bin/chromium --version 2>/dev/null | awk '{print $2}'))"
+      make_venv .venv -e ".[dev]" || { RESULTS+=("browser=setup-failed"); FAILED=1; continue; }
+      EDGE_AGENT_REQUIRE_BROWSER=1 run_pytest browser .venv -m browser tests --ignore=tests/host
       ;;
     tflite)
       say "venv .venv-tflite (tflite-runtime 2.14, numpy<2)"

@@ -298,7 +298,9 @@ function draw() {
   if (base) ctx.drawImage(base, 0, 0, canvas.width, canvas.height);
   if (mask) {
     ctx.globalAlpha = base ? 0.55 : 1.0;
+    ctx.imageSmoothingEnabled = false;  // class boundaries stay crisp (no invented in-between colours)
     ctx.drawImage(mask, 0, 0, canvas.width, canvas.height);
+    ctx.imageSmoothingEnabled = true;
     ctx.globalAlpha = 1.0;
   }
 }

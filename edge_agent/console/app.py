@@ -67,6 +67,16 @@ class Hub:
     def __init__(self) -> None:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.listeners: Set[_Listener] = set()
+        self.closing = False
+
+    def close(self) -> None:
+        """End every event stream (shutting down: the server would otherwise wait for them)."""
+        def wake() -> None:
+            self.closing = True
+            for listener in self.listeners:
+                listener.event.set()
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(wake)
 
     def notify(self, kind: str, key: str) -> None:
         loop = self.loop
@@ -242,6 +252,8 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
                     except asyncio.TimeoutError:
                         yield ": keepalive\n\n"
                         continue
+                    if hub.closing:
+                        return
                     listener.event.clear()
                     dirty, listener.dirty = listener.dirty, set()
                     for kind, key in sorted(dirty):

@@ -44,14 +44,21 @@ class Job:
         self.report: Optional[Dict[str, Any]] = None  # benchmark: the report_doc
         self.started_at = time.time()
         self.finished_at: Optional[float] = None
+        self._lock = threading.Lock()  # progress is written on paho's thread, read on the web loop
+
+    def set_progress(self, device: str, entry: Dict[str, Any]) -> None:
+        with self._lock:
+            self.progress[device] = entry
 
     def doc(self) -> Dict[str, Any]:
         samples = None
         if self.report is not None:
             samples = {dev: (e.get("result") or {}).get("samples_ms") or []
                        for dev, e in self.report["devices"].items()}
+        with self._lock:
+            progress = {dev: dict(entry) for dev, entry in self.progress.items()}
         return {"id": self.id, "kind": self.kind, "devices": self.devices, "params": self.params,
-                "status": self.status, "error": self.error, "progress": self.progress, "table": self.table,
+                "status": self.status, "error": self.error, "progress": progress, "table": self.table,
                 "samples_ms": samples, "started_at": self.started_at, "finished_at": self.finished_at}
 
 
@@ -95,7 +102,7 @@ class Jobs:
             answers = fleet_deploy.list_models(client, devices=devices, timeout=timeout)
             job.table = table(fleet_deploy.model_rows(answers), fleet_deploy.MODEL_COLUMNS)
             for dev, answer in answers.items():
-                job.progress[dev] = {"status": answer.status, "reason": answer.reason}
+                job.set_progress(dev, {"status": answer.status, "reason": answer.reason})
         return self._start("models", devices, {}, work)
 
     def deploy(self, devices: List[str], data: bytes, name: str, labels: Optional[List[str]] = None,
@@ -122,7 +129,7 @@ class Jobs:
     # -- plumbing --------------------------------------------------------------------------------
     def _progress(self, job: Job) -> Callable[[str, Dict[str, Any]], None]:
         def on_message(device: str, doc: Dict[str, Any]) -> None:
-            job.progress[device] = _progress_entry(doc)
+            job.set_progress(device, _progress_entry(doc))
             self.on_change(job.id)
         return on_message
 
@@ -132,7 +139,7 @@ class Jobs:
             entry = dict(job.progress.get(dev) or {})
             entry.update({"status": answer.status, "reason": answer.reason,
                           "state": (answer.final or {}).get("state")})
-            job.progress[dev] = entry
+            job.set_progress(dev, entry)
 
     def _start(self, kind: str, devices: List[str], params: Dict[str, Any],
                work: Callable[[FleetClient, Job], None]) -> Job:

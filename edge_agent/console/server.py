@@ -103,9 +103,9 @@ def serve(mqtt: Any, listen: Listen, token: Optional[str], discover_s: float = 1
     check_listen(listen, token)
     sock = bind(listen)
     hub = Hub()
-    client = FleetClient(mqtt, client_id=None)
-    client.connect()
+    client = FleetClient(mqtt)
     try:
+        client.connect()
         state = FleetState(client, on_change=hub.notify).start()
         jobs = Jobs(mqtt, on_change=lambda job_id: hub.notify("job", job_id), discover_s=discover_s,
                     sign_key=sign_key)
@@ -115,7 +115,14 @@ def serve(mqtt: Any, listen: Listen, token: Optional[str], discover_s: float = 1
         port = sock.getsockname()[1]
         print(f"edge-agent console: {listen.url(port)} (broker {mqtt.host}:{mqtt.port}, "
               f"prefix {mqtt.topic_prefix})", file=out or sys.stdout, flush=True)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        handle_exit = server.handle_exit
+
+        def on_signal(sig: int, frame: Any) -> None:  # SIGINT/SIGTERM: end the event streams too
+            hub.close()
+            handle_exit(sig, frame)
+        server.handle_exit = on_signal  # type: ignore[method-assign]
+        server.run(sockets=[sock])
     finally:
         client.close()
         sock.close()

@@ -27,9 +27,12 @@ import pytest
 
 from edge_agent.cli import build_parser
 from edge_agent.console.jobs import table
+from edge_agent.config import MqttConfig
 from edge_agent.console.server import parse_listen, read_token
+from edge_agent.console.state import FleetState
 from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet import bench as fleet_bench
+from edge_agent.fleet.client import FleetClient
 from tests.broker import Recorder
 from tests.data import DM10, LABELS, VOC
 from tests.helpers import (ConsoleProcess, chromium, chromium_available, start_agent, stop_agent, wait_until,
@@ -138,6 +141,39 @@ def test_loopback_console_refuses_foreign_host_headers(mosquitto):
         assert status == 400 and b"devices: expected a non-empty list" in body
     finally:
         console.stop()
+
+
+# -- the live subscription ---------------------------------------------------------------------------
+
+@pytest.mark.broker
+def test_live_state_survives_a_broker_restart(mosquitto):
+    """FleetClient.listen subscriptions are made again after a reconnect (clean sessions forget them)."""
+    broker = mosquitto()
+    mqtt = MqttConfig(host="127.0.0.1", port=broker.port)
+    changes: List[tuple] = []
+    client = FleetClient(mqtt).connect()
+    state = FleetState(client, on_change=lambda kind, dev: changes.append((kind, dev))).start()
+    device = Recorder("127.0.0.1", broker.port, f"{PREFIX}/cam-9/none")
+    try:
+        device.publish(f"{PREFIX}/cam-9/availability", b"online", retain=True)
+        device.publish(f"{PREFIX}/cam-9/stats", b'{"fps": 4.5, "cpu_temp_c": 51.0, "mqtt": {"reconnects": 2}}')
+        wait_until(lambda: state.row("cam-9")["fps"] == 4.5, 10, "the first stats")
+        row = state.row("cam-9")
+        assert row["online"] is True and row["cpu_temp_c"] == 51.0 and row["reconnects"] == 2
+        broker.restart()
+        wait_until(lambda: device.client.is_connected(), 20, "the device reconnected")
+
+        def delivered() -> bool:  # publish until the console's client has subscribed again
+            device.publish(f"{PREFIX}/cam-9/stats", b'{"fps": 7.0}')
+            return state.row("cam-9")["fps"] == 7.0
+        wait_until(delivered, 30, "stats after the restart", poll_s=0.3)
+        png = cv2.imencode(".png", np.full((4, 4), 3, np.uint8))[1].tobytes()
+        device.publish(f"{PREFIX}/cam-9/mask", png)
+        wait_until(lambda: state.image("cam-9", "mask")[0] == png, 10, "the mask")
+        assert ("frame", "cam-9") in changes and ("device", "cam-9") in changes
+    finally:
+        device.close()
+        client.close()
 
 
 # -- in a real browser -----------------------------------------------------------------------------
@@ -334,6 +370,13 @@ def test_console_in_a_real_browser(mosquitto, tmp_path):
                                for r in _table(driver, "#models-table")), 20, "the store showing it current")
         wait_until(lambda: _table(driver, "#fleet")[0][2] == "dm10-from-console", 20, "the fleet row's new model")
         driver.save_screenshot(str(tmp_path / "4-deploy.png"))
+        # ... and rolled back from the page: the configured dm05 runs again
+        _click(driver, "#rollback-start")
+        wait_until(lambda: driver.execute_script(
+            "return document.querySelector('#deploy-status').textContent") == "rollback done", 120, "the rollback")
+        assert _table(driver, "#deploy-table")[0][:3] == ["pi-a", "done", "rolled_back"]
+        wait_until(lambda: _table(driver, "#fleet")[0][2] == "deeplabv3_mnv2_dm05_pascal_quant", 20,
+                   "the fleet row back on dm05")
 
         # -- pi-b SIGKILLed: offline in the page within a second of its Last Will
         _click(driver, '#tabs button[data-tab="fleet"]')

@@ -126,7 +126,9 @@ def test_every_state_change_needs_the_token_header(mosquitto, tmp_path, monkeypa
 @pytest.mark.broker
 def test_loopback_console_refuses_foreign_host_headers(mosquitto):
     broker = mosquitto()
-    console = ConsoleProcess(broker.port)
+    device = Recorder("127.0.0.1", broker.port, f"{PREFIX}/cam-2/none")
+    device.publish(f"{PREFIX}/cam-2/availability", b"online", retain=True)
+    console = ConsoleProcess(broker.port, "--max-upload-mb", "0.001")
     try:
         assert _http(console.url + "api/devices")[0] == 200
         # DNS rebinding: a name resolving to 127.0.0.1 still says its own name in Host
@@ -139,8 +141,17 @@ def test_loopback_console_refuses_foreign_host_headers(mosquitto):
         status, body, _ = _http(console.url + "api/models", "POST", b'{"devices": []}',
                                 {"X-Console-Token": embedded})
         assert status == 400 and b"devices: expected a non-empty list" in body
+        # a deployment: refused in one line before anything is sent (name, size), nothing kept
+        wait_until(lambda: "cam-2" in _http(console.url + "api/devices")[1].decode(), 10, "cam-2 known")
+        token = {"X-Console-Token": embedded}
+        status, body, _ = _http(console.url + "api/deploy?devices=cam-2", "POST", b"x" * 100, token)
+        assert status == 400 and json.loads(body)["error"] == "name: give the model a name"
+        status, body, _ = _http(console.url + "api/deploy?devices=cam-2&name=big", "POST", b"x" * 2048, token)
+        assert status == 400 and json.loads(body)["error"] == "the model is larger than --max-upload-mb 0.001"
+        assert json.loads(_http(console.url + "api/jobs")[1])["jobs"] == []
     finally:
         console.stop()
+        device.close()
 
 
 # -- the live subscription ---------------------------------------------------------------------------

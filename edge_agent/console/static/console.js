@@ -159,7 +159,7 @@ function drawSpark(canvas, history) {
   const w = canvas.width, h = canvas.height;
   ctx.clearRect(0, 0, w, h);
   if (!history.length) return;
-  const now = Date.now() / 1000, span = 600;
+  const now = Date.now() / 1000, span = Math.min(600, Math.max(60, now - history[0][0]));  // 1..10 min
   const values = history.flatMap((p) => [p[1], p[2]]).filter((v) => typeof v === "number");
   const top = Math.max(1, ...values) * 1.1;
   ctx.fillStyle = "#8892a0"; ctx.font = "9px sans-serif";

@@ -285,6 +285,14 @@ def test_class_id_and_palette_masks_are_both_coloured(mosquitto, tmp_path):
         wait_until(lambda: _pixel(driver, 0.25, 0.5) == [10, 200, 30], 10, "the palette's colour")
         assert _pixel(driver, 0.75, 0.5) == [0, 0, 0]
         driver.save_screenshot(str(tmp_path / "palette-mask.png"))
+        # the broker away: the page says so (device states are then not known), and back
+        broker_state = lambda: driver.execute_script("return document.querySelector('#broker').dataset.connected")
+        assert broker_state() == "true"
+        broker.stop()
+        wait_until(lambda: broker_state() == "false", 10, "the page saying the broker is unreachable")
+        driver.save_screenshot(str(tmp_path / "broker-away.png"))
+        broker.start()
+        wait_until(lambda: broker_state() == "true", 30, "the page seeing the broker again")
     finally:
         if driver is not None:
             driver.quit()

@@ -6,7 +6,7 @@ Routes (JSON unless said otherwise)::
     GET  /api/devices              the fleet: one row per device (FleetState.row)
     GET  /api/devices/{id}         one row
     GET  /api/devices/{id}/mask.png | overlay.jpg   the newest image, as the device sent it
-    GET  /api/events               SSE: hello, device, frame and job events (newest wins per client)
+    GET  /api/events               SSE: hello, broker, device, frame and job events (newest wins per client)
     GET  /api/jobs[/{id}]          benchmark/models/deploy/rollback jobs; /{id}/report.json = --json
     POST /api/bench | /api/models | /api/rollback    JSON body -> a job
     POST /api/deploy?devices=a,b&name=N[&labels=...]  the model file as the raw body -> a job
@@ -46,6 +46,7 @@ STATIC = Path(__file__).parent / "static"
 TOKEN_HEADER = "x-console-token"
 COOKIE = "edge_agent_console"
 KEEPALIVE_S = 15.0
+BROKER_POLL_S = 0.5
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -220,7 +221,7 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
 
     @guard()
     async def devices(request: Request) -> Response:
-        return JSONResponse({"prefix": state.client.prefix, "devices": state.rows()})
+        return JSONResponse({"prefix": state.client.prefix, "broker": _broker(), "devices": state.rows()})
 
     @guard()
     async def device(request: Request) -> Response:
@@ -244,7 +245,8 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
             listener = _Listener()
             hub.listeners.add(listener)
             try:
-                hello = {"prefix": state.client.prefix, "devices": state.rows(), "jobs": jobs.docs()}
+                hello = {"prefix": state.client.prefix, "broker": _broker(), "devices": state.rows(),
+                         "jobs": jobs.docs()}
                 yield f"event: hello\ndata: {json.dumps(hello)}\n\n"
                 while True:
                     try:
@@ -265,7 +267,13 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
+    def _broker() -> Dict[str, Any]:
+        cfg = state.client.cfg
+        return {"host": cfg.host, "port": cfg.port, "connected": state.client.connected}
+
     def _event_data(kind: str, key: str) -> Optional[Dict[str, Any]]:
+        if kind == "broker":
+            return _broker()
         if kind == "device":
             return state.row(key)
         if kind == "frame":
@@ -345,10 +353,22 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
                             secure=request.url.scheme == "https")
         return response
 
+    async def watch_broker() -> None:
+        """The broker link is no message: look at it every BROKER_POLL_S and tell the pages on change."""
+        was = state.client.connected
+        while True:
+            await asyncio.sleep(BROKER_POLL_S)
+            now = state.client.connected
+            if now != was:
+                was = now
+                hub.notify("broker", "")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub.loop = asyncio.get_running_loop()
+        watcher = asyncio.create_task(watch_broker())
         yield
+        watcher.cancel()
         hub.loop = None
 
     routes = [

@@ -128,6 +128,12 @@ class FleetClient:
         self.subscribe([f"{self.prefix}/+/availability", f"{self.prefix}/+/info"])
         return self
 
+    @property
+    def connected(self) -> bool:
+        """Connected to the broker now (paho reconnects by itself after a loss)."""
+        client = self._client
+        return client is not None and client.is_connected()
+
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:

@@ -79,8 +79,10 @@ function connect() {
     const doc = JSON.parse(e.data);
     state.devices = new Map(doc.devices.map((d) => [d.device, d]));
     for (const job of doc.jobs) state.jobs.set(job.id, job);
+    renderBroker(doc.broker);
     renderAll();
   });
+  source.addEventListener("broker", (e) => renderBroker(JSON.parse(e.data)));
   source.addEventListener("device", (e) => {
     const row = JSON.parse(e.data);
     state.devices.set(row.device, row);
@@ -99,6 +101,15 @@ function connect() {
     state.jobs.set(job.id, job);
     renderJob(job);
   });
+}
+
+// While the broker is away the devices' states are not known: say so rather than show stale ones.
+function renderBroker(broker) {
+  const badge = $("#broker");
+  badge.textContent = `broker ${broker.host}:${broker.port} ${broker.connected ? "connected" : "unreachable"}`;
+  badge.className = "badge " + (broker.connected ? "on" : "off");
+  badge.dataset.connected = String(broker.connected);
+  document.body.classList.toggle("stale", !broker.connected);
 }
 
 function setLink(up) {
@@ -292,6 +303,7 @@ function draw() {
   if (canvas.width !== size.width || canvas.height !== size.height) {
     canvas.width = size.width; canvas.height = size.height;
   }
+  canvas.classList.toggle("pixelated", !base);  // a mask alone: one block per class-id pixel, no blur
   const ctx = canvas.getContext("2d");
   ctx.fillStyle = "#000";
   ctx.fillRect(0, 0, canvas.width, canvas.height);

@@ -231,7 +231,8 @@ def _coloured_pixels(driver) -> int:
         const c = document.querySelector('#device-canvas');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let n = 0;
-        for (let i = 0; i < d.length; i += 4) if (Math.max(d[i], d[i+1], d[i+2]) - Math.min(d[i], d[i+1], d[i+2]) > 40) n++;
+        for (let i = 0; i < d.length; i += 4)
+            if (Math.max(d[i], d[i+1], d[i+2]) - Math.min(d[i], d[i+1], d[i+2]) > 40) n++;
         return n;""")
 
 

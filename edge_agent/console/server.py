@@ -129,7 +129,9 @@ def serve(mqtt: Any, listen: Listen, token: Optional[str], discover_s: float = 1
     return 0
 
 
-def listen_and_token(listen_text: str, token_file: Optional[str], env_token: Optional[str]) -> Tuple[Listen, Optional[str]]:
+def listen_and_token(listen_text: str, token_file: Optional[str],
+                     env_token: Optional[str]) -> Tuple[Listen, Optional[str]]:
+    """The listen address and the configured token, with the listen rule applied."""
     listen = parse_listen(listen_text)
     token = read_token(token_file, env_token)
     check_listen(listen, token)

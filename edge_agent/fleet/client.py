@@ -282,7 +282,7 @@ class FleetClient:
             elif len(parts) == 3:
                 self._answer(parts[0], parts[1], parts[2], bytes(msg.payload))
             self._cond.notify_all()
-            listeners = [cb for f, cb in self._listeners if paho.topic_matches_sub(f, msg.topic)]
+            listeners = list(dict.fromkeys(cb for f, cb in self._listeners if paho.topic_matches_sub(f, msg.topic)))
         for callback in listeners:
             try:
                 callback(msg.topic, bytes(msg.payload))

@@ -123,6 +123,61 @@ def stop_agent_when_done(proc: subprocess.Popen, timeout: float = 60) -> str:
     return out.decode(errors="replace")
 
 
+# -- the console and a real headless browser --------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+class ConsoleProcess:
+    """``python -m edge_agent console`` on a free loopback port; its output drained in a thread."""
+
+    def __init__(self, broker_port: int, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "console", "--host", "127.0.0.1", "--port", str(broker_port),
+             "--listen", "127.0.0.1:0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = self.proc.stdout.readline()  # the URL line, or the one-line refusal
+        self.lines: List[str] = [first]
+        if not first.startswith("edge-agent console: "):
+            raise AssertionError(f"the console did not start: {first}{self.stop()}")
+        self.url = first.split()[2]
+        self.pid = self.proc.pid
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return "".join(self.lines)
+
+
+def chromium_available() -> bool:
+    return Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
+
+
+def chromium(profile: Path, width: int = 1500, height: int = 1100):
+    """Debian's chromium, headless, through Debian's chromedriver (Selenium); a fresh profile."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={profile}", f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
 # -- systemd's notify socket ------------------------------------------------------------------------
 
 _BARRIER = "X-TEST-BARRIER="

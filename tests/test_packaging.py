@@ -197,6 +197,15 @@ def check_manifest(tmp_path):
     assert "site-model" in listed.stdout and "deeplabv3_mnv2_pascal_quant " not in listed.stdout
 
 
+def check_console_token(tmp_path):
+    off_loopback = ("console", "--listen", "0.0.0.0:0", "--port", "1")
+    short = cli(*off_loopback, env={"EDGE_AGENT_CONSOLE_TOKEN": "short"})
+    assert "EDGE_AGENT_CONSOLE_TOKEN: the token must have at least 16 characters" in refused_in_one_line(short)
+    # a real token passes the listen rule; the refusal is then the (absent) broker's
+    taken = cli(*off_loopback, env={"EDGE_AGENT_CONSOLE_TOKEN": "a-console-token-of-some-length"})
+    assert "cannot connect to the broker localhost:1" in refused_in_one_line(taken)
+
+
 def check_prefix_only(tmp_path):  # "EDGE_AGENT_" alone, in the README's sentence on overrides
     shown = cli("config", "show", "--format", "json", env={"EDGE_AGENT_SOURCE_FPS": "7.5"})
     assert json.loads(shown.stdout)["source"]["fps"] == 7.5
@@ -209,6 +218,7 @@ VARIABLE_CHECKS = {
     "EDGE_AGENT_MODEL_MIRROR": check_model_mirror,
     "EDGE_AGENT_MQTT_HOST": check_mqtt_host,
     "EDGE_AGENT_MANIFEST": check_manifest,
+    "EDGE_AGENT_CONSOLE_TOKEN": check_console_token,
 }
 
 

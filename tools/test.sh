@@ -2,7 +2,7 @@
 # Set up everything the tests need on a fresh Debian/Ubuntu machine, then run every test suite.
 #
 #   bash tools/test.sh            # all suites
-#   SUITES="device" bash tools/test.sh   # a subset: device tflite host homeassistant
+#   SUITES="device" bash tools/test.sh   # a subset: device tflite host homeassistant browser
 #
 # Suites (each in its own venv, as users install them):
 #   device  .venv         the agent with its default runtime (ai-edge-litert), real mosquitto
@@ -11,13 +11,15 @@
 #   homeassistant  .venv + a Home Assistant 2025.4.4 venv ($EDGE_AGENT_HA_VENV, default
 #                  /tmp/edge-agent-ha-venv, cached; tools/homeassistant-venv.sh, ~1-2 min the
 #                  first time): the agent against a real Home Assistant
+#   browser .venv         `edge-agent console` in Debian's headless chromium (Selenium + chromium-driver)
+#                         against real agents and mosquitto (tests marked browser)
 # Exit 0 only when every selected suite ran tests and they passed (pytest's exit 5, "no tests
 # collected", counts as a failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"device tflite host homeassistant"}
+SUITES=${SUITES:-"device tflite host homeassistant browser"}
 PIP_FLAGS=(-q --disable-pip-version-check)
 export PIP_NO_INPUT=1
 
@@ -31,6 +33,10 @@ install_system_packages() {
   command -v mosquitto_passwd >/dev/null 2>&1 || [ -x /usr/bin/mosquitto_passwd ] || missing+=(mosquitto)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  if [[ " $SUITES " == *" browser "* ]]; then
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     say "apt-get install ${missing[*]}"
     sudo_if_needed apt-get update -qq
@@ -63,7 +69,7 @@ for suite in $SUITES; do
     device)
       say "venv .venv (device: ai-edge-litert)"
       make_venv .venv -e ".[dev]" || { RESULTS+=("device=setup-failed"); FAILED=1; continue; }
-      run_pytest device .venv -m "not host and not homeassistant" tests --ignore=tests/host
+      run_pytest device .venv -m "not host and not homeassistant and not browser" tests --ignore=tests/host
       ;;
     homeassistant)
       say "venv for Home Assistant (tools/homeassistant-venv.sh)"
@@ -71,6 +77,11 @@ for suite in $SUITES; do
         || { RESULTS+=("homeassistant=setup-failed"); FAILED=1; continue; }
       # Installed above: a test that cannot install Home Assistant fails here instead of skipping.
       EDGE_AGENT_HA_REQUIRED=1 run_pytest homeassistant .venv -m homeassistant tests --ignore=tests/host
+      ;;
+    browser)
+      say "venv .venv (browser: chromium $(/usr/bin/chromium --version 2>/dev/null | awk '{print $2}'))"
+      make_venv .venv -e ".[dev]" || { RESULTS+=("browser=setup-failed"); FAILED=1; continue; }
+      EDGE_AGENT_REQUIRE_BROWSER=1 run_pytest browser .venv -m browser tests --ignore=tests/host
       ;;
     tflite)
       say "venv .venv-tflite (tflite-runtime 2.14, numpy<2)"

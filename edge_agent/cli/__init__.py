@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "edge_agent.cli.demo",
     "edge_agent.cli.service",
     "edge_agent.cli.remote",
+    "edge_agent.cli.console",
     "edge_agent.cli.bench",
     "edge_agent.cli.host",
     "edge_agent.cli.homeassistant",

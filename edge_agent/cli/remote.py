@@ -11,12 +11,12 @@ from typing import Any, Dict, Optional, TextIO
 from edge_agent.config import load_config
 from edge_agent.daemon.benchmark import parse_frame_size
 from edge_agent.errors import EdgeAgentError
-from edge_agent.fleet.bench import (COMMAND, TABLE_COLUMNS, Progress, check_matplotlib, command_params,
-                                    plot_latencies, report_doc, summary_rows, write_csv)
-from edge_agent.fleet.client import DISCOVERY_S, FleetClient, new_request_id
-from edge_agent.fleet.deploy import (DEFAULT_CHUNK_SIZE, deploy, deploy_params,
-                                     report_deploy_answers, report_model_answers)
-from edge_agent.fleet.deploy import COMMAND as DEPLOY_COMMAND
+from edge_agent.fleet.bench import (TABLE_COLUMNS, Progress, check_matplotlib, command_params,
+                                    plot_latencies, summary_rows, write_csv)
+from edge_agent.fleet.bench import run as run_bench
+from edge_agent.fleet.client import DISCOVERY_S, FleetClient
+from edge_agent.fleet.deploy import (DEFAULT_CHUNK_SIZE, deploy, deploy_params, list_models,
+                                     report_deploy_answers, report_model_answers, rollback)
 from edge_agent.fleet.table import format_table
 from edge_agent.inference.labels import read_labels
 
@@ -98,13 +98,11 @@ def cmd_remote_bench(args: argparse.Namespace, out: Optional[TextIO] = None) -> 
             print(f"no device online under {mqtt.topic_prefix}/ (retained availability); "
                   f"waiting for unannounced devices anyway", file=sys.stderr)
         progress = Progress("none" if args.progress == "none" else args.progress, args.runs, args.warmup)
-        rid = new_request_id()
         try:
-            answers = client.request(COMMAND, params, devices=None if args.all else args.device,
-                                     fleet=args.all, timeout=args.timeout, request_id=rid, on_message=progress)
+            report = run_bench(client, params, devices=args.device, fleet=args.all, timeout=args.timeout,
+                               on_message=progress)
         finally:
             progress.close()
-    report = report_doc(rid, params, answers)
     rows = summary_rows(report)
     print(format_table(rows, TABLE_COLUMNS) if rows else "no device answered", file=out)
     if args.csv:
@@ -186,11 +184,10 @@ def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
 
 def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
-    params = {"to": args.to} if args.to else {}
     with FleetClient(mqtt_from_args(args)) as client:
         client.discover(args.discover_s)
-        answers = client.request("rollback", params, devices=None if args.all else args.device, fleet=args.all,
-                                 kind=DEPLOY_COMMAND, timeout=args.timeout, on_message=_print_progress)
+        answers = rollback(client, args.to, devices=args.device, fleet=args.all, timeout=args.timeout,
+                           on_message=_print_progress)
     return report_deploy_answers(answers, out)
 
 
@@ -198,8 +195,7 @@ def cmd_models(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
     with FleetClient(mqtt_from_args(args)) as client:
         client.discover(args.discover_s)
-        answers = client.request("models", {}, devices=None if args.all else args.device, fleet=args.all,
-                                 timeout=args.timeout)
+        answers = list_models(client, devices=args.device, fleet=args.all, timeout=args.timeout)
     return report_model_answers(answers, out)
 
 

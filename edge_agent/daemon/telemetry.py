@@ -129,6 +129,7 @@ class Telemetry:
             "cpu_percent": round(self._cpu.percent(), 1),
             "rss_mb": _round(system.rss_mb()),
             "cpu_temp_c": system.cpu_temp_c(),
+            "throttled": system.throttled(),
             "paused": state.get("paused", False),
         }
         doc.update({k: v for k, v in state.items() if k not in ("dropped", "paused")})

@@ -22,7 +22,7 @@ import time
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from edge_agent.errors import EdgeAgentError
-from edge_agent.fleet.client import Answer
+from edge_agent.fleet.client import Answer, AnswerCallback, FleetClient, new_request_id
 
 COMMAND = "benchmark"
 CSV_FIELDS = ("device", "status", "model", "runtime", "delegate", "threads", "runs",
@@ -46,6 +46,17 @@ def command_params(runs: int, warmup: int = 1, pipeline: bool = False, pause: bo
     if frame_size is not None:
         params["frame_size"] = "%dx%d" % tuple(frame_size)
     return params
+
+
+def run(client: FleetClient, params: Dict[str, Any], devices: Optional[List[str]] = None, fleet: bool = False,
+        timeout: float = 300.0, on_message: Optional[AnswerCallback] = None,
+        request_id: Optional[str] = None) -> Dict[str, Any]:
+    """Send one ``cmd/benchmark`` and wait for every answer: the :func:`report_doc` (``--json``).
+    ``remote bench`` and the console both benchmark through here."""
+    rid = request_id or new_request_id()
+    answers = client.request(COMMAND, params, devices=None if fleet else devices, fleet=fleet,
+                             timeout=timeout, request_id=rid, on_message=on_message)
+    return report_doc(rid, params, answers)
 
 
 def report_doc(request_id: str, params: Dict[str, Any], answers: Dict[str, Answer]) -> Dict[str, Any]:

@@ -18,11 +18,12 @@ it was not discovered (its retained state may have been cleared).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -30,6 +31,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.comms.commands import FINAL_STATUSES
 from edge_agent.comms.mqtt import apply_credentials
 from edge_agent.errors import EdgeAgentError
+
+log = logging.getLogger(__name__)
 
 FLEET = "all"
 DISCOVERY_S = 1.0
@@ -39,6 +42,7 @@ OFFLINE = "offline"
 TIMEOUT = "timeout"
 
 AnswerCallback = Callable[[str, Dict[str, Any]], None]
+MessageCallback = Callable[[str, bytes], None]  # (topic, payload), on paho's network thread
 
 
 class FleetError(EdgeAgentError):
@@ -99,6 +103,8 @@ class FleetClient:
         self._connect_error: Optional[str] = None
         self._last_state_at = 0.0
         self._client: Optional[paho.Client] = None
+        self._listeners: List[Tuple[str, MessageCallback]] = []
+        self._kept: List[str] = []  # filters re-subscribed after a reconnect (listen())
 
     # -- connection -------------------------------------------------------------------------------
     def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> "FleetClient":
@@ -122,6 +128,12 @@ class FleetClient:
         self.subscribe([f"{self.prefix}/+/availability", f"{self.prefix}/+/info"])
         return self
 
+    @property
+    def connected(self) -> bool:
+        """Connected to the broker now (paho reconnects by itself after a loss)."""
+        client = self._client
+        return client is not None and client.is_connected()
+
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
@@ -142,6 +154,15 @@ class FleetClient:
             if rc != paho.MQTT_ERR_SUCCESS or not self._cond.wait_for(lambda: mid in self._subacks, timeout):
                 raise FleetError(f"subscribing to {filters} failed")
             self._subacks.discard(mid)
+
+    def listen(self, filters: List[str], callback: MessageCallback) -> None:
+        """Subscribe to ``filters`` for as long as we are connected (again after a reconnect) and call
+        ``callback(topic, payload)`` for every message matching one of them, after the client's own
+        bookkeeping (so :meth:`devices` is already up to date). Runs on paho's thread: keep it short."""
+        with self._cond:
+            self._listeners.extend((f, callback) for f in filters)
+            self._kept.extend(filters)
+        self.subscribe(filters)
 
     # -- devices ----------------------------------------------------------------------------------
     def discover(self, wait: float = DISCOVERY_S) -> Dict[str, Device]:
@@ -240,6 +261,10 @@ class FleetClient:
             self._connect_error = f"the broker {self.cfg.host}:{self.cfg.port} refused the connection: {reason}"
             client.disconnect()
             return
+        if self._connected.is_set():  # a reconnect: a clean session has forgotten our subscriptions
+            with self._cond:
+                kept = list(dict.fromkeys([f"{self.prefix}/+/availability", f"{self.prefix}/+/info"] + self._kept))
+            client.subscribe([(f, 1) for f in kept])
         self._connected.set()
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
@@ -257,6 +282,12 @@ class FleetClient:
             elif len(parts) == 3:
                 self._answer(parts[0], parts[1], parts[2], bytes(msg.payload))
             self._cond.notify_all()
+            listeners = list(dict.fromkeys(cb for f, cb in self._listeners if paho.topic_matches_sub(f, msg.topic)))
+        for callback in listeners:
+            try:
+                callback(msg.topic, bytes(msg.payload))
+            except Exception:  # a listener's bug must not stop the network thread
+                log.exception("fleet listener failed on %s", msg.topic)
 
     def _device_state(self, dev: str, what: str, payload: bytes) -> None:
         if dev == FLEET:

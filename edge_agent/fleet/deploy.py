@@ -157,6 +157,19 @@ def deploy(client: FleetClient, params: Dict[str, Any], data: Optional[bytes], d
             sender.close()
 
 
+def rollback(client: FleetClient, to: Optional[str] = None, devices: Optional[List[str]] = None,
+             fleet: bool = False, timeout: float = 120.0, on_message: Any = None) -> Dict[str, Answer]:
+    """Switch devices back to their previous model (or ``to``: a name/sha256 in their store)."""
+    return client.request("rollback", {"to": to} if to else {}, devices=None if fleet else devices,
+                          fleet=fleet, kind=COMMAND, timeout=timeout, on_message=on_message)
+
+
+def list_models(client: FleetClient, devices: Optional[List[str]] = None, fleet: bool = False,
+                timeout: float = 20.0) -> Dict[str, Answer]:
+    """Each device's model store (``cmd/models``); :func:`model_rows` makes the table rows."""
+    return client.request("models", {}, devices=None if fleet else devices, fleet=fleet, timeout=timeout)
+
+
 # -- output ----------------------------------------------------------------------------------------
 
 def _short(sha: Any) -> str:

@@ -18,9 +18,15 @@ def read_labels(path: str) -> List[str]:
     """
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = [line.strip() for line in fh]
+            text = fh.read()
     except OSError as exc:
         raise EdgeAgentError(f"{path}: cannot read labels ({exc.strerror})") from exc
+    return parse_labels(text, path)
+
+
+def parse_labels(text: str, what: str = "labels") -> List[str]:
+    """The class names of a label file's text (rules of :func:`read_labels`); ``what`` names it in errors."""
+    raw = [line.strip() for line in text.splitlines()]
     lines: List[str] = []
     for line in raw:
         if line.startswith("#"):
@@ -31,7 +37,7 @@ def read_labels(path: str) -> List[str]:
             continue
         lines.append(line)
     if not lines:
-        raise EdgeAgentError(f"{path}: label file is empty")
+        raise EdgeAgentError(f"{what}: label file is empty")
     numbered = [_split_numbered(line) for line in lines]
     if all(n is not None for n in numbered):
         names = {}

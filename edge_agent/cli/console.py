@@ -1,0 +1,40 @@
+"""``edge-agent console``: the live fleet console (web app; ``pip install 'edge-agent[console]'``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from edge_agent.cli.remote import add_broker_arguments, mqtt_from_args
+from edge_agent.console.server import DEFAULT_LISTEN, TOKEN_ENV, listen_and_token, serve
+from edge_agent.fleet.client import DISCOVERY_S
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "console", help="a live fleet console in the browser (fleet, device, benchmark, deploy)",
+        description="Serve a web page showing every device under the topic prefix live, and run "
+                    "remote benchmarks and deployments from it. Broker credentials stay here.")
+    add_broker_arguments(p)
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"where to serve (default {DEFAULT_LISTEN}; a non-loopback address needs a token)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help=f"file whose first line is the access token (or set {TOKEN_ENV}); "
+                        "required off loopback, checked on every state-changing request")
+    p.add_argument("--sign-key", metavar="FILE", help="ed25519 private key to sign deployed models with")
+    p.add_argument("--max-upload-mb", type=float, default=256.0, help="largest model file to deploy (default 256)")
+    p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
+                   help="seconds each command waits for retained device states (default 1)")
+    p.set_defaults(func=cmd_console)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    listen, token = listen_and_token(args.listen, args.token_file, os.environ.get(TOKEN_ENV))
+    sign_key = None
+    if args.sign_key:
+        from edge_agent.models import signing
+
+        sign_key = signing.load_private_key(args.sign_key)
+    return serve(mqtt_from_args(args), listen, token, discover_s=args.discover_s,
+                 max_upload_mb=args.max_upload_mb, sign_key=sign_key)

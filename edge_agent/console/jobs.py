@@ -1,0 +1,170 @@
+"""Fleet commands started from the console (benchmark, models, deploy, rollback), one thread each.
+
+Every job opens its own :class:`FleetClient` connection and runs the very code of ``edge-agent
+remote ...`` (:mod:`edge_agent.fleet.bench`, :mod:`edge_agent.fleet.deploy`), so the page shows the
+same numbers and states as the CLI: the rows are ``summary_rows`` / ``deploy_rows`` /
+``model_rows``, the cells :func:`edge_agent.fleet.table.cell`, and a benchmark keeps its
+``report_doc`` (what ``remote bench --json`` writes).  ``on_change(job_id)`` runs on progress.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from edge_agent.errors import EdgeAgentError
+from edge_agent.fleet import bench as fleet_bench
+from edge_agent.fleet import deploy as fleet_deploy
+from edge_agent.fleet.client import FleetClient
+from edge_agent.fleet.table import Column, cell
+
+log = logging.getLogger(__name__)
+
+KEEP_JOBS = 50  # finished jobs remembered (the newest)
+
+
+def table(rows: List[Dict[str, Any]], columns: Sequence[Column]) -> Dict[str, Any]:
+    """Titles and text cells exactly as ``format_table`` prints them, plus each row's status/reason."""
+    pairs = [(c, c) if isinstance(c, str) else c for c in columns]
+    return {"columns": [title for _, title in pairs],
+            "cells": [[cell(r.get(key)) for key, _ in pairs] for r in rows],
+            "status": [r.get("status") for r in rows], "reasons": [r.get("reason") for r in rows]}
+
+
+class Job:
+    def __init__(self, job_id: str, kind: str, devices: List[str], params: Dict[str, Any]) -> None:
+        self.id, self.kind, self.devices, self.params = job_id, kind, devices, params
+        self.status = "running"  # running | done | failed (the job; devices have their own)
+        self.error: Optional[str] = None
+        self.progress: Dict[str, Dict[str, Any]] = {d: {"status": "sent"} for d in devices}
+        self.table: Optional[Dict[str, Any]] = None
+        self.report: Optional[Dict[str, Any]] = None  # benchmark: the report_doc
+        self.started_at = time.time()
+        self.finished_at: Optional[float] = None
+        self._lock = threading.Lock()  # progress is written on paho's thread, read on the web loop
+
+    def set_progress(self, device: str, entry: Dict[str, Any]) -> None:
+        with self._lock:
+            self.progress[device] = entry
+
+    def doc(self) -> Dict[str, Any]:
+        samples = None
+        if self.report is not None:
+            samples = {dev: (e.get("result") or {}).get("samples_ms") or []
+                       for dev, e in self.report["devices"].items()}
+        with self._lock:
+            progress = {dev: dict(entry) for dev, entry in self.progress.items()}
+        return {"id": self.id, "kind": self.kind, "devices": self.devices, "params": self.params,
+                "status": self.status, "error": self.error, "progress": progress, "table": self.table,
+                "samples_ms": samples, "started_at": self.started_at, "finished_at": self.finished_at}
+
+
+def _progress_entry(doc: Dict[str, Any]) -> Dict[str, Any]:
+    keep = ("status", "phase", "done", "total", "stage", "received", "reason", "state", "queue_position")
+    return {k: doc[k] for k in keep if k in doc}
+
+
+class Jobs:
+    """Starts and remembers jobs; each runs ``remote``'s code on a connection of its own."""
+
+    def __init__(self, mqtt: Any, on_change: Callable[[str], None], discover_s: float = 1.0,
+                 sign_key: Any = None) -> None:
+        self.mqtt, self.on_change, self.discover_s, self.sign_key = mqtt, on_change, discover_s, sign_key
+        self._jobs: Dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def get(self, job_id: str) -> Optional[Job]:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def docs(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return [j.doc() for j in jobs]
+
+    # -- the four commands -----------------------------------------------------------------------
+    def bench(self, devices: List[str], runs: int, warmup: int = 1, pipeline: bool = False,
+              pause: bool = False, model: Optional[str] = None, timeout: float = 300.0) -> Job:
+        params = fleet_bench.command_params(runs, warmup, pipeline, pause, model=model or None)
+
+        def work(client: FleetClient, job: Job) -> None:
+            job.report = fleet_bench.run(client, params, devices=devices, timeout=timeout,
+                                         on_message=self._progress(job))
+            job.table = table(fleet_bench.summary_rows(job.report), fleet_bench.TABLE_COLUMNS)
+        return self._start("bench", devices, params, work)
+
+    def models(self, devices: List[str], timeout: float = 20.0) -> Job:
+        def work(client: FleetClient, job: Job) -> None:
+            answers = fleet_deploy.list_models(client, devices=devices, timeout=timeout)
+            job.table = table(fleet_deploy.model_rows(answers), fleet_deploy.MODEL_COLUMNS)
+            for dev, answer in answers.items():
+                job.set_progress(dev, {"status": answer.status, "reason": answer.reason})
+        return self._start("models", devices, {}, work)
+
+    def deploy(self, devices: List[str], data: bytes, name: str, labels: Optional[List[str]] = None,
+               confirm_frames: Optional[int] = None, timeout: float = 300.0) -> Job:
+        params = fleet_deploy.deploy_params(data, name, labels=labels, sign_key=self.sign_key,
+                                            confirm_frames=confirm_frames)
+        shown = {k: v for k, v in params.items() if k not in ("signature", "labels")}
+
+        def work(client: FleetClient, job: Job) -> None:
+            answers = fleet_deploy.deploy(client, params, data, devices=devices, timeout=timeout,
+                                          on_message=self._progress(job))
+            job.table = table(fleet_deploy.deploy_rows(answers), fleet_deploy.DEPLOY_COLUMNS)
+            self._finals(job, answers)
+        return self._start("deploy", devices, shown, work)
+
+    def rollback(self, devices: List[str], to: Optional[str] = None, timeout: float = 120.0) -> Job:
+        def work(client: FleetClient, job: Job) -> None:
+            answers = fleet_deploy.rollback(client, to or None, devices=devices, timeout=timeout,
+                                            on_message=self._progress(job))
+            job.table = table(fleet_deploy.deploy_rows(answers), fleet_deploy.DEPLOY_COLUMNS)
+            self._finals(job, answers)
+        return self._start("rollback", devices, {"to": to} if to else {}, work)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _progress(self, job: Job) -> Callable[[str, Dict[str, Any]], None]:
+        def on_message(device: str, doc: Dict[str, Any]) -> None:
+            job.set_progress(device, _progress_entry(doc))
+            self.on_change(job.id)
+        return on_message
+
+    @staticmethod
+    def _finals(job: Job, answers: Dict[str, Any]) -> None:
+        for dev, answer in answers.items():  # offline/timeout never arrive as messages
+            entry = dict(job.progress.get(dev) or {})
+            entry.update({"status": answer.status, "reason": answer.reason,
+                          "state": (answer.final or {}).get("state")})
+            job.set_progress(dev, entry)
+
+    def _start(self, kind: str, devices: List[str], params: Dict[str, Any],
+               work: Callable[[FleetClient, Job], None]) -> Job:
+        if not devices:
+            raise EdgeAgentError("choose at least one device")
+        job = Job(f"{kind}-{next(self._ids)}", kind, list(dict.fromkeys(devices)), params)
+        with self._lock:
+            self._jobs[job.id] = job
+            for old in list(self._jobs)[:-KEEP_JOBS]:
+                if self._jobs[old].status != "running":
+                    del self._jobs[old]
+        threading.Thread(target=self._run, args=(job, work), name=f"console-{job.id}", daemon=True).start()
+        self.on_change(job.id)
+        return job
+
+    def _run(self, job: Job, work: Callable[[FleetClient, Job], None]) -> None:
+        try:
+            with FleetClient(self.mqtt) as client:
+                client.discover(self.discover_s)
+                work(client, job)
+            job.status = "done"
+        except EdgeAgentError as exc:
+            job.status, job.error = "failed", str(exc)
+        except Exception as exc:  # the console keeps serving; the page shows why
+            log.exception("console job %s failed", job.id)
+            job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+        job.finished_at = time.time()
+        self.on_change(job.id)

@@ -81,7 +81,7 @@ def cmd_ptq(args) -> int:
     from .ptq import PTQOptions, calibration_summary, quantize_keras, write_tflite
 
     opts = PTQOptions(args.mode, args.io_type, not args.per_tensor, _argmax_flag(args),
-                      args.upsample).validate()
+                      args.upsample, args.equalize, args.bias_correct).validate()
     model = load_source(args.model, _size(args.input_size))
     images = calibration_images(args.calib, args.num_calib) if args.mode == "int8" else []
     out = write_tflite(quantize_keras(model, opts, images), args.output)
@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--input-size", type=int, nargs="+", help="fixed input H [W]")
     _ptq_flags(p)
+    p.add_argument("--equalize", action="store_true", help="cross-layer equalization of "
+                   "conv/depthwise pairs first (float outputs unchanged; helps --per-tensor)")
+    p.add_argument("--bias-correct", nargs="?", const="empirical", metavar="METHOD",
+                   help="cancel the mean output shift of weight rounding: empirical (default, "
+                        "layer by layer on the calibration images) | analytic")
     p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser("qat", help="quantization-aware fine-tuning, export uint8 TFLite")

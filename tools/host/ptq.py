@@ -19,7 +19,9 @@ from tqdm import tqdm
 
 from edge_agent.errors import ConfigError, ModelError
 
+from .bias_correct import METHODS as BIAS_METHODS, bias_correct
 from .datasets import model_input
+from .equalize import equalize
 from .deeplab import UPSAMPLE_FACTORS, with_argmax, with_head, without_argmax
 from .tflite_reader import read_tflite
 
@@ -43,6 +45,8 @@ class PTQOptions:
     per_channel: bool = True
     argmax: Optional[bool] = True  # None: as the model given
     upsample: Optional[int] = 4  # head: logits upsampled x4 (129 for 513); None: as given
+    equalize: bool = False  # cross-layer equalization before conversion (equalize.py)
+    bias_correct: Optional[str] = None  # "empirical" | "analytic" (bias_correct.py)
 
     def validate(self) -> "PTQOptions":
         if self.mode not in MODES:
@@ -52,6 +56,11 @@ class PTQOptions:
         if self.upsample is not None and self.upsample not in UPSAMPLE_FACTORS:
             raise ConfigError(f"upsample factor must be one of {UPSAMPLE_FACTORS}, "
                               f"not {self.upsample}")
+        if self.bias_correct is not None and self.bias_correct not in BIAS_METHODS:
+            raise ConfigError(f"unknown bias correction {self.bias_correct!r}: choose "
+                              f"{', '.join(BIAS_METHODS)}")
+        if (self.equalize or self.bias_correct) and self.mode != "int8":
+            raise ConfigError("equalization and bias correction are for int8 mode only")
         return self
 
 
@@ -97,12 +106,26 @@ def quantize_keras(model: keras.Model, opts: PTQOptions,
                    images: Sequence[np.ndarray] = ()) -> bytes:
     """TFLite flatbuffer of ``model`` under ``opts`` (ArgMax added/removed first if asked)."""
     opts.validate()
-    model = apply_head(model, opts)
+    model = apply_head(precondition(model, opts, images), opts)
     size = (int(model.input_shape[1]), int(model.input_shape[2]))
     converter = keras_converter(model)
     rep = representative_dataset(images, size) if opts.mode == "int8" else None
     configure(converter, opts, rep)
     return _convert(converter)
+
+
+def precondition(model: keras.Model, opts: PTQOptions, images: Sequence[np.ndarray] = (),
+                 log: Callable[[str], None] = print) -> keras.Model:
+    """The float model made friendlier to int8 weights: equalized, then bias-corrected."""
+    if opts.equalize:
+        model, report = equalize(model)
+        log(report.text())
+    if opts.bias_correct:
+        if not images:
+            raise ConfigError("bias correction needs calibration images (none given)")
+        model, report = bias_correct(model, images, opts.per_channel, opts.bias_correct)
+        log(report.text())
+    return model
 
 
 def apply_head(model: keras.Model, opts: PTQOptions) -> keras.Model:

@@ -81,7 +81,8 @@ def cmd_ptq(args) -> int:
     from .ptq import PTQOptions, calibration_summary, quantize_keras, write_tflite
 
     opts = PTQOptions(args.mode, args.io_type, not args.per_tensor, _argmax_flag(args),
-                      args.upsample, args.equalize, args.bias_correct).validate()
+                      args.upsample, args.equalize, args.bias_correct,
+                      args.split_subtensors).validate()
     model = load_source(args.model, _size(args.input_size))
     images = calibration_images(args.calib, args.num_calib) if args.mode == "int8" else []
     out = write_tflite(quantize_keras(model, opts, images), args.output)
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-correct", nargs="?", const="empirical", metavar="METHOD",
                    help="cancel the mean output shift of weight rounding: empirical (default, "
                         "layer by layer on the calibration images) | analytic")
+    p.add_argument("--split-subtensors", type=int, default=1, metavar="N",
+                   help="split each conv/depthwise block into N channel groups (2..8), each with "
+                        "its own per-tensor scales (default 1: off)")
     p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser("qat", help="quantization-aware fine-tuning, export uint8 TFLite")

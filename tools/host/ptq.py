@@ -22,6 +22,7 @@ from edge_agent.errors import ConfigError, ModelError
 from .bias_correct import METHODS as BIAS_METHODS, bias_correct
 from .datasets import model_input
 from .equalize import equalize
+from .subtensors import MAX_GROUPS, split_subtensors
 from .deeplab import UPSAMPLE_FACTORS, with_argmax, with_head, without_argmax
 from .tflite_reader import read_tflite
 
@@ -47,6 +48,7 @@ class PTQOptions:
     upsample: Optional[int] = 4  # head: logits upsampled x4 (129 for 513); None: as given
     equalize: bool = False  # cross-layer equalization before conversion (equalize.py)
     bias_correct: Optional[str] = None  # "empirical" | "analytic" (bias_correct.py)
+    subtensors: int = 1  # >1: blocks split into that many channel groups (subtensors.py)
 
     def validate(self) -> "PTQOptions":
         if self.mode not in MODES:
@@ -59,8 +61,11 @@ class PTQOptions:
         if self.bias_correct is not None and self.bias_correct not in BIAS_METHODS:
             raise ConfigError(f"unknown bias correction {self.bias_correct!r}: choose "
                               f"{', '.join(BIAS_METHODS)}")
-        if (self.equalize or self.bias_correct) and self.mode != "int8":
-            raise ConfigError("equalization and bias correction are for int8 mode only")
+        if self.subtensors != 1 and not 2 <= self.subtensors <= MAX_GROUPS:
+            raise ConfigError(f"subtensor groups must be 2..{MAX_GROUPS}, not {self.subtensors}")
+        if (self.equalize or self.bias_correct or self.subtensors > 1) and self.mode != "int8":
+            raise ConfigError("equalization, bias correction and subtensors are for int8 mode "
+                              "only")
         return self
 
 
@@ -116,9 +121,12 @@ def quantize_keras(model: keras.Model, opts: PTQOptions,
 
 def precondition(model: keras.Model, opts: PTQOptions, images: Sequence[np.ndarray] = (),
                  log: Callable[[str], None] = print) -> keras.Model:
-    """The float model made friendlier to int8 weights: equalized, then bias-corrected."""
+    """The float model made friendlier to int8 weights: equalized, split, bias-corrected."""
     if opts.equalize:
         model, report = equalize(model)
+        log(report.text())
+    if opts.subtensors > 1:
+        model, report = split_subtensors(model, opts.subtensors)
         log(report.text())
     if opts.bias_correct:
         if not images:

@@ -105,6 +105,8 @@ def test_subtensors_keep_the_function_and_stay_per_tensor(small, probes, calib_i
     np.testing.assert_allclose(quantize_kernel(kernel, None), converted, atol=1e-7)
     with pytest.raises(ConfigError, match="subtensor groups"):
         split_subtensors(small, 9)
+    # only the blocks whose depthwise ranges spread >= 6x (expanded_conv, _4, _7, _8, _11, _16)
+    assert split_subtensors(small, 2, min_spread=6.0)[1].blocks == 6
 
 
 def test_ptq_cli_per_tensor_flags(tmp_path, capsys):
@@ -127,6 +129,7 @@ def test_ptq_cli_per_tensor_flags(tmp_path, capsys):
     (["--bias-correct", "magic"], "error: unknown bias correction 'magic'"),
     (["--split-subtensors", "9"], "error: subtensor groups must be 2..8, not 9"),
     (["--equalize", "--mode", "float16"], "error: equalization, bias correction and subtensors"),
+    (["--split-subtensors", "2", "--split-min-spread", "-1"], "error: split min spread must"),
 ])
 def test_ptq_cli_bad_per_tensor_flags(tmp_path, capsys, flags, message):
     from tools.host.__main__ import main

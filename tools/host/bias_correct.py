@@ -27,7 +27,7 @@ import tf_keras as keras
 from edge_agent.errors import ConfigError
 
 from .datasets import model_input
-from .equalize import _plain_relu, _producers, copy_model, is_conv, is_depthwise, out_axis
+from .equalize import copy_model, is_conv, is_depthwise, out_axis, plain_relu, producers
 
 METHODS = ("empirical", "analytic")
 
@@ -115,10 +115,10 @@ def _input_means(model: keras.Model, convs: List, x: np.ndarray, analytic: bool)
     the preceding conv's pre-activation passed through its ReLU/ReLU6."""
     sources = {}
     for c in convs:
-        src = _producers(c)[0]
-        if analytic and _plain_relu(src) and is_conv(_producers(src)[0]):
+        src = producers(c)[0]
+        if analytic and plain_relu(src) and is_conv(producers(src)[0]):
             top = np.inf if src.max_value is None else float(src.max_value)
-            sources[c.name] = (_producers(src)[0].output, top)
+            sources[c.name] = (producers(src)[0].output, top)
         else:
             sources[c.name] = (c.input, None)
     tensors = list({id(t): t for t, _ in sources.values()}.values())

@@ -60,7 +60,7 @@ class Pair:
         return float(self.act.max_value)
 
 
-def _plain_relu(layer) -> bool:
+def plain_relu(layer) -> bool:
     return (isinstance(layer, keras.layers.ReLU) and not float(layer.negative_slope)
             and not float(layer.threshold))
 
@@ -72,14 +72,14 @@ def find_pairs(model: keras.Model) -> List[Pair]:
         if not is_conv(a) or len(consumers(a)) != 1:
             continue
         act, nxt = None, consumers(a)[0]
-        if _plain_relu(nxt):
+        if plain_relu(nxt):
             act, nxt = nxt, (consumers(nxt)[0] if len(consumers(nxt)) == 1 else None)
         if nxt is not None and is_conv(nxt):
             pairs.append(Pair(a, act, nxt))
     return pairs
 
 
-def _producers(layer) -> List:
+def producers(layer) -> List:
     node = layer._inbound_nodes[0]
     inbound = node.inbound_layers
     return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
@@ -111,13 +111,13 @@ def preactivation_bounds(model: keras.Model, input_range: Tuple[float, float] = 
             c = int(layer.output.shape[-1])
             bounds[layer.name] = (np.full(c, input_range[0]), np.full(c, input_range[1]))
             continue
-        ins = [bounds.get(p.name) for p in _producers(layer)]
+        ins = [bounds.get(p.name) for p in producers(layer)]
         if any(b is None for b in ins):
             continue
         if is_conv(layer) and len(ins) == 1:
             bounds[layer.name] = _conv_interval(layer, *ins[0])
             upper[layer.name] = bounds[layer.name][1]
-        elif _plain_relu(layer) and len(ins) == 1:
+        elif plain_relu(layer) and len(ins) == 1:
             top = np.inf if layer.max_value is None else float(layer.max_value)
             bounds[layer.name] = (np.clip(ins[0][0], 0, top), np.clip(ins[0][1], 0, top))
         elif isinstance(layer, keras.layers.Add):

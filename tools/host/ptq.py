@@ -49,6 +49,7 @@ class PTQOptions:
     equalize: bool = False  # cross-layer equalization before conversion (equalize.py)
     bias_correct: Optional[str] = None  # "empirical" | "analytic" (bias_correct.py)
     subtensors: int = 1  # >1: blocks split into that many channel groups (subtensors.py)
+    split_min_spread: float = 0.0  # split only blocks whose depthwise range spread is >= this
 
     def validate(self) -> "PTQOptions":
         if self.mode not in MODES:
@@ -63,6 +64,8 @@ class PTQOptions:
                               f"{', '.join(BIAS_METHODS)}")
         if self.subtensors != 1 and not 2 <= self.subtensors <= MAX_GROUPS:
             raise ConfigError(f"subtensor groups must be 2..{MAX_GROUPS}, not {self.subtensors}")
+        if self.split_min_spread < 0:
+            raise ConfigError(f"split min spread must be >= 0, not {self.split_min_spread}")
         if (self.equalize or self.bias_correct or self.subtensors > 1) and self.mode != "int8":
             raise ConfigError("equalization, bias correction and subtensors are for int8 mode "
                               "only")
@@ -126,7 +129,7 @@ def precondition(model: keras.Model, opts: PTQOptions, images: Sequence[np.ndarr
         model, report = equalize(model)
         log(report.text())
     if opts.subtensors > 1:
-        model, report = split_subtensors(model, opts.subtensors)
+        model, report = split_subtensors(model, opts.subtensors, opts.split_min_spread)
         log(report.text())
     if opts.bias_correct:
         if not images:

@@ -70,12 +70,20 @@ class SplitReport:
                 f"channel groups each")
 
 
-def split_subtensors(model: keras.Model, groups: int) -> Tuple[keras.Model, SplitReport]:
-    """The same function with every chain split into ``groups`` channel groups."""
+def range_spread(layer) -> float:
+    """max / median of a conv's per-output-channel weight ranges (1 = one scale fits all)."""
+    r = channel_ranges(layer.get_weights()[0], out_axis(layer))
+    return float(r.max() / max(np.median(r), 1e-12))
+
+
+def split_subtensors(model: keras.Model, groups: int, min_spread: float = 0.0
+                     ) -> Tuple[keras.Model, SplitReport]:
+    """The same function with every chain whose depthwise kernel's ``range_spread`` is at
+    least ``min_spread`` split into ``groups`` channel groups."""
     if not 2 <= groups <= MAX_GROUPS:
         raise ConfigError(f"subtensor groups must be 2..{MAX_GROUPS}, not {groups}")
     model = copy_model(model)
-    chains = {c.a.a.name: c for c in find_chains(model)}
+    chains = {c.a.a.name: c for c in find_chains(model) if range_spread(c.d.a) >= min_spread}
     skip, permuted_b = set(), {}
     tensors: Dict[int, object] = {}
     inputs = [keras.Input(batch_shape=t.shape, name=t.name.split(":")[0]) for t in model.inputs]

@@ -13,8 +13,8 @@ from tools.host import metrics  # noqa: E402
 from tools.host.bias_correct import bias_correct, output_shift, quantize_kernel  # noqa: E402
 from tools.host.datasets import calibration_images, model_input, read_rgb  # noqa: E402
 from tools.host.edgetpu_check import check  # noqa: E402
-from tools.host.equalize import (channel_ranges, equalize, find_pairs,  # noqa: E402
-                                 out_axis, preactivation_bounds)
+from tools.host.equalize import (equalize, find_pairs, preactivation_bounds,  # noqa: E402
+                                 range_spread)
 from tools.host.ptq import PTQOptions, quantize_keras, write_tflite  # noqa: E402
 from tools.host.rebuild import rebuild  # noqa: E402
 from tools.host.subtensors import split_subtensors  # noqa: E402
@@ -40,11 +40,6 @@ def _max_diff(a, b, probes) -> float:
     return max(float(np.abs(a(x).numpy() - b(x).numpy()).max()) for x in probes)
 
 
-def _spread(layer) -> float:
-    r = channel_ranges(layer.get_weights()[0], out_axis(layer))
-    return float(r.max() / np.median(r))
-
-
 def test_equalize_keeps_float_outputs_and_evens_weight_ranges(small, probes):
     eq, report = equalize(small)
     print(f"\n{report.text()}")
@@ -54,7 +49,7 @@ def test_equalize_keeps_float_outputs_and_evens_weight_ranges(small, probes):
     # per-channel weight ranges become more uniform where the activations allow it (a linear
     # pair; a depthwise whose ReLU6 channels mostly never reach 6)
     for name in ("expanded_conv_project", "expanded_conv_4_depthwise"):
-        before, after = _spread(small.get_layer(name)), _spread(eq.get_layer(name))
+        before, after = range_spread(small.get_layer(name)), range_spread(eq.get_layer(name))
         print(f"{name}: per-channel range max/median {before:.1f} -> {after:.1f}")
         assert after < 0.85 * before
     # ReLU6 channels that may clip (bound > 6) keep their weights: scaling them would change

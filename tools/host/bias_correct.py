@@ -165,7 +165,3 @@ def output_shift(reference: keras.Model, model: keras.Model, layer_name: str,
                    model.get_layer(layer_name).get_weights()[1]])
     (mean,), _ = _channel_stats(qmodel, [q.output], x)
     return float(np.mean(np.abs(mean - ref)))
-
-
-__all__ = ["METHODS", "BiasReport", "bias_correct", "clipped_normal_mean", "kernel_error",
-           "output_shift", "quantize_kernel"]

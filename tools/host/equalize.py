@@ -140,14 +140,16 @@ class EqualizeReport:
                 f"{self.spread_after:.1f}")
 
 
+def range_spread(layer) -> float:
+    """max / median of a conv's per-output-channel weight ranges (1 = one scale fits all)."""
+    r = channel_ranges(layer.get_weights()[0], out_axis(layer))
+    return float(r.max() / max(np.median(r), 1e-12))
+
+
 def _spread(pairs: Sequence[Pair]) -> float:
     layers = {p.a.name: p.a for p in pairs}
     layers.update({p.b.name: p.b for p in pairs})
-    values = []
-    for layer in layers.values():
-        r = channel_ranges(layer.get_weights()[0], out_axis(layer))
-        values.append(r.max() / max(np.median(r), 1e-12))
-    return float(np.mean(values)) if values else 1.0
+    return float(np.mean([range_spread(layer) for layer in layers.values()])) if layers else 1.0
 
 
 def copy_model(model: keras.Model) -> keras.Model:

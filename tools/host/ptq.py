@@ -37,8 +37,9 @@ class PTQOptions:
     Measured on dm0.5 at 513x513 (ai-edge-litert 2.3, XNNPACK, interleaved medians, 1 and 2
     threads; docs/host-tools.md): per-channel int8 with a 129x129 ArgMax head (``upsample=4``)
     invokes in 0.47-0.49x Coral's time at -0.16 mIoU points vs the float; the full-size head
-    (``upsample=16``) 0.72x at -0.05; per-tensor weights are no faster and lose 0.7-0.8 points;
-    int8 vs uint8 I/O makes no measurable difference; a 33x33 head loses 3.4 points.
+    (``upsample=16``) 0.72x at -0.05; per-tensor weights are no faster and lose 0.7-0.8 points
+    unless ``equalize``/``bias_correct``/``subtensors`` precondition the float (see the doc's
+    per-tensor table); int8 vs uint8 I/O makes no measurable difference; a 33x33 head loses 3.4.
     """
 
     mode: str = "int8"

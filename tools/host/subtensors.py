@@ -20,7 +20,7 @@ import tf_keras as keras
 
 from edge_agent.errors import ConfigError
 
-from .equalize import Pair, channel_ranges, copy_model, find_pairs, out_axis
+from .equalize import Pair, channel_ranges, copy_model, find_pairs, out_axis, range_spread
 
 MAX_GROUPS = 8
 
@@ -68,12 +68,6 @@ class SplitReport:
     def text(self) -> str:
         return (f"subtensors: {self.blocks} conv/depthwise blocks split into {self.groups} "
                 f"channel groups each")
-
-
-def range_spread(layer) -> float:
-    """max / median of a conv's per-output-channel weight ranges (1 = one scale fits all)."""
-    r = channel_ranges(layer.get_weights()[0], out_axis(layer))
-    return float(r.max() / max(np.median(r), 1e-12))
 
 
 def split_subtensors(model: keras.Model, groups: int, min_spread: float = 0.0

@@ -165,8 +165,7 @@ def equalize(model: keras.Model, iterations: int = 20) -> Tuple[keras.Model, Equ
     pairs = find_pairs(model)
     before = _spread(pairs)
     bounds = preactivation_bounds(model)
-    frozen = set()
-    touched: Dict[Tuple[str, int], bool] = {}
+    frozen, touched = set(), set()  # (layer, channel)
     for _ in range(iterations):
         for p in pairs:
             (wa, ba), (wb, bb) = p.a.get_weights(), p.b.get_weights()
@@ -188,7 +187,6 @@ def equalize(model: keras.Model, iterations: int = 20) -> Tuple[keras.Model, Equ
             shape_b[2] = -1
             p.a.set_weights([wa / s.reshape(shape_a), ba / s])
             p.b.set_weights([wb * s.reshape(shape_b), bb])
-            for i in np.flatnonzero(np.abs(s - 1) > 1e-6):
-                touched[(p.a.name, int(i))] = True
+            touched.update((p.a.name, int(i)) for i in np.flatnonzero(np.abs(s - 1) > 1e-6))
     report = EqualizeReport(len(pairs), len(touched), len(frozen), before, _spread(pairs))
     return model, report

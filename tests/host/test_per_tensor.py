@@ -79,6 +79,7 @@ def test_bias_correction_reduces_the_mean_output_shift(small, calib_images, meth
         bias_correct(small, calib_images, False, "magic")
 
 
+@pytest.mark.slow
 def test_subtensors_keep_the_function_and_stay_per_tensor(small, probes, calib_images, tmp_path):
     split, report = split_subtensors(small, 2)
     assert report.blocks == 17
@@ -105,6 +106,7 @@ def test_subtensors_keep_the_function_and_stay_per_tensor(small, probes, calib_i
     assert split_subtensors(small, 2, min_spread=6.0)[1].blocks == 6
 
 
+@pytest.mark.slow
 def test_ptq_cli_per_tensor_flags(tmp_path, capsys):
     from tools.host.__main__ import main
 

@@ -46,3 +46,17 @@ def test_evaluate_errors_are_one_line(tmp_path):
                            str(tmp_path / "none.tflite"), "--voc", str(VOC)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "model file not found" in proc.stderr.splitlines()[-1]
+
+
+def test_evaluate_agreement_on_unlabelled_images(tmp_path, capsys):
+    from tests.host.host_data import BIRD
+
+    rc = main(["evaluate", str(DM05_QUANT), str(DM05_QUANT), "--voc", str(VOC), "--image",
+               str(BIRD), "--no-overlays", "--out", str(tmp_path)])
+    assert rc == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| agreement on bird_segmentation (%) |" in md
+    assert "| deeplabv3_mnv2_dm05_pascal_quant#0 | 100.00 | 100.00 |" in md
+    rows = list(csv.reader((tmp_path / "results.csv").open()))
+    assert [r[1:] for r in rows if r[1] == "image_agreement"] == [
+        ["image_agreement", "bird_segmentation", "1.000000"]]

@@ -81,7 +81,8 @@ def cmd_ptq(args) -> int:
     from .ptq import PTQOptions, calibration_summary, quantize_keras, write_tflite
 
     opts = PTQOptions(args.mode, args.io_type, not args.per_tensor, _argmax_flag(args),
-                      args.upsample).validate()
+                      args.upsample, args.equalize, args.bias_correct,
+                      args.split_subtensors, args.split_min_spread).validate()
     model = load_source(args.model, _size(args.input_size))
     images = calibration_images(args.calib, args.num_calib) if args.mode == "int8" else []
     out = write_tflite(quantize_keras(model, opts, images), args.output)
@@ -117,7 +118,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, markdown, write_report
 
     report = evaluate(args.models, args.voc, args.split, args.labels, args.runtime,
-                      args.threads)
+                      args.threads, images=args.image)
     print(markdown(report))
     if args.out:
         written = write_report(report, args.out, args.voc, args.split, not args.no_overlays)
@@ -196,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--input-size", type=int, nargs="+", help="fixed input H [W]")
     _ptq_flags(p)
+    p.add_argument("--equalize", action="store_true", help="cross-layer equalization of "
+                   "conv/depthwise pairs first (float outputs unchanged; helps --per-tensor)")
+    p.add_argument("--bias-correct", nargs="?", const="empirical", metavar="METHOD",
+                   help="cancel the mean output shift of weight rounding: empirical (default, "
+                        "layer by layer on the calibration images) | analytic")
+    p.add_argument("--split-subtensors", type=int, default=1, metavar="N",
+                   help="split each conv/depthwise block into N channel groups (2..8), each with "
+                        "its own per-tensor scales (default 1: off)")
+    p.add_argument("--split-min-spread", type=float, default=0.0, metavar="S",
+                   help="split only blocks whose depthwise per-channel weight ranges spread "
+                        "(max/median) is >= S (default 0: every block)")
     p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser("qat", help="quantization-aware fine-tuning, export uint8 TFLite")
@@ -223,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label file (one class name a line)")
     p.add_argument("--out", help="write results.md, results.csv, overlays/ here")
     p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--image", action="append", default=[], help="an unlabelled image (e.g. the "
+                   "golden bird) to report pairwise agreement on; repeatable")
     p.add_argument("--runtime", default="auto")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_evaluate)

@@ -23,7 +23,7 @@ from edge_agent.inference.labels import read_labels
 from edge_agent.inference.segmenter import Segmenter
 
 from . import metrics
-from .datasets import VocDataset
+from .datasets import VocDataset, read_rgb
 
 WARMUP_RUNS = 1
 
@@ -37,6 +37,7 @@ class ModelResult:
     latencies_ms: List[float] = field(default_factory=list)
     masks: Dict[str, np.ndarray] = field(default_factory=dict)
     conf: Optional[np.ndarray] = None
+    extra_masks: Dict[str, np.ndarray] = field(default_factory=dict)  # unlabelled images
 
     @property
     def latency_ms(self) -> float:
@@ -49,6 +50,8 @@ class Report:
     labels: List[str]
     agreement: Dict[tuple, float]
     images: int
+    # per unlabelled image (``--image``, e.g. the golden bird): pairwise agreement
+    extra_agreement: Dict[str, Dict[tuple, float]] = field(default_factory=dict)
 
     def present(self) -> List[int]:
         total = sum(r.conf for r in self.results)
@@ -62,13 +65,15 @@ def _unique_names(paths: Sequence[Path]) -> List[str]:
 
 def evaluate(models: Sequence["str | Path"], voc_root: "str | Path", split: str = "val",
              labels: Optional[str] = None, runtime: str = "auto", threads: Optional[int] = None,
-             num_classes: Optional[int] = None) -> Report:
-    """Run every model on every sample; ConfigError/ModelError/DatasetError on bad input."""
+             num_classes: Optional[int] = None, images: Sequence["str | Path"] = ()) -> Report:
+    """Run every model on every sample (and on the unlabelled ``images``, for agreement only);
+    ConfigError/ModelError/DatasetError on bad input."""
     if not models:
         raise ConfigError("evaluate needs at least one .tflite model")
     paths = [Path(m) for m in models]
     dataset = VocDataset(voc_root, split)
     names = read_labels(labels) if labels else [str(i) for i in range(num_classes or 21)]
+    extra = {Path(p).stem: read_rgb(p) for p in images}
     n = len(names)
     results = []
     for name, path in zip(_unique_names(paths), paths):
@@ -85,12 +90,17 @@ def evaluate(models: Sequence["str | Path"], voc_root: "str | Path", split: str 
             res.latencies_ms.append(out.timings["inference"])
             res.masks[sample.id] = out.mask
             res.conf += metrics.confusion(out.mask, label, n)
+        res.extra_masks = {k: seg.segment(image).mask for k, image in extra.items()}
         results.append(res)
     agree = {}
+    extra_agree: Dict[str, Dict[tuple, float]] = {k: {} for k in extra}
     for a, b in itertools.combinations(results, 2):
         values = [metrics.agreement(a.masks[k], b.masks[k]) for k in a.masks]
         agree[(a.name, b.name)] = float(np.mean(values))
-    return Report(results, names, agree, len(dataset))
+        for k in extra:
+            extra_agree[k][(a.name, b.name)] = metrics.agreement(a.extra_masks[k],
+                                                                 b.extra_masks[k])
+    return Report(results, names, agree, len(dataset), extra_agree)
 
 
 def _fmt(value: float, pct: bool = True) -> str:
@@ -116,16 +126,21 @@ def markdown(report: Report) -> str:
     for c in present:
         out.append(f"| {report.labels[c]} | " + " | ".join(_fmt(i[c]) for i in ious) + " |")
     if report.agreement:
-        out += ["", "| agreement (%) | " + " | ".join(r.name for r in report.results) + " |",
-                "| --- |" + " ---: |" * len(report.results)]
-        for a in report.results:
-            cells = []
-            for b in report.results:
-                v = 1.0 if a is b else report.agreement.get((a.name, b.name),
-                                                            report.agreement.get((b.name, a.name)))
-                cells.append(_fmt(v))
-            out.append(f"| {a.name} | " + " | ".join(cells) + " |")
+        out += _agreement_table("agreement (%)", report.results, report.agreement)
+    for image, values in report.extra_agreement.items():
+        out += _agreement_table(f"agreement on {image} (%)", report.results, values)
     return "\n".join(out) + "\n"
+
+
+def _agreement_table(title: str, results: Sequence[ModelResult],
+                     values: Dict[tuple, float]) -> List[str]:
+    out = ["", f"| {title} | " + " | ".join(r.name for r in results) + " |",
+           "| --- |" + " ---: |" * len(results)]
+    for a in results:
+        cells = [_fmt(1.0 if a is b else values.get((a.name, b.name), values.get((b.name, a.name))))
+                 for b in results]
+        out.append(f"| {a.name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def csv_rows(report: Report) -> List[List[str]]:
@@ -140,6 +155,8 @@ def csv_rows(report: Report) -> List[List[str]]:
         ious = metrics.iou_per_class(r.conf)
         rows += [[r.name, "iou", report.labels[c], f"{ious[c]:.6f}"] for c in report.present()]
     rows += [[f"{a}|{b}", "agreement", "", f"{v:.6f}"] for (a, b), v in report.agreement.items()]
+    rows += [[f"{a}|{b}", "image_agreement", image, f"{v:.6f}"]
+             for image, values in report.extra_agreement.items() for (a, b), v in values.items()]
     return rows
 
 

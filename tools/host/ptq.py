@@ -19,7 +19,10 @@ from tqdm import tqdm
 
 from edge_agent.errors import ConfigError, ModelError
 
+from .bias_correct import METHODS as BIAS_METHODS, bias_correct
 from .datasets import model_input
+from .equalize import equalize
+from .subtensors import MAX_GROUPS, split_subtensors
 from .deeplab import UPSAMPLE_FACTORS, with_argmax, with_head, without_argmax
 from .tflite_reader import read_tflite
 
@@ -34,8 +37,9 @@ class PTQOptions:
     Measured on dm0.5 at 513x513 (ai-edge-litert 2.3, XNNPACK, interleaved medians, 1 and 2
     threads; docs/host-tools.md): per-channel int8 with a 129x129 ArgMax head (``upsample=4``)
     invokes in 0.47-0.49x Coral's time at -0.16 mIoU points vs the float; the full-size head
-    (``upsample=16``) 0.72x at -0.05; per-tensor weights are no faster and lose 0.7-0.8 points;
-    int8 vs uint8 I/O makes no measurable difference; a 33x33 head loses 3.4 points.
+    (``upsample=16``) 0.72x at -0.05; per-tensor weights are no faster and lose 0.7-0.8 points
+    unless ``equalize``/``bias_correct``/``subtensors`` precondition the float (see the doc's
+    per-tensor table); int8 vs uint8 I/O makes no measurable difference; a 33x33 head loses 3.4.
     """
 
     mode: str = "int8"
@@ -43,6 +47,10 @@ class PTQOptions:
     per_channel: bool = True
     argmax: Optional[bool] = True  # None: as the model given
     upsample: Optional[int] = 4  # head: logits upsampled x4 (129 for 513); None: as given
+    equalize: bool = False  # cross-layer equalization before conversion (equalize.py)
+    bias_correct: Optional[str] = None  # "empirical" | "analytic" (bias_correct.py)
+    subtensors: int = 1  # >1: blocks split into that many channel groups (subtensors.py)
+    split_min_spread: float = 0.0  # split only blocks whose depthwise range spread is >= this
 
     def validate(self) -> "PTQOptions":
         if self.mode not in MODES:
@@ -52,6 +60,16 @@ class PTQOptions:
         if self.upsample is not None and self.upsample not in UPSAMPLE_FACTORS:
             raise ConfigError(f"upsample factor must be one of {UPSAMPLE_FACTORS}, "
                               f"not {self.upsample}")
+        if self.bias_correct is not None and self.bias_correct not in BIAS_METHODS:
+            raise ConfigError(f"unknown bias correction {self.bias_correct!r}: choose "
+                              f"{', '.join(BIAS_METHODS)}")
+        if self.subtensors != 1 and not 2 <= self.subtensors <= MAX_GROUPS:
+            raise ConfigError(f"subtensor groups must be 2..{MAX_GROUPS}, not {self.subtensors}")
+        if self.split_min_spread < 0:
+            raise ConfigError(f"split min spread must be >= 0, not {self.split_min_spread}")
+        if (self.equalize or self.bias_correct or self.subtensors > 1) and self.mode != "int8":
+            raise ConfigError("equalization, bias correction and subtensors are for int8 mode "
+                              "only")
         return self
 
 
@@ -97,12 +115,29 @@ def quantize_keras(model: keras.Model, opts: PTQOptions,
                    images: Sequence[np.ndarray] = ()) -> bytes:
     """TFLite flatbuffer of ``model`` under ``opts`` (ArgMax added/removed first if asked)."""
     opts.validate()
-    model = apply_head(model, opts)
+    model = apply_head(precondition(model, opts, images), opts)
     size = (int(model.input_shape[1]), int(model.input_shape[2]))
     converter = keras_converter(model)
     rep = representative_dataset(images, size) if opts.mode == "int8" else None
     configure(converter, opts, rep)
     return _convert(converter)
+
+
+def precondition(model: keras.Model, opts: PTQOptions, images: Sequence[np.ndarray] = (),
+                 log: Callable[[str], None] = print) -> keras.Model:
+    """The float model made friendlier to int8 weights: equalized, split, bias-corrected."""
+    if opts.equalize:
+        model, report = equalize(model)
+        log(report.text())
+    if opts.subtensors > 1:
+        model, report = split_subtensors(model, opts.subtensors, opts.split_min_spread)
+        log(report.text())
+    if opts.bias_correct:
+        if not images:
+            raise ConfigError("bias correction needs calibration images (none given)")
+        model, report = bias_correct(model, images, opts.per_channel, opts.bias_correct)
+        log(report.text())
+    return model
 
 
 def apply_head(model: keras.Model, opts: PTQOptions) -> keras.Model:

@@ -8,7 +8,7 @@ pytest.importorskip("tensorflow")
 
 from tests.host.host_data import BIRD, DM05_QUANT, VOC  # noqa: E402
 from edge_agent.errors import ConfigError  # noqa: E402
-from edge_agent.segmenter import Segmenter  # noqa: E402
+from edge_agent.inference.segmenter import Segmenter  # noqa: E402
 from tools.host import metrics  # noqa: E402
 from tools.host.bias_correct import bias_correct, output_shift, quantize_kernel  # noqa: E402
 from tools.host.datasets import calibration_images, model_input, read_rgb  # noqa: E402

@@ -149,3 +149,119 @@ class Recorder:
 
 def mosquitto_available() -> bool:
     return find_mosquitto() is not None
+
+
+# -- the broker matrix: RabbitMQ's MQTT plugin and bridged mosquittos ------------------------------
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
+def rabbitmq_available() -> bool:
+    return Path(RABBITMQ_SERVER).exists() and shutil.which("runuser") is not None and _user_exists("rabbitmq")
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+class RabbitMqServer:
+    """Debian's rabbitmq-server (3.10, MQTT plugin: MQTT 3.1.1 only) as its own node.
+
+    Everything lives in ``workdir`` (owned by the ``rabbitmq`` user, as the server insists): its
+    mnesia, logs, feature flags, ``enabled_plugins`` (``[rabbitmq_mqtt].``) and a config with the
+    AMQP listener off and the MQTT listener on 127.0.0.1:``port``. Own node name and distribution
+    port, so it never meets a system RabbitMQ. Start takes ~30 s.
+    """
+
+    def __init__(self, workdir: Path, port: Optional[int] = None) -> None:
+        from edge_agent.comms.broker import free_port
+
+        self.workdir = workdir
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.dist_port = free_port()
+        self.node = f"edgeagent{self.port}@localhost"
+        self._proc: Optional[subprocess.Popen] = None
+        self.log_path = workdir / "server.log"
+
+    def start(self, timeout: float = 120.0) -> "RabbitMqServer":
+        import os
+        import pwd
+
+        from edge_agent.comms.broker import wait_for_port
+
+        w = self.workdir
+        for sub in ("mnesia", "log", "home"):
+            (w / sub).mkdir(parents=True, exist_ok=True)
+        (w / "rabbitmq.conf").write_text(
+            "listeners.tcp = none\n"
+            f"mqtt.listeners.tcp.1 = {self.host}:{self.port}\n"
+            "mqtt.allow_anonymous = true\n"
+            "loopback_users = none\n")
+        (w / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        user = pwd.getpwnam("rabbitmq")
+        for root, dirs, files in os.walk(w):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                os.chown(name, user.pw_uid, user.pw_gid)
+        os.chmod(w, 0o755)
+        env = {
+            "HOME": str(w / "home"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "RABBITMQ_NODENAME": self.node, "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(w / "mnesia"), "RABBITMQ_LOG_BASE": str(w / "log"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(w / "feature_flags"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(w / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(w / "rabbitmq.conf"), "RABBITMQ_LOGS": "-",
+        }
+        args = ["runuser", "-u", "rabbitmq", "--", "env", *(f"{k}={v}" for k, v in env.items()), RABBITMQ_SERVER]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited ({self._proc.returncode}): {self.log_tail()}")
+            if "completed with" in self.log_tail(20000) and wait_for_port(self.host, self.port, 0.5):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"rabbitmq-server not ready within {timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the node's process group (runuser, the Erlang VM and its helpers)."""
+        import os
+        import signal
+
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+        except ProcessLookupError:
+            pass
+
+
+def bridged_mosquittos(workdir: Path) -> Tuple[MosquittoBroker, MosquittoBroker]:
+    """Two mosquittos, the second bridged to the first for ``edge-agent/#`` both ways (MQTT 3.1.1
+    bridge, mosquitto's default): agents on the first, host clients on the second."""
+    (workdir / "a").mkdir(parents=True, exist_ok=True)
+    (workdir / "b").mkdir(parents=True, exist_ok=True)
+    a = MosquittoBroker(workdir=str(workdir / "a")).start()
+    bridge = ["connection site-a", f"address {a.host}:{a.port}", "topic edge-agent/# both 1",
+              "cleansession true", "restart_timeout 1 5", "bridge_attempt_unsubscribe false"]
+    b = MosquittoBroker(workdir=str(workdir / "b"), extra_conf=bridge).start()
+    return a, b

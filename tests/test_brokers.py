@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
@@ -37,13 +39,18 @@ RETAINED_TO_WILDCARDS = {"mosquitto": True, "amqtt": True, "rabbitmq": False, "b
 
 
 @pytest.fixture(scope="module")
-def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMqServer]:
+def rabbitmq() -> Iterator[RabbitMqServer]:
     if not rabbitmq_available():
         pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
-    server = RabbitMqServer(tmp_path_factory.mktemp("rabbitmq"))
-    server.start()
-    yield server
-    server.stop()
+    # not under pytest's tmp dir: that is private to root, and the server runs as "rabbitmq"
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-rabbitmq-"))
+    server = RabbitMqServer(workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(params=sorted(RETAINED_TO_WILDCARDS))

@@ -35,19 +35,43 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def _leaf(cwd: Path, name: str, usage: str) -> None:
-    """An EC key and a certificate for ``name`` signed by ca.pem, valid for 127.0.0.1/localhost."""
+def _leaf(cwd: Path, name: str, usage: str, san: str = "IP:127.0.0.1,DNS:localhost",
+          expired: bool = False) -> None:
+    """An EC key and a certificate for ``name`` signed by ca.pem (in ``cwd``), valid for ``san``;
+    ``expired``: its validity ended in 2024 (``openssl ca`` with explicit dates)."""
     (cwd / f"{name}.ext").write_text(
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
         f"extendedKeyUsage={usage}\n"
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        f"subjectAltName={san}\n"
         "subjectKeyIdentifier=hash\n"
         "authorityKeyIdentifier=keyid,issuer\n")
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=cwd)
+    if not expired:
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=cwd)
+        return
+    db = cwd / "ca-db"
+    db.mkdir(exist_ok=True)
+    (db / "index.txt").write_text("")
+    (db / "serial").write_text("1000\n")
+    (cwd / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = test\n[test]\n"
+        f"database = {db / 'index.txt'}\nserial = {db / 'serial'}\nnew_certs_dir = {db}\n"
+        "default_md = sha256\npolicy = any\nunique_subject = no\n[any]\ncommonName = supplied\n")
+    _openssl("ca", "-batch", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-in", f"{name}.csr",
+             "-out", f"{name}.pem", "-notext", "-startdate", "20240101000000Z", "-enddate", "20240102000000Z",
+             "-extfile", f"{name}.ext", cwd=cwd)
+
+
+def make_leaf(certs: Certs, name: str, usage: str = "clientAuth", san: str = "IP:127.0.0.1,DNS:localhost",
+              expired: bool = False) -> Tuple[Path, Path]:
+    """Another certificate signed by ``certs``' CA: (certificate, key) in the CA's directory.
+    ``usage``: serverAuth or clientAuth; ``san`` the names it is valid for."""
+    cwd = certs.ca.parent
+    _leaf(cwd, name, usage, san, expired)
+    return cwd / f"{name}.pem", cwd / f"{name}.key"
 
 
 def make_certs(directory: Path) -> Certs:
@@ -78,8 +102,10 @@ class MosquittoServer(MosquittoBroker):
     """mosquitto on a fixed loopback port with optional TLS and password authentication."""
 
     def __init__(self, workdir: Path, certs: Optional[Certs] = None, users: Optional[Dict[str, str]] = None,
-                 require_certificate: bool = False, port: Optional[int] = None) -> None:
-        extra: List[str] = []
+                 require_certificate: bool = False, port: Optional[int] = None,
+                 extra: Optional[List[str]] = None) -> None:
+        """``extra``: more listener lines (e.g. ``max_connections 1``)."""
+        extra = list(extra or [])
         if certs is not None:
             extra += [f"cafile {certs.ca}", f"certfile {certs.server_cert}", f"keyfile {certs.server_key}",
                       f"require_certificate {'true' if require_certificate else 'false'}"]
@@ -265,3 +291,80 @@ def bridged_mosquittos(workdir: Path) -> Tuple[MosquittoBroker, MosquittoBroker]
               "cleansession true", "restart_timeout 1 5", "bridge_attempt_unsubscribe false"]
     b = MosquittoBroker(workdir=str(workdir / "b"), extra_conf=bridge).start()
     return a, b
+
+
+class HangUpProxy:
+    """A TCP proxy on loopback in front of a broker that, while ``hang_up`` is set, accepts
+    connections and closes them at once: a broker restarting or at its connection limit, as a
+    client sees it (mosquitto's own ``max_connections`` miscounts connections closed before
+    CONNECT). ``drop_all()`` cuts the proxied connections (a broker restart, for the client)."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        import socket
+
+        self.target = (host, target_port)
+        self.hang_up = threading.Event()
+        self.hung_up = 0
+        self._server = socket.create_server((host, 0))
+        self.host, self.port = host, self._server.getsockname()[1]
+        self._conns: List = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name="hang-up-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self.hang_up.is_set():
+                self.hung_up += 1
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        import socket
+
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def drop_all(self) -> None:
+        import socket
+
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+        self.drop_all()

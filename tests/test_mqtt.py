@@ -474,5 +474,5 @@ def test_asyncapi_documents_every_topic_and_refs_resolve():
     from edge_agent.comms.mqtt import _QOS_KEYS
     for suffix in _QOS_KEYS:
         assert f"{{prefix}}/{{deviceId}}/{suffix}" in addresses, suffix
-    for cmd in ("benchmark", "deploy", "rollback", "models"):
+    for cmd in ("benchmark", "deploy", "rollback", "models", "presence"):
         assert f"{{prefix}}/{{target}}/cmd/{cmd}" in addresses, cmd

@@ -72,10 +72,15 @@ CASES = {
                               "the broker requires a client certificate: set mqtt.cert_file and mqtt.key_file"),
     "plain MQTT to a TLS port": ("certs", False, lambda f: {},
                                  "the port expects TLS: set mqtt.tls = true"),
+    "TLS to a plain port": (None, False, lambda f: {"tls": True, "ca_file": f["certs"].ca},
+                            "the port does not speak TLS: set mqtt.tls = false"),
 }
 
 
-def broker_certs(faulty: Dict[str, Any], which: str) -> Certs:
+def broker_certs(faulty: Dict[str, Any], which: Optional[str]) -> Optional[Certs]:
+    """The broker's certificates for a case (None: a plain MQTT listener)."""
+    if which is None:
+        return None
     certs = faulty["certs"]
     if which == "certs":
         return certs

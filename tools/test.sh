@@ -2,10 +2,12 @@
 # Set up everything the tests need on a fresh Debian/Ubuntu machine, then run every test suite.
 #
 #   bash tools/test.sh            # all suites
-#   SUITES="device" bash tools/test.sh   # a subset: device tflite host
+#   SUITES="device" bash tools/test.sh   # a subset: device brokers tflite host
 #
 # Suites (each in its own venv, as users install them):
 #   device  .venv         the agent with its default runtime (ai-edge-litert), real mosquitto
+#   brokers .venv         the broker matrix (tests marked ``brokers``): mosquitto 2, amqtt, RabbitMQ
+#                         3.10's MQTT plugin (own node, ~35 s to start), two bridged mosquittos (~3 min)
 #   tflite  .venv-tflite  the inference tests again under tflite-runtime 2.14 + numpy<2
 #   host    .venv-host    host model tools (TensorFlow 2.21, tf-keras, tfmot)
 # Exit 0 only when every selected suite ran tests and they passed (pytest's exit 5, "no tests
@@ -14,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"device tflite host"}
+SUITES=${SUITES:-"device brokers tflite host"}
 PIP_FLAGS=(-q --disable-pip-version-check)
 export PIP_NO_INPUT=1
 
@@ -28,6 +30,9 @@ install_system_packages() {
   command -v mosquitto_passwd >/dev/null 2>&1 || [ -x /usr/bin/mosquitto_passwd ] || missing+=(mosquitto)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  case " $SUITES " in
+    *" brokers "*) [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server) ;;
+  esac
   if [ ${#missing[@]} -gt 0 ]; then
     say "apt-get install ${missing[*]}"
     sudo_if_needed apt-get update -qq
@@ -60,7 +65,12 @@ for suite in $SUITES; do
     device)
       say "venv .venv (device: ai-edge-litert)"
       make_venv .venv -e ".[dev]" || { RESULTS+=("device=setup-failed"); FAILED=1; continue; }
-      run_pytest device .venv -m "not host" tests --ignore=tests/host
+      run_pytest device .venv -m "not host and not brokers" tests --ignore=tests/host
+      ;;
+    brokers)
+      say "venv .venv (device), the broker matrix"
+      make_venv .venv -e ".[dev]" || { RESULTS+=("brokers=setup-failed"); FAILED=1; continue; }
+      run_pytest brokers .venv -m brokers tests --ignore=tests/host
       ;;
     tflite)
       say "venv .venv-tflite (tflite-runtime 2.14, numpy<2)"

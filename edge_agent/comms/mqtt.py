@@ -155,6 +155,8 @@ def apply_credentials(client: paho.Client, cfg: MqttConfig) -> None:
             client.tls_insecure_set(True)  # skips host name verification, like mosquitto_pub --insecure
 
 
+_PLAIN_PORT = ("the port does not speak TLS: set mqtt.tls = false, or mqtt.port to the broker's TLS port "
+               "(usually 8883)")
 # What a failed attempt most likely means: (lower-case text in the error, explanation).
 _DIAGNOSES: Tuple[Tuple[str, str], ...] = (
     ("certificate required", "the broker requires a client certificate: set mqtt.cert_file and mqtt.key_file"),
@@ -175,8 +177,7 @@ _DIAGNOSES: Tuple[Tuple[str, str], ...] = (
     ("certificate is not yet valid", "the broker's certificate is not valid yet: check this device's clock"),
     ("unable to get local issuer", "the broker's certificate is not signed by a CA in mqtt.ca_file"),
     ("self-signed certificate", "the broker's certificate is not signed by a CA in mqtt.ca_file"),
-    ("wrong version number", "the port does not speak TLS: set mqtt.tls = false, or mqtt.port to the "
-                             "broker's TLS port (usually 8883)"),
+    ("wrong version number", _PLAIN_PORT),
     ("connection refused", "nothing accepts connections on {host}:{port}: is the broker running, is mqtt.port right?"),
     ("name or service not known", "mqtt.host {host!r} does not resolve"),
     ("temporary failure in name resolution", "mqtt.host {host!r} does not resolve (no DNS?)"),
@@ -490,7 +491,14 @@ class MqttConnection:
             return
         err = sys.exc_info()[1]  # paho calls us from inside its ``except OSError`` block
         error = f"cannot connect to {self.endpoint}: {err or 'connection failed'}"
-        self._failed(logging.WARNING, error, diagnose(error, self.cfg),
+        diagnosis = diagnose(error, self.cfg)
+        if self.cfg.tls and isinstance(err, (ConnectionResetError, ssl.SSLEOFError)):
+            # dropped during the handshake: a plain MQTT port resets on a TLS ClientHello
+            if self._speaks_tls is None:
+                self._speaks_tls = port_speaks_tls(self.cfg.host, self.cfg.port)
+            if not self._speaks_tls:
+                diagnosis = _PLAIN_PORT.format(host=self.cfg.host, port=self.cfg.port)
+        self._failed(logging.WARNING, error, diagnosis,
                      f"retrying with backoff ({self.cfg.reconnect_min_s:g}..{self.cfg.reconnect_max_s:g} s)")
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:

@@ -41,13 +41,11 @@ if str(REPO) not in sys.path:
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from bench.perf import LABELS, MODEL_FILES  # noqa: E402  (the test data paths; perf imports stdlib only)
 from edge_agent.comms.broker import MosquittoBroker  # noqa: E402
 
-SHARED = (REPO / ".." / "shared" / "test_data").resolve()
-MODELS = SHARED / "models"
-DM05 = MODELS / "deeplabv3_mnv2_dm05_pascal_quant.tflite"
-DM10 = MODELS / "deeplabv3_mnv2_pascal_quant.tflite"
-LABELS = MODELS / "pascal_voc_segmentation_labels.txt"
+DM05 = MODEL_FILES["dm0.5"]
+DM10 = MODEL_FILES["dm1.0"]
 PREFIX = "edge-agent"
 
 

@@ -81,9 +81,10 @@ def should_fall_back(setting: str, current: int, reason_code: Optional[int] = No
                      closed_before_connack: int = 0) -> bool:
     """True when the broker evidently does not speak MQTT 5 and we may downgrade to 3.1.1.
 
-    Evidence: a CONNACK "unsupported protocol version" (``reason_code``), or the broker hanging
-    up before any CONNACK ``CLOSED_BEFORE_CONNACK_LIMIT`` times in a row.  Only ``auto`` falls
-    back: an explicit ``protocol = "5"`` keeps failing loudly instead.
+    Evidence: a CONNACK "unsupported protocol version" (``reason_code``: for good), or the broker
+    hanging up before any CONNACK ``CLOSED_BEFORE_CONNACK_LIMIT`` times in a row (provisional:
+    see :class:`MqttConnection`).  Only ``auto`` falls back: an explicit ``protocol = "5"`` keeps
+    failing loudly instead.
     """
     if setting != "auto" or current != paho.MQTTv5:
         return False

@@ -11,7 +11,7 @@ import pytest
 from edge_agent.config import MqttConfig
 from edge_agent.fleet.client import FleetClient
 from tests.broker import Recorder
-from tests.helpers import start_agent, stop_agent, write_config
+from tests.helpers import start_agent, stop_agent, wait_until, write_config
 
 pytestmark = pytest.mark.broker
 DOC = Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml"
@@ -31,6 +31,12 @@ def test_presence_finds_a_device_whose_retained_state_is_gone(mosquitto, tmp_pat
             assert devices["pres-1"].via == ("retained", "presence") and devices["pres-1"].online
             assert devices["pres-1"].info["device_id"] == "pres-1"
             assert "retained availability/info: 1; presence query: 1 answered" in client.discovery
+            # the host client reconnects and subscribes again after a broker restart, like the agent
+            broker.restart()
+            rec.wait_for("edge-agent/pres-1/availability", b"online", count=2, timeout=30)
+            found = wait_until(lambda: client.discover(1.0).get("pres-1"), timeout=30,
+                               what="the device found again after the restart")
+            assert "presence" in found.via
 
         # a broker that lost (or never delivered) the retained state: only the query finds it
         for topic in ("edge-agent/pres-1/availability", "edge-agent/pres-1/info"):

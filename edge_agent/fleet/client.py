@@ -152,12 +152,20 @@ class FleetClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def subscribe(self, filters: List[str], timeout: float = 10.0) -> None:
-        """Subscribe (QoS 1) and wait for the broker's SUBACK: nothing sent before is missed after.
-        The filters are subscribed again after a reconnect."""
+    def _connected_client(self, timeout: float) -> paho.Client:
+        """The client once connected: a reconnect in progress (broker restart) is waited for."""
         client = self._client
         if client is None:
             raise FleetError("not connected")
+        if not self._conn.connected.wait(timeout):
+            raise FleetError(f"not connected to the broker {self._conn.endpoint} for {timeout:g} s"
+                             + (f" ({self._conn.last_error})" if self._conn.last_error else ""))
+        return client
+
+    def subscribe(self, filters: List[str], timeout: float = 10.0) -> None:
+        """Subscribe (QoS 1) and wait for the broker's SUBACK: nothing sent before is missed after.
+        The filters are subscribed again after a reconnect."""
+        client = self._connected_client(timeout)
         with self._cond:
             self._filters.update(filters)
             rc, mid = client.subscribe([(f, 1) for f in filters])
@@ -270,9 +278,7 @@ class FleetClient:
 
     def publish(self, topic: str, payload: bytes) -> None:
         """QoS 1 publish that returns once the broker acknowledged it (10 s at most)."""
-        client = self._client
-        if client is None:
-            raise FleetError("not connected")
+        client = self._connected_client(10.0)
         info = client.publish(topic, payload, qos=1)
         info.wait_for_publish(10)
 

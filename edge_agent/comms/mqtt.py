@@ -485,6 +485,9 @@ class MqttConnection:
             diagnosis = ("likely causes: the broker does not accept MQTT " + self.protocol
                          + " (mqtt.protocol), wants TLS or a client certificate (mqtt.tls, mqtt.cert_file), "
                          "is restarting or at its connection limit (see the broker's log)")
+            if self.cfg.protocol == "auto" and self._protocol == paho.MQTTv5:  # a fallback is still ahead
+                self._failed(logging.WARNING, text, diagnosis, "retrying; MQTT 3.1.1 next if it hangs up again")
+                return
         self._failed(logging.ERROR, text, diagnosis, "retrying with backoff")
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:

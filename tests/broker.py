@@ -214,6 +214,7 @@ class RabbitMqServer:
         self.node = f"edgeagent{self.port}@localhost"
         self._proc: Optional[subprocess.Popen] = None
         self.log_path = workdir / "server.log"
+        self._epmd_before: set = set()
 
     def start(self, timeout: float = 120.0) -> "RabbitMqServer":
         import os
@@ -243,6 +244,7 @@ class RabbitMqServer:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(w / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(w / "rabbitmq.conf"), "RABBITMQ_LOGS": "-",
         }
+        self._epmd_before = _epmd_pids()
         args = ["runuser", "-u", "rabbitmq", "--", "env", *(f"{k}={v}" for k, v in env.items()), RABBITMQ_SERVER]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -279,6 +281,24 @@ class RabbitMqServer:
             proc.wait(timeout)
         except ProcessLookupError:
             pass
+        for pid in _epmd_pids() - self._epmd_before:  # the port mapper our node daemonized, by its pid
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _epmd_pids() -> set:
+    """Pids of running Erlang port mappers (epmd): the node starts one if none runs."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "epmd":
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+    return pids
 
 
 def bridged_mosquittos(workdir: Path) -> Tuple[MosquittoBroker, MosquittoBroker]:

@@ -35,19 +35,43 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def _leaf(cwd: Path, name: str, usage: str) -> None:
-    """An EC key and a certificate for ``name`` signed by ca.pem, valid for 127.0.0.1/localhost."""
+def _leaf(cwd: Path, name: str, usage: str, san: str = "IP:127.0.0.1,DNS:localhost",
+          expired: bool = False) -> None:
+    """An EC key and a certificate for ``name`` signed by ca.pem (in ``cwd``), valid for ``san``;
+    ``expired``: its validity ended in 2024 (``openssl ca`` with explicit dates)."""
     (cwd / f"{name}.ext").write_text(
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
         f"extendedKeyUsage={usage}\n"
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        f"subjectAltName={san}\n"
         "subjectKeyIdentifier=hash\n"
         "authorityKeyIdentifier=keyid,issuer\n")
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=cwd)
+    if not expired:
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=cwd)
+        return
+    db = cwd / "ca-db"
+    db.mkdir(exist_ok=True)
+    (db / "index.txt").write_text("")
+    (db / "serial").write_text("1000\n")
+    (cwd / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = test\n[test]\n"
+        f"database = {db / 'index.txt'}\nserial = {db / 'serial'}\nnew_certs_dir = {db}\n"
+        "default_md = sha256\npolicy = any\nunique_subject = no\n[any]\ncommonName = supplied\n")
+    _openssl("ca", "-batch", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-in", f"{name}.csr",
+             "-out", f"{name}.pem", "-notext", "-startdate", "20240101000000Z", "-enddate", "20240102000000Z",
+             "-extfile", f"{name}.ext", cwd=cwd)
+
+
+def make_leaf(certs: Certs, name: str, usage: str = "clientAuth", san: str = "IP:127.0.0.1,DNS:localhost",
+              expired: bool = False) -> Tuple[Path, Path]:
+    """Another certificate signed by ``certs``' CA: (certificate, key) in the CA's directory.
+    ``usage``: serverAuth or clientAuth; ``san`` the names it is valid for."""
+    cwd = certs.ca.parent
+    _leaf(cwd, name, usage, san, expired)
+    return cwd / f"{name}.pem", cwd / f"{name}.key"
 
 
 def make_certs(directory: Path) -> Certs:
@@ -78,8 +102,10 @@ class MosquittoServer(MosquittoBroker):
     """mosquitto on a fixed loopback port with optional TLS and password authentication."""
 
     def __init__(self, workdir: Path, certs: Optional[Certs] = None, users: Optional[Dict[str, str]] = None,
-                 require_certificate: bool = False, port: Optional[int] = None) -> None:
-        extra: List[str] = []
+                 require_certificate: bool = False, port: Optional[int] = None,
+                 extra: Optional[List[str]] = None) -> None:
+        """``extra``: more listener lines (e.g. ``max_connections 1``)."""
+        extra = list(extra or [])
         if certs is not None:
             extra += [f"cafile {certs.ca}", f"certfile {certs.server_cert}", f"keyfile {certs.server_key}",
                       f"require_certificate {'true' if require_certificate else 'false'}"]
@@ -149,3 +175,216 @@ class Recorder:
 
 def mosquitto_available() -> bool:
     return find_mosquitto() is not None
+
+
+# -- the broker matrix: RabbitMQ's MQTT plugin and bridged mosquittos ------------------------------
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
+def rabbitmq_available() -> bool:
+    return Path(RABBITMQ_SERVER).exists() and shutil.which("runuser") is not None and _user_exists("rabbitmq")
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+class RabbitMqServer:
+    """Debian's rabbitmq-server (3.10, MQTT plugin: MQTT 3.1.1 only) as its own node.
+
+    Everything lives in ``workdir`` (owned by the ``rabbitmq`` user, as the server insists): its
+    mnesia, logs, feature flags, ``enabled_plugins`` (``[rabbitmq_mqtt].``) and a config with the
+    AMQP listener off and the MQTT listener on 127.0.0.1:``port``. Own node name and distribution
+    port, so it never meets a system RabbitMQ. Start takes ~30 s.
+    """
+
+    def __init__(self, workdir: Path, port: Optional[int] = None) -> None:
+        from edge_agent.comms.broker import free_port
+
+        self.workdir = workdir
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.dist_port = free_port()
+        self.node = f"edgeagent{self.port}@localhost"
+        self._proc: Optional[subprocess.Popen] = None
+        self.log_path = workdir / "server.log"
+        self._epmd_before: set = set()
+
+    def start(self, timeout: float = 120.0) -> "RabbitMqServer":
+        import os
+        import pwd
+
+        from edge_agent.comms.broker import wait_for_port
+
+        w = self.workdir
+        for sub in ("mnesia", "log", "home"):
+            (w / sub).mkdir(parents=True, exist_ok=True)
+        (w / "rabbitmq.conf").write_text(
+            "listeners.tcp = none\n"
+            f"mqtt.listeners.tcp.1 = {self.host}:{self.port}\n"
+            "mqtt.allow_anonymous = true\n"
+            "loopback_users = none\n")
+        (w / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        user = pwd.getpwnam("rabbitmq")
+        for root, dirs, files in os.walk(w):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                os.chown(name, user.pw_uid, user.pw_gid)
+        os.chmod(w, 0o755)
+        env = {
+            "HOME": str(w / "home"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "RABBITMQ_NODENAME": self.node, "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(w / "mnesia"), "RABBITMQ_LOG_BASE": str(w / "log"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(w / "feature_flags"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(w / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(w / "rabbitmq.conf"), "RABBITMQ_LOGS": "-",
+        }
+        self._epmd_before = _epmd_pids()
+        args = ["runuser", "-u", "rabbitmq", "--", "env", *(f"{k}={v}" for k, v in env.items()), RABBITMQ_SERVER]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True, cwd=w)  # a crash dump lands here
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited ({self._proc.returncode}): {self.log_tail()}")
+            if "completed with" in self.log_tail(20000) and wait_for_port(self.host, self.port, 0.5):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"rabbitmq-server not ready within {timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the node's process group (runuser, the Erlang VM and its helpers)."""
+        import os
+        import signal
+
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+        except ProcessLookupError:
+            pass
+        for pid in _epmd_pids() - self._epmd_before:  # the port mapper our node daemonized, by its pid
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _epmd_pids() -> set:
+    """Pids of running Erlang port mappers (epmd): the node starts one if none runs."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "epmd":
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def bridged_mosquittos(workdir: Path) -> Tuple[MosquittoBroker, MosquittoBroker]:
+    """Two mosquittos, the second bridged to the first for ``edge-agent/#`` both ways (MQTT 3.1.1
+    bridge, mosquitto's default): agents on the first, host clients on the second."""
+    (workdir / "a").mkdir(parents=True, exist_ok=True)
+    (workdir / "b").mkdir(parents=True, exist_ok=True)
+    a = MosquittoBroker(workdir=str(workdir / "a")).start()
+    bridge = ["connection site-a", f"address {a.host}:{a.port}", "topic edge-agent/# both 1",
+              "cleansession true", "restart_timeout 1 5", "bridge_attempt_unsubscribe false"]
+    b = MosquittoBroker(workdir=str(workdir / "b"), extra_conf=bridge).start()
+    return a, b
+
+
+class HangUpProxy:
+    """A TCP proxy on loopback in front of a broker that, while ``hang_up`` is set, accepts
+    connections and closes them at once: a broker restarting or at its connection limit, as a
+    client sees it (mosquitto's own ``max_connections`` miscounts connections closed before
+    CONNECT). ``drop_all()`` cuts the proxied connections (a broker restart, for the client)."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        import socket
+
+        self.target = (host, target_port)
+        self.hang_up = threading.Event()
+        self.hung_up = 0
+        self._server = socket.create_server((host, 0))
+        self.host, self.port = host, self._server.getsockname()[1]
+        self._conns: List = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name="hang-up-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self.hang_up.is_set():
+                self.hung_up += 1
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        import socket
+
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def drop_all(self) -> None:
+        import socket
+
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+        self.drop_all()

@@ -283,3 +283,52 @@ class NotifySocket:
         self._stop.set()
         self._thread.join(2)
         self.sock.close()
+
+
+class OutputLines:
+    """Reads a process's stdout line by line in a thread, so a test can wait on log lines while it runs."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: List[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="test-output-lines", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+
+    def matching(self, text: str) -> List[str]:
+        with self._cond:
+            return [line for line in self.lines if text in line]
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 30.0) -> List[str]:
+        """The first ``count`` lines containing ``text``; AssertionError with the output at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self.lines if text in line]
+                if len(found) >= count:
+                    return found[:count]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._thread.is_alive()):
+                    tail = "\n".join(self.lines[-40:])
+                    raise AssertionError(f"fewer than {count} lines with {text!r} within {timeout} s:\n{tail}")
+                self._cond.wait(min(remaining, 0.2))
+
+    def stop(self, sig=signal.SIGTERM) -> str:
+        """Stop the process (see stop_agent) and return all its output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._thread.join(5)
+        with self._cond:
+            return "\n".join(self.lines)

@@ -85,10 +85,11 @@ def test_the_default_table_serves_bench_and_deploy(tmp_path):
     agent = Agent(cfg, install_signals=False)  # the default table: edge_agent.remote.HANDLERS
     assert agent.models.open_store() is not None
     agent.start_handlers()
-    assert set(agent.handlers) == set(HANDLERS) == {"benchmark", "deploy"}
+    assert set(agent.handlers) == set(HANDLERS) == {"benchmark", "deploy", "presence"}
     commands = {name: {(r.command, r.subtree) for r in h.routes()} for name, h in agent.handlers.items()}
     assert commands == {"benchmark": {("benchmark", False)},
-                        "deploy": {("deploy", True), ("rollback", False), ("models", False)}}
+                        "deploy": {("deploy", True), ("rollback", False), ("models", False)},
+                        "presence": {("presence", False)}}
     assert agent.info()["deploy"] == {"current": None, "previous": None, "pending": None, "signing": "off"}
     for handler in agent.handlers.values():
         handler.shutdown("test over")  # idle handlers stop at once
@@ -103,4 +104,4 @@ def test_a_table_factory_may_decline(tmp_path):
     agent = Agent(cfg, install_signals=False, handlers={**HANDLERS, "declines": lambda ctx: None})
     assert agent.models.open_store() is None and "file" in agent.models.store_problem
     agent.start_handlers()
-    assert set(agent.handlers) == {"benchmark", "deploy"}
+    assert set(agent.handlers) == {"benchmark", "deploy", "presence"}

@@ -92,6 +92,23 @@ def test_encode_payload():
         encode_payload(3.5)  # type: ignore[arg-type]
 
 
+def test_diagnose_names_the_setting():
+    from edge_agent.comms.mqtt import diagnose
+    cfg = MqttConfig(host="broker.lan", port=8883)
+    cases = {
+        "cannot connect to broker.lan:8883: [Errno 111] Connection refused": "mqtt.port right?",
+        "cannot connect to broker.lan:8883: [Errno -2] Name or service not known": "mqtt.host 'broker.lan' does not resolve",
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: Hostname mismatch, certificate is not valid for "
+        "'broker.lan'": "set mqtt.tls_insecure = true",
+        "[SSL: WRONG_VERSION_NUMBER] wrong version number": "set mqtt.tls = false",
+        "failed to receive on socket: [SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required":
+            "set mqtt.cert_file and mqtt.key_file",
+    }
+    for error, hint in cases.items():
+        assert hint in (diagnose(error, cfg) or ""), error
+    assert diagnose("something else entirely", cfg) is None
+
+
 def test_fallback_decision():
     # 0x84 is MQTT 5 "Unsupported protocol version"; 0x01 the 3.1.1 refusal paho maps to it.
     assert should_fall_back("auto", paho.MQTTv5, 0x84)
@@ -474,5 +491,5 @@ def test_asyncapi_documents_every_topic_and_refs_resolve():
     from edge_agent.comms.mqtt import _QOS_KEYS
     for suffix in _QOS_KEYS:
         assert f"{{prefix}}/{{deviceId}}/{suffix}" in addresses, suffix
-    for cmd in ("benchmark", "deploy", "rollback", "models"):
+    for cmd in ("benchmark", "deploy", "rollback", "models", "presence"):
         assert f"{{prefix}}/{{target}}/cmd/{cmd}" in addresses, cmd

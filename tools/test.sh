@@ -2,10 +2,12 @@
 # Set up everything the tests need on a fresh Debian/Ubuntu machine, then run every test suite.
 #
 #   bash tools/test.sh            # all suites
-#   SUITES="device" bash tools/test.sh   # a subset: device tflite host homeassistant browser
+#   SUITES="device" bash tools/test.sh   # a subset: device brokers tflite host homeassistant browser
 #
 # Suites (each in its own venv, as users install them):
 #   device  .venv         the agent with its default runtime (ai-edge-litert), real mosquitto
+#   brokers .venv         the broker matrix (tests marked ``brokers``): mosquitto 2, amqtt, RabbitMQ
+#                         3.10's MQTT plugin (own node, ~35 s to start), two bridged mosquittos (~3 min)
 #   tflite  .venv-tflite  the inference tests again under tflite-runtime 2.14 + numpy<2
 #   host    .venv-host    host model tools (TensorFlow 2.21, tf-keras, tfmot)
 #   homeassistant  .venv + a Home Assistant 2025.4.4 venv ($EDGE_AGENT_HA_VENV, default
@@ -19,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"device tflite host homeassistant browser"}
+SUITES=${SUITES:-"device brokers tflite host homeassistant browser"}
 PIP_FLAGS=(-q --disable-pip-version-check)
 export PIP_NO_INPUT=1
 
@@ -37,6 +39,9 @@ install_system_packages() {
     [ -x /usr/bin/chromium ] || missing+=(chromium)
     [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
   fi
+  case " $SUITES " in
+    *" brokers "*) [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server) ;;
+  esac
   if [ ${#missing[@]} -gt 0 ]; then
     say "apt-get install ${missing[*]}"
     sudo_if_needed apt-get update -qq
@@ -69,7 +74,12 @@ for suite in $SUITES; do
     device)
       say "venv .venv (device: ai-edge-litert)"
       make_venv .venv -e ".[dev]" || { RESULTS+=("device=setup-failed"); FAILED=1; continue; }
-      run_pytest device .venv -m "not host and not homeassistant and not browser" tests --ignore=tests/host
+      run_pytest device .venv -m "not host and not homeassistant and not browser and not brokers" tests --ignore=tests/host
+      ;;
+    brokers)
+      say "venv .venv (device), the broker matrix"
+      make_venv .venv -e ".[dev]" || { RESULTS+=("brokers=setup-failed"); FAILED=1; continue; }
+      run_pytest brokers .venv -m brokers tests --ignore=tests/host
       ;;
     homeassistant)
       say "venv for Home Assistant (tools/homeassistant-venv.sh)"

@@ -39,6 +39,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # a ConfigError is printed by the CLI as one line, exit 2
+    if cfg.mqtt.enabled and cfg.mqtt.tls:
+        from edge_agent.comms.mqtt import tls_context
+
+        tls_context(cfg.mqtt)  # loads the CA and the cert/key pair as ``run`` will (ConfigError if unusable)
     origin = args.config or "built-in defaults"
     print(f"config OK ({origin}): device {cfg.agent.device_id}, source {cfg.source.kind}, "
           f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}" + ("" if cfg.mqtt.enabled else " (disabled)"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, TextIO
@@ -17,7 +18,7 @@ from edge_agent.fleet.bench import run as run_bench
 from edge_agent.fleet.client import DISCOVERY_S, FleetClient
 from edge_agent.fleet.deploy import (DEFAULT_CHUNK_SIZE, deploy, deploy_params, list_models,
                                      report_deploy_answers, report_model_answers, rollback)
-from edge_agent.fleet.table import format_table
+from edge_agent.fleet.table import DEVICE_COLUMNS, device_row, format_table
 from edge_agent.inference.labels import read_labels
 
 
@@ -27,24 +28,59 @@ def add_parser(subparsers: Any) -> None:
     sub = remote.add_subparsers(dest="remote_command", metavar="COMMAND", required=True)
     _add_bench(sub)
     _add_deploy(sub)
+    _add_devices(sub)
+
+
+# flag -> [mqtt] key; each flag wins over the config file and EDGE_AGENT_MQTT_* (like --set)
+_BROKER_FLAGS = (("host", "host"), ("port", "port"), ("prefix", "topic_prefix"), ("username", "username"),
+                 ("password_file", "password_file"), ("ca_file", "ca_file"), ("cert_file", "cert_file"),
+                 ("key_file", "key_file"), ("protocol", "protocol"))
 
 
 def add_broker_arguments(p: argparse.ArgumentParser) -> None:
-    """--config/--set (the agent's TOML: [mqtt]) and the usual overrides; shared by remote commands."""
-    p.add_argument("--config", "-c", metavar="FILE", help="agent config TOML whose [mqtt] section to use")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="mqtt.KEY=VALUE",
-                   help="override a config key (e.g. mqtt.username=ops); repeatable")
-    p.add_argument("--host", help="broker host (overrides the config)")
-    p.add_argument("--port", type=int, help="broker port")
-    p.add_argument("--prefix", help="topic prefix (default edge-agent)")
+    """How to reach the broker, shared by the remote commands (and the console): the agent's TOML
+    (``--config``, default $EDGE_AGENT_CONFIG), ``EDGE_AGENT_MQTT_*`` variables, then these flags."""
+    g = p.add_argument_group("broker (default: --config's [mqtt], EDGE_AGENT_MQTT_* variables)")
+    g.add_argument("--config", "-c", metavar="FILE", default=os.environ.get("EDGE_AGENT_CONFIG"),
+                   help="agent config TOML whose [mqtt] section to use (default: $EDGE_AGENT_CONFIG)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="mqtt.KEY=VALUE",
+                   help="override a config key (e.g. mqtt.keepalive=60); repeatable")
+    g.add_argument("--host", help="broker host")
+    g.add_argument("--port", type=int, help="broker port")
+    g.add_argument("--prefix", help="topic prefix (default edge-agent)")
+    g.add_argument("--username", help="MQTT user name")
+    g.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password (first line)")
+    g.add_argument("--tls", action="store_true", default=None, help="connect with TLS (implied by the TLS files)")
+    g.add_argument("--ca-file", metavar="PEM", help="CA certificate(s) that signed the broker's certificate")
+    g.add_argument("--cert-file", metavar="PEM", help="client certificate (with --key-file)")
+    g.add_argument("--key-file", metavar="PEM", help="client certificate's private key")
+    g.add_argument("--tls-insecure", action="store_true", default=None,
+                   help="do not check the broker certificate's host name (the chain still is)")
+    g.add_argument("--protocol", choices=("auto", "5", "3.1.1"), help="MQTT version (default auto: 5, "
+                                                                       "falling back to 3.1.1)")
 
 
 def mqtt_from_args(args: argparse.Namespace) -> Any:
+    """The ``[mqtt]`` settings: defaults < --config < EDGE_AGENT_MQTT_* < --set < the flags."""
     overrides = list(args.overrides)
-    for key, value in (("host", args.host), ("port", args.port), ("topic_prefix", args.prefix)):
+    for flag, key in _BROKER_FLAGS:
+        value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"mqtt.{key}={value}")
+    if getattr(args, "password_file", None):
+        overrides.append("mqtt.password=")  # the file given here replaces a password from the config
+    if getattr(args, "tls", None) or any(getattr(args, f, None) for f in ("ca_file", "cert_file", "key_file")):
+        overrides.append("mqtt.tls=true")
+    if getattr(args, "tls_insecure", None):
+        overrides.append("mqtt.tls_insecure=true")
     return load_config(args.config, overrides).mqtt
+
+
+def _discover(client: FleetClient, seconds: float) -> Dict[str, Any]:
+    """Retained states + presence query; says on stderr how the devices were found."""
+    devices = client.discover(seconds)
+    print(f"discovery: {client.discovery}", file=sys.stderr)
+    return devices
 
 
 def _add_bench(remote: Any) -> None:
@@ -67,7 +103,8 @@ def _add_bench(remote: Any) -> None:
     p.add_argument("--pause", action="store_true", help="pause the live pipeline while benchmarking")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all answers (default 300)")
     p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
-                   help="seconds to collect retained device states before sending (default 1)")
+                   help="seconds to discover devices (retained states, presence answers) before "
+                        "sending (default 1)")
     p.add_argument("--csv", metavar="FILE", help="write one row per device as CSV")
     p.add_argument("--json", metavar="FILE", help="write every answer (full results) as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="PNG of the latency distribution per device (matplotlib)")
@@ -93,9 +130,9 @@ def cmd_remote_bench(args: argparse.Namespace, out: Optional[TextIO] = None) -> 
                             threads=args.threads, model=args.model, min_secs=args.min_secs,
                             max_secs=args.max_secs)
     with FleetClient(mqtt) as client:
-        devices = client.discover(args.discover_s)
+        devices = _discover(client, args.discover_s)
         if args.all and not any(d.online for d in devices.values()):
-            print(f"no device online under {mqtt.topic_prefix}/ (retained availability); "
+            print(f"no device online under {mqtt.topic_prefix}/ (retained availability, presence query); "
                   f"waiting for unannounced devices anyway", file=sys.stderr)
         progress = Progress("none" if args.progress == "none" else args.progress, args.runs, args.warmup)
         try:
@@ -122,8 +159,32 @@ def _targets(p: argparse.ArgumentParser) -> None:
     who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
     who.add_argument("--all", action="store_true", help="every device online (fleet topic)")
     p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
-                   help="seconds to collect retained device states before sending (default 1)")
+                   help="seconds to discover devices (retained states, presence answers) before "
+                        "sending (default 1)")
     add_broker_arguments(p)
+
+
+def _add_devices(remote: Any) -> None:
+    p = remote.add_parser("devices", help="list the devices under the topic prefix (retained state + presence)",
+                          description="Discover devices from their retained availability/info and a presence "
+                                      "query every agent answers; print one row per device.")
+    p.add_argument("--discover-s", type=float, default=2.0, help="seconds to wait for answers (default 2)")
+    p.add_argument("--json", action="store_true", help="print the devices as JSON")
+    add_broker_arguments(p)
+    p.set_defaults(func=cmd_devices)
+
+
+def cmd_devices(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    out = out or sys.stdout
+    with FleetClient(mqtt_from_args(args)) as client:
+        devices = _discover(client, args.discover_s)
+    if args.json:
+        print(json.dumps({d.id: {"online": d.online, "via": list(d.via), "info": d.info}
+                          for d in devices.values()}, indent=2), file=out)
+    else:
+        rows = [device_row(d) for d in devices.values()]
+        print(format_table(rows, DEVICE_COLUMNS) if rows else "no device found", file=out)
+    return 0 if devices else 1
 
 
 def _add_deploy(remote: Any) -> None:
@@ -174,7 +235,7 @@ def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         golden_mask=_read(args.golden, "golden mask") if args.golden else None,
         min_agreement=args.min_agreement, confirm_frames=args.confirm_frames)
     with FleetClient(mqtt_from_args(args)) as client:
-        client.discover(args.discover_s)
+        _discover(client, args.discover_s)
         answers = deploy(client, params, data, devices=args.device, fleet=args.all,
                          timeout=args.timeout, on_message=_print_progress)
     return report_deploy_answers(answers, out)
@@ -185,7 +246,7 @@ def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
 def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
     with FleetClient(mqtt_from_args(args)) as client:
-        client.discover(args.discover_s)
+        _discover(client, args.discover_s)
         answers = rollback(client, args.to, devices=args.device, fleet=args.all, timeout=args.timeout,
                            on_message=_print_progress)
     return report_deploy_answers(answers, out)
@@ -194,7 +255,7 @@ def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
 def cmd_models(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
     with FleetClient(mqtt_from_args(args)) as client:
-        client.discover(args.discover_s)
+        _discover(client, args.discover_s)
         answers = list_models(client, devices=args.device, fleet=args.all, timeout=args.timeout)
     return report_model_answers(answers, out)
 

@@ -122,7 +122,7 @@ class Agent:
     def start_handlers(self) -> None:
         """Build every handler of the table and subscribe its routes (kept across comms reloads)."""
         ctx = HandlerContext(config=lambda: self.config, comms=lambda: self.comms, models=self.models,
-                             pipeline=PipelineControl(lambda: self.pipeline))
+                             pipeline=PipelineControl(lambda: self.pipeline), info=self.info)
         for name, factory in self._handler_table.items():
             handler = factory(ctx)
             if handler is None:

@@ -1,8 +1,12 @@
 """Host-side MQTT client for commands to one device or the whole fleet (benchmark, deploy, ...).
 
-``FleetClient(mqtt_config).connect()`` subscribes to the retained ``<prefix>/+/availability`` and
-``<prefix>/+/info`` topics, so it knows which devices exist and which are online before it sends
-anything. :meth:`FleetClient.request` then publishes one command (to named devices, or once to
+It connects exactly like the agent (:class:`edge_agent.comms.mqtt.MqttConnection`: credentials and
+TLS from ``[mqtt]``, MQTT 5 with fallback to 3.1.1, diagnosed failures) and re-subscribes after a
+reconnect. ``FleetClient(mqtt_config).connect()`` subscribes to the retained
+``<prefix>/+/availability`` and ``<prefix>/+/info`` topics; :meth:`FleetClient.discover` also asks
+every agent (``cmd/presence``, for brokers that do not deliver retained messages to wildcard
+subscriptions) and merges both, so it knows which devices exist and which are online before it
+sends anything. :meth:`FleetClient.request` then publishes one command (to named devices, or once to
 ``<prefix>/all/cmd/<name>``), and collects exactly one final answer per device from
 ``<prefix>/<device>/<kind>/<request id>`` (protocol: :mod:`edge_agent.comms.commands`):
 
@@ -26,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.comms.commands import FINAL_STATUSES
-from edge_agent.comms.mqtt import apply_credentials
+from edge_agent.comms.mqtt import MqttConnection
 from edge_agent.errors import EdgeAgentError
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,12 @@ log = logging.getLogger(__name__)
 FLEET = "all"
 DISCOVERY_S = 1.0
 FLEET_GRACE_S = 1.0
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 20.0  # room for two hang-ups before the 3.1.1 fallback on a silent broker
+CONNACK_TIMEOUT_S = 5.0
+GIVE_UP_AFTER = 3  # failed attempts (refused, TLS, nothing listening) before connect() raises
+QUIET_S = 0.3  # discovery ends once nothing new arrived for this long (and every known device answered)
+PRESENCE = "presence"
+RETAINED = "retained"
 OFFLINE = "offline"
 TIMEOUT = "timeout"
 
@@ -54,6 +62,7 @@ class Device:
     id: str
     online: Optional[bool] = None  # None: no availability seen
     info: Optional[Dict[str, Any]] = None
+    via: Tuple[str, ...] = ()  # how we know it: "retained" (availability/info), "presence" (it answered)
 
 
 @dataclass
@@ -89,56 +98,63 @@ def new_request_id() -> str:
 
 
 class FleetClient:
-    """One paho connection used to talk to the devices under ``mqtt.topic_prefix``."""
+    """One broker connection used to talk to the devices under ``mqtt.topic_prefix``."""
 
-    def __init__(self, mqtt: Any, client_id: Optional[str] = None) -> None:
+    def __init__(self, mqtt: Any, client_id: Optional[str] = None,
+                 connack_timeout_s: float = CONNACK_TIMEOUT_S) -> None:
         self.cfg = mqtt
         self.prefix = mqtt.topic_prefix
         self.client_id = client_id or f"edge-agent-fleet-{uuid.uuid4().hex[:8]}"
         self._cond = threading.Condition()
         self._devices: Dict[str, Device] = {}
         self._pending: Optional[_Pending] = None
+        self._presence: Optional[str] = None  # request id of the presence query being collected
         self._subacks: Set[int] = set()
-        self._connected = threading.Event()
-        self._connect_error: Optional[str] = None
+        self._filters: Set[str] = set()  # re-subscribed after every reconnect
         self._last_state_at = 0.0
-        self._client: Optional[paho.Client] = None
-        self._listeners: List[Tuple[str, MessageCallback]] = []
-        self._kept: List[str] = []  # filters re-subscribed after a reconnect (listen())
+        self._listeners: List[Tuple[str, MessageCallback]] = []  # listen(): called on matching messages
+        self.discovery = "not run"  # how the last discover() found the devices, for the user
+        self._conn = MqttConnection(mqtt, self.client_id, on_connected=self._on_connect,
+                                    on_message=self._on_message, on_subscribe=self._on_subscribe,
+                                    connack_timeout_s=connack_timeout_s)
+
+    @property
+    def _client(self) -> Optional[paho.Client]:
+        return self._conn.client
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version spoken ("5", or "3.1.1" after a fallback)."""
+        return self._conn.protocol
 
     # -- connection -------------------------------------------------------------------------------
     def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> "FleetClient":
-        cfg = self.cfg
-        protocol = paho.MQTTv311 if cfg.protocol == "3.1.1" else paho.MQTTv5
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
-        apply_credentials(client, cfg)
-        client.on_connect = self._on_connect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        self._client = client
-        try:
-            client.connect(cfg.host, cfg.port, cfg.keepalive)
-        except OSError as err:
-            raise FleetError(f"cannot connect to the broker {cfg.host}:{cfg.port}: {err}") from None
-        client.loop_start()
-        if not self._connected.wait(timeout):
-            self.close()
-            raise FleetError(self._connect_error or f"no answer from the broker {cfg.host}:{cfg.port} "
-                                                    f"within {timeout:.0f} s")
+        """Connect (MQTT 5, falling back to 3.1.1 like the agent); FleetError saying what failed."""
+        conn = self._conn
+        conn.start()
+        deadline = time.monotonic() + timeout
+        while not conn.connected.wait(0.05):
+            if time.monotonic() >= deadline or conn.failures >= GIVE_UP_AFTER:
+                self.close()
+                raise FleetError(self._failure(timeout))
         self.subscribe([f"{self.prefix}/+/availability", f"{self.prefix}/+/info"])
         return self
 
     @property
     def connected(self) -> bool:
-        """Connected to the broker now (paho reconnects by itself after a loss)."""
-        client = self._client
-        return client is not None and client.is_connected()
+        """Connected to the broker now (the connection reconnects by itself after a loss)."""
+        return self._conn.connected.is_set()
+
+    def _failure(self, timeout: float) -> str:
+        conn = self._conn
+        if conn.last_error is None:
+            return f"no answer from the broker {conn.endpoint} within {timeout:.0f} s (MQTT {conn.protocol})"
+        text = conn.last_error if conn.last_error.startswith(("cannot", "broker")) else \
+            f"cannot connect to the broker {conn.endpoint}: {conn.last_error}"
+        return text + (f": {conn.diagnosis}" if conn.diagnosis else "")
 
     def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
+        self._conn.stop()
 
     def __enter__(self) -> "FleetClient":
         return self.connect()
@@ -146,11 +162,23 @@ class FleetClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _connected_client(self, timeout: float) -> paho.Client:
+        """The client once connected: a reconnect in progress (broker restart) is waited for."""
+        client = self._client
+        if client is None:
+            raise FleetError("not connected")
+        if not self._conn.connected.wait(timeout):
+            raise FleetError(f"not connected to the broker {self._conn.endpoint} for {timeout:g} s"
+                             + (f" ({self._conn.last_error})" if self._conn.last_error else ""))
+        return client
+
     def subscribe(self, filters: List[str], timeout: float = 10.0) -> None:
-        """Subscribe (QoS 1) and wait for the broker's SUBACK: nothing sent before is missed after."""
-        assert self._client is not None
+        """Subscribe (QoS 1) and wait for the broker's SUBACK: nothing sent before is missed after.
+        The filters are subscribed again after a reconnect."""
+        client = self._connected_client(timeout)
         with self._cond:
-            rc, mid = self._client.subscribe([(f, 1) for f in filters])
+            self._filters.update(filters)
+            rc, mid = client.subscribe([(f, 1) for f in filters])
             if rc != paho.MQTT_ERR_SUCCESS or not self._cond.wait_for(lambda: mid in self._subacks, timeout):
                 raise FleetError(f"subscribing to {filters} failed")
             self._subacks.discard(mid)
@@ -161,24 +189,61 @@ class FleetClient:
         bookkeeping (so :meth:`devices` is already up to date). Runs on paho's thread: keep it short."""
         with self._cond:
             self._listeners.extend((f, callback) for f in filters)
-            self._kept.extend(filters)
         self.subscribe(filters)
 
+    def unsubscribe(self, filters: List[str]) -> None:
+        with self._cond:
+            self._filters.difference_update(filters)
+        client = self._client
+        if client is not None:
+            client.unsubscribe(filters)
+
     # -- devices ----------------------------------------------------------------------------------
-    def discover(self, wait: float = DISCOVERY_S) -> Dict[str, Device]:
-        """Devices known from retained availability/info, after ``wait`` s or once they stop arriving."""
-        deadline = time.monotonic() + wait
-        quiet = min(0.3, wait)
-        while time.monotonic() < deadline:
+    def discover(self, wait: float = DISCOVERY_S, query: bool = True) -> Dict[str, Device]:
+        """Devices known from retained availability/info and from a presence query (``query``).
+
+        Returns after ``wait`` s, or earlier once every device retained as online answered the
+        query and nothing new arrived for ``QUIET_S``. ``self.discovery`` says what was used.
+        """
+        start = time.monotonic()
+        rid = new_request_id()
+        answers = f"{self.prefix}/+/{PRESENCE}/{rid}"
+        if query:
             with self._cond:
-                if self._devices and time.monotonic() - self._last_state_at >= quiet:
-                    break
-            time.sleep(0.05)
-        return self.devices()
+                self._presence = rid
+            self.subscribe([answers])
+            self.publish(f"{self.prefix}/{FLEET}/cmd/{PRESENCE}", json.dumps({"request_id": rid}).encode())
+        deadline = start + wait
+        quiet = min(QUIET_S, wait)
+        try:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        break
+                    retained_online = {d.id for d in self._devices.values() if d.online and RETAINED in d.via}
+                    answered = {d.id for d in self._devices.values() if PRESENCE in d.via}
+                    if (self._devices and now - max(self._last_state_at, start) >= quiet
+                            and (not query or retained_online <= answered)):
+                        break
+                    self._cond.wait(min(0.05, deadline - now))
+        finally:
+            if query:
+                with self._cond:
+                    self._presence = None
+                self.unsubscribe([answers])
+        devices = self.devices()
+        retained = sum(1 for d in devices.values() if RETAINED in d.via)
+        answered = sum(1 for d in devices.values() if PRESENCE in d.via)
+        how = [f"retained availability/info: {retained}"]
+        if query:
+            how.append(f"presence query: {answered} answered")
+        self.discovery = f"{len(devices)} device(s) in {time.monotonic() - start:.1f} s ({'; '.join(how)})"
+        return devices
 
     def devices(self) -> Dict[str, Device]:
         with self._cond:
-            return {k: Device(v.id, v.online, v.info) for k, v in sorted(self._devices.items())}
+            return {k: Device(v.id, v.online, v.info, v.via) for k, v in sorted(self._devices.items())}
 
     def online(self) -> List[str]:
         return [d.id for d in self.devices().values() if d.online]
@@ -226,14 +291,13 @@ class FleetClient:
         finally:
             with self._cond:
                 self._pending = None
-            if self._client is not None:
-                self._client.unsubscribe(f"{self.prefix}/+/{kind}/{rid}")
+            self.unsubscribe([f"{self.prefix}/+/{kind}/{rid}"])
         return dict(sorted(pending.answers.items()))
 
     def publish(self, topic: str, payload: bytes) -> None:
         """QoS 1 publish that returns once the broker acknowledged it (10 s at most)."""
-        assert self._client is not None
-        info = self._client.publish(topic, payload, qos=1)
+        client = self._connected_client(10.0)
+        info = client.publish(topic, payload, qos=1)
         info.wait_for_publish(10)
 
     def _wait(self, pending: _Pending, timeout: float, grace: float) -> None:
@@ -256,16 +320,12 @@ class FleetClient:
                 self._cond.wait(min(deadline - now, 0.1))
 
     # -- paho callbacks (network thread) ------------------------------------------------------------
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            self._connect_error = f"the broker {self.cfg.host}:{self.cfg.port} refused the connection: {reason}"
-            client.disconnect()
-            return
-        if self._connected.is_set():  # a reconnect: a clean session has forgotten our subscriptions
-            with self._cond:
-                kept = list(dict.fromkeys([f"{self.prefix}/+/availability", f"{self.prefix}/+/info"] + self._kept))
-            client.subscribe([(f, 1) for f in kept])
-        self._connected.set()
+    def _on_connect(self, client: paho.Client) -> None:
+        """(Re)connected: subscribe again to everything we listen to (clean sessions)."""
+        with self._cond:
+            filters = sorted(self._filters)
+        if filters:
+            client.subscribe([(f, 1) for f in filters])
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         with self._cond:
@@ -279,6 +339,8 @@ class FleetClient:
         with self._cond:
             if len(parts) == 2 and parts[1] in ("availability", "info"):
                 self._device_state(parts[0], parts[1], bytes(msg.payload))
+            elif len(parts) == 3 and parts[1] == PRESENCE:
+                self._presence_answer(parts[0], parts[2], bytes(msg.payload))
             elif len(parts) == 3:
                 self._answer(parts[0], parts[1], parts[2], bytes(msg.payload))
             self._cond.notify_all()
@@ -294,6 +356,8 @@ class FleetClient:
             return
         state = self._devices.setdefault(dev, Device(dev))
         self._last_state_at = time.monotonic()
+        if RETAINED not in state.via:
+            state.via += (RETAINED,)
         if what == "availability":
             state.online = payload == b"online"
             pending = self._pending
@@ -310,6 +374,23 @@ class FleetClient:
             except ValueError:
                 doc = None
             state.info = doc if isinstance(doc, dict) else None
+
+    def _presence_answer(self, dev: str, rid: str, payload: bytes) -> None:
+        if dev == FLEET or rid != self._presence:
+            return
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(doc, dict) or doc.get("status") != "done":
+            return
+        state = self._devices.setdefault(dev, Device(dev))
+        self._last_state_at = time.monotonic()
+        state.online = True  # it answered just now: fresher than any retained state
+        if isinstance(doc.get("info"), dict):
+            state.info = doc["info"]
+        if PRESENCE not in state.via:
+            state.via += (PRESENCE,)
 
     def _answer(self, dev: str, kind: str, rid: str, payload: bytes) -> None:
         pending = self._pending

@@ -3,8 +3,10 @@
 from edge_agent.remote.bench import RemoteBench
 from edge_agent.remote.context import HandlerTable
 from edge_agent.remote.deploy import Deployer
+from edge_agent.remote.presence import Presence
 
 HANDLERS: HandlerTable = {
     "benchmark": RemoteBench.create,
     "deploy": Deployer.create,
+    "presence": Presence.create,
 }

@@ -3,7 +3,7 @@
 Handlers (``cmd/benchmark``, ``cmd/deploy``/``rollback``/``models``) are listed in ONE explicit
 table (:data:`edge_agent.remote.HANDLERS`) handed to the :class:`~edge_agent.daemon.agent.Agent`.
 The agent builds each with a narrow :class:`HandlerContext` (config, comms, model manager,
-pipeline control), subscribes the :class:`Route` s it returns, merges its ``info`` fields, and
+pipeline control, the agent's info), subscribes the :class:`Route` s it returns, merges its ``info`` fields, and
 calls ``shutdown`` before its comms stop. A handler never sets attributes on the agent.
 """
 
@@ -49,6 +49,7 @@ class HandlerContext:
     comms: Callable[[], Any]  # the agent's current comms (a reload may replace them)
     models: Any  # the ModelManager
     pipeline: PipelineControl
+    info: Callable[[], Dict[str, Any]] = dict  # the agent's info document, as published retained
 
 
 class CommandHandler(Protocol):

@@ -145,7 +145,7 @@ def test_best_per_tensor_at_513_verifies_and_runs_in_the_agent(dm05_rebuilt, dm0
     per-channel default (measured with 8 calibration images: 76.63 vs 76.46 mIoU, bird 0.974
     vs Coral; plain per-tensor 75.80 and 0.844)."""
     from tests.host.host_data import CALIB_COUNT
-    from tests.host.test_ptq import _segmenter_miou
+    from tests.host.measure import segmenter_miou
 
     opts = PTQOptions(per_channel=False, equalize=True, bias_correct="empirical", subtensors=8)
     out = write_tflite(quantize_keras(dm05_rebuilt[0], opts, calib_images),
@@ -161,7 +161,7 @@ def test_best_per_tensor_at_513_verifies_and_runs_in_the_agent(dm05_rebuilt, dm0
     ours = Segmenter(str(out)).segment(bird).mask
     coral = Segmenter(str(DM05_QUANT)).segment(bird).mask
     agree = metrics.agreement(ours, coral)
-    ours_miou, pc_miou = _segmenter_miou(out), _segmenter_miou(dm05_ptq)
+    ours_miou, pc_miou = segmenter_miou(out), segmenter_miou(dm05_ptq)
     print(f"\nper-tensor eq+bc+s8 ({CALIB_COUNT} calibration images): VOC-7 mIoU "
           f"{100 * ours_miou:.2f} vs per-channel {100 * pc_miou:.2f}; bird vs Coral {agree:.4f}")
     assert ours_miou >= pc_miou - 0.005

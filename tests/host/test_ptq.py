@@ -7,6 +7,7 @@ pytestmark = pytest.mark.host
 pytest.importorskip("tensorflow")
 
 from tests.host.host_data import BIRD, DM05_FLOAT_257, DM05_QUANT, VOC  # noqa: E402
+from tests.host.measure import interleaved_invoke_ms, miou, segmenter_miou  # noqa: E402
 from edge_agent.errors import ConfigError  # noqa: E402
 from edge_agent.inference.segmenter import Segmenter  # noqa: E402
 from tools.host import metrics  # noqa: E402
@@ -19,47 +20,21 @@ from tools.host.rebuild import rebuild  # noqa: E402
 from tools.host.tflite_reader import read_tflite  # noqa: E402
 
 
-def _miou(predict) -> float:
-    conf = np.zeros((21, 21), np.int64)
-    for _, image, label in VocDataset(VOC):
-        conf += metrics.confusion(predict(image), label, 21)
-    return metrics.mean_iou(conf)
-
-
-def _segmenter_miou(path) -> float:
-    seg = Segmenter(str(path), runtime="auto")
-    return _miou(lambda image: seg.segment(image).mask)
-
-
-def _interleaved_invoke_ms(paths, image, threads: int, runs: int = 30):
-    """Median invoke per model, the models alternating run by run (load drifts hit all alike)."""
-    segs = [Segmenter(str(p), runtime="auto", threads=threads) for p in paths]
-    for seg in segs:
-        for _ in range(3):
-            seg.segment(image)
-    times = [[] for _ in segs]
-    for run in range(runs):
-        order = range(len(segs)) if run % 2 == 0 else reversed(range(len(segs)))
-        for i in order:
-            times[i].append(segs[i].segment(image).timings["inference"])
-    return [float(np.median(t)) for t in times], segs[0].describe_runtime()
-
-
 def test_ptq_uint8_within_one_point_of_its_float_and_fast(dm05_rebuilt, dm05_ptq):
     graph = read_tflite(dm05_ptq)
     assert graph.tensors[graph.inputs[0]].dtype == np.uint8
     # the default head: ArgMax on the logits upsampled x4 (129x129), the agent resizes the rest
     assert graph.tensors[graph.outputs[0]].shape == [1, 129, 129]
     assert not check(dm05_ptq, compile_model=False).errors
-    float_miou = _miou(lambda image: keras_labels(dm05_rebuilt[0], image))
-    ours_miou = _segmenter_miou(dm05_ptq)
-    coral_miou = _segmenter_miou(DM05_QUANT)
+    float_miou = miou(lambda image: keras_labels(dm05_rebuilt[0], image))
+    ours_miou = segmenter_miou(dm05_ptq)
+    coral_miou = segmenter_miou(DM05_QUANT)
     print(f"\nVOC-7 mIoU: rebuilt float {100 * float_miou:.2f}, our uint8 {100 * ours_miou:.2f}, "
           f"Coral uint8 {100 * coral_miou:.2f}")
     assert abs(ours_miou - float_miou) <= 0.01
     image = read_rgb(BIRD)
     for threads in (1, 2):
-        (ours_ms, coral_ms), runtime = _interleaved_invoke_ms([dm05_ptq, DM05_QUANT], image,
+        (ours_ms, coral_ms), runtime = interleaved_invoke_ms([dm05_ptq, DM05_QUANT], image,
                                                               threads)
         print(f"invoke ({runtime}, {threads} thread(s), median of 30 interleaved): ours "
               f"{ours_ms:.1f} ms, Coral {coral_ms:.1f} ms, ratio {ours_ms / coral_ms:.2f}")
@@ -73,9 +48,9 @@ def test_float_original_through_rebuild_and_ptq(calib_images, tmp_path):
                        tmp_path / "dm05_257_uint8.tflite")
     summary = calibration_summary(out, len(calib_images))
     assert "calibration: 4 images" in summary and "uint8" in summary
-    float_miou = _miou(lambda image: keras_labels(model, image))
-    ours_miou = _segmenter_miou(out)
-    coral_miou = _segmenter_miou(DM05_QUANT)
+    float_miou = miou(lambda image: keras_labels(model, image))
+    ours_miou = segmenter_miou(out)
+    coral_miou = segmenter_miou(DM05_QUANT)
     ours = Segmenter(str(out)).segment(read_rgb(BIRD)).mask
     coral = Segmenter(str(DM05_QUANT)).segment(read_rgb(BIRD)).mask
     agree = metrics.agreement(ours, coral)

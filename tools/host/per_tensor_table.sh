@@ -40,7 +40,7 @@ $PY -m tools.host edgetpu-check "$OUT"/dm05_pt_eq_bc_s8.tflite --no-compile
 # a busy machine, unlike evaluate's per-image medians)
 $PY - "$DATA" "$OUT" <<'PY'
 import sys
-from tests.host.test_ptq import _interleaved_invoke_ms
+from tests.host.measure import interleaved_invoke_ms
 from tools.host.datasets import read_rgb
 data, out = sys.argv[1:]
 names = ["dm05_float16", "dm05_pc", "dm05_pt", "dm05_pt_eq", "dm05_pt_eq_bca", "dm05_pt_eq_bc",
@@ -48,7 +48,7 @@ names = ["dm05_float16", "dm05_pc", "dm05_pt", "dm05_pt_eq", "dm05_pt_eq_bca", "
          "dm05_pt_eq_bc_s8", "dm05_pt_eq_bc_s8_sel6"]
 paths = [f"{data}/models/deeplabv3_mnv2_dm05_pascal_quant.tflite"] + \
     [f"{out}/{n}.tflite" for n in names]
-ms, runtime = _interleaved_invoke_ms(paths, read_rgb(f"{data}/images/bird_segmentation.bmp"), 1)
+ms, runtime = interleaved_invoke_ms(paths, read_rgb(f"{data}/images/bird_segmentation.bmp"), 1)
 print(f"invoke ({runtime}, 1 thread, medians of 30 interleaved runs):")
 for name, t in zip(["coral"] + names, ms):
     print(f"  {name:24s} {t:6.1f} ms  ratio {t / ms[0]:.2f}")

@@ -264,10 +264,13 @@ class MqttConnection:
                  on_connected: Optional[ConnectedHook] = None,
                  on_disconnected: Optional[Callable[[bool], None]] = None,
                  on_message: Any = None, on_publish: Any = None, on_subscribe: Any = None,
-                 connack_timeout_s: float = CONNACK_TIMEOUT_S) -> None:
+                 connack_timeout_s: float = CONNACK_TIMEOUT_S, failure_level: Optional[int] = None) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.will = will
+        # None: each failure at its own level; an owner that reports failures itself (the host
+        # client's one-line error) passes logging.DEBUG.
+        self.failure_level = failure_level
         self.connack_timeout_s = connack_timeout_s
         self._hooks = (on_connected, on_disconnected, on_message, on_publish, on_subscribe)
         self._protocol = protocol_from_setting(cfg.protocol)
@@ -444,7 +447,7 @@ class MqttConnection:
         self.failures += 1
         self.last_error = error
         self.diagnosis = diagnosis
-        self._failure_log.emit(level, "MQTT %s%s; %s", error, f": {diagnosis}" if diagnosis else "", action)
+        self._failure_log.emit(self.failure_level or level, "MQTT %s%s; %s", error, f": {diagnosis}" if diagnosis else "", action)
 
     def _connect_refused(self, client: paho.Client, code: int, reason: str) -> None:
         if should_fall_back(self.cfg.protocol, self._protocol, reason_code=code):

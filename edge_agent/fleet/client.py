@@ -116,7 +116,8 @@ class FleetClient:
         self.discovery = "not run"  # how the last discover() found the devices, for the user
         self._conn = MqttConnection(mqtt, self.client_id, on_connected=self._on_connect,
                                     on_message=self._on_message, on_subscribe=self._on_subscribe,
-                                    connack_timeout_s=connack_timeout_s)
+                                    connack_timeout_s=connack_timeout_s,
+                                    failure_level=logging.DEBUG)  # connect() says what failed, once
 
     @property
     def _client(self) -> Optional[paho.Client]:

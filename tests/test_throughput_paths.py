@@ -320,3 +320,14 @@ def test_frame_mask_and_fractions_only_for_published_messages(dm05, monkeypatch)
     for _ in range(3):
         stages.run_frame(dm05, frame, out, sink)
     assert calls == {"to_frame": 2, "class_fractions": 3}  # model-resolution masks need no resize
+
+
+def test_model_mask_view_is_encoded_without_a_copy_and_exactly():
+    label_map = np.random.default_rng(1).integers(0, 21, (513, 513), dtype=np.uint8)
+    g = preprocess.letterbox_geometry(1080, 1920, 513, 513)
+    masks = stages.postprocess(label_map, g, None, frame_mask=False)
+    assert np.shares_memory(masks.model_mask, label_map)  # a view: no per-frame copy
+    frame = Frame(np.zeros((540, 960, 3), np.uint8), 1, 0.0, 0.0, "t", size=(1080, 1920))
+    messages, _ = stages.encode(frame, masks, "0" * 64, stages.EncodeOptions(), None)
+    np.testing.assert_array_equal(enc.decode_mask_png(dict(messages)["mask"]), label_map[:289, :513])
+    assert masks.fractions == post.class_fractions(np.ascontiguousarray(label_map[:289]), None)

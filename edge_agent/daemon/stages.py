@@ -124,7 +124,9 @@ def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
     messages: List[Tuple[str, bytes]] = []
     mask_hw = None
     if opts.mask:
-        mask = masks.frame_mask if opts.mask_resolution == "frame" else np.ascontiguousarray(masks.model_mask)
+        # The model-resolution mask is a row-strided view of the label map: OpenCV encodes it as
+        # it is (no contiguous copy).
+        mask = masks.frame_mask if opts.mask_resolution == "frame" else masks.model_mask
         messages.append((MASK, enc.encode_mask_png(mask, opts.png_compression)))
         last_mask_seq = frame.seq
         mask_hw = mask.shape[:2]

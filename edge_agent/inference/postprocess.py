@@ -92,7 +92,9 @@ def class_counts(mask: np.ndarray) -> np.ndarray:
     """
     if mask.dtype != np.uint8 or mask.size >= 1 << 24 or mask.size == 0:
         return np.bincount(mask.ravel(), minlength=1)
-    hist = cv2.calcHist([np.ascontiguousarray(mask)], [0], None, [256], [0, 256]).ravel()
+    if mask.ndim != 2 or mask.strides[-1] != 1:  # rows may be strided (a crop view), pixels not
+        mask = np.ascontiguousarray(mask)
+    hist = cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel()
     counts = hist.astype(np.int64)
     present = np.flatnonzero(counts)
     return counts[: present[-1] + 1] if present.size else counts[:1]

@@ -674,9 +674,10 @@ class MqttSink:
 CPU_STAGES = ("decode", "preprocess", "set_input", "label_map", "postprocess", "encode", "publish")
 
 
-def stage_cpu(seg, settings: Dict[str, Any], sink: MqttSink, n: int) -> Dict[str, Any]:
+def stage_cpu(seg, settings: Dict[str, Any], sink: MqttSink, n: int, reduced: bool = True) -> Dict[str, Any]:
     """CPU ms per stage (``time.thread_time`` on this thread) of the daemon's per-frame path on a
-    real source, the pipeline's reduced decode and reused buffers included; invoke's wall ms."""
+    real source, the pipeline's reduced decode (``reduced=False``: full-size decode, as before)
+    and reused buffers included; invoke's wall ms."""
     from edge_agent.daemon import stages
     from edge_agent.daemon.pipeline import decode_hint
     from edge_agent.daemon.stages import EncodeOptions, FrameOutput
@@ -684,7 +685,7 @@ def stage_cpu(seg, settings: Dict[str, Any], sink: MqttSink, n: int) -> Dict[str
 
     source = build_source(settings)
     source.open()
-    source.set_decode_hint(decode_hint(seg))
+    source.set_decode_hint(decode_hint(seg) if reduced else None)
     model = seg.model
     inp, labels = model.new_input_buffer(), model.new_label_buffer()
     output = FrameOutput()
@@ -731,6 +732,13 @@ def stage_cpu(seg, settings: Dict[str, Any], sink: MqttSink, n: int) -> Dict[str
             "decoded": f"{decoded[0]}x{decoded[1]} of {decoded[2]}x{decoded[3]}" if decoded else None}
 
 
+def standalone_invoke_cpu(model: Path, threads: int, n: int) -> Tuple[List[float], float]:
+    """``invoke()`` alone: wall ms of each, and the process CPU ms per invoke (all its threads)."""
+    c0 = self_cpu_s()
+    wall = standalone_invoke(model, threads, n)
+    return wall, (self_cpu_s() - c0) * 1e3 / n
+
+
 def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
                        only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """The daemon on each source, all cores; ratio measured vs the limit model (module doc)."""
@@ -755,20 +763,30 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
                 for r in range(rounds):
                     for name, lines in sources.items():
                         load = os.getloadavg()[0]
-                        inv = standalone_invoke(path, cores, 8)
+                        inv, cpu_a = standalone_invoke_cpu(path, cores, 8)
                         cfg = write_agent_config(tmp / f"agent-{name}.toml", broker.port, tmp, path, cores, lines)
                         res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0, broker_pid=broker_pid)
-                        inv += standalone_invoke(path, cores, 8)
+                        inv_b, cpu_b = standalone_invoke_cpu(path, cores, 8)
+                        inv += inv_b
                         st = stage_cpu(seg, source_settings(lines), sink, 12)
-                        res.update(st, invoke_ms=median(inv), load=round(load, 2), round=r)
+                        full = stage_cpu(seg, source_settings(lines), sink, 12, reduced=False)
+                        res.update(st, invoke_ms=median(inv), load=round(load, 2), round=r,
+                                   invoke_cpu_ms=round((cpu_a + cpu_b) / 2, 2),
+                                   other_cpu_full_decode_ms=full["other_cpu_ms"])
+                        # Load-robust proxy: invoke's CPU over the agent's CPU per mask (both all threads).
+                        res["cpu_ratio"] = (round(res["invoke_cpu_ms"] / res["agent_cpu_ms_per_mask"], 3)
+                                            if res["agent_cpu_ms_per_mask"] else None)
                         res["ratio"] = round(res["fps"] * res["invoke_ms"] / 1e3, 3)
                         res["limit"] = round(res["invoke_ms"] / (res["invoke_ms"] + st["other_cpu_ms"] / cores), 3)
+                        res["limit_full_decode"] = round(
+                            res["invoke_ms"] / (res["invoke_ms"] + full["other_cpu_ms"] / cores), 3)
                         harness = (res["broker_cpu_ms_per_mask"] or 0) + (res["subscriber_cpu_ms_per_mask"] or 0)
                         res["limit_with_harness"] = round(
                             res["invoke_ms"] / (res["invoke_ms"] + (st["other_cpu_ms"] + harness) / cores), 3)
                         log(f"  {name} round {r}: {res['fps']:.2f} masks/s, invoke {res['invoke_ms']:.2f} ms, "
                             f"ratio {res['ratio']} (limit {res['limit']}, with broker+subscriber "
-                            f"{res['limit_with_harness']}), other CPU {st['other_cpu_ms']} ms {st['stage_cpu_ms']}, "
+                            f"{res['limit_with_harness']}), CPU ratio {res['cpu_ratio']}, "
+                            f"other CPU {st['other_cpu_ms']} ms {st['stage_cpu_ms']} (full decode {full['other_cpu_ms']}), "
                             f"decoded {st['decoded']}, load {load:.2f}")
                         runs.setdefault(name, []).append(res)
             finally:
@@ -785,7 +803,9 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
             "source": name, "model": model_name, "threads": cores, "rounds": len(rs),
             "fps": med("fps"), "invoke_ms": med("invoke_ms"), "ratio": med("ratio"),
             "ratios": [x["ratio"] for x in rs], "limit": med("limit"), "limit_with_harness": med("limit_with_harness"),
-            "other_cpu_ms": med("other_cpu_ms"),
+            "other_cpu_ms": med("other_cpu_ms"), "other_cpu_full_decode_ms": med("other_cpu_full_decode_ms"),
+            "limit_full_decode": med("limit_full_decode"), "invoke_cpu_ms": med("invoke_cpu_ms"),
+            "cpu_ratio": med("cpu_ratio"),
             "stage_cpu_ms": {k: round(median([x["stage_cpu_ms"][k] for x in rs]), 3) for k in CPU_STAGES},
             "agent_cpu_ms_per_mask": med("agent_cpu_ms_per_mask"),
             "broker_cpu_ms_per_mask": med("broker_cpu_ms_per_mask"),
@@ -888,12 +908,15 @@ def markdown(doc: Dict[str, Any]) -> str:
         lines += ["", f"## Throughput on every source ({tp[0]['model']}, interpreter threads {tp[0]['threads']} = all cores)", "",
                   "ratio = masks/s x invoke() alone (interleaved); limit = invoke / (invoke + other CPU / cores), "
                   "other CPU = CPU ms (thread time) of every stage but invoke; 'with harness' adds mosquitto's and the "
-                  "subscriber's CPU per mask (on this machine, not on a device's).", "",
-                  "| source | decoded | masks/s | invoke ms | **ratio** (rounds) | limit | limit with harness | other CPU ms | agent CPU ms/mask | broker + sub CPU ms/mask | load 1 min |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "subscriber's CPU per mask (on this machine, not on a device's); full decode = the same with the "
+                  "frame decoded at full size (before reduced decoding). CPU ratio = invoke()'s process CPU alone / "
+                  "the agent's process CPU per mask: a proxy of the ratio that the machine's load disturbs less.", "",
+                  "| source | decoded | masks/s | invoke ms | **ratio** (rounds) | limit | limit with harness | other CPU ms | full decode: other CPU ms / limit | CPU ratio | agent CPU ms/mask | invoke CPU ms | broker + sub CPU ms/mask | load 1 min |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in tp:
             lines.append(f"| {r['source']} | {r['decoded']} | {r['fps']} | {r['invoke_ms']} | **{r['ratio']}** ({', '.join(map(str, r['ratios']))}) | "
-                         f"{r['limit']} | {r['limit_with_harness']} | {r['other_cpu_ms']} | {r['agent_cpu_ms_per_mask']} | "
+                         f"{r['limit']} | {r['limit_with_harness']} | {r['other_cpu_ms']} | {r['other_cpu_full_decode_ms']} / {r['limit_full_decode']} | "
+                         f"{r['cpu_ratio']} | {r['agent_cpu_ms_per_mask']} | {r['invoke_cpu_ms']} | "
                          f"{r['broker_cpu_ms_per_mask']} + {r['subscriber_cpu_ms_per_mask']} | {', '.join(map(str, r['load']))} |")
         lines += ["", "Other CPU by stage (ms): " + "; ".join(
             f"{r['source']}: " + ", ".join(f"{k} {v}" for k, v in r["stage_cpu_ms"].items()) for r in tp)]

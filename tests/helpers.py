@@ -195,3 +195,14 @@ class NotifySocket:
         self._stop.set()
         self._thread.join(2)
         self.sock.close()
+
+
+class ListSink:
+    """A pipeline sink that keeps every (suffix, payload) it is handed."""
+
+    def __init__(self):
+        self.messages = []
+
+    def publish(self, suffix, payload, qos=None, retain=False):
+        self.messages.append((suffix, bytes(payload)))
+        return True

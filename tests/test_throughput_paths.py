@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bench.perf import crop_16_9  # the bench's camera-like frames are the ones checked here
 from edge_agent.daemon import stages
 from edge_agent.daemon.pipeline import BufferPool, LatestSlot, Pipeline, PipelineSettings, decode_hint
 from edge_agent.inference import postprocess as post
@@ -25,7 +26,7 @@ from edge_agent.sources.base import Frame
 from edge_agent.sources.images import decode_rgb, jpeg_size, read_scaled, reduction_for
 from edge_agent.sources.opencv import is_packet
 from tests.data import BIRD, DM05, IMAGES, VOC, rgb
-from tests.helpers import wait_until
+from tests.helpers import ListSink, wait_until
 
 CAT_1080P = IMAGES / "cat_1080p.jpg"
 CAT_720P = IMAGES / "cat_720p.jpg"
@@ -36,28 +37,10 @@ def dm05():
     return Segmenter(str(DM05))
 
 
-class ListSink:
-    def __init__(self):
-        self.messages = []
-
-    def publish(self, suffix, payload, qos=None, retain=False):
-        self.messages.append((suffix, bytes(payload)))
-        return True
-
-
 def jpeg_bytes(image_rgb: np.ndarray, quality: int = 90) -> np.ndarray:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
     return buf.reshape(-1)
-
-
-def crop_16_9(img: np.ndarray) -> np.ndarray:
-    h, w = img.shape[:2]
-    if w * 9 >= h * 16:
-        nw = h * 16 // 9
-        return img[:, (w - nw) // 2:(w - nw) // 2 + nw]
-    nh = w * 9 // 16
-    return img[(h - nh) // 2:(h - nh) // 2 + nh]
 
 
 # -- reduced decode: the choice of scale ---------------------------------------------------------------
@@ -153,6 +136,7 @@ def enc_json(sink):
     return json.loads(dict(sink.messages)["result"])
 
 
+@pytest.mark.slow  # 72 invokes: ~5 s on a quiet machine, more on the shared one
 def test_reduced_decode_masks_within_half_a_percent_of_full_decode(dm05):
     """1080p and 720p JPEGs (16:9 crops of the photos and the VOC images): the share of mask
     pixels (at frame size) that differ from full-resolution decoding, over the whole set, stays

@@ -508,12 +508,14 @@ def self_cpu_s() -> float:
 
 
 def run_agent_once(port: int, sub: Subscriber, cfg: Path, window_s: float, warmup_s: float,
-                   broker_pid: Optional[int] = None) -> Dict[str, Any]:
+                   broker_pid: Optional[int] = None, code: Path = REPO) -> Dict[str, Any]:
+    """One run of ``python -m edge_agent run`` (from the tree ``code``: this one, or an older
+    revision's for a before/after comparison)."""
     sub.reset()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(code))
     t_start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(REPO))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(code))
     first = None
     deadline = t_start + 30
     while time.monotonic() < deadline and proc.poll() is None:
@@ -739,9 +741,19 @@ def standalone_invoke_cpu(model: Path, threads: int, n: int) -> Tuple[List[float
     return wall, (self_cpu_s() - c0) * 1e3 / n
 
 
+def export_revision(rev: str, root: Path) -> Path:
+    """``git archive`` of ``rev`` into ``root/rev`` (the agent as it was, for --compare-with)."""
+    dest = root / f"rev-{rev}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
-                       only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    """The daemon on each source, all cores; ratio measured vs the limit model (module doc)."""
+                       only: Optional[List[str]] = None, compare_with: str = "") -> List[Dict[str, Any]]:
+    """The daemon on each source, all cores; ratio measured vs the limit model (module doc).
+    ``compare_with``: also run the agent of that git revision, interleaved (ratio, CPU ratio)."""
     from edge_agent.comms.broker import EmbeddedBroker
     from edge_agent.inference.segmenter import Segmenter
 
@@ -752,6 +764,7 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
     if only:
         sources = {k: v for k, v in sources.items() if k in only}
     runs: Dict[str, List[Dict[str, Any]]] = {}
+    old_code = export_revision(compare_with, tmp) if compare_with else None
     try:
         with EmbeddedBroker(prefer="mosquitto") as broker:
             impl = getattr(broker, "_impl", None)
@@ -766,6 +779,9 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
                         inv, cpu_a = standalone_invoke_cpu(path, cores, 8)
                         cfg = write_agent_config(tmp / f"agent-{name}.toml", broker.port, tmp, path, cores, lines)
                         res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0, broker_pid=broker_pid)
+                        if old_code is not None:
+                            old = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0,
+                                                 broker_pid=broker_pid, code=old_code)
                         inv_b, cpu_b = standalone_invoke_cpu(path, cores, 8)
                         inv += inv_b
                         st = stage_cpu(seg, source_settings(lines), sink, 12)
@@ -777,6 +793,10 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
                         res["cpu_ratio"] = (round(res["invoke_cpu_ms"] / res["agent_cpu_ms_per_mask"], 3)
                                             if res["agent_cpu_ms_per_mask"] else None)
                         res["ratio"] = round(res["fps"] * res["invoke_ms"] / 1e3, 3)
+                        if old_code is not None:
+                            res["before_ratio"] = round(old["fps"] * res["invoke_ms"] / 1e3, 3)
+                            res["before_cpu_ratio"] = (round(res["invoke_cpu_ms"] / old["agent_cpu_ms_per_mask"], 3)
+                                                       if old["agent_cpu_ms_per_mask"] else None)
                         res["limit"] = round(res["invoke_ms"] / (res["invoke_ms"] + st["other_cpu_ms"] / cores), 3)
                         res["limit_full_decode"] = round(
                             res["invoke_ms"] / (res["invoke_ms"] + full["other_cpu_ms"] / cores), 3)
@@ -786,6 +806,8 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
                         log(f"  {name} round {r}: {res['fps']:.2f} masks/s, invoke {res['invoke_ms']:.2f} ms, "
                             f"ratio {res['ratio']} (limit {res['limit']}, with broker+subscriber "
                             f"{res['limit_with_harness']}), CPU ratio {res['cpu_ratio']}, "
+                            + (f"before ({compare_with}): ratio {res['before_ratio']} CPU ratio {res['before_cpu_ratio']}, "
+                               if old_code is not None else "") +
                             f"other CPU {st['other_cpu_ms']} ms {st['stage_cpu_ms']} (full decode {full['other_cpu_ms']}), "
                             f"decoded {st['decoded']}, load {load:.2f}")
                         runs.setdefault(name, []).append(res)
@@ -805,7 +827,8 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
             "ratios": [x["ratio"] for x in rs], "limit": med("limit"), "limit_with_harness": med("limit_with_harness"),
             "other_cpu_ms": med("other_cpu_ms"), "other_cpu_full_decode_ms": med("other_cpu_full_decode_ms"),
             "limit_full_decode": med("limit_full_decode"), "invoke_cpu_ms": med("invoke_cpu_ms"),
-            "cpu_ratio": med("cpu_ratio"),
+            "cpu_ratio": med("cpu_ratio"), "cpu_ratios": [x["cpu_ratio"] for x in rs],
+            "before_ratio": med("before_ratio"), "before_cpu_ratio": med("before_cpu_ratio"),
             "stage_cpu_ms": {k: round(median([x["stage_cpu_ms"][k] for x in rs]), 3) for k in CPU_STAGES},
             "agent_cpu_ms_per_mask": med("agent_cpu_ms_per_mask"),
             "broker_cpu_ms_per_mask": med("broker_cpu_ms_per_mask"),
@@ -918,6 +941,10 @@ def markdown(doc: Dict[str, Any]) -> str:
                          f"{r['limit']} | {r['limit_with_harness']} | {r['other_cpu_ms']} | {r['other_cpu_full_decode_ms']} / {r['limit_full_decode']} | "
                          f"{r['cpu_ratio']} | {r['agent_cpu_ms_per_mask']} | {r['invoke_cpu_ms']} | "
                          f"{r['broker_cpu_ms_per_mask']} + {r['subscriber_cpu_ms_per_mask']} | {', '.join(map(str, r['load']))} |")
+        if any(r.get("before_ratio") is not None for r in tp):
+            lines += ["", "Before/after (the agent of `--compare-with`, interleaved in the same rounds): " + "; ".join(
+                f"{r['source']}: ratio {r['before_ratio']} -> {r['ratio']}, CPU ratio {r['before_cpu_ratio']} -> {r['cpu_ratio']}"
+                for r in tp)]
         lines += ["", "Other CPU by stage (ms): " + "; ".join(
             f"{r['source']}: " + ", ".join(f"{k} {v}" for k, v in r["stage_cpu_ms"].items()) for r in tp)]
     rt = doc.get("runtimes")
@@ -1019,6 +1046,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="comma-separated parts: latency, agent, throughput, runtimes, micro")
     p.add_argument("--rounds", type=int, default=0, help="throughput rounds (default 1 quick, 3 full)")
     p.add_argument("--window", type=float, default=0.0, help="throughput window per run, s (default 6 quick, 12)")
+    p.add_argument("--compare-with", default="", help="throughput: also run the agent of this git revision, interleaved")
     p.add_argument("--sources", default="", help="throughput sources (default all: jpeg-1080p,jpeg-720p,mjpg-1080p,raw-720p)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1051,7 +1079,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log("throughput: the daemon on every source, all cores ...")
         doc["throughput"] = measure_throughput(rounds=args.rounds or (1 if quick else 3),
                                                window_s=args.window or (6.0 if quick else 12.0),
-                                               only=[x for x in args.sources.split(",") if x] or None)
+                                               only=[x for x in args.sources.split(",") if x] or None,
+                                               compare_with=args.compare_with)
     if "runtimes" in parts:
         log("runtimes: worker subprocesses ...")
         doc["runtimes"] = measure_runtimes(rounds=1 if quick else 2, n=4 if quick else 8, threads=threads)

@@ -24,7 +24,8 @@ from edge_agent.output import encode as enc
 from edge_agent.sources import build_source, open_source
 from edge_agent.sources.base import Frame
 from edge_agent.sources.images import decode_rgb, jpeg_size, read_scaled, reduction_for
-from edge_agent.sources.opencv import is_packet
+from edge_agent.errors import SourceError
+from edge_agent.sources.opencv import is_packet, to_rgb
 from tests.data import BIRD, DM05, IMAGES, VOC, rgb
 from tests.helpers import ListSink, wait_until
 
@@ -188,8 +189,16 @@ def test_mjpeg_video_file_is_decoded_reduced_from_packets(dm05, tmp_path):
     assert np.abs(full.image.astype(np.int16) - frame).mean() < 3  # RGB, not BGR
     assert reduced.image.shape == (360, 640, 3) and reduced.size == (720, 1280)
     assert (reduced.width, reduced.height) == (1280, 720)
-    # a capture that ignores the packet request hands out images, which pass through converted
+    # a capture that ignores the packet request hands out images, which pass through converted;
+    # a buffer that is not a JPEG is an error, never shown as a gray image
     assert is_packet(np.zeros((1, 100), np.uint8)) and not is_packet(np.zeros((2, 2, 3), np.uint8))
+    bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+    np.testing.assert_array_equal(to_rgb(bgr, decode_hint(dm05), packets=True)[0], frame)
+    data = jpeg_bytes(frame)
+    buffer_2d = np.concatenate([data, np.zeros(-data.size % 4, np.uint8)]).reshape(4, -1)  # bytes after EOI are ignored
+    assert to_rgb(buffer_2d, decode_hint(dm05), packets=True)[0].shape == (360, 640, 3)
+    with pytest.raises(SourceError, match="does not decode"):
+        to_rgb(np.zeros((4, 100), np.uint8), None, packets=True)
 
 
 # -- no per-frame allocations on the hot path ----------------------------------------------------------

@@ -106,12 +106,13 @@ def is_packet(image: np.ndarray) -> bool:
     return image.dtype == np.uint8 and (image.ndim == 1 or (image.ndim == 2 and image.shape[0] == 1))
 
 
-def to_rgb(image: np.ndarray, hint=None) -> Tuple[np.ndarray, Optional[Tuple[int, int]]]:
+def to_rgb(image: np.ndarray, hint=None, packets: bool = False) -> Tuple[np.ndarray, Optional[Tuple[int, int]]]:
     """A capture's output -> (RGB image, the frame's full size): a packet is decoded (reduced to
-    ``hint`` when it is a JPEG), a BGR/gray image converted."""
-    if not is_packet(image):
+    ``hint`` when it is a JPEG), a BGR/gray image converted. ``packets``: packets were requested,
+    so a single-channel output is a raw buffer to decode, never taken for a gray image."""
+    if not (is_packet(image) or (packets and image.ndim == 2)):
         return bgr_to_rgb(image), None
-    rgb, size = decode_rgb(image.reshape(-1), hint)
+    rgb, size = decode_rgb(np.ascontiguousarray(image).reshape(-1), hint)
     if rgb is None:
         raise SourceError("capture returned a packet that does not decode as JPEG")
     return rgb, size
@@ -192,6 +193,7 @@ class OpenCVSource(BaseSource):
         self._grabber: Optional[_Grabber] = None
         self._cap: Optional["cv2.VideoCapture"] = None
         self._pacer = Pacer(settings.fps)  # source.fps caps files and live streams alike (0 = no cap)
+        self._packets = False  # the capture hands out compressed MJPEG packets
 
     def open(self) -> None:
         if self.live:
@@ -216,7 +218,7 @@ class OpenCVSource(BaseSource):
         # Fewest buffered frames = lowest latency; backends that cannot do it ignore it.
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         if self.input_kind == "device":  # MJPG camera: decode only the frames taken, reduced
-            request_packets(cap, "device")
+            self._packets = request_packets(cap, "device")
 
     def _open_file(self) -> "cv2.VideoCapture":
         path = str(self.target)
@@ -226,7 +228,7 @@ class OpenCVSource(BaseSource):
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"cannot decode video file {path}")
-        request_packets(cap, "file")
+        self._packets = request_packets(cap, "file")
         return cap
 
     def close(self) -> None:
@@ -242,7 +244,7 @@ class OpenCVSource(BaseSource):
             got = self._grabber.take(timeout)
             if got is None:
                 return None
-            rgb, size = to_rgb(got.image, self.decode_hint)
+            rgb, size = to_rgb(got.image, self.decode_hint, self._packets)
             return Captured(rgb, got.timestamp, got.monotonic, size)
         if self._cap is None:
             raise SourceError(f"{self.name} is not open")
@@ -251,7 +253,7 @@ class OpenCVSource(BaseSource):
         ok, bgr = self._cap.read()
         if not ok or bgr is None:
             bgr = self._rewind()
-        rgb, size = to_rgb(bgr, self.decode_hint)
+        rgb, size = to_rgb(bgr, self.decode_hint, self._packets)
         return Captured(rgb, time.time(), time.monotonic(), size)
 
     def _rewind(self) -> np.ndarray:

@@ -332,3 +332,14 @@ class OutputLines:
         self._thread.join(5)
         with self._cond:
             return "\n".join(self.lines)
+
+
+class ListSink:
+    """A pipeline sink that keeps every (suffix, payload) it is handed."""
+
+    def __init__(self):
+        self.messages = []
+
+    def publish(self, suffix, payload, qos=None, retain=False):
+        self.messages.append((suffix, bytes(payload)))
+        return True

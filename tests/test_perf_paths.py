@@ -20,6 +20,7 @@ from edge_agent.inference.preprocess import AREA, FAST, letterbox, letterbox_geo
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.sources.base import Frame
 from tests.data import BIRD, DM05, FLOAT_257, IMAGES, VOC, bird_mask, rgb
+from tests.helpers import ListSink
 
 
 @pytest.fixture(scope="module")
@@ -180,15 +181,6 @@ def test_tuned_png_is_lossless_and_smaller_than_opencv_default(dm05):
 
 
 # -- the pipeline's per-frame path ---------------------------------------------------------------------
-
-class ListSink:
-    def __init__(self):
-        self.messages = []
-
-    def publish(self, suffix, payload, qos=None, retain=False):
-        self.messages.append((suffix, bytes(payload)))
-        return True
-
 
 def test_process_frame_buffers_do_not_alias_across_frames(dm05):
     sink = ListSink()

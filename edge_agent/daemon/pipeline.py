@@ -15,6 +15,11 @@ Pacing: the SOURCE paces (files/folders/test pattern with their ``Pacer``, camer
 frame rate), never this runner: one owner, and a paced playback keeps its timestamps honest.
 The preprocess mode is the segmenter's (``Segmenter.mode``). The watchdog is fed by the agent
 from :meth:`Pipeline.healthy`, not from here.
+
+Buffers: the prepared inputs and the label maps cross threads, so they come from a
+:class:`BufferPool` and go back once their consumer is done (or their item was dropped): the
+steady state allocates none. The runner tells the source which size the model needs
+(``set_decode_hint``), so JPEG/MJPEG backends decode at reduced size (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ from edge_agent.daemon import stages
 from edge_agent.daemon.stages import FrameOutput, OutputSettings, Sink
 from edge_agent.daemon.telemetry import PipelineCounters, Telemetry
 from edge_agent.errors import EdgeAgentError
-from edge_agent.inference.preprocess import Geometry
+from edge_agent.inference.preprocess import Geometry, make_geometry
 from edge_agent.inference.segmenter import Segmenter
-from edge_agent.sources.base import EndOfStream, Frame
+from edge_agent.sources.base import DecodeHint, EndOfStream, Frame
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +68,27 @@ class PipelineSettings:
 
 
 class LatestSlot:
-    """A one-item hand-off where the newest item wins; replaced items are counted as dropped."""
+    """A one-item hand-off where the newest item wins; replaced items are counted as dropped and
+    handed to ``on_drop`` (to recycle their buffers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_drop: Optional[Callable[[Any], None]] = None) -> None:
         self._cond = threading.Condition()
         self._item: Any = None
         self._closed = False
+        self._on_drop = on_drop
         self.dropped = 0
 
     def put(self, item: Any) -> bool:
         with self._cond:
-            replaced = self._item is not None
+            old = self._item
+            replaced = old is not None
             if replaced:
                 self.dropped += 1
             self._item = item
             self._cond.notify()
-            return replaced
+        if replaced and self._on_drop is not None:
+            self._on_drop(old)
+        return replaced
 
     def get(self, timeout: float) -> Any:
         with self._cond:
@@ -97,10 +107,51 @@ class LatestSlot:
             self._cond.notify_all()
 
 
+class BufferPool:
+    """Arrays recycled between frames: ``acquire`` returns a released buffer of that shape and
+    dtype (or allocates one, counted in ``allocated``), ``release`` takes it back. Buffers of
+    another shape (a swapped model) are discarded. Thread-safe."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.allocated = 0
+        self._free: List[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
+        shape, dtype = tuple(shape), np.dtype(dtype)
+        with self._lock:
+            while self._free:
+                buf = self._free.pop()
+                if buf.shape == shape and buf.dtype == dtype:
+                    return buf
+            self.allocated += 1
+        return np.empty(shape, dtype)
+
+    def release(self, buf: Optional[np.ndarray]) -> None:
+        if buf is None:
+            return
+        with self._lock:
+            if len(self._free) < self.keep and not any(b is buf for b in self._free):
+                self._free.append(buf)
+
+
+def decode_hint(segmenter: Segmenter) -> DecodeHint:
+    """The size a frame of (h, w) is resampled to for ``segmenter``'s input (its letterbox or
+    stretch region): a reduced-size decode down to that loses nothing the model would see."""
+    input_h, input_w = segmenter.model.input_size
+    mode = segmenter.mode
+
+    def hint(frame_h: int, frame_w: int) -> Tuple[int, int]:
+        g = make_geometry(frame_h, frame_w, input_h, input_w, mode)
+        return g.scaled_h, g.scaled_w
+    return hint
+
+
 @dataclass
 class _Captured:
     frame: Frame
-    prepared: np.ndarray
+    prepared: Optional[np.ndarray]  # from Pipeline.inputs; back to it after the copy into the tensor
     geometry: Geometry
     segmenter: Segmenter
     timings: Dict[str, float]
@@ -110,7 +161,7 @@ class _Captured:
 @dataclass
 class _Inferred:
     captured: _Captured
-    label_map: np.ndarray
+    label_map: np.ndarray  # from Pipeline.label_maps; back to it after postprocess + encode
     segmenter: Segmenter
 
 
@@ -142,8 +193,10 @@ class Pipeline:
         self._swapped = threading.Event()
         self._on_first_frame = on_first_frame
         self._extra_stats = extra_stats
-        self._capture_slot = LatestSlot()
-        self._post_slot = LatestSlot()
+        self.inputs = BufferPool()  # prepared input buffers (capture -> inference)
+        self.label_maps = BufferPool()  # label maps (inference -> postprocess)
+        self._capture_slot = LatestSlot(on_drop=lambda item: self.inputs.release(item.prepared))
+        self._post_slot = LatestSlot(on_drop=lambda item: self.label_maps.release(item.label_map))
         self._out: Deque[Optional[_Outgoing]] = collections.deque()
         self._out_cond = threading.Condition()
         self._stop = threading.Event()
@@ -173,6 +226,7 @@ class Pipeline:
 
     def start(self) -> "Pipeline":
         self.telemetry.start()
+        self._hint_source(self._segmenter)
         for name, target in ((CAPTURE, self._capture_loop), (INFERENCE, self._inference_loop),
                              (POSTPROCESS, self._post_loop), (PUBLISH, self._publish_loop)):
             thread = threading.Thread(target=self._guard(target), name=f"pipeline-{name}", daemon=True)
@@ -247,7 +301,15 @@ class Pipeline:
         self._pending_segmenter = new
         if not (self._alive(INFERENCE) and not self._paused.is_set() and self._swapped.wait(timeout)):
             self._segmenter, self._pending_segmenter = new, None
+            self._hint_source(new)
         return old
+
+    def _hint_source(self, segmenter: Segmenter) -> None:
+        """Tell the source the size ``segmenter`` needs (reduced JPEG/MJPEG decode); full size
+        when overlays are published (they are drawn on the frame at its own resolution)."""
+        set_hint = getattr(self.source, "set_decode_hint", None)
+        if callable(set_hint):
+            set_hint(None if self.settings.output.overlay else decode_hint(segmenter))
 
     # -- threads --------------------------------------------------------------------------------
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
@@ -284,9 +346,12 @@ class Pipeline:
         while the interpreter runs the previous frame)."""
         t1 = time.monotonic()
         segmenter = self._segmenter
+        buf = self.inputs.acquire(segmenter.model.input_buffer_shape(), segmenter.model.input.dtype)
         try:
-            prepared, geometry = stages.prepare(segmenter.model, frame.image, segmenter.mode)
+            prepared, geometry = stages.prepare(segmenter.model, frame.image, segmenter.mode,
+                                                frame_hw=frame.size, out=buf)
         except (ValueError, EdgeAgentError) as exc:
+            self.inputs.release(buf)
             self.counters.last_error = f"bad frame: {exc}"
             log.warning("frame %s skipped: %s", frame.seq, exc)
             return None
@@ -298,6 +363,7 @@ class Pipeline:
         pending = self._pending_segmenter
         if pending is not None:
             self._segmenter, self._pending_segmenter = pending, None
+            self._hint_source(pending)
             self._swapped.set()
 
     def _inference_loop(self) -> None:
@@ -334,15 +400,22 @@ class Pipeline:
         t0 = time.monotonic()
         item.timings["queue"] = (t0 - item.ready) * 1e3
         if item.segmenter is not segmenter:  # the model was swapped since capture
-            item.prepared, item.geometry = stages.prepare(segmenter.model, item.frame.image, segmenter.mode)
+            self.inputs.release(item.prepared)
+            item.prepared, item.geometry = stages.prepare(segmenter.model, item.frame.image, segmenter.mode,
+                                                          frame_hw=item.frame.size)
             item.segmenter = segmenter
+        out = self.label_maps.acquire((segmenter.model.output.height, segmenter.model.output.width), np.uint8)
         try:
-            label_map = stages.infer(segmenter.model, item.prepared, self._mark_invoke)
+            label_map = stages.infer(segmenter.model, item.prepared, self._mark_invoke, out=out)
         except EdgeAgentError as exc:
+            self.label_maps.release(out)
             self.counters.inference_errors += 1
             self.counters.last_error = str(exc)
             log.error("%s", exc)
             return None
+        finally:
+            self.inputs.release(item.prepared)  # copied into the tensor (or failed): reusable
+            item.prepared = None
         item.timings["inference"] = stages.ms_since(t0)
         self.telemetry.inferred()
         return _Inferred(item, label_map, segmenter)
@@ -361,7 +434,10 @@ class Pipeline:
         """``postprocess`` + ``encode`` (the stage functions, with the stream's rate gates)."""
         cap = item.captured
         timings = dict(cap.timings)
-        messages = self._output(cap.frame, item.label_map, cap.geometry, item.segmenter, timings)
+        try:
+            messages = self._output(cap.frame, item.label_map, cap.geometry, item.segmenter, timings)
+        finally:
+            self.label_maps.release(item.label_map)  # encoded: nothing refers to it any more
         self.counters.processed += 1
         if not self._first_done:
             self._first_done = True

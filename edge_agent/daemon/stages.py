@@ -52,24 +52,28 @@ def ms_since(t0: float) -> float:
 
 # -- preprocess / inference / postprocess ----------------------------------------------------------
 
-def prepare(model: Any, image: np.ndarray, mode: str, into_tensor: bool = False
+def prepare(model: Any, image: np.ndarray, mode: str, into_tensor: bool = False,
+            frame_hw: Optional[Tuple[int, int]] = None, out: Optional[np.ndarray] = None
             ) -> Tuple[Optional[np.ndarray], Geometry]:
     """``preprocess``: letterbox + normalise ``image`` for ``model``.
 
     ``into_tensor``: straight into the interpreter's input tensor (one thread owns the model: no
-    copy, returns ``None`` as the buffer); else into a fresh buffer another thread may hold while
-    the interpreter runs the previous frame.
+    copy, returns ``None`` as the buffer); else into ``out`` (or a fresh buffer), which another
+    thread may hold while the interpreter runs the previous frame. ``frame_hw``: the frame's size
+    when ``image`` is a reduced-size decode (``Frame.size``); geometry and masks are the frame's.
     """
     if into_tensor:
-        return None, model.set_frame(image, mode)
-    return model.prepare(image, mode)
+        return None, model.set_frame(image, mode, frame_hw=frame_hw)
+    return model.prepare(image, mode, out=out, frame_hw=frame_hw)
 
 
-def infer(model: Any, prepared: Optional[np.ndarray], on_invoke=None) -> np.ndarray:
+def infer(model: Any, prepared: Optional[np.ndarray], on_invoke=None,
+          out: Optional[np.ndarray] = None) -> np.ndarray:
     """``inference``: copy in (unless already in the tensor), ``invoke()``, the label map out.
 
     ``on_invoke(started)`` is told the monotonic start of ``invoke()`` and ``None`` after it: the
-    pipeline's hang detector. Returns a new uint8 array, safe to hand to another thread.
+    pipeline's hang detector. Returns a new uint8 array (or ``out``, from
+    ``model.new_label_buffer()``), safe to hand to another thread.
     """
     if prepared is not None:
         model.set_input(prepared)
@@ -80,7 +84,7 @@ def infer(model: Any, prepared: Optional[np.ndarray], on_invoke=None) -> np.ndar
     finally:
         if on_invoke is not None:
             on_invoke(None)
-    return model.label_map()
+    return model.label_map(out)
 
 
 @dataclass
@@ -95,7 +99,8 @@ class Masks:
 
 def postprocess(label_map: np.ndarray, geometry: Geometry, labels: Optional[List[str]],
                 frame_mask: bool, fractions: bool = True) -> Masks:
-    """``postprocess``: crop the padding, resize to the frame (if ``frame_mask``), class fractions."""
+    """``postprocess``: crop the padding, resize to the frame (if ``frame_mask``), class fractions
+    (if ``fractions``: only a published result carries them)."""
     model_mask = post.crop_padding(label_map, geometry)
     full = post.to_frame(label_map, geometry) if frame_mask else None
     return Masks(model_mask, full, post.class_fractions(model_mask, labels) if fractions else {})
@@ -122,13 +127,18 @@ def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
     messages: List[Tuple[str, bytes]] = []
     mask_hw = None
     if opts.mask:
-        mask = masks.frame_mask if opts.mask_resolution == "frame" else np.ascontiguousarray(masks.model_mask)
+        # The model-resolution mask is a row-strided view of the label map: the PNG writer copies
+        # its rows as they are (no contiguous copy first).
+        mask = masks.frame_mask if opts.mask_resolution == "frame" else masks.model_mask
         messages.append((MASK, enc.encode_mask_png(mask, opts.png_compression,
                                                    coloured=opts.mask_format == "palette")))
         last_mask_seq = frame.seq
         mask_hw = mask.shape[:2]
     if opts.overlay and masks.frame_mask is not None:
-        messages.append((OVERLAY, enc.encode_jpeg(overlay(frame.image, masks.frame_mask, labels=labels),
+        # A reduced-size decode (the pipeline does not ask for one with overlays on) is drawn at
+        # its own size rather than failing on the shape.
+        shown = post.resize_labels(masks.frame_mask, *frame.image.shape[:2])
+        messages.append((OVERLAY, enc.encode_jpeg(overlay(frame.image, shown, labels=labels),
                                                    opts.overlay_jpeg_quality)))
     if opts.result:
         doc = {
@@ -195,12 +205,15 @@ class FrameOutput:
                  timings: Dict[str, float]) -> List[Tuple[str, bytes]]:
         s = self.settings
         t0 = time.monotonic()
-        masks = postprocess(label_map, geometry, segmenter.labels, s.mask_resolution == "frame" or s.overlay)
-        t1 = time.monotonic()
+        # The rate gates first: nothing is computed for a message they drop (the frame-size mask
+        # only for a published frame-resolution mask or overlay, fractions only for a result).
         opts = EncodeOptions(mask=self._mask_gate.allow(), mask_resolution=s.mask_resolution,
                              png_compression=s.png_compression, mask_format=s.mask_format,
                              overlay=s.overlay and self._overlay_gate.allow(),
                              overlay_jpeg_quality=s.overlay_jpeg_quality, result=s.result)
+        need_frame_mask = (opts.mask and s.mask_resolution == "frame") or opts.overlay
+        masks = postprocess(label_map, geometry, segmenter.labels, need_frame_mask, fractions=s.result)
+        t1 = time.monotonic()
         messages, self._last_mask_seq = encode(frame, masks, segmenter.model.file.sha256, opts,
                                                self._last_mask_seq, segmenter.labels)
         timings["postprocess"] = (t1 - t0) * 1e3
@@ -217,7 +230,7 @@ def run_frame(segmenter: Any, frame: Any, output: FrameOutput, sink: Sink, on_in
     """
     timings: Dict[str, float] = {}
     t0 = time.monotonic()
-    prepared, geometry = prepare(segmenter.model, frame.image, segmenter.mode)
+    prepared, geometry = prepare(segmenter.model, frame.image, segmenter.mode, frame_hw=frame.size)
     t1 = time.monotonic()
     label_map = infer(segmenter.model, prepared, on_invoke)
     t2 = time.monotonic()

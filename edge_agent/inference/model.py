@@ -27,7 +27,7 @@ from edge_agent.inference import postprocess, tflite_check
 from edge_agent.errors import EdgeAgentError, InferenceError, ModelError
 from edge_agent.inference.metadata import ModelMetadata, TensorMeta, output_producers, read_metadata
 from edge_agent.inference.preprocess import (DEEPLAB, DEFAULT_RESIZE, LETTERBOX, PRESETS, Geometry, Normalization,
-                                             check_frame, make_geometry, normalize_into, resize_into)
+                                             check_frame, make_geometry, normalize_into, resize_into, scratch)
 from edge_agent.inference.runtimes import edgetpu
 
 log = logging.getLogger(__name__)
@@ -590,31 +590,37 @@ class SegmentationModel:
         }
 
     # -- the per-frame path -------------------------------------------------------------------
+    def input_buffer_shape(self) -> Tuple[int, int, int]:
+        return self.input.height, self.input.width, 3
+
     def new_input_buffer(self) -> np.ndarray:
         """An HxWx3 buffer of the input's dtype, to prepare a frame outside the interpreter."""
-        return np.empty((self.input.height, self.input.width, 3), self.input.dtype)
+        return np.empty(self.input_buffer_shape(), self.input.dtype)
 
     def prepare(self, frame: np.ndarray, mode: str = LETTERBOX,
                 out: Optional[np.ndarray] = None,
-                quality: str = DEFAULT_RESIZE) -> Tuple[np.ndarray, Geometry]:
+                quality: str = DEFAULT_RESIZE,
+                frame_hw: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, Geometry]:
         """Letterbox/stretch and normalise ``frame`` (HxWx3 uint8 RGB) into ``out``.
 
         Thread-safe (touches no interpreter state), so a capture thread can prepare the next frame
         while the interpreter runs; :meth:`set_input` then costs one memcpy. ``quality`` is the
-        resize path (``preprocess.FAST`` or ``AREA``).
+        resize path (``preprocess.FAST`` or ``AREA``). ``frame_hw``: the frame's size when
+        ``frame`` is a reduced-size decode of it (``Frame.size``): the geometry is the frame's.
         """
         check_frame(frame)
-        geometry = make_geometry(frame.shape[0], frame.shape[1], self.input.height, self.input.width, mode)
+        fh, fw = frame_hw if frame_hw else frame.shape[:2]
+        geometry = make_geometry(int(fh), int(fw), self.input.height, self.input.width, mode)
         view = out if out is not None else self.new_input_buffer()
         if self.input.dtype == np.uint8 and self._lut is None:
             resize_into(frame, view, geometry, self._pad, quality)
             return view, geometry
-        scratch = np.empty((self.input.height, self.input.width, 3), np.uint8)
-        resize_into(frame, scratch, geometry, 128, quality)
+        pixels = scratch((self.input.height, self.input.width, 3), np.uint8, "normalise")
+        resize_into(frame, pixels, geometry, 128, quality)
         if self.input.dtype == np.float32:
-            normalize_into(scratch, view, self.normalization)
+            normalize_into(pixels, view, self.normalization)
         else:
-            cv2.LUT(scratch, self._lut, dst=view.view(np.uint8))
+            cv2.LUT(pixels, self._lut, dst=view.view(np.uint8))
         # Padding means exactly 0 after normalisation.
         sh, sw = geometry.scaled_h, geometry.scaled_w
         if sh < view.shape[0]:
@@ -628,9 +634,9 @@ class SegmentationModel:
         np.copyto(self._input_tensor()[0], prepared)
 
     def set_frame(self, frame: np.ndarray, mode: str = LETTERBOX,
-                  quality: str = DEFAULT_RESIZE) -> Geometry:
+                  quality: str = DEFAULT_RESIZE, frame_hw: Optional[Tuple[int, int]] = None) -> Geometry:
         """Prepare ``frame`` directly into the interpreter's input tensor (no extra copy)."""
-        return self.prepare(frame, mode, out=self._input_tensor()[0], quality=quality)[1]
+        return self.prepare(frame, mode, out=self._input_tensor()[0], quality=quality, frame_hw=frame_hw)[1]
 
     def invoke(self) -> None:
         try:
@@ -645,15 +651,20 @@ class SegmentationModel:
         """The output tensor (a copy: the interpreter reuses its buffer on the next invoke)."""
         return self.loaded.interpreter.get_tensor(self.output.index)
 
-    def label_map(self) -> np.ndarray:
-        """Class ids at model output resolution, uint8 HxW (a new array: safe to keep).
+    def new_label_buffer(self) -> np.ndarray:
+        """An HxW uint8 buffer for :meth:`label_map` ``out`` (the output's spatial size)."""
+        return np.empty((self.output.height, self.output.width), np.uint8)
+
+    def label_map(self, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Class ids at model output resolution, uint8 HxW (a new array, or ``out``: safe to keep).
 
         Reads the output tensor through a view (no ``get_tensor`` copy: for the Coral models that
         is a 2 MB int64 copy) and writes the uint8 map in one pass; the view is dropped before
-        returning, as the interpreter requires before the next ``invoke()``.
+        returning, as the interpreter requires before the next ``invoke()``. ``out`` (from
+        :meth:`new_label_buffer`) is written instead of allocating: the pipeline reuses buffers.
         """
         view = self.loaded.interpreter.tensor(self.output.index)()[0]
         try:
-            return postprocess.decode(view, self.output)
+            return postprocess.decode(view, self.output, out)
         finally:
             del view

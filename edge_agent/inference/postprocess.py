@@ -15,21 +15,32 @@ import numpy as np
 from edge_agent.inference.preprocess import Geometry
 
 
-def decode(view: np.ndarray, spec) -> np.ndarray:
-    """One output (without its batch axis) -> uint8 class ids HxW (a new array: safe to keep).
+def decode(view: np.ndarray, spec, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """One output (without its batch axis) -> uint8 class ids HxW (a new array, or ``out``).
 
     ``spec`` is the output's ``model.OutputSpec``: ``labels`` are cast, ``logits`` argmaxed over
     the class axis (last for NHWC; first for NCHW, which numpy reduces without a transpose copy),
     ``binary`` maps compared with the threshold in the tensor's own units (1 = foreground).
+    ``out`` (uint8 HxW) is written in place of a new array: for ``labels`` and ``binary`` in one
+    pass without any temporary (the pipeline's reused buffers).
     """
     if spec.kind == "labels":
-        return view.reshape(view.shape[-2:] if spec.layout == "nchw" else view.shape[:2]).astype(np.uint8)
+        plane = view.reshape(view.shape[-2:] if spec.layout == "nchw" else view.shape[:2])
+        if out is None:
+            return plane.astype(np.uint8)
+        np.copyto(out, plane, casting="unsafe")
+        return out
     if spec.kind == "binary":
         plane = view.reshape(view.shape[-2:] if spec.layout == "nchw" else view.shape[:2])
-        return (plane > spec.raw_threshold).view(np.uint8)
-    if spec.layout == "nchw":
-        return np.argmax(view, axis=0).astype(np.uint8)
-    return argmax_channels(view)
+        if out is None:
+            return (plane > spec.raw_threshold).view(np.uint8)
+        np.greater(plane, spec.raw_threshold, out=out.view(np.bool_))
+        return out
+    ids = np.argmax(view, axis=0).astype(np.uint8) if spec.layout == "nchw" else argmax_channels(view)
+    if out is None:
+        return ids
+    np.copyto(out, ids)
+    return out
 
 
 def argmax_channels(logits: np.ndarray) -> np.ndarray:
@@ -81,7 +92,9 @@ def class_counts(mask: np.ndarray) -> np.ndarray:
     """
     if mask.dtype != np.uint8 or mask.size >= 1 << 24 or mask.size == 0:
         return np.bincount(mask.ravel(), minlength=1)
-    hist = cv2.calcHist([np.ascontiguousarray(mask)], [0], None, [256], [0, 256]).ravel()
+    if mask.ndim != 2 or mask.strides[-1] != 1:  # rows may be strided (a crop view), pixels not
+        mask = np.ascontiguousarray(mask)
+    hist = cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel()
     counts = hist.astype(np.int64)
     present = np.flatnonzero(counts)
     return counts[: present[-1] + 1] if present.size else counts[:1]

@@ -6,8 +6,9 @@ postprocessing can crop the padding off the label map and map it back to the fra
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -88,6 +89,24 @@ RESIZE_QUALITIES = (FAST, AREA)
 DEFAULT_RESIZE = FAST
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(shape: Tuple[int, ...], dtype=np.uint8, tag: str = "") -> np.ndarray:
+    """A per-thread work buffer of ``shape``/``dtype``, the same array on every call (no per-frame
+    allocation for the letterbox halvings and the normalisation's uint8 stage). Its content is
+    only valid until the same thread asks for it again: never hand it to another thread."""
+    cache: Dict[tuple, np.ndarray] = getattr(_SCRATCH, "cache", None) or {}
+    _SCRATCH.cache = cache
+    key = (tag, tuple(shape), np.dtype(dtype).str)
+    buf = cache.get(key)
+    if buf is None:
+        if len(cache) >= 16:  # frames of many sizes (a folder): keep the cache bounded
+            cache.clear()
+        buf = cache[key] = np.empty(shape, dtype)
+    return buf
+
+
 def _into(src: np.ndarray, dst: np.ndarray, interpolation: int) -> None:
     """cv2.resize straight into ``dst`` (a row-strided view is fine); copy only if cv2 refused."""
     out = cv2.resize(src, (dst.shape[1], dst.shape[0]), dst=dst, interpolation=interpolation)
@@ -102,8 +121,11 @@ def shrink_into(frame: np.ndarray, dst: np.ndarray, quality: str = DEFAULT_RESIZ
         _into(frame, dst, interpolation_for(frame.shape[:2], (dh, dw)))
         return
     src = frame
+    level = 0
     while src.shape[0] >= 2 * dh and src.shape[1] >= 2 * dw:
-        src = cv2.resize(src, (src.shape[1] // 2, src.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        half = scratch((src.shape[0] // 2, src.shape[1] // 2) + src.shape[2:], src.dtype, f"half{level}")
+        _into(src, half, cv2.INTER_AREA)
+        src, level = half, level + 1
     _into(src, dst, cv2.INTER_LINEAR)
 
 
@@ -112,18 +134,20 @@ def resize_into(frame: np.ndarray, canvas: np.ndarray, geometry: Geometry, pad_v
     """Write the resized frame into the top-left of ``canvas`` and fill the rest with ``pad_value``.
 
     ``canvas`` is typically the interpreter's own input tensor (no extra copy). A frame already at
-    the scaled size is copied, never resized.
+    the scaled size is copied, never resized. ``frame`` may be smaller than ``geometry``'s frame
+    (a reduced-size decode of it): the geometry is the frame's, the pixels are resampled from
+    what was decoded.
     """
     if quality not in RESIZE_QUALITIES:
         raise ValueError(f"unknown resize quality '{quality}': choose {', '.join(RESIZE_QUALITIES)}")
     sh, sw = geometry.scaled_h, geometry.scaled_w
     region = canvas[:sh, :sw]
-    if not geometry.resized:
+    if frame.shape[:2] == (sh, sw):
         np.copyto(region, frame, casting="unsafe")
     elif region.dtype == frame.dtype:
         shrink_into(frame, region, quality)
     else:
-        resized = np.empty((sh, sw, frame.shape[2]), frame.dtype)
+        resized = scratch((sh, sw, frame.shape[2]), frame.dtype, "resized")
         shrink_into(frame, resized, quality)
         np.copyto(region, resized, casting="unsafe")
     if sh < canvas.shape[0]:

@@ -47,7 +47,10 @@ class Frame:
     ``image`` is HxWx3 uint8 RGB, C-contiguous (what ``letterbox`` expects). ``seq`` is
     monotonic over the life of the source, across reopens. ``timestamp`` is the wall-clock
     capture time (``time.time()``, for consumers on other hosts), ``monotonic`` the same
-    instant on ``time.monotonic()`` (for latencies inside the agent).
+    instant on ``time.monotonic()`` (for latencies inside the agent). ``size`` (h, w) is the
+    frame's size at the source when ``image`` was decoded smaller than that (libjpeg DCT scaling,
+    asked for by a :data:`DecodeHint`); ``height``/``width``, the geometry and the masks are
+    always the source's size.
     """
 
     image: np.ndarray
@@ -55,14 +58,26 @@ class Frame:
     timestamp: float
     monotonic: float
     source: str
+    size: Optional[Tuple[int, int]] = None
 
     @property
     def height(self) -> int:
-        return int(self.image.shape[0])
+        return int(self.size[0]) if self.size else int(self.image.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.image.shape[1])
+        return int(self.size[1]) if self.size else int(self.image.shape[1])
+
+    @property
+    def reduced(self) -> bool:
+        """``image`` is smaller than the frame (a reduced-size decode)."""
+        return self.size is not None and tuple(self.size) != self.image.shape[:2]
+
+
+# What the consumer of a source will resample a frame of (h, w) to: (min_h, min_w). A backend that
+# can decode at reduced size (JPEG/MJPEG: 1/2, 1/4, 1/8) may do so while the decoded image stays at
+# least that large; the pipeline sets it from the model's input and preprocess mode.
+DecodeHint = Callable[[int, int], Tuple[int, int]]
 
 
 @runtime_checkable
@@ -242,6 +257,12 @@ class BaseSource:
         self.name = f"{self.kind}:{settings.uri}" if settings.uri else self.kind
         self.skipped = 0
         self._seq = 0
+        self.decode_hint: Optional[DecodeHint] = None
+
+    def set_decode_hint(self, hint: Optional[DecodeHint]) -> None:
+        """Allow reduced-size decoding down to ``hint(h, w)`` (None: full size). Backends that
+        cannot decode reduced ignore it."""
+        self.decode_hint = hint
 
     def open(self) -> None:
         raise NotImplementedError
@@ -259,10 +280,11 @@ class BaseSource:
         if got is None:
             return None
         if isinstance(got, Captured):
-            return self._frame(got.image, got.timestamp, got.monotonic)
+            return self._frame(got.image, got.timestamp, got.monotonic, got.size)
         return self._frame(got, time.time(), time.monotonic())
 
-    def _frame(self, image: np.ndarray, wall: float, mono: float) -> Frame:
+    def _frame(self, image: np.ndarray, wall: float, mono: float,
+               size: Optional[Tuple[int, int]] = None) -> Frame:
         self._seq += 1
         return Frame(
             image=ensure_rgb_uint8(image),
@@ -270,6 +292,7 @@ class BaseSource:
             timestamp=wall,
             monotonic=mono,
             source=self.name,
+            size=None if size is None or tuple(size) == image.shape[:2] else (int(size[0]), int(size[1])),
         )
 
     def __enter__(self) -> "BaseSource":
@@ -281,11 +304,13 @@ class BaseSource:
 
 
 class Captured(NamedTuple):
-    """An image with the instant it was grabbed (live sources grab on their own thread)."""
+    """An image with the instant it was grabbed (live sources grab on their own thread), and the
+    frame's size at the source when the image was decoded smaller (``Frame.size``)."""
 
     image: np.ndarray
     timestamp: float
     monotonic: float
+    size: Optional[Tuple[int, int]] = None
 
 
 def ensure_rgb_uint8(image: np.ndarray) -> np.ndarray:

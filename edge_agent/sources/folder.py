@@ -10,13 +10,13 @@ instead of spinning).
 from __future__ import annotations
 
 import logging
+import time
 from typing import List, Optional, Set
 
-import numpy as np
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.images import IMAGE_EXTENSIONS, list_images, read_rgb
-from edge_agent.sources.base import BaseSource, EndOfStream, Pacer, SourceSettings
+from edge_agent.sources.images import IMAGE_EXTENSIONS, list_images, read_scaled
+from edge_agent.sources.base import BaseSource, Captured, EndOfStream, Pacer, SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class FolderSource(BaseSource):
     def close(self) -> None:
         self._files = []
 
-    def _read(self, timeout: float) -> Optional[np.ndarray]:
+    def _read(self, timeout: float) -> Optional[Captured]:
         if not self._files:
             raise SourceError("folder source is not open")
         if not self._pacer.wait(timeout):
@@ -57,10 +57,10 @@ class FolderSource(BaseSource):
                 self._start_new_pass()
             path = self._files[self._index]
             self._index += 1
-            image = read_rgb(path)
+            image, size = read_scaled(path, self.decode_hint)  # reduced JPEG decode when hinted
             if image is not None:
                 self._good_this_pass += 1
-                return image
+                return Captured(image, time.time(), time.monotonic(), size)
             self._skip(path)
         if self._index >= len(self._files):
             self._start_new_pass()

@@ -1,15 +1,29 @@
-"""Image files: listing a folder or glob, decoding to RGB uint8 (one place for every reader)."""
+"""Image files: listing a folder or glob, decoding to RGB uint8 (one place for every reader).
+
+JPEG (files and MJPEG packets) can be decoded at 1/2, 1/4 or 1/8 size by libjpeg's DCT scaling
+(``cv2.IMREAD_REDUCED_*``): cheaper than a full decode (1080p: 3.4 vs 5.2 ms here) and it
+replaces the first halvings of the letterbox resize. :func:`decode_rgb` takes the largest
+factor that keeps the image at least as large as the consumer's ``DecodeHint`` asks, so the
+mask geometry stays the frame's (docs/performance.md).
+"""
 
 from __future__ import annotations
 
 import glob
 import os
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import cv2
 import numpy as np
 
 from edge_agent.errors import EdgeAgentError, SourceError
+
+# Decoding straight to RGB (OpenCV >= 4.11) saves the BGR->RGB pass; older OpenCV converts after.
+_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+# DCT scale factor -> the reduced flag without colour bits (1/2: IMREAD_REDUCED_GRAYSCALE_2 = 16).
+_REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+            8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT/JPG/DAC)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -28,6 +42,90 @@ def list_images(uri: str) -> List[str]:
     else:
         names = glob.glob(path)
     return sorted(p for p in names if os.path.isfile(p))
+
+
+def jpeg_size(data: np.ndarray) -> Optional[Tuple[int, int]]:
+    """(h, w) from a JPEG's start-of-frame header, None when ``data`` is not a JPEG (or truncated).
+
+    Walks the marker segments only (a few steps, microseconds): the size is needed before
+    choosing the decode scale.
+    """
+    buf = memoryview(np.ascontiguousarray(data).reshape(-1))
+    n = len(buf)
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM / RST: no length
+            i += 2
+            continue
+        length = (buf[i + 2] << 8) | buf[i + 3]
+        if marker in _SOF:
+            if i + 9 > n:
+                return None
+            h = (buf[i + 5] << 8) | buf[i + 6]
+            w = (buf[i + 7] << 8) | buf[i + 8]
+            return (h, w) if h and w else None
+        if marker == 0xDA or length < 2:  # scan started without a frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def reduction_for(size: Tuple[int, int], needed: Tuple[int, int]) -> int:
+    """The largest DCT scale factor (1, 2, 4, 8) whose decoded image (libjpeg rounds up) is still
+    at least ``needed`` (h, w) on both sides."""
+    h, w = size
+    for factor in (8, 4, 2):
+        if -(-h // factor) >= needed[0] and -(-w // factor) >= needed[1]:
+            return factor
+    return 1
+
+
+def decode_rgb(data: np.ndarray, hint: Optional[Callable[[int, int], Tuple[int, int]]] = None
+               ) -> Tuple[Optional[np.ndarray], Optional[Tuple[int, int]]]:
+    """Encoded bytes -> (RGB image, the image's full size (h, w)); (None, None) if undecodable.
+
+    With ``hint`` (a source's ``DecodeHint``) a JPEG is decoded at the largest 1/2, 1/4, 1/8 scale
+    that stays at least ``hint(h, w)``; the full size is returned with it. Other formats, and
+    JPEGs that cannot be reduced, decode at full size.
+    """
+    size = jpeg_size(data) if hint is not None else None
+    factor = reduction_for(size, hint(*size)) if size else 1
+    try:
+        if factor > 1 and _RGB is not None:
+            image = cv2.imdecode(data, _REDUCED[factor] | _RGB)
+        elif factor > 1:
+            image = cv2.imdecode(data, _REDUCED[factor] | cv2.IMREAD_COLOR)
+            image = None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
+        elif _RGB is not None:
+            image = cv2.imdecode(data, _RGB)
+        else:
+            image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+            image = None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
+    except cv2.error:
+        return None, None
+    if image is None:
+        return None, None
+    return image, (size if factor > 1 else image.shape[:2])
+
+
+def read_scaled(path: str, hint: Optional[Callable[[int, int], Tuple[int, int]]] = None
+                ) -> Tuple[Optional[np.ndarray], Optional[Tuple[int, int]]]:
+    """Read and :func:`decode_rgb` a file: (RGB image, full size), (None, None) if unreadable."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except (OSError, ValueError):
+        return None, None
+    if data.size == 0:
+        return None, None
+    return decode_rgb(data, hint)
 
 
 def read_rgb(path: str) -> Optional[np.ndarray]:

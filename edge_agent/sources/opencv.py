@@ -10,6 +10,13 @@ Two read paths, because the two kinds of input want opposite things:
 * files are decoded synchronously in ``read``, paced at ``fps`` when it is > 0; at the end of
   the file the capture is reopened from the path (not seeked), so a file deleted mid-run is
   noticed at the next loop and a loop does not depend on the container being seekable.
+
+MJPEG (MJPG video files, USB cameras streaming MJPG) is read as compressed packets when the
+backend can hand them out (FFmpeg: ``CAP_PROP_FORMAT = -1``; V4L2: ``CAP_PROP_CONVERT_RGB = 0``)
+and decoded here with libjpeg's DCT scaling down to the pipeline's ``DecodeHint``
+(``images.decode_rgb``), straight to RGB. A live camera's grabber then only queues packets: the
+frames the pipeline drops are never decoded. A backend that ignores the request returns BGR
+images as before (:func:`to_rgb` tells them apart).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import cv2
 import numpy as np
 
 from edge_agent.errors import SourceError
+from edge_agent.sources.images import decode_rgb
 from edge_agent.sources.base import (
     BaseSource,
     Captured,
@@ -72,6 +80,42 @@ def bgr_to_rgb(bgr: np.ndarray) -> np.ndarray:
     if bgr.shape[2] == 4:
         return cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+_MJPG = cv2.VideoWriter_fourcc(*"MJPG")
+
+
+def is_mjpeg(cap: "cv2.VideoCapture") -> bool:
+    return int(cap.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF == _MJPG
+
+
+def request_packets(cap: "cv2.VideoCapture", kind: str) -> bool:
+    """Ask an MJPEG capture for compressed packets instead of decoded BGR; True if accepted."""
+    if not is_mjpeg(cap):
+        return False
+    try:
+        if kind == "device":
+            return bool(cap.set(cv2.CAP_PROP_CONVERT_RGB, 0))
+        return bool(cap.set(cv2.CAP_PROP_FORMAT, -1))
+    except cv2.error:
+        return False
+
+
+def is_packet(image: np.ndarray) -> bool:
+    """A compressed packet (1xN or N bytes), not an image."""
+    return image.dtype == np.uint8 and (image.ndim == 1 or (image.ndim == 2 and image.shape[0] == 1))
+
+
+def to_rgb(image: np.ndarray, hint=None, packets: bool = False) -> Tuple[np.ndarray, Optional[Tuple[int, int]]]:
+    """A capture's output -> (RGB image, the frame's full size): a packet is decoded (reduced to
+    ``hint`` when it is a JPEG), a BGR/gray image converted. ``packets``: packets were requested,
+    so a single-channel output is a raw buffer to decode, never taken for a gray image."""
+    if not (is_packet(image) or (packets and image.ndim == 2)):
+        return bgr_to_rgb(image), None
+    rgb, size = decode_rgb(np.ascontiguousarray(image).reshape(-1), hint)
+    if rgb is None:
+        raise SourceError("capture returned a packet that does not decode as JPEG")
+    return rgb, size
 
 
 class _Grabber:
@@ -149,6 +193,7 @@ class OpenCVSource(BaseSource):
         self._grabber: Optional[_Grabber] = None
         self._cap: Optional["cv2.VideoCapture"] = None
         self._pacer = Pacer(settings.fps)  # source.fps caps files and live streams alike (0 = no cap)
+        self._packets = False  # the capture hands out compressed MJPEG packets
 
     def open(self) -> None:
         if self.live:
@@ -172,6 +217,8 @@ class OpenCVSource(BaseSource):
                 cap.set(cv2.CAP_PROP_FPS, s.fps)
         # Fewest buffered frames = lowest latency; backends that cannot do it ignore it.
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        if self.input_kind == "device":  # MJPG camera: decode only the frames taken, reduced
+            self._packets = request_packets(cap, "device")
 
     def _open_file(self) -> "cv2.VideoCapture":
         path = str(self.target)
@@ -181,6 +228,7 @@ class OpenCVSource(BaseSource):
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"cannot decode video file {path}")
+        self._packets = request_packets(cap, "file")
         return cap
 
     def close(self) -> None:
@@ -196,7 +244,8 @@ class OpenCVSource(BaseSource):
             got = self._grabber.take(timeout)
             if got is None:
                 return None
-            return Captured(bgr_to_rgb(got.image), got.timestamp, got.monotonic)
+            rgb, size = to_rgb(got.image, self.decode_hint, self._packets)
+            return Captured(rgb, got.timestamp, got.monotonic, size)
         if self._cap is None:
             raise SourceError(f"{self.name} is not open")
         if not self._pacer.wait(timeout):
@@ -204,7 +253,8 @@ class OpenCVSource(BaseSource):
         ok, bgr = self._cap.read()
         if not ok or bgr is None:
             bgr = self._rewind()
-        return bgr_to_rgb(bgr)
+        rgb, size = to_rgb(bgr, self.decode_hint, self._packets)
+        return Captured(rgb, time.time(), time.monotonic(), size)
 
     def _rewind(self) -> np.ndarray:
         """End of file: EndOfStream, or reopen from the path and return its first frame."""

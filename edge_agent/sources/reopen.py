@@ -77,6 +77,12 @@ class ReopeningSource:
         self._closed = threading.Event()
         self._lock = threading.Lock()  # close() waits for an in-flight read (no release mid-read)
         self._stats = SourceStats()
+        self._decode_hint: Any = None
+
+    def set_decode_hint(self, hint: Any) -> None:
+        """``BaseSource.set_decode_hint`` for the backend now and every one opened later."""
+        self._decode_hint = hint
+        _hint(self._inner, hint)
 
     # -- FrameSource -------------------------------------------------------------------------
 
@@ -86,6 +92,7 @@ class ReopeningSource:
         RTSP server that comes up after the agent at boot)."""
         self._closed.clear()
         inner = self._factory()
+        _hint(inner, self._decode_hint)
         try:
             inner.open()
         except Exception as exc:
@@ -176,6 +183,7 @@ class ReopeningSource:
             if self._closed.wait(wait):
                 return False
         inner = self._factory()
+        _hint(inner, self._decode_hint)
         try:
             inner.open()
         except Exception as exc:
@@ -201,6 +209,12 @@ class ReopeningSource:
             inner.close()
         except Exception as exc:  # closing a dead device may fail too; nothing to do about it
             log.debug("source %s: close failed: %s", self.name, exc)
+
+
+def _hint(inner: Any, hint: Any) -> None:
+    set_hint = getattr(inner, "set_decode_hint", None)
+    if callable(set_hint):
+        set_hint(hint)
 
 
 def _one_line(exc: BaseException) -> str:

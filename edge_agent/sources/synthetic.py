@@ -7,6 +7,7 @@ are at known positions).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -37,9 +38,18 @@ def color_bars(width: int, height: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(row, (height, width, 3)))
 
 
+@functools.lru_cache(maxsize=4)
+def _bars(width: int, height: int) -> np.ndarray:
+    """The bars of one size, built once (read-only): a frame is then one copy, not three."""
+    bars = color_bars(width, height)
+    bars.setflags(write=False)
+    return bars
+
+
 def pattern(width: int, height: int, n: int) -> np.ndarray:
-    """Frame ``n`` of the pattern: bars scrolled by ``n`` * 4 px, square at a diagonal step."""
-    img = np.roll(color_bars(width, height), shift=(n * 4) % max(width, 1), axis=1)
+    """Frame ``n`` of the pattern (a new array): bars scrolled by ``n`` * 4 px, square at a
+    diagonal step."""
+    img = np.roll(_bars(width, height), shift=(n * 4) % max(width, 1), axis=1)
     side = max(min(width, height) // 8, 2)
     x = (n * 5) % max(width - side, 1)
     y = (n * 3) % max(height - side, 1)

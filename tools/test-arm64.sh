@@ -38,8 +38,8 @@
 # mount is left, and only then deletes the root (unless --keep). The installed apt packages stay.
 #
 # Inside the root, tests get: EDGE_AGENT_RUNTIME=<runtime> (the registry's default runtime),
-# EDGE_AGENT_EXPECT_MACHINE=aarch64 (tests/test_arch.py asserts it), and a real aarch64 mosquitto
-# in the root (from Debian's arm64 packages) so the unchanged broker fixtures start it on the
+# EDGE_AGENT_EXPECT_MACHINE=aarch64 and EDGE_AGENT_EXPECT_PYTHON=3.11|3.13 (tests/test_arch.py
+# asserts both), and a real aarch64 mosquitto in the root (from the suite's arm64 packages) so the unchanged broker fixtures start it on the
 # host's loopback (a chroot shares the host's network namespace).
 set -euo pipefail
 

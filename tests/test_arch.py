@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Dict
 
 import pytest
@@ -22,6 +23,7 @@ from edge_agent.inference.segmenter import Segmenter
 from tests.data import DM05, DM10, IMAGES, LABELS, bird_513, rgb
 
 EXPECTED_MACHINE = os.environ.get("EDGE_AGENT_EXPECT_MACHINE")
+EXPECTED_PYTHON = os.environ.get("EDGE_AGENT_EXPECT_PYTHON")  # "3.11" bookworm, "3.13" trixie
 REQUESTED_RUNTIME = os.environ.get("EDGE_AGENT_RUNTIME")
 
 # Dominant-class fraction per (model, image), measured on x86_64 with ai-edge-litert 2.3.
@@ -52,6 +54,11 @@ def frame(name: str):
 def test_runs_on_the_expected_machine():
     print(f"platform.machine() = {platform.machine()}")
     assert platform.machine() == EXPECTED_MACHINE
+
+
+@pytest.mark.skipif(not EXPECTED_PYTHON, reason="EDGE_AGENT_EXPECT_PYTHON not set (set by tools/test-arm64.sh)")
+def test_runs_on_the_expected_python():
+    assert "%d.%d" % sys.version_info[:2] == EXPECTED_PYTHON
 
 
 @pytest.mark.skipif(not REQUESTED_RUNTIME, reason="EDGE_AGENT_RUNTIME not set")

@@ -180,6 +180,19 @@ def test_install_dry_run_on_this_host_prints_the_privileged_commands():
     assert not Path("/opt/ea-dry").exists()
 
 
+def test_system_site_packages_venv_keeps_the_system_numpy(tmp_path):
+    """apt's picamera2 is built against apt's numpy: a --system-site-packages venv pins it."""
+    import numpy
+
+    base = ["install", "--dry-run", "--root", str(tmp_path), "--python", sys.executable,
+            "--package", "edge-agent"]
+    shared = run_service(*base, "--system-site-packages")
+    assert shared.returncode == 0, shared.stderr
+    assert f"-m pip install --upgrade edge-agent numpy=={numpy.__version__}\n" in shared.stdout
+    isolated = run_service(*base, "--no-system-site-packages")
+    assert "-m pip install --upgrade edge-agent\n" in isolated.stdout
+
+
 def test_install_into_staging_root_is_real_and_idempotent(tmp_path):
     root = tmp_path / "root"
     example = tmp_path / "example.toml"

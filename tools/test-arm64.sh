@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# test-arm64.sh - run the device-side tests on aarch64 (Debian bookworm arm64 ~ Raspberry Pi OS
-# bookworm: Python 3.11.2, glibc 2.36) under qemu-user emulation, with the real aarch64 wheels.
+# test-arm64.sh - run the device-side tests on aarch64 under qemu-user emulation, with the real
+# aarch64 wheels, in Debian arm64 roots matching Raspberry Pi OS: bookworm (Python 3.11.2,
+# glibc 2.36) and trixie (Python 3.13, the current Raspberry Pi OS).
 #
-#   bash tools/test-arm64.sh [--runtime litert|tflite-runtime|both] [--keep] [--full]
-#                            [--self-test-only] [-- PYTEST-ARGS...]
+#   bash tools/test-arm64.sh [--suite bookworm|trixie|both] [--runtime litert|tflite-runtime|both]
+#                            [--keep] [--full] [--self-test-only] [-- PYTEST-ARGS...]
 #
+#   --suite           which Debian suite(s) (default: both, one after the other, each its own root)
 #   --runtime         which runtime venv(s) to test (default: both)
 #                       litert          /venv         ai-edge-litert + numpy 2 + opencv 5
 #                       tflite-runtime  /venv-tflite  tflite-runtime 2.14 + numpy<2 + opencv<4.11
+#                     tflite-runtime has no cp313 wheels (its last release, 2.14, stops at
+#                     cp311): on trixie it is skipped with a note (refused if asked for alone)
 #   --keep            keep the prepared root and its venvs for the next run (it is always unmounted);
 #                     without it the root is deleted and the host changes this run made are undone
 #   --full            run every selected test; by default tests that only repeat a code path through
@@ -16,7 +20,8 @@
 #   -- ARGS           replaces the default test selection and deselection (paths, -k, -x ...;
 #                     "-m 'not host'" stays)
 #
-#   env:  ARM64_ROOT  the rootfs directory (default ${XDG_CACHE_HOME:-~/.cache}/edge-agent-arm64/root)
+#   env:  ARM64_ROOT  the rootfs directory (default ${XDG_CACHE_HOME:-~/.cache}/edge-agent-arm64/root-SUITE;
+#                     with --suite both, ARM64_ROOT-SUITE)
 #         ARM64_TESTS the default test selection (space-separated paths)
 #         QEMU_CPU    emulated CPU (default cortex-a76 ~ Raspberry Pi 5; cortex-a72 ~ Pi 4)
 #         ARM64_PYTEST_TIMEOUT  seconds per pytest run before it is killed (default 1800)
@@ -33,39 +38,71 @@
 # mount is left, and only then deletes the root (unless --keep). The installed apt packages stay.
 #
 # Inside the root, tests get: EDGE_AGENT_RUNTIME=<runtime> (the registry's default runtime),
-# EDGE_AGENT_EXPECT_MACHINE=aarch64 (tests/test_arch.py asserts it), and a real aarch64 mosquitto
-# in the root (from Debian's arm64 packages) so the unchanged broker fixtures start it on the
+# EDGE_AGENT_EXPECT_MACHINE=aarch64 and EDGE_AGENT_EXPECT_PYTHON=3.11|3.13 (tests/test_arch.py
+# asserts both), and a real aarch64 mosquitto in the root (from the suite's arm64 packages) so the unchanged broker fixtures start it on the
 # host's loopback (a chroot shares the host's network namespace).
 set -euo pipefail
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 
-RUNTIMES=both KEEP=0 FULL=0 SELF_TEST_ONLY=0 PYTEST_SELECTION=()
+SUITE=both RUNTIMES=both KEEP=0 FULL=0 SELF_TEST_ONLY=0 PYTEST_SELECTION=() PASS_ON=()
 while [ $# -gt 0 ]; do
   case $1 in
-    --runtime) [ $# -ge 2 ] || { echo "--runtime needs a value" >&2; exit 2; }; RUNTIMES=$2; shift 2 ;;
+    --suite) [ $# -ge 2 ] || { echo "--suite needs a value" >&2; exit 2; }; SUITE=$2; shift 2; continue ;;
+    --suite=*) SUITE=${1#*=}; shift; continue ;;
+  esac
+  PASS_ON+=("$1")
+  case $1 in
+    --runtime) [ $# -ge 2 ] || { echo "--runtime needs a value" >&2; exit 2; }; RUNTIMES=$2; PASS_ON+=("$2"); shift 2 ;;
     --runtime=*) RUNTIMES=${1#*=}; shift ;;
     --keep) KEEP=1; shift ;;
     --full) FULL=1; shift ;;
     --self-test-only) SELF_TEST_ONLY=1; shift ;;
     -h|--help) usage; exit 0 ;;
-    --) shift; PYTEST_SELECTION=("$@"); break ;;
+    --) shift; PYTEST_SELECTION=("$@"); PASS_ON+=("$@"); break ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+case $SUITE in
+  bookworm) PY_EXPECTED=3.11 ;;
+  trixie) PY_EXPECTED=3.13 ;;
+  both) ;;
+  *) echo "--suite must be bookworm, trixie or both, not '$SUITE'" >&2; exit 2 ;;
+esac
+TFLITE_NOTE="tflite-runtime: skipped on trixie: no cp313 wheels exist (its last release, 2.14, has cp38-cp311 only)"
 case $RUNTIMES in
-  both) RUNTIMES="litert tflite-runtime" ;;
-  litert|tflite-runtime) ;;
+  both) RUNTIMES="litert tflite-runtime"
+        [ "$SUITE" = trixie ] && { echo "$TFLITE_NOTE"; RUNTIMES=litert; } ;;
+  litert) ;;
+  tflite-runtime) [ "$SUITE" = trixie ] && { echo "$TFLITE_NOTE" >&2; exit 2; } ;;
   *) echo "--runtime must be litert, tflite-runtime or both, not '$RUNTIMES'" >&2; exit 2 ;;
 esac
 [ "$(id -u)" = 0 ] || { echo "test-arm64.sh needs root (chroot, mount, binfmt_misc)" >&2; exit 2; }
+
+if [ "$SUITE" = both ]; then  # one suite after the other, each a full run with its own root and cleanup
+  SECONDS=0 rc=0 LINES=()
+  for suite in bookworm trixie; do
+    t0=$SECONDS
+    if [ "$suite" = trixie ] && [ "$RUNTIMES" = tflite-runtime ]; then
+      LINES+=("trixie: skipped ($TFLITE_NOTE)"); continue
+    fi
+    printf '\n##### suite %s\n' "$suite"
+    # (set -e: a failing suite must not stop the next one)
+    st=0; ARM64_ROOT=${ARM64_ROOT:+$ARM64_ROOT-$suite} bash "$0" --suite "$suite" "${PASS_ON[@]}" || st=$?
+    [ $st = 0 ] || rc=1
+    LINES+=("$suite: exit $st in $((SECONDS - t0))s")
+  done
+  printf '\n##### aarch64 suites (total %ds)\n' "$SECONDS"
+  printf '  %s\n' "${LINES[@]}"
+  exit $rc
+fi
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=$(cd "$REPO/../shared" 2>/dev/null && pwd) || { echo "../shared not found beside $REPO" >&2; exit 2; }
 CHROOT_SCRIPT=$SHARED/tools/arm64-chroot.sh
 [ -r "$CHROOT_SCRIPT" ] || { echo "$CHROOT_SCRIPT not found" >&2; exit 2; }
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/edge-agent-arm64
-R=${ARM64_ROOT:-$CACHE/root}
+R=${ARM64_ROOT:-$CACHE/root-$SUITE}
 R=$(realpath -m "$R")
 MARKER=$R/.edge-agent-arm64-root   # only a root carrying this file is ever deleted
 APT_DIR=$R.apt                     # private apt state for the arm64 mosquitto download
@@ -151,10 +188,10 @@ prepare_root() {
     echo "$R exists and was not made by this script: choose another ARM64_ROOT" >&2; return 2
   fi
   mkdir -p "$R" && touch "$MARKER"
-  say "arm64 root: $CHROOT_SCRIPT $R"
+  say "arm64 root ($SUITE): SUITE=$SUITE $CHROOT_SCRIPT $R"
   # venv A (/venv) is the chroot script's own venv: ai-edge-litert + the device deps + pytest;
   # setuptools>=70.1 (has bdist_wheel) so the checkout installs editable without build isolation
-  ARM_PKGS="numpy ai-edge-litert opencv-python-headless paho-mqtt pytest setuptools>=70.1" \
+  SUITE=$SUITE ARM_PKGS="numpy ai-edge-litert opencv-python-headless paho-mqtt pytest setuptools>=70.1" \
     bash "$CHROOT_SCRIPT" "$R"
   # the dpkg -x shortcut skips maintainer scripts: no /etc/passwd, which getpass/pwd expect
   [ -e "$R/etc/passwd" ] || cp "$R/usr/share/base-passwd/passwd.master" "$R/etc/passwd"
@@ -163,13 +200,13 @@ prepare_root() {
 
 install_mosquitto() {  # Debian's arm64 mosquitto, fetched by the HOST's apt (native speed) with a private state dir
   [ -x "$R/usr/sbin/mosquitto" ] && return 0
-  say "arm64 mosquitto into the root (host apt, private state in $APT_DIR)"
+  say "arm64 mosquitto from $SUITE into the root (host apt, private state in $APT_DIR)"
   local mirror deb
   mirror=$(grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1 | awk '{print $2}')
   mirror=${DEBIAN_MIRROR:-${mirror:-http://deb.debian.org/debian}}
   mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/archives/partial"
   : > "$APT_DIR/status"
-  echo "deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bookworm main" \
+  echo "deb [arch=arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $SUITE main" \
     > "$APT_DIR/sources.list"
   local opts=(-o "Dir::Etc::SourceList=$APT_DIR/sources.list" -o Dir::Etc::SourceParts=/nonexistent
               -o "Dir::State::Lists=$APT_DIR/lists" -o "Dir::State::Status=$APT_DIR/status"
@@ -259,7 +296,8 @@ run_pytest() {
   (
     timeout --kill-after=30 "$PYTEST_TIMEOUT" \
       env -u PYTHONPATH -u PYTHONHOME -u VIRTUAL_ENV -u PIP_FIND_LINKS \
-          EDGE_AGENT_RUNTIME="$runtime" EDGE_AGENT_EXPECT_MACHINE=aarch64 PYTHONDONTWRITEBYTECODE=1 \
+          EDGE_AGENT_RUNTIME="$runtime" EDGE_AGENT_EXPECT_MACHINE=aarch64 \
+          EDGE_AGENT_EXPECT_PYTHON="$PY_EXPECTED" PYTHONDONTWRITEBYTECODE=1 \
         chroot "$R" /bin/sh -c 'cd /w/main && exec "$@"' sh \
           "$venv/bin/python" -m pytest -p no:cacheprovider --durations=8 -m "not host" "${SELECTION[@]}" 2>&1 \
       | tee "$LOGDIR/pytest-$runtime.log"
@@ -312,6 +350,7 @@ for rt in $RUNTIMES; do
   SUMMARY+=("$rt: $machine, golden [$st] ${golden}| pytest [$py] | $((SECONDS - t0))s")
 done
 
-say "summary (prepare ${T_PREP}s)"
+say "summary $SUITE, Python $(run_in /usr/bin/python3 -c 'import sys; print(sys.version.split()[0])') (prepare ${T_PREP}s)"
+[ "$SUITE" = trixie ] && echo "  $TFLITE_NOTE"
 printf '  %s\n' "${SUMMARY[@]}"
 exit $FAILED

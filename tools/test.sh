@@ -2,7 +2,7 @@
 # Set up everything the tests need on a fresh Debian/Ubuntu machine, then run every test suite.
 #
 #   bash tools/test.sh            # all suites
-#   SUITES="device" bash tools/test.sh   # a subset: device brokers tflite host homeassistant browser
+#   SUITES="device" bash tools/test.sh   # a subset: device brokers tflite host installed homeassistant browser
 #
 # Suites (each in its own venv, as users install them):
 #   device  .venv         the agent with its default runtime (ai-edge-litert), real mosquitto
@@ -15,13 +15,16 @@
 #                  first time): the agent against a real Home Assistant
 #   browser .venv         `edge-agent console` in Debian's headless chromium (Selenium + chromium-driver)
 #                         against real agents and mosquitto (tests marked browser)
+#   installed .venv drives tests/test_installed.py: the wheel in clean venvs outside the checkout
+#                  (Python 3.11 and 3.13), used as a user would, down to `service install --root` and
+#                  the staged agent publishing masks; needs Python 3.13 (pyenv) besides the system 3.11
 # Exit 0 only when every selected suite ran tests and they passed (pytest's exit 5, "no tests
 # collected", counts as a failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"device brokers tflite host homeassistant browser"}
+SUITES=${SUITES:-"device brokers tflite host installed homeassistant browser"}
 PIP_FLAGS=(-q --disable-pip-version-check)
 export PIP_NO_INPUT=1
 
@@ -61,8 +64,9 @@ run_pytest() {  # run_pytest NAME VENV ARGS...
   say "pytest [$name] $*"
   "$venv/bin/python" -m pytest "$@"
   local rc=$?
+  SECONDS_SUITE=$((SECONDS - T_SUITE))
   if [ $rc -eq 5 ]; then echo "[$name] no tests were collected: failing"; rc=1; fi
-  RESULTS+=("$name=$rc")
+  RESULTS+=("$name=$rc (${SECONDS_SUITE:-?}s)")
   [ $rc -eq 0 ] || FAILED=1
 }
 
@@ -70,11 +74,12 @@ RESULTS=(); FAILED=0
 install_system_packages || { echo "cannot install system packages"; exit 1; }
 
 for suite in $SUITES; do
+  T_SUITE=$SECONDS
   case $suite in
     device)
       say "venv .venv (device: ai-edge-litert)"
       make_venv .venv -e ".[dev]" || { RESULTS+=("device=setup-failed"); FAILED=1; continue; }
-      run_pytest device .venv -m "not host and not homeassistant and not browser and not brokers" tests --ignore=tests/host
+      run_pytest device .venv -m "not host and not homeassistant and not browser and not brokers and not installed" tests --ignore=tests/host
       ;;
     brokers)
       say "venv .venv (device), the broker matrix"
@@ -112,9 +117,14 @@ for suite in $SUITES; do
         echo "[host] tests/host missing"; RESULTS+=("host=missing"); FAILED=1
       fi
       ;;
+    installed)
+      say "venv .venv drives the installed-wheel stage"
+      make_venv .venv -e ".[dev]" || { RESULTS+=("installed=setup-failed"); FAILED=1; continue; }
+      run_pytest installed .venv -m installed tests/test_installed.py --durations=0
+      ;;
     *) echo "unknown suite $suite"; FAILED=1 ;;
   esac
 done
 
-say "summary: ${RESULTS[*]}"
+say "summary (total ${SECONDS}s): ${RESULTS[*]}"
 exit $FAILED

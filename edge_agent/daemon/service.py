@@ -174,6 +174,22 @@ def default_python() -> str:
     return shutil.which("python3") or sys.executable
 
 
+def system_numpy_pin(python: str) -> List[str]:
+    """``["numpy==X"]`` for the numpy ``python`` already has (apt's), else ``[]``.
+
+    In a ``--system-site-packages`` venv pip would otherwise put numpy 2 over apt's numpy 1.x, and
+    apt's picamera2 (and the helpers it imports, built against apt's numpy) then fail to import
+    with a ValueError. Pinning the system version makes pip keep it and pick compatible wheels
+    of the other packages (e.g. opencv-python-headless 4.11 with numpy 1.24)."""
+    try:
+        proc = subprocess.run([python, "-c", "import numpy; print(numpy.__version__)"],
+                              capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    version = proc.stdout.strip()
+    return [f"numpy=={version}"] if proc.returncode == 0 and re.fullmatch(r"[\w.+]+", version) else []
+
+
 def has_system_picamera2() -> bool:
     """picamera2 comes from apt on Raspberry Pi OS; the venv must then see system packages."""
     return any(Path(p, "picamera2").is_dir() for p in ("/usr/lib/python3/dist-packages",))
@@ -264,6 +280,8 @@ def plan_install(opts: Any) -> List[Step]:
                           skip_reason="skipped: --no-package"))
     else:
         pip_cmd = [str(venv_python), "-m", "pip", "install", "--upgrade", opts.package]
+        if opts.system_site_packages:
+            pip_cmd += system_numpy_pin(opts.python)
         steps.append(Step(f"install {opts.package} into the venv",
                           lambda: run_command(pip_cmd), command=pip_cmd))
 

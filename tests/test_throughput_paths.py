@@ -23,7 +23,7 @@ from edge_agent.inference.segmenter import Segmenter
 from edge_agent.output import encode as enc
 from edge_agent.sources import build_source, open_source
 from edge_agent.sources.base import Frame
-from edge_agent.sources.images import decode_rgb, jpeg_size, read_scaled, reduction_for
+from edge_agent.sources.images import decode_rgb, jpeg_size, reduction_for
 from edge_agent.errors import SourceError
 from edge_agent.sources.opencv import is_packet, to_rgb
 from tests.data import BIRD, DM05, IMAGES, VOC, rgb

@@ -232,6 +232,7 @@ def files_left(root: Path) -> List[str]:
     return sorted(left)
 
 
+@pytest.mark.broker
 def test_service_from_the_wheel_fetches_its_model_and_publishes_masks(
         installed: Installed, mosquitto, tmp_path: Path) -> None:
     staging = installed.home / "staging"

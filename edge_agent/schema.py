@@ -156,6 +156,27 @@ class Str(Field):
         return self.convert(value) if self.convert else value
 
 
+class StrList(Field):
+    """A list of strings each accepted by ``item`` (a TOML array; comma-separated in override
+    text); kept as a tuple so that frozen configs stay hashable."""
+
+    def __init__(self, item: Str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.item = item
+        self.expected = f"list of {item.expected}"
+
+    def check(self, value: Any) -> Tuple[Any, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        return tuple(self.item.check(v) for v in value)
+
+    def parse(self, text: str) -> Tuple[Any, ...]:
+        return self.check([part.strip() for part in text.split(",") if part.strip()])
+
+    def to_toml(self, value: Any) -> str:
+        return json.dumps(list(value))
+
+
 ChoicesArg = Union[str, Callable[[], Iterable[str]]]
 
 

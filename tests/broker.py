@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -78,8 +78,9 @@ class MosquittoServer(MosquittoBroker):
     """mosquitto on a fixed loopback port with optional TLS and password authentication."""
 
     def __init__(self, workdir: Path, certs: Optional[Certs] = None, users: Optional[Dict[str, str]] = None,
-                 require_certificate: bool = False, port: Optional[int] = None) -> None:
-        extra: List[str] = []
+                 require_certificate: bool = False, port: Optional[int] = None,
+                 extra_conf: Sequence[str] = ()) -> None:
+        extra: List[str] = list(extra_conf)
         if certs is not None:
             extra += [f"cafile {certs.ca}", f"certfile {certs.server_cert}", f"keyfile {certs.server_key}",
                       f"require_certificate {'true' if require_certificate else 'false'}"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -50,7 +50,8 @@ def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Callable[..., MosquittoServer]]:
-    """Factory: ``mosquitto(tls=certs, users={"u": "p"}, require_certificate=False, start=True)``.
+    """Factory: ``mosquitto(tls=certs, users={"u": "p"}, require_certificate=False, start=True,
+    extra_conf=["max_queued_messages 0"])``.
 
     Each call returns a real mosquitto on its own free port; ``.stop()``, ``.start()`` and
     ``.restart()`` keep the port, so clients can reconnect.  All are stopped at teardown.
@@ -61,10 +62,12 @@ def mosquitto(tmp_path: Path) -> Iterator[Callable[..., MosquittoServer]]:
     counter = itertools.count()
 
     def factory(tls: Optional[Certs] = None, users: Optional[Dict[str, str]] = None,
-                require_certificate: bool = False, start: bool = True) -> MosquittoServer:
+                require_certificate: bool = False, start: bool = True,
+                extra_conf: Sequence[str] = ()) -> MosquittoServer:
         workdir = tmp_path / f"mosquitto{next(counter)}"
         workdir.mkdir()
-        server = MosquittoServer(workdir, certs=tls, users=users, require_certificate=require_certificate)
+        server = MosquittoServer(workdir, certs=tls, users=users, require_certificate=require_certificate,
+                                 extra_conf=extra_conf)
         servers.append(server)
         return server.start() if start else server
 

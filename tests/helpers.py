@@ -70,7 +70,7 @@ def start_agent(config: Path, env=None) -> subprocess.Popen:
 
 
 def stop_agent(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
-    """Signal the agent (if still running), wait up to 20 s (then SIGKILL); its output."""
+    """Signal the agent (if still running), wait up to 20 s (then SIGKILL); its output (if piped)."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
@@ -78,7 +78,7 @@ def stop_agent(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-    return out.decode(errors="replace")
+    return (out or b"").decode(errors="replace")  # b"" when stdout went to a file
 
 
 def stop_agent_when_done(proc: subprocess.Popen, timeout: float = 60) -> str:

@@ -299,8 +299,13 @@ class MqttComms:
 
     def reply(self, topic: str, payload: Payload, correlation_data: Optional[bytes] = None,
               qos: int = COMMAND_QOS) -> bool:
-        """Answer a command on its MQTT 5 response topic, echoing the correlation data."""
+        """Answer a command on its MQTT 5 response topic, echoing the correlation data.
+
+        Which response topics are acceptable is the command channel's decision
+        (``commands.response_topic_refusal``); ``$`` topics are refused here as well."""
         _check_topic_part(topic, "reply topic")
+        if topic.startswith("$"):
+            raise ValueError(f"invalid reply topic {topic!r}: '$' topics are the broker's")
         props = None
         if correlation_data is not None and self._protocol == paho.MQTTv5:
             props = Properties(PacketTypes.PUBLISH)

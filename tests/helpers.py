@@ -87,7 +87,7 @@ def stop_agent_when_done(proc: subprocess.Popen, timeout: float = 60) -> str:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         return stop_agent(proc)
-    return out.decode(errors="replace")
+    return (out or b"").decode(errors="replace")
 
 
 # -- systemd's notify socket ------------------------------------------------------------------------

@@ -11,15 +11,18 @@ MQTT messages; the channel parses and validates them, refuses bad ones itself, a
   ``max_bytes``, invalid UTF-8, nesting deeper than Python's recursion limit.
 * Every request gets exactly ONE final answer. MQTT QoS 1 delivers at least once, so a request id
   seen before (on this device, within the last ``remember`` ids) is a retransmission: it is never
-  run twice and never answered a second time on the request's topic (see :meth:`receive`).
+  run twice and never answered a second time on the request's topic (see :meth:`receive`). The
+  window is a count, in memory (documented in the protocol; not persisted): its memory is bounded
+  whatever a flood of requests does, and requesters use a new id per request.
 
 Wire protocol (documented in docs/asyncapi.yaml):
 
 * Request: a JSON object on ``<prefix>/<device>/cmd/<name>`` or ``<prefix>/all/cmd/<name>`` with
   ``request_id`` (``[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}``) and the command's own fields.
 * Answers: JSON objects on ``<prefix>/<device>/<kind>/<request_id>`` (QoS 1, not retained) and,
-  when the request carried an MQTT 5 response topic, also on that topic with the correlation data
-  echoed. Each answer has ``request_id``, ``device_id``, ``kind``, ``status``, ``final``, ``ts``.
+  when the request carried an MQTT 5 response topic the agent may publish to (its own
+  ``<prefix>/<device>/<kind>/...`` or ``mqtt.response_topic_prefixes``, never ``$``: see
+  :func:`response_topic_refusal`), also on that topic with the correlation data echoed. Each answer has ``request_id``, ``device_id``, ``kind``, ``status``, ``final``, ``ts``.
   Statuses: ``accepted``, ``progress`` (not final); ``done``, ``rejected``, ``failed`` (final).
 * A request without a usable id (not UTF-8, not JSON, not an object, bad ``request_id``) is
   answered ``rejected`` with ``request_id: null`` on ``<prefix>/<device>/<kind>/_invalid``

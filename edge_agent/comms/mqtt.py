@@ -157,6 +157,7 @@ class MqttComms:
         self._stopping = False
         self._connected = threading.Event()
         self._info: Optional[bytes] = None
+        self._info_sent = False  # the current info reached the client (else stop() sends it)
         self._handlers: List[Tuple[str, str, CommandCallback]] = []  # (filter, name, callback)
         self._inflight: Set[int] = set()
         self._acked_early: Set[int] = set()  # on_publish fired before publish() recorded the mid
@@ -227,6 +228,10 @@ class MqttComms:
         if client is None:
             return
         if self._connected.is_set():
+            with self._lock:
+                final_info = None if self._info_sent else self._info
+            if final_info is not None:  # the last info (e.g. status "stopped") goes out before offline
+                client.publish(self.topic(INFO), final_info, qos=self.cfg.qos_state, retain=True)
             info = client.publish(self.topic(AVAILABILITY), OFFLINE, qos=self.cfg.qos_state, retain=True)
             try:
                 info.wait_for_publish(timeout)
@@ -317,8 +322,10 @@ class MqttComms:
         data = encode_payload(info)
         with self._lock:
             self._info = data
-        if self.connected:
-            self._publish(self.topic(INFO), data, self.cfg.qos_state, True, None)
+            self._info_sent = False
+        if self.connected and self._publish(self.topic(INFO), data, self.cfg.qos_state, True, None):
+            with self._lock:
+                self._info_sent = self._info is data
 
     def _publish(self, topic: str, data: bytes, qos: int, retain: bool,
                  props: Optional[Properties], client: Optional[paho.Client] = None) -> bool:
@@ -416,13 +423,15 @@ class MqttComms:
             if self._ever_connected:
                 self._counters["reconnects"] += 1
             self._ever_connected = True
+            self._counters["last_error"] = None  # last_error says why we are NOT connected
             info = self._info
             filters = sorted({f for f, _, _ in self._handlers})
         self._last_fail = ""
         log.info("MQTT connected to %s:%d (MQTT %s)", self.cfg.host, self.cfg.port, self.protocol)
         self._publish(self.topic(AVAILABILITY), ONLINE, self.cfg.qos_state, True, None, client)
-        if info is not None:
-            self._publish(self.topic(INFO), info, self.cfg.qos_state, True, None, client)
+        if info is not None and self._publish(self.topic(INFO), info, self.cfg.qos_state, True, None, client):
+            with self._lock:
+                self._info_sent = self._info is info
         if filters:
             client.subscribe([(f, COMMAND_QOS) for f in filters])
         self._connected.set()  # after online/info: they always precede the pipeline's messages

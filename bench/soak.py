@@ -9,10 +9,13 @@ masks, results and overlays published to a real mosquitto and drained by a subsc
 remote benchmark and a remote deployment (alternating between the dm1.0 and dm0.5 Coral models)
 every ``--command-every`` seconds through the fleet client. The agent's RSS, threads and open
 fds are sampled every second; after the warm-up (``--warmup-s``, default one full command cycle,
-at least 60 s and a fifth of the run) the least-squares RSS slope is printed in MB/h next to the target (< 5 MB/h).
+at least 60 s and a fifth of the run) the least-squares slope of the lowest RSS of each minute
+(`--window-s`) is printed in MB/h next to the target (< 5 MB/h), with the slope over all samples.
 
-A leak shows as a slope that does not depend on the run length; the high-water mark reached
-during warm-up (allocator arenas, the interpreter, a second model during a deployment) does not.
+The slope per 1000 frames is printed too: it does not depend on this machine's frame rate (the
+issue's leak was ~400 kB per 1000 frames). A leak shows as a slope that does not depend on the
+run length; the high-water mark reached during warm-up (allocator arenas, the interpreter, a
+second model during a deployment) does not.
 Exit status 1 when a mode misses the target, a command got no final answer, or the agent died.
 Results and the reading of them: docs/performance.md ("Soak").
 """
@@ -120,15 +123,31 @@ def after_warmup(samples: List[Tuple[float, float, int, int, int]], warmup: floa
     return [(t, r) for t, r, *_ in samples if t >= warmup]
 
 
-def slope_mb_per_h(points: List[Tuple[float, float]]) -> float:
-    """Least-squares slope of (seconds, MB) points, in MB per hour."""
+def window_minima(points: List[Tuple[float, float]], window_s: float) -> List[Tuple[float, float]]:
+    """The lowest RSS of each ``window_s`` window (at the window's middle): a remote benchmark's
+    second interpreter or a deployment's second model raise RSS for seconds and give it back,
+    which says nothing about a leak but swings a least-squares line over a short run."""
+    out: Dict[int, float] = {}
+    for t, r in points:
+        k = int(t // window_s)
+        out[k] = min(r, out.get(k, r))
+    return [((k + 0.5) * window_s, r) for k, r in sorted(out.items())]
+
+
+def per_frame(samples: List[Tuple[float, float, int, int, int]], warmup: float) -> List[Tuple[float, float]]:
+    """(frames, MB) after the warm-up: growth per frame, whatever the frame rate of this machine."""
+    return [(f, r) for t, r, _, _, f in samples if t >= warmup]
+
+
+def slope(points: List[Tuple[float, float]]) -> float:
+    """Least-squares slope of (x, y) points."""
     n = len(points)
     if n < 2:
         return float("nan")
-    mt = sum(t for t, _ in points) / n
-    mr = sum(r for _, r in points) / n
-    den = sum((t - mt) ** 2 for t, _ in points)
-    return 3600.0 * sum((t - mt) * (r - mr) for t, r in points) / den if den else float("nan")
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else float("nan")
 
 
 class Commands:
@@ -226,10 +245,14 @@ def run_mode(mode: str, args: argparse.Namespace, broker: MosquittoBroker, workd
         "fps": round(frames / duration, 1) if duration else None,
         "rss_start_mb": round(samples[0][1], 1), "rss_after_warmup_mb": round(after[0][1], 1) if after else None,
         "rss_end_mb": round(samples[-1][1], 1), "rss_max_mb": round(max(s[1] for s in samples), 1),
-        "slope_mb_h": round(slope_mb_per_h(after), 2),
+        "slope_mb_h": round(3600.0 * slope(window_minima(after, args.window_s)), 2),
+        "slope_all_samples_mb_h": round(3600.0 * slope(after), 2),
+        "kb_per_1000_frames": round(1e6 * slope(per_frame(samples, warmup)), 1),
         "threads": (samples[0][2], samples[-1][2]), "fds": (samples[0][3], samples[-1][3]),
         "commands": commands.results if commands else [], "messages": dict(drain.counts),
         "exit_code": code, "log": str(log_path),
+        "samples": [{"t": round(t, 1), "rss_mb": round(r, 2), "threads": th, "fds": fd, "frames": f}
+                    for t, r, th, fd, f in samples],
     }
 
 
@@ -240,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--modes", default="frame,interval", help="publish.timings modes to soak")
     parser.add_argument("--warmup-s", type=float, default=None, help="ignored for the slope (default: max(60 s, 5 command periods, 1/5 of the run))")
     parser.add_argument("--command-every", type=float, default=15.0, help="seconds between remote commands (0: none, to isolate the per-frame path)")
+    parser.add_argument("--window-s", type=float, default=60.0,
+                        help="the slope is fitted to the lowest RSS of each window of this length")
     parser.add_argument("--threads", type=int, default=1, help="model.threads of the agent")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -252,17 +277,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"soak {mode}: {args.minutes or '-'} min / {args.frames or '-'} frames", flush=True)
             result = run_mode(mode, args, broker, Path(tmp))
             results.append(result)
-            print(json.dumps({k: v for k, v in result.items() if k not in ("commands", "log")}), flush=True)
+            print(json.dumps({k: v for k, v in result.items() if k not in ("commands", "log", "samples")}),
+                  flush=True)
     ok = True
     print(f"\n{'mode':10} {'min':>5} {'frames':>8} {'fps':>6} {'RSS MB start/warm/end/max':>27} "
-          f"{'slope MB/h':>10}  commands (final answers)")
+          f"{'slope MB/h':>10} {'(all)':>7} {'kB/1000 fr':>10}  commands (final answers)")
     for r in results:
         finals = sum(1 for _, s in r["commands"] if s in ("done", "rejected", "failed"))
         good = r["slope_mb_h"] < TARGET_MB_H and finals == len(r["commands"]) and r["exit_code"] == 0
         ok = ok and good
         rss = f"{r['rss_start_mb']}/{r['rss_after_warmup_mb']}/{r['rss_end_mb']}/{r['rss_max_mb']}"
         print(f"{r['mode']:10} {r['duration_s'] / 60:5.1f} {r['frames']:8d} {r['fps']:6} {rss:>27} "
-              f"{r['slope_mb_h']:10.2f}  {finals}/{len(r['commands'])}  "
+              f"{r['slope_mb_h']:10.2f} {r['slope_all_samples_mb_h']:7.1f} {r['kb_per_1000_frames']:10.1f}  "
+              f"{finals}/{len(r['commands'])}  "
               f"{'ok' if good else 'FAIL'} (target < {TARGET_MB_H} MB/h)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.comms.commands import DEFAULT_REMEMBER
+from edge_agent.comms.commands import DEFAULT_REMEMBER, CommandChannel
+from edge_agent.comms.mqtt import MqttComms
 from edge_agent.config import MqttConfig
 from edge_agent.fleet.bench import command_params
 from edge_agent.fleet.client import FleetClient
@@ -118,6 +119,27 @@ def test_the_request_id_window_is_the_documented_one():
         text = DOC["channels"][channel]["description"]
         assert f"last {DEFAULT_REMEMBER} request ids" in " ".join(text.split()), channel
         assert "not kept across restarts" in " ".join(text.split()), channel
+
+
+@pytest.mark.broker
+def test_the_request_id_window_behaves_as_documented(mosquitto):
+    """Within the last DEFAULT_REMEMBER ids a retransmission is never run again; beyond, it is."""
+    broker = mosquitto()
+    comms = MqttComms(MqttConfig(host="127.0.0.1", port=broker.port), "win-1")
+    comms.start()
+    try:
+        assert comms.wait_connected(10)
+        channel = CommandChannel(lambda: comms, "models", {})
+        topic = f"{PREFIX}/win-1/cmd/models"
+        assert channel.receive(topic, b'{"request_id":"first"}') is not None
+        for i in range(DEFAULT_REMEMBER - 1):  # "first" is still the oldest of the window
+            assert channel.receive(topic, b'{"request_id":"n%d"}' % i) is not None
+        assert channel.receive(topic, b'{"request_id":"first"}') is None  # a retransmission: not run
+        assert channel.receive(topic, b'{"request_id":"one-more"}') is not None  # pushes "first" out
+        assert channel.receive(topic, b'{"request_id":"first"}') is not None  # documented: run again
+        assert channel.stats()["duplicates"] == 1
+    finally:
+        comms.stop()
 
 
 @pytest.mark.broker

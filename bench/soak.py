@@ -34,9 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# run as a script, bench/ is on sys.path; importing perf also puts the repository there
+from perf import LABELS, MODEL_FILES, REPO
 
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
@@ -47,11 +46,7 @@ from edge_agent.fleet.bench import command_params  # noqa: E402
 from edge_agent.fleet.client import FleetClient  # noqa: E402
 from edge_agent.fleet.deploy import deploy, deploy_params  # noqa: E402
 
-SHARED = (REPO / ".." / "shared" / "test_data").resolve()
-MODELS = SHARED / "models"
-LABELS = MODELS / "pascal_voc_segmentation_labels.txt"
-DM05 = MODELS / "deeplabv3_mnv2_dm05_pascal_quant.tflite"
-DM10 = MODELS / "deeplabv3_mnv2_pascal_quant.tflite"
+DM05, DM10 = MODEL_FILES["dm0.5"], MODEL_FILES["dm1.0"]
 DEVICE = "soak"
 PREFIX = "edge-agent"
 TARGET_MB_H = 5.0

@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar
 
 from tests.data import DM05, LABELS
 
@@ -43,6 +44,21 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll_s)
+
+
+@contextmanager
+def connected_comms(port: int, device: str, **mqtt: Any) -> Iterator[Any]:
+    """A real ``MqttComms`` for ``device`` connected to the loopback broker on ``port``; stopped after."""
+    from edge_agent.comms.mqtt import MqttComms
+    from edge_agent.config import MqttConfig
+
+    comms = MqttComms(MqttConfig(host="127.0.0.1", port=port, **mqtt), device)
+    comms.start()
+    try:
+        assert comms.wait_connected(10), f"{device}: not connected to 127.0.0.1:{port}"
+        yield comms
+    finally:
+        comms.stop()
 
 
 # -- the agent as a real process --------------------------------------------------------------------

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from edge_agent.comms.commands import DEFAULT_REMEMBER, CommandChannel
-from edge_agent.comms.mqtt import MqttComms
 from edge_agent.config import MqttConfig
 from edge_agent.fleet.bench import command_params
 from edge_agent.fleet.client import FleetClient
@@ -30,7 +29,7 @@ from edge_agent.fleet.deploy import deploy, deploy_params
 from edge_agent.models.store import ModelStore
 from tests.broker import Recorder
 from tests.data import DM05, DM10, IMAGES
-from tests.helpers import stop_agent, stop_agent_when_done, wait_until, write_config
+from tests.helpers import connected_comms, stop_agent, stop_agent_when_done, wait_until, write_config
 
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
@@ -124,11 +123,7 @@ def test_the_request_id_window_is_the_documented_one():
 @pytest.mark.broker
 def test_the_request_id_window_behaves_as_documented(mosquitto):
     """Within the last DEFAULT_REMEMBER ids a retransmission is never run again; beyond, it is."""
-    broker = mosquitto()
-    comms = MqttComms(MqttConfig(host="127.0.0.1", port=broker.port), "win-1")
-    comms.start()
-    try:
-        assert comms.wait_connected(10)
+    with connected_comms(mosquitto().port, "win-1") as comms:
         channel = CommandChannel(lambda: comms, "models", {})
         topic = f"{PREFIX}/win-1/cmd/models"
         assert channel.receive(topic, b'{"request_id":"first"}') is not None
@@ -138,8 +133,6 @@ def test_the_request_id_window_behaves_as_documented(mosquitto):
         assert channel.receive(topic, b'{"request_id":"one-more"}') is not None  # pushes "first" out
         assert channel.receive(topic, b'{"request_id":"first"}') is not None  # documented: run again
         assert channel.stats()["duplicates"] == 1
-    finally:
-        comms.stop()
 
 
 @pytest.mark.broker

@@ -256,8 +256,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0, help="per mode (0: until --frames)")
     parser.add_argument("--frames", type=int, default=0, help="stop a mode after this many frames (0: no limit)")
     parser.add_argument("--modes", default="frame,interval", help="publish.timings modes to soak")
-    parser.add_argument("--warmup-s", type=float, default=None, help="ignored for the slope (default: max(60 s, 5 command periods, 1/5 of the run))")
-    parser.add_argument("--command-every", type=float, default=15.0, help="seconds between remote commands (0: none, to isolate the per-frame path)")
+    parser.add_argument("--warmup-s", type=float, default=None,
+                        help="ignored for the slope (default: max(60 s, 5 command periods, 1/5 of the run))")
+    parser.add_argument("--command-every", type=float, default=15.0,
+                        help="seconds between remote commands (0: none, to isolate the per-frame path)")
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="the slope is fitted to the lowest RSS of each window of this length")
     parser.add_argument("--threads", type=int, default=1, help="model.threads of the agent")

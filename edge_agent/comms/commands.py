@@ -22,7 +22,8 @@ Wire protocol (documented in docs/asyncapi.yaml):
 * Answers: JSON objects on ``<prefix>/<device>/<kind>/<request_id>`` (QoS 1, not retained) and,
   when the request carried an MQTT 5 response topic the agent may publish to (its own
   ``<prefix>/<device>/<kind>/...`` or ``mqtt.response_topic_prefixes``, never ``$``: see
-  :func:`response_topic_refusal`), also on that topic with the correlation data echoed. Each answer has ``request_id``, ``device_id``, ``kind``, ``status``, ``final``, ``ts``.
+  :func:`response_topic_refusal`), also on that topic with the correlation data echoed. Each
+  answer has ``request_id``, ``device_id``, ``kind``, ``status``, ``final``, ``ts``.
   Statuses: ``accepted``, ``progress`` (not final); ``done``, ``rejected``, ``failed`` (final).
 * A request without a usable id (not UTF-8, not JSON, not an object, bad ``request_id``) is
   answered ``rejected`` with ``request_id: null`` on ``<prefix>/<device>/<kind>/_invalid``

@@ -70,6 +70,8 @@ PATH = Str(expected="path")
 POS_FLOAT = Float(lo=0.0)
 NAME = Str(r"[A-Za-z0-9_-]*", "string of letters, digits, '_' or '-'")
 TOPIC_PREFIX = Str(r"[^#+/\x00]+(/[^#+/\x00]+)*", "MQTT topic without wildcards or leading/trailing '/'")
+REPLY_PREFIXES = StrList(Str(r"[^#+/\x00$][^#+/\x00]*(/[^#+/\x00]+)*",
+                             "MQTT topics without wildcards, a leading '$' or leading/trailing '/'"))
 EDGETPU = Str(r"|usb(:\d+)?|pci(:\d+)?|:\d+", "'' or usb, usb:N, pci, pci:N, :N")
 QOS = Int(0, 2)
 _NUM = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
@@ -161,6 +163,8 @@ class MqttConfig:
     reconnect_min_s: float = opt(1.0, Float(lo=0.01))
     reconnect_max_s: float = opt(30.0, Float(lo=0.01))
     max_queued_messages: int = opt(100, Int(1))
+    # MQTT 5 response topics the agent may answer on besides its own <prefix>/<device>/<kind>/...
+    response_topic_prefixes: Tuple[str, ...] = opt((), REPLY_PREFIXES)
 
 
 @dataclass(frozen=True)

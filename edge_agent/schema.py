@@ -157,7 +157,8 @@ class Str(Field):
 
 
 class StrList(Field):
-    """A list of strings each accepted by ``item``; as override text (env, --set): comma-separated."""
+    """A list of strings each accepted by ``item`` (a TOML array; comma-separated in override
+    text); kept as a tuple so that frozen configs stay hashable."""
 
     def __init__(self, item: Str, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from tests.data import DM05, LABELS
 
@@ -44,6 +45,21 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll_s)
+
+
+@contextmanager
+def connected_comms(port: int, device: str, **mqtt: Any) -> Iterator[Any]:
+    """A real ``MqttComms`` for ``device`` connected to the loopback broker on ``port``; stopped after."""
+    from edge_agent.comms.mqtt import MqttComms
+    from edge_agent.config import MqttConfig
+
+    comms = MqttComms(MqttConfig(host="127.0.0.1", port=port, **mqtt), device)
+    comms.start()
+    try:
+        assert comms.wait_connected(10), f"{device}: not connected to 127.0.0.1:{port}"
+        yield comms
+    finally:
+        comms.stop()
 
 
 # -- the agent as a real process --------------------------------------------------------------------
@@ -103,7 +119,7 @@ def write_clip(path: Path, frames: int, colors: Sequence[Tuple[int, int, int]], 
 
 
 def stop_agent(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
-    """Signal the agent (if still running), wait up to 20 s (then SIGKILL); its output."""
+    """Signal the agent (if still running), wait up to 20 s (then SIGKILL); its output (if piped)."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
@@ -111,7 +127,7 @@ def stop_agent(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-    return out.decode(errors="replace")
+    return (out or b"").decode(errors="replace")  # b"" when stdout went to a file
 
 
 def stop_agent_when_done(proc: subprocess.Popen, timeout: float = 60) -> str:
@@ -120,7 +136,7 @@ def stop_agent_when_done(proc: subprocess.Popen, timeout: float = 60) -> str:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         return stop_agent(proc)
-    return out.decode(errors="replace")
+    return (out or b"").decode(errors="replace")
 
 
 # -- the console and a real headless browser --------------------------------------------------------

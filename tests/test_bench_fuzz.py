@@ -138,6 +138,7 @@ def test_fuzz_command_topics_of_a_running_agent(mosquitto, tmp_path: Path):
     config = write_config(tmp_path / "agent.toml", DEVICE, broker.port,
                           {"kind": "synthetic", "fps": 4.0, "width": 160, "height": 120},
                           publish={"stats_interval_s": 60.0, "timings_interval_s": 60.0},
+                          mqtt={"response_topic_prefixes": ["fuzz-replies"]},
                           benchmark={"max_runs": MAX_RUNS, "max_seconds": 10.0})
     log = (tmp_path / "agent.log").open("wb")
     # stdout to a file, not a pipe nobody reads during the storm: logging must never block the agent

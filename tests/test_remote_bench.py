@@ -100,7 +100,8 @@ def test_request_ids_and_defaults():
 @pytest.mark.broker
 def test_channel_one_final_answer_duplicates_and_response_topic(mosquitto):
     broker = mosquitto()
-    comms = MqttComms(MqttConfig(host="127.0.0.1", port=broker.port), "unit")
+    comms = MqttComms(MqttConfig(host="127.0.0.1", port=broker.port, response_topic_prefixes=("replies",)),
+                      "unit")
     comms.start()
     rec = Recorder("127.0.0.1", broker.port, "#")
     try:
@@ -318,7 +319,8 @@ def test_queue_busy_duplicates_mqtt5_pause_models_and_offline(mosquitto, tmp_pat
     # pi-q's model store (its state dir, as write_config sets it) holds dm05 under another name
     ModelStore.open(str(tmp_path / "pi-q" / "state")).adopt(str(DM05), {"name": "dm05-stored"})
     config = write_config(tmp_path / "pi-q" / "agent.toml", "pi-q", broker.port,
-                          {"kind": "synthetic", "fps": 2.0, "width": 320, "height": 240})
+                          {"kind": "synthetic", "fps": 2.0, "width": 320, "height": 240},
+                          mqtt={"response_topic_prefixes": ["replies"]})
     procs["pi-q"] = start_agent(config)
     cmd = f"{PREFIX}/pi-q/cmd/benchmark"
     try:

@@ -11,15 +11,19 @@ MQTT messages; the channel parses and validates them, refuses bad ones itself, a
   ``max_bytes``, invalid UTF-8, nesting deeper than Python's recursion limit.
 * Every request gets exactly ONE final answer. MQTT QoS 1 delivers at least once, so a request id
   seen before (on this device, within the last ``remember`` ids) is a retransmission: it is never
-  run twice and never answered a second time on the request's topic (see :meth:`receive`).
+  run twice and never answered a second time on the request's topic (see :meth:`receive`). The
+  window is a count, in memory (documented in the protocol; not persisted): its memory is bounded
+  whatever a flood of requests does, and requesters use a new id per request.
 
 Wire protocol (documented in docs/asyncapi.yaml):
 
 * Request: a JSON object on ``<prefix>/<device>/cmd/<name>`` or ``<prefix>/all/cmd/<name>`` with
   ``request_id`` (``[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}``) and the command's own fields.
 * Answers: JSON objects on ``<prefix>/<device>/<kind>/<request_id>`` (QoS 1, not retained) and,
-  when the request carried an MQTT 5 response topic, also on that topic with the correlation data
-  echoed. Each answer has ``request_id``, ``device_id``, ``kind``, ``status``, ``final``, ``ts``.
+  when the request carried an MQTT 5 response topic the agent may publish to (its own
+  ``<prefix>/<device>/<kind>/...`` or ``mqtt.response_topic_prefixes``, never ``$``: see
+  :func:`response_topic_refusal`), also on that topic with the correlation data echoed. Each
+  answer has ``request_id``, ``device_id``, ``kind``, ``status``, ``final``, ``ts``.
   Statuses: ``accepted``, ``progress`` (not final); ``done``, ``rejected``, ``failed`` (final).
 * A request without a usable id (not UTF-8, not JSON, not an object, bad ``request_id``) is
   answered ``rejected`` with ``request_id: null`` on ``<prefix>/<device>/<kind>/_invalid``
@@ -40,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Mapping, Optional, Sequence, Tuple
 
+from edge_agent.output.throttle import Throttle
 from edge_agent.schema import Bool, Choice, Field, Float, Int, Invalid, Str, range_text
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,7 @@ DEFAULT_REMEMBER = 1024
 REPLY_RETRY_S = 30.0
 MAX_INT_DIGITS = 18
 OUTBOX_LIMIT = 10000
+REFUSAL_LOG_S = 60.0  # refused response topics: one WARNING line per minute, the rest at DEBUG
 
 FINAL_STATUSES = ("done", "rejected", "failed")
 STATUSES = ("accepted", "progress") + FINAL_STATUSES
@@ -276,13 +282,26 @@ class Outbox:
             delay = min(delay * 2, 0.5)
 
 
-def _valid_response_topic(topic: Any) -> Optional[str]:
-    """An MQTT 5 response topic we may publish to (no wildcards, not empty, not absurdly long)."""
-    if not isinstance(topic, str) or not topic or len(topic) > 512:
-        return None
-    if "+" in topic or "#" in topic or "\x00" in topic or topic.startswith("/") or topic.endswith("/"):
-        return None
-    return topic
+def response_topic_refusal(topic: Any, own: Optional[str], allowed: Sequence[str]) -> Optional[str]:
+    """Why the agent will not publish to this MQTT 5 response topic; None when it may.
+
+    A request names its response topic itself, so it is honoured only inside the agent's own
+    reply namespace ``own`` (``<prefix>/<device>/<kind>``: ``own/...``) or under a prefix of
+    ``mqtt.response_topic_prefixes``; ``$`` topics never (brokers reserve them: mosquitto drops
+    a client publishing there). Anything else would let any sender make the device publish onto
+    another device's topics or get it disconnected.
+    """
+    if not isinstance(topic, str) or not topic:
+        return "not a topic"
+    if len(topic) > 512 or "+" in topic or "#" in topic or "\x00" in topic \
+            or topic.startswith("/") or topic.endswith("/"):
+        return "not a valid topic to publish to"
+    if topic.startswith("$"):
+        return "'$' topics are reserved for the broker"
+    for prefix in ([own] if own else []) + list(allowed):
+        if topic.startswith(prefix + "/"):
+            return None
+    return "outside the agent's reply namespace"
 
 
 class Request:
@@ -371,7 +390,9 @@ class CommandChannel:
             self._lock = threading.Lock()
         self.outbox = Outbox(comms_getter, f"cmd-{kind}")
         self.counters: Dict[str, int] = {"received": 0, "invalid": 0, "duplicates": 0,
-                                         "accepted": 0, "done": 0, "rejected": 0, "failed": 0}
+                                         "accepted": 0, "done": 0, "rejected": 0, "failed": 0,
+                                         "response_topic_refused": 0}
+        self._refusal_log = Throttle(REFUSAL_LOG_S)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def count(self, key: str) -> None:
@@ -406,10 +427,12 @@ class CommandChannel:
         self.count("received")
         props = props or {}
         response: Optional[Tuple[str, Optional[bytes]]] = None
-        rtopic = _valid_response_topic(props.get("response_topic"))
+        rtopic = props.get("response_topic")
         if rtopic is not None:
-            cdata = props.get("correlation_data")
-            response = (rtopic, bytes(cdata) if isinstance(cdata, (bytes, bytearray)) else None)
+            refused = self._refuse_response_topic(rtopic)
+            if refused is None:
+                cdata = props.get("correlation_data")
+                response = (rtopic, bytes(cdata) if isinstance(cdata, (bytes, bytearray)) else None)
         try:
             doc = decode_json(payload, self.max_bytes)
         except RequestError as exc:
@@ -446,6 +469,26 @@ class CommandChannel:
             request.reject(str(exc))
             return None
         return Request(self, rid, params, topic, response)
+
+    def reply_namespace(self) -> Tuple[Optional[str], Tuple[str, ...]]:
+        """The agent's own answer topics for this kind and the configured extra reply prefixes."""
+        comms = self._comms()
+        topic = getattr(comms, "topic", None)
+        own = topic(self.kind) if callable(topic) else None
+        allowed = getattr(getattr(comms, "cfg", None), "response_topic_prefixes", ()) or ()
+        return own, tuple(allowed)
+
+    def _refuse_response_topic(self, rtopic: Any) -> Optional[str]:
+        """None if answers may go to ``rtopic``; else counted, logged (rate limited), the reason."""
+        own, allowed = self.reply_namespace()
+        refused = response_topic_refusal(rtopic, own, allowed)
+        if refused is not None:
+            self.count("response_topic_refused")
+            level = logging.WARNING if self._refusal_log.ready() else logging.DEBUG
+            log.log(level, "%s: response topic %s refused (%s): answered on %s/<request id> only; "
+                    "allow a prefix with mqtt.response_topic_prefixes (%d refused so far)", self.kind,
+                    _show(rtopic), refused, own, self.counters["response_topic_refused"])
+        return refused
 
     def _reject_invalid(self, reason: str, response: Optional[Tuple[str, Optional[bytes]]]) -> None:
         self.count("invalid")

@@ -559,6 +559,7 @@ class MqttComms:
             on_message=self._on_message, on_publish=self._on_publish, connack_timeout_s=connack_timeout_s)
         self._connected = self._conn.connected
         self._info: Optional[bytes] = None
+        self._info_sent = False  # the current info reached the client (else stop() sends it)
         self._handlers: List[Tuple[str, str, CommandCallback]] = []  # (filter, name, callback)
         self._listeners: List[Tuple[str, ListenerCallback]] = []  # non-command subscriptions
         self._on_connected: List[Callable[[], None]] = []
@@ -621,6 +622,10 @@ class MqttComms:
     def stop(self, timeout: float = STOP_FLUSH_TIMEOUT_S) -> None:
         """Publish retained ``offline``, disconnect cleanly (no Last Will) and join paho's thread."""
         def offline(client: paho.Client) -> None:
+            with self._lock:
+                final_info = None if self._info_sent else self._info
+            if final_info is not None:  # the last info (e.g. status "stopped") goes out before offline
+                client.publish(self.topic(INFO), final_info, qos=self.cfg.qos_state, retain=True)
             info = client.publish(self.topic(AVAILABILITY), OFFLINE, qos=self.cfg.qos_state, retain=True)
             try:
                 info.wait_for_publish(timeout)
@@ -648,8 +653,13 @@ class MqttComms:
 
     def reply(self, topic: str, payload: Payload, correlation_data: Optional[bytes] = None,
               qos: int = COMMAND_QOS) -> bool:
-        """Answer a command on its MQTT 5 response topic, echoing the correlation data."""
+        """Answer a command on its MQTT 5 response topic, echoing the correlation data.
+
+        Which response topics are acceptable is the command channel's decision
+        (``commands.response_topic_refusal``); ``$`` topics are refused here as well."""
         _check_topic_part(topic, "reply topic")
+        if topic.startswith("$"):
+            raise ValueError(f"invalid reply topic {topic!r}: '$' topics are the broker's")
         props = None
         if correlation_data is not None and self._conn.is_mqtt5:
             props = Properties(PacketTypes.PUBLISH)
@@ -661,8 +671,10 @@ class MqttComms:
         data = encode_payload(info)
         with self._lock:
             self._info = data
-        if self.connected:
-            self._publish(self.topic(INFO), data, self.cfg.qos_state, True, None)
+            self._info_sent = False
+        if self.connected and self._publish(self.topic(INFO), data, self.cfg.qos_state, True, None):
+            with self._lock:
+                self._info_sent = self._info is data
 
     def publish_topic(self, topic: str, payload: Payload, qos: int = 1, retain: bool = False) -> bool:
         """Publish on a full topic outside ``<prefix>/<device_id>/``; never blocks, False if dropped.
@@ -765,13 +777,15 @@ class MqttComms:
             if self._ever_connected:
                 self._counters["reconnects"] += 1
             self._ever_connected = True
+            self._counters["last_error"] = None  # last_error says why we are NOT connected
             info = self._info
             filters = sorted({f for f, _, _ in self._handlers} | {f for f, _ in self._listeners})
             connected_callbacks = list(self._on_connected)
             self._session = True  # a handler added from now on subscribes itself
         self._publish(self.topic(AVAILABILITY), ONLINE, self.cfg.qos_state, True, None, client)
-        if info is not None:
-            self._publish(self.topic(INFO), info, self.cfg.qos_state, True, None, client)
+        if info is not None and self._publish(self.topic(INFO), info, self.cfg.qos_state, True, None, client):
+            with self._lock:
+                self._info_sent = self._info is info
         if filters:
             client.subscribe([(f, COMMAND_QOS) for f in filters])
         # Connected from here on (the connection sets the same event after this hook returns):

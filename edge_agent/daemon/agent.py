@@ -99,6 +99,7 @@ class Agent:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._ready_sent = False
+        self._stopped = False  # after a clean stop: info says "stopped"
         self._started_at = time.time()
         # Model load and the first frame may take long on a Pi Zero: ping during a grace period.
         self.watchdog = sdnotify.Watchdog(startup_grace_s=STARTUP_GRACE_S)
@@ -160,6 +161,8 @@ class Agent:
                 log.info("pipeline totals: %s", self.pipeline.stats())
             self.stop_pipeline()
             self.watchdog.stop()
+            self._stopped = True
+            self.publish_info()  # the retained info says "stopped" (before the comms' offline)
             self.comms.stop()
         return self.exit_code
 
@@ -216,9 +219,11 @@ class Agent:
         settings.lossless = self.config.source.fps == 0 and not source.live
         self.pipeline = Pipeline(source, segmenter, self.comms, settings, on_first_frame=self._notify_ready,
                                  extra_stats=lambda: {"mqtt": self.comms.stats()})
-        self.publish_info()
+        info = self.info()
+        self.comms.set_info(info)
         self.pipeline.start()
-        log.info("running %s on %s with %s", segmenter.model.file.name,
+        # the model's name as info shows it (the store's name: a stored file is <sha256>.tflite)
+        log.info("running %s (%s) on %s with %s", info["model"]["name"], info["model"]["sha256"][:12],
                  getattr(source, "name", self.config.source.kind), segmenter.describe_runtime())
         if _source_state(source) == "down":
             self._notify_ready()  # up and retrying the source: STATUS says so, the watchdog is fed
@@ -267,7 +272,7 @@ class Agent:
             "agent_version": __version__,
             "device_id": self.config.agent.device_id,
             "started_at": round(self._started_at, 3),
-            "status": "running" if self.pipeline is not None else "error",
+            "status": "stopped" if self._stopped else "running" if self.pipeline is not None else "error",
             "error": self.error,
             "source": {"kind": self.config.source.kind, "uri": self.config.source.uri},
             "host": system.host_info(),

@@ -67,7 +67,11 @@ class Telemetry:
         self._fps_frames += 1
 
     def frame_done(self, seq: int, timings: Dict[str, float]) -> None:
-        """A frame was published: into the window, and out at once with ``timings = "frame"``."""
+        """A frame was published: into the window, and out at once with ``timings = "frame"``.
+
+        In "frame" mode the window is summarised only at the end of a finite source, so it may
+        see millions of frames: :class:`StageWindow` is bounded by construction (a reservoir),
+        and nothing else here grows per frame (tests/test_telemetry.py proves it)."""
         self._window.add(timings)
         if self.timings_mode == "frame":
             doc = {"seq": seq, "ms": {k: round(v, 3) for k, v in timings.items()}}

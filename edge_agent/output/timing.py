@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Dict, Iterable, List, Sequence
 
 
@@ -39,22 +40,68 @@ def summarize(values: Iterable[float]) -> Dict[str, float]:
 
 
 class StageWindow:
-    """Collects per-stage milliseconds over an interval; ``flush()`` returns the summary."""
+    """Per-stage milliseconds over an interval; ``flush()`` returns the summary.
 
-    def __init__(self) -> None:
-        self._values: Dict[str, List[float]] = {}
+    Bounded by construction, however long nobody flushes (``publish.timings = "frame"`` runs
+    for months between two summaries): count, mean and max are exact, the percentiles come from
+    a uniform reservoir of at most ``max_samples`` values per stage (exact until it fills), and
+    at most ``max_stages`` stage names are kept (the vocabulary has 8).
+    """
+
+    def __init__(self, max_samples: int = 2048, max_stages: int = 16, seed: int = 0) -> None:
+        self.max_samples = max_samples
+        self.max_stages = max_stages
+        self._random = random.Random(seed)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._stages: Dict[str, _StageStats] = {}
         self.frames = 0
 
     def add(self, timings: Dict[str, float]) -> None:
         self.frames += 1
         for stage, ms in timings.items():
-            self._values.setdefault(stage, []).append(ms)
+            stats = self._stages.get(stage)
+            if stats is None:
+                if len(self._stages) >= self.max_stages:
+                    continue
+                stats = self._stages[stage] = _StageStats(self.max_samples)
+            stats.add(float(ms), self._random)
+
+    def sizes(self) -> Dict[str, int]:
+        """Values held per stage (what the bound is about)."""
+        return {stage: len(s.sample) for stage, s in self._stages.items()}
 
     def flush(self) -> Dict[str, Dict[str, float]]:
         out = {}
-        for stage, values in self._values.items():
-            s = summarize(values)
-            out[stage] = {k: round(s[k], 3) for k in ("mean", "p50", "p90", "max")}
-        self._values = {}
-        self.frames = 0
+        for stage, s in self._stages.items():
+            data = sorted(s.sample)
+            out[stage] = {"mean": round(s.total / s.count, 3), "p50": round(percentile(data, 50), 3),
+                          "p90": round(percentile(data, 90), 3), "max": round(s.max, 3)}
+        self._reset()
         return out
+
+
+class _StageStats:
+    """Exact count/sum/max and a reservoir sample (Vitter's algorithm R) of one stage."""
+
+    __slots__ = ("capacity", "count", "total", "max", "sample")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.count = 0
+        self.total = 0.0
+        self.max = float("-inf")
+        self.sample: List[float] = []
+
+    def add(self, ms: float, rng: random.Random) -> None:
+        self.count += 1
+        self.total += ms
+        if ms > self.max:
+            self.max = ms
+        if len(self.sample) < self.capacity:
+            self.sample.append(ms)
+        else:
+            slot = rng.randrange(self.count)
+            if slot < self.capacity:
+                self.sample[slot] = ms

@@ -22,7 +22,7 @@ from edge_agent.cli.segment import add_runtime_option
 from edge_agent.config import load_config
 from edge_agent.errors import EdgeAgentError
 from edge_agent.output.encode import decode_mask_png
-from edge_agent.sources.folder import list_images, read_rgb
+from edge_agent.sources.images import list_images, read_rgb
 
 log = logging.getLogger(__name__)
 

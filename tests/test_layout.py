@@ -58,3 +58,15 @@ def test_wheel_top_level_packages_are_edge_agent_only(tmp_path):
     for data in ("manifest.json", "edge-agent.service", "config.example.toml"):
         assert f"edge_agent/data/{data}" in names
     assert "edge_agent_host/ptq.py" in names
+
+
+def test_every_module_imports_and_the_cli_builds():
+    """A stale import anywhere (a name moved to another module) breaks every command at start."""
+    code = ("import importlib, pkgutil, edge_agent\n"
+            "for m in pkgutil.walk_packages(edge_agent.__path__, 'edge_agent.'):\n"
+            "    if not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n"
+            "from edge_agent.cli import build_parser\n"
+            "build_parser()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr

@@ -27,6 +27,7 @@ from edge_agent.fleet.bench import command_params
 from edge_agent.fleet.client import FleetClient
 from edge_agent.fleet.deploy import deploy, deploy_params
 from edge_agent.models.store import ModelStore
+from edge_agent.output.encode import decode_mask_png, png_palette
 from tests.broker import Recorder
 from tests.data import DM05, DM10, IMAGES
 from tests.helpers import connected_comms, stop_agent, stop_agent_when_done, wait_until, write_config
@@ -70,8 +71,8 @@ def check_message(device: str, topic: str, payload: bytes) -> str:
     suffix = topic[len(f"{PREFIX}/{device}/"):]
     kind = suffix.split("/", 1)[0]
     if kind == "mask":
-        mask = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_UNCHANGED)
-        assert mask is not None and mask.ndim == 2 and mask.dtype == np.uint8, topic
+        mask = decode_mask_png(payload)  # the documented format: a palette PNG of the class ids
+        assert mask.ndim == 2 and mask.dtype == np.uint8 and png_palette(payload) is not None, topic
         return "mask"
     if kind == "overlay":
         assert payload.startswith(b"\xff\xd8"), topic

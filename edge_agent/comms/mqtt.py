@@ -431,6 +431,7 @@ class MqttConnection:
             return
         self.failures = 0
         self.diagnosis = None
+        self.last_error = None  # connected: stats say so (the last failure is in the log)
         self._failure_log.reset()
         if self._provisional:
             self._provisional_in_a_row += 1
@@ -474,6 +475,11 @@ class MqttConnection:
         text = f"broker {self.endpoint} closed the connection before CONNACK"
         if error:
             text += f" ({error})"
+        if diagnosis is None and self.cfg.tls and not self.cfg.cert_file:
+            # A TLS broker that wants a client certificate hangs up after the handshake; the alert
+            # saying so is not always read before the close (TLS 1.3): never blame the protocol then.
+            diagnosis = ("the broker requires a client certificate: set mqtt.cert_file and mqtt.key_file "
+                         "(or the broker is restarting or at its connection limit)")
         if diagnosis is None:  # only now is the protocol a suspect
             self._closed_before_connack += 1
             if should_fall_back(self.cfg.protocol, self._protocol, closed_before_connack=self._closed_before_connack):

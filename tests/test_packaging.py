@@ -222,8 +222,40 @@ VARIABLE_CHECKS = {
 }
 
 
+def check_mqtt_port(tmp_path):
+    shown = cli("config", "show", "--format", "json", env={"EDGE_AGENT_MQTT_PORT": "18830"})
+    assert json.loads(shown.stdout)["mqtt"]["port"] == 18830
+    assert "mqtt.port: expected integer" in refused_in_one_line(cli("config", "check", env={"EDGE_AGENT_MQTT_PORT": "x"}))
+
+
+def check_source_uri(tmp_path):
+    shown = cli("config", "show", "--format", "json", env={"EDGE_AGENT_SOURCE_URI": str(tmp_path)})
+    assert json.loads(shown.stdout)["source"]["uri"] == str(tmp_path)
+
+
+VARIABLE_CHECKS.update({
+    "EDGE_AGENT_MQTT_PORT": check_mqtt_port,
+    "EDGE_AGENT_SOURCE_URI": check_source_uri,
+})
+
+# Variables of the test tooling, not of the product: each must be read by the file named here (a
+# README that names a variable nothing reads fails).
+TOOLING_VARIABLES = {
+    "EDGE_AGENT_SKIP_ARM64": ".ci/run",
+    "EDGE_AGENT_TEST_PYTHON313": "tests/test_installed.py",  # EDGE_AGENT_TEST_PYTHON<MAJ><MIN>
+}
+
+
 def test_every_variable_the_readme_names_has_a_check():
-    assert set(_readme_variables()) <= set(VARIABLE_CHECKS), set(_readme_variables()) - set(VARIABLE_CHECKS)
+    named = set(_readme_variables())
+    assert named <= set(VARIABLE_CHECKS) | set(TOOLING_VARIABLES), named - set(VARIABLE_CHECKS) - set(TOOLING_VARIABLES)
+
+
+def test_tooling_variables_are_read_where_the_readme_says():
+    for name, path in TOOLING_VARIABLES.items():
+        text = (REPO / path).read_text()
+        stem = "EDGE_AGENT_TEST_PYTHON" if name.startswith("EDGE_AGENT_TEST_PYTHON") else name
+        assert stem in text, (name, path)
 
 
 @pytest.mark.parametrize("name", sorted(VARIABLE_CHECKS))

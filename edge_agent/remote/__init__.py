@@ -6,7 +6,7 @@ from edge_agent.remote.deploy import Deployer
 from edge_agent.remote.presence import Presence
 
 HANDLERS: HandlerTable = {
-    "benchmark": RemoteBench.create,
+    "benchmark": RemoteBench,
     "deploy": Deployer.create,
-    "presence": Presence.create,
+    "presence": Presence,
 }

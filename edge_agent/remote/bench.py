@@ -38,14 +38,14 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from edge_agent.comms.commands import (BoolField, ChoiceField, CommandChannel, FloatField, IntField, Request,
                                        Schema, StrField)
 from edge_agent.daemon import benchmark as bench
 from edge_agent.errors import EdgeAgentError
 from edge_agent.output.throttle import Throttle
-from edge_agent.remote.context import HandlerContext, Route
+from edge_agent.remote.context import HandlerContext, OneCommandHandler
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,13 @@ class _Progress:
         self.request.progress(phase=phase, done=done, total=total)
 
 
-class RemoteBench:
+class RemoteBench(OneCommandHandler):
     """Queue, workers and pause bookkeeping for remote benchmarks on one agent."""
 
+    command = COMMAND
+
     def __init__(self, ctx: HandlerContext) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         limits = ctx.config().benchmark
         self.limits = limits
         self.channel = CommandChannel(ctx.comms, KIND, request_schema(limits), MAX_BYTES)
@@ -119,16 +121,6 @@ class RemoteBench:
         self._pause_lock = threading.Lock()
         self._pausers = 0
         self._stopping: Optional[str] = None
-
-    @classmethod
-    def create(cls, ctx: HandlerContext) -> "RemoteBench":
-        return cls(ctx)
-
-    def routes(self) -> Iterable[Route]:
-        return [Route(COMMAND, self.on_message)]
-
-    def info(self, doc: Dict[str, Any]) -> Dict[str, Any]:
-        return doc
 
     # -- receiving (paho's network thread: parse, decide, queue; never run anything here) ----
     def on_message(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:

@@ -61,5 +61,25 @@ class CommandHandler(Protocol):
         """Stop taking work and get every final answer out (called before the comms stop)."""
 
 
+class OneCommandHandler:
+    """A handler of one command, ``cmd/<command>`` routed to ``on_message``, adding no info fields.
+
+    The class itself is its table factory (``HANDLERS[name] = TheClass``)."""
+
+    command = ""
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> Iterable[Route]:
+        return [Route(self.command, self.on_message)]
+
+    def info(self, doc: Dict[str, Any]) -> Dict[str, Any]:
+        return doc
+
+    def on_message(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
 # name -> factory; a factory returns None when the handler cannot run (e.g. no model store)
 HandlerTable = Mapping[str, Callable[[HandlerContext], Optional[CommandHandler]]]

@@ -10,10 +10,10 @@ and ``online: true``. :meth:`edge_agent.fleet.client.FleetClient.discover` merge
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable
+from typing import Any, Dict
 
 from edge_agent.comms.commands import CommandChannel, Schema
-from edge_agent.remote.context import HandlerContext, Route
+from edge_agent.remote.context import HandlerContext, OneCommandHandler
 
 COMMAND = "presence"
 KIND = "presence"
@@ -21,22 +21,14 @@ MAX_BYTES = 1024
 SCHEMA: Schema = {}  # only the request_id
 
 
-class Presence:
+class Presence(OneCommandHandler):
     """Answers ``cmd/presence`` at once (on paho's thread: building info is cheap, answers are queued)."""
 
+    command = COMMAND
+
     def __init__(self, ctx: HandlerContext) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.channel = CommandChannel(ctx.comms, KIND, SCHEMA, MAX_BYTES)
-
-    @classmethod
-    def create(cls, ctx: HandlerContext) -> "Presence":
-        return cls(ctx)
-
-    def routes(self) -> Iterable[Route]:
-        return [Route(COMMAND, self.on_message)]
-
-    def info(self, doc: Dict[str, Any]) -> Dict[str, Any]:
-        return doc
 
     def on_message(self, topic: str, payload: bytes, props: Dict[str, Any]) -> None:
         request = self.channel.receive(topic, payload, props)

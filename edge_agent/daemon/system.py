@@ -6,6 +6,9 @@ information does not exist (containers, x86 laptops) instead of failing.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import platform
 import resource
@@ -31,6 +34,28 @@ def rss_mb() -> Optional[float]:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+_TRIM: Any = None
+
+
+def release_memory() -> bool:
+    """Give the heap freed by a dropped interpreter back to the system (``gc`` + glibc's
+    ``malloc_trim(0)``); True when it was trimmed.
+
+    A benchmark's second interpreter or a swapped-out model frees tens of MB in glibc arenas that
+    would otherwise stay resident (RSS high-water marks that creep as each thread's arena reaches
+    its own); called after each remote benchmark and deployment. A no-op without glibc (musl).
+    """
+    global _TRIM
+    gc.collect()
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            _TRIM.argtypes, _TRIM.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _TRIM = False
+    return bool(_TRIM and _TRIM(0))
 
 
 def cpu_temp_c(path: str = THERMAL) -> Optional[float]:

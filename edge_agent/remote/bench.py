@@ -43,6 +43,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from edge_agent.comms.commands import (BoolField, ChoiceField, CommandChannel, FloatField, IntField, Request,
                                        Schema, StrField)
 from edge_agent.daemon import benchmark as bench
+from edge_agent.daemon.system import release_memory
 from edge_agent.errors import EdgeAgentError
 from edge_agent.output.throttle import Throttle
 from edge_agent.remote.context import HandlerContext, OneCommandHandler
@@ -177,6 +178,7 @@ class RemoteBench(OneCommandHandler):
             finally:
                 if not request.finished:
                     request.fail("internal error: the benchmark ended without a result")
+                release_memory()  # the second interpreter's heap, back to the system
                 with self._cond:
                     self._running -= 1
                     self._cond.notify_all()

@@ -47,6 +47,7 @@ import numpy as np
 
 from edge_agent.comms.commands import (CommandChannel, FieldSpec, FloatField, IntField, Request, RequestError,
                                        Schema, StrField)
+from edge_agent.daemon.system import release_memory
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import agreement
 from edge_agent.inference.segmenter import Segmenter
@@ -682,6 +683,7 @@ class Deployer:
             finally:
                 self._release(job)
                 job.request.send(status, **{**job.fields, **fields}, running=self._running_sha())
+                release_memory()  # the test run's and the swapped-out model's heap
 
     def _release(self, job: _Job) -> None:
         with self._lock:

@@ -108,6 +108,9 @@ class ModelConfig:
     labels: str = opt("", PATH)
     runtime: str = opt("auto", Choice(_runtime_choices))  # auto or a registered runtime
     threads: int = opt(0, Int(0, 256))  # 0 = number of CPUs
+    # Interpreters running frames side by side, each with `threads` threads: 1 = the lowest latency;
+    # N with threads = cores / N = the most frames per second (docs/performance.md "Throughput").
+    interpreters: int = opt(1, Int(1, 16))
     edgetpu: str = opt("", EDGETPU)
     cpu_fallback: str = opt("", PATH)
     preprocess: str = opt("letterbox", Choice("letterbox", "stretch"))
@@ -357,6 +360,7 @@ def _resolve(cfg: Config, env: Mapping[str, str]) -> Config:
     )
     _check_mqtt(mqtt)
     _check_homeassistant(cfg)
+    _check_model(cfg.model)
     return dataclasses.replace(cfg, agent=agent, mqtt=mqtt)
 
 
@@ -382,6 +386,12 @@ def _mqtt_password(mqtt: MqttConfig, env: Mapping[str, str]) -> str:
         return _read_secret(str(Path(cred_dir) / CREDENTIAL_MQTT_PASSWORD),
                             f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_MQTT_PASSWORD}")
     return ""
+
+
+def _check_model(model: ModelConfig) -> None:
+    if model.interpreters > 1 and model.edgetpu:
+        raise ConfigError("model.interpreters: an Edge TPU runs one interpreter at a time; "
+                          "set model.interpreters = 1 (or model.edgetpu = \"\" to run on the CPU)")
 
 
 def _check_homeassistant(cfg: Config) -> None:

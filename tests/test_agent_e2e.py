@@ -118,6 +118,28 @@ def test_video_file_source_frame_resolution_masks(mosquitto, tmp_path):
 
 
 @pytest.mark.broker
+def test_two_interpreters_process_a_video_file_frame_by_frame_in_order(mosquitto, tmp_path):
+    """model.interpreters = 2 in the real agent: both workers run, no frame lost or reordered."""
+    broker = mosquitto()
+    video = make_video(tmp_path / "clip.avi", frames=16)
+    rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/#")
+    config = write_config(tmp_path / "agent.toml", "cam-3", broker.port,
+                          {"kind": "opencv", "uri": str(video), "loop": False},
+                          model={"threads": 1, "interpreters": 2})
+    agent = start_agent(config)
+    out = stop_agent_when_done(agent)
+    assert agent.returncode == 0, out
+    assert "2 interpreters" in out
+    info = json.loads(rec.matching(f"{PREFIX}/cam-3/info")[0].payload)
+    assert info["interpreters"] == 2 and info["threads"] == 1
+    results = [json.loads(m.payload) for m in rec.matching(f"{PREFIX}/cam-3/result")]
+    assert len(rec.matching(f"{PREFIX}/cam-3/mask")) == 16 and len(results) == 16, out
+    assert [r["seq"] for r in results] == sorted(r["seq"] for r in results)
+    assert all("cat" in r["classes"] for r in results)
+    rec.close()
+
+
+@pytest.mark.broker
 def test_broker_down_at_start_restart_and_lwt(mosquitto, tmp_path):
     broker = mosquitto(start=False)
     config = write_config(tmp_path / "agent.toml", "pi-3", broker.port,

@@ -212,3 +212,15 @@ def test_cli_check_and_show(tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["config", "check", "--config", str(bad)], capsys)
     assert code == 2 and out == ""
     assert err.strip() == "edge-agent: config error: mqtt.port: expected integer 1..65535, got 'abc'"
+
+
+def test_interpreters_reach_the_pipeline_and_are_refused_with_one_edge_tpu():
+    from edge_agent.daemon.pipeline import PipelineSettings
+
+    cfg = load_config(None, ["model.interpreters=2", "model.threads=1"], env=ENV)
+    assert PipelineSettings.from_config(cfg).interpreters == 2
+    assert PipelineSettings.from_config(load_config(None, env=ENV)).interpreters == 1
+    assert refusal(None, ["model.interpreters=2", "model.edgetpu=usb"], env=ENV) == (
+        'model.interpreters: an Edge TPU runs one interpreter at a time; set model.interpreters = 1 '
+        '(or model.edgetpu = "" to run on the CPU)')
+    assert refusal(None, ["model.interpreters=0"], env=ENV).startswith("model.interpreters: expected integer 1..16")

@@ -8,6 +8,8 @@ Speed itself is measured by bench/perf.py (part ``throughput``), never asserted 
 from __future__ import annotations
 
 import glob
+import json
+import threading
 import time
 
 import cv2
@@ -26,7 +28,7 @@ from edge_agent.sources.base import Frame
 from edge_agent.sources.images import decode_rgb, jpeg_size, reduction_for
 from edge_agent.errors import SourceError
 from edge_agent.sources.opencv import is_packet, to_rgb
-from tests.data import BIRD, DM05, IMAGES, VOC, rgb
+from tests.data import BIRD, DM05, DM10, IMAGES, VOC, rgb
 from tests.helpers import ListSink, wait_until
 
 CAT_1080P = IMAGES / "cat_1080p.jpg"
@@ -324,3 +326,77 @@ def test_model_mask_view_is_encoded_without_a_copy_and_exactly():
     messages, _ = stages.encode(frame, masks, "0" * 64, stages.EncodeOptions(), None)
     np.testing.assert_array_equal(enc.decode_mask_png(dict(messages)["mask"]), label_map[:289, :513])
     assert masks.fractions == post.class_fractions(np.ascontiguousarray(label_map[:289]), None)
+
+
+# -- several interpreters side by side (model.interpreters) --------------------------------------------
+
+def photo_folder(tmp_path):
+    """A folder of different photos (links to the shared files), so every frame has its own mask."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    paths = sorted(glob.glob(str(IMAGES / "*.jpg"))) + sorted(glob.glob(str(VOC / "JPEGImages" / "*.png")))
+    for i, path in enumerate(paths):
+        (folder / f"{i:02d}{path[-4:]}").symlink_to(path)
+    return folder, len(paths)
+
+
+def run_folder(folder, segmenter, interpreters):
+    source = build_source({"kind": "folder", "uri": str(folder), "loop": False})
+    source.open()
+    sink = ListSink()
+    pipeline = Pipeline(source, segmenter, sink, PipelineSettings(lossless=True, interpreters=interpreters)).start()
+    try:
+        assert pipeline.wait_finished(timeout=120)
+    finally:
+        pipeline.stop()
+    results = [json.loads(p) for s, p in sink.messages if s == "result"]
+    masks = [enc.decode_mask_png(p) for s, p in sink.messages if s == "mask"]
+    return pipeline, results, masks
+
+
+def test_two_interpreters_give_every_frame_once_in_order_with_the_same_masks(tmp_path, monkeypatch):
+    folder, n = photo_folder(tmp_path)
+    _, results_1, masks_1 = run_folder(folder, Segmenter(str(DM05), threads=1), 1)
+    real_infer = stages.infer
+
+    def first_worker_slower(*args, **kwargs):  # frames finish out of order: the hand-on reorders
+        if threading.current_thread().name == "pipeline-inference":
+            time.sleep(0.05)
+        return real_infer(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "infer", first_worker_slower)
+    pipeline, results_2, masks_2 = run_folder(folder, Segmenter(str(DM05), threads=1), 2)
+    assert [r["seq"] for r in results_1] == [r["seq"] for r in results_2] == sorted(r["seq"] for r in results_2)
+    assert len(results_2) == len(masks_2) == n
+    for a, b in zip(masks_1, masks_2):  # the clone's interpreter gives the same answers
+        np.testing.assert_array_equal(a, b)
+    assert len({m.tobytes() for m in masks_2}) > n // 2  # different frames: order is observable
+    assert pipeline.inputs.allocated <= 5 and pipeline.label_maps.allocated <= 5
+
+
+def test_two_interpreters_swap_pause_and_watchdog_cover_every_worker(dm05):
+    source = CountingSource(str(CAT_720P))
+    sink = ListSink()
+    pipeline = Pipeline(source, Segmenter(str(DM05), threads=1), sink,
+                        PipelineSettings(lossless=True, interpreters=2)).start()
+    try:
+        names = {t.name for t in threading.enumerate()}
+        assert {"pipeline-inference", "pipeline-inference-2"} <= names
+        wait_until(lambda: pipeline.counters.published_masks >= 6, timeout=60, what="masks from both workers")
+        old = enc.decode_mask_png([p for s, p in sink.messages if s == "mask"][-1])
+        pipeline.swap_segmenter(Segmenter(str(DM10), threads=1))
+        start = len(sink.messages)
+        wait_until(lambda: sum(s == "mask" for s, _ in sink.messages[start:]) >= 8, timeout=60, what="masks after the swap")
+        after = [enc.decode_mask_png(p) for s, p in sink.messages[start:] if s == "mask"][2:]
+        # the same photo every frame: every worker runs the new model (a stale second worker would
+        # alternate between the old model's mask and the new one's)
+        assert not np.array_equal(after[0], old)
+        assert all(np.array_equal(m, after[0]) for m in after)
+        assert pipeline.pause(timeout=10)
+        assert pipeline._busy == 0 and pipeline.stuck_for() == 0.0
+        paused_at = pipeline.counters.processed
+        pipeline.resume()
+        wait_until(lambda: pipeline.counters.processed > paused_at + 2, timeout=60, what="frames after resume")
+        assert pipeline.healthy(10.0)
+    finally:
+        pipeline.stop()

@@ -223,8 +223,10 @@ class Agent:
         self.comms.set_info(info)
         self.pipeline.start()
         # the model's name as info shows it (the store's name: a stored file is <sha256>.tflite)
-        log.info("running %s (%s) on %s with %s", info["model"]["name"], info["model"]["sha256"][:12],
-                 getattr(source, "name", self.config.source.kind), segmenter.describe_runtime())
+        interpreters = settings.interpreters
+        log.info("running %s (%s) on %s with %s%s", info["model"]["name"], info["model"]["sha256"][:12],
+                 getattr(source, "name", self.config.source.kind), segmenter.describe_runtime(),
+                 f", {interpreters} interpreters side by side" if interpreters > 1 else "")
         if _source_state(source) == "down":
             self._notify_ready()  # up and retrying the source: STATUS says so, the watchdog is fed
 
@@ -286,7 +288,7 @@ class Agent:
                                               "output_kind", "output_dtype", "labels", "preprocess",
                                               "fallback_reason", "classes", "normalization", "output")}
             doc.update(runtime=i["runtime"], runtime_version=i["runtime_version"],
-                       delegate=i["delegate"], threads=i["threads"])
+                       delegate=i["delegate"], threads=i["threads"], interpreters=self.config.model.interpreters)
         doc = self.models.info(doc)
         for handler in self.handlers.values():
             doc = handler.info(doc)

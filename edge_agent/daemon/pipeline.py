@@ -25,6 +25,7 @@ steady state allocates none. The runner tells the source which size the model ne
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -44,7 +45,6 @@ from edge_agent.sources.base import DecodeHint, EndOfStream, Frame
 log = logging.getLogger(__name__)
 
 CAPTURE, INFERENCE, POSTPROCESS, PUBLISH = "capture", "inference", "postprocess", "publish"
-THREADS = (CAPTURE, INFERENCE, POSTPROCESS, PUBLISH)
 
 __all__ = ["Pipeline", "PipelineSettings", "PipelineCounters", "LatestSlot", "Sink"]
 
@@ -59,12 +59,16 @@ class PipelineSettings:
     # Files and folders read at full speed (fps = 0) are processed frame by frame: capture waits
     # for inference instead of dropping. Live cameras and paced playback keep newest-wins.
     lossless: bool = False
+    # Inference workers, each with its own interpreter of the running model (model.interpreters):
+    # frames in flight side by side, results handed on in capture order.
+    interpreters: int = 1
 
     @classmethod
     def from_config(cls, config: Any) -> "PipelineSettings":
         p = config.publish
         return cls(output=OutputSettings.from_config(config), timings=p.timings,
-                   timings_interval_s=p.timings_interval_s, stats_interval_s=p.stats_interval_s)
+                   timings_interval_s=p.timings_interval_s, stats_interval_s=p.stats_interval_s,
+                   interpreters=config.model.interpreters)
 
 
 class LatestSlot:
@@ -148,6 +152,36 @@ def decode_hint(segmenter: Segmenter) -> DecodeHint:
     return hint
 
 
+class _Worker:
+    """One inference thread. Worker 0 runs the pipeline's segmenter itself; the others each run a
+    clone of it (their own interpreter), rebuilt after a swap before they take a frame."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.name = INFERENCE if index == 0 else f"{INFERENCE}-{index + 1}"
+        self.replica: Optional[Segmenter] = None
+        self.replica_of: Optional[Segmenter] = None
+        self.failed_for: Optional[Segmenter] = None  # could not clone this one: wait for a swap
+        self.busy_since: Optional[float] = None  # monotonic start of its running invoke()
+
+    def runner(self, segmenter: Segmenter) -> Optional[Segmenter]:
+        """The segmenter this worker invokes for ``segmenter`` (None: its clone failed)."""
+        if self.index == 0:
+            return segmenter
+        if self.replica_of is not segmenter:
+            if self.failed_for is segmenter:
+                return None
+            self.replica = self.replica_of = None  # the old interpreter goes before the new one comes
+            try:
+                self.replica = segmenter.clone()
+            except EdgeAgentError as exc:
+                self.failed_for = segmenter
+                log.error("inference worker %s cannot load a second interpreter: %s", self.name, exc)
+                return None
+            self.replica_of, self.failed_for = segmenter, None
+        return self.replica
+
+
 @dataclass
 class _Captured:
     frame: Frame
@@ -193,19 +227,27 @@ class Pipeline:
         self._swapped = threading.Event()
         self._on_first_frame = on_first_frame
         self._extra_stats = extra_stats
-        self.inputs = BufferPool()  # prepared input buffers (capture -> inference)
-        self.label_maps = BufferPool()  # label maps (inference -> postprocess)
+        n = max(1, self.settings.interpreters)
+        self.inputs = BufferPool(keep=3 + n)  # prepared input buffers (capture -> inference)
+        self.label_maps = BufferPool(keep=3 + n)  # label maps (inference -> postprocess)
+        self._workers = [_Worker(i) for i in range(n)]
         self._capture_slot = LatestSlot(on_drop=lambda item: self.inputs.release(item.prepared))
         self._post_slot = LatestSlot(on_drop=lambda item: self.label_maps.release(item.label_map))
         self._out: Deque[Optional[_Outgoing]] = collections.deque()
         self._out_cond = threading.Condition()
         self._stop = threading.Event()
         self._paused = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
+        self._busy = 0  # workers between "not paused" and the end of their frame
+        self._busy_cond = threading.Condition()
+        self._adopt_lock = threading.Lock()
+        self._take_lock = threading.Lock()  # a frame and its ticket are taken together
+        self._tickets = 0
+        self._order_cond = threading.Condition()  # results reach postprocess in ticket order
+        self._done: Dict[int, Optional[_Inferred]] = {}
+        self._next_out = 0
+        self._workers_running = 0
         self._eos = threading.Event()
         self._threads: Dict[str, threading.Thread] = {}
-        self._busy_since: Optional[float] = None  # monotonic start of the running invoke()
         self._output = FrameOutput(self.settings.output)
         s = self.settings
         self.telemetry = Telemetry(sink, s.timings, s.timings_interval_s, s.stats_interval_s, self._state)
@@ -227,8 +269,11 @@ class Pipeline:
     def start(self) -> "Pipeline":
         self.telemetry.start()
         self._hint_source(self._segmenter)
-        for name, target in ((CAPTURE, self._capture_loop), (INFERENCE, self._inference_loop),
-                             (POSTPROCESS, self._post_loop), (PUBLISH, self._publish_loop)):
+        self._workers_running = len(self._workers)
+        loops: List[Tuple[str, Callable[[], None]]] = [(CAPTURE, self._capture_loop)]
+        loops += [(w.name, functools.partial(self._inference_loop, w)) for w in self._workers]
+        loops += [(POSTPROCESS, self._post_loop), (PUBLISH, self._publish_loop)]
+        for name, target in loops:
             thread = threading.Thread(target=self._guard(target), name=f"pipeline-{name}", daemon=True)
             self._threads[name] = thread
             thread.start()
@@ -237,6 +282,10 @@ class Pipeline:
     def _alive(self, name: str) -> bool:
         thread = self._threads.get(name)
         return thread is not None and thread.is_alive()
+
+    def _inferring(self) -> bool:
+        """Some inference worker is still running."""
+        return any(self._alive(w.name) for w in self._workers)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -255,7 +304,8 @@ class Pipeline:
     @property
     def finished(self) -> bool:
         """A finite source ended and everything it produced was published."""
-        return self._eos.is_set() and not any(self._alive(n) for n in (INFERENCE, POSTPROCESS, PUBLISH))
+        return self._eos.is_set() and not self._inferring() and not any(
+            self._alive(n) for n in (POSTPROCESS, PUBLISH))
 
     def wait_finished(self, timeout: Optional[float] = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -267,21 +317,22 @@ class Pipeline:
 
     def stuck_for(self) -> float:
         """Seconds the current ``invoke()`` has been running (0 when the interpreter is idle)."""
-        since = self._busy_since
-        return 0.0 if since is None else time.monotonic() - since
+        started = [w.busy_since for w in self._workers if w.busy_since is not None]
+        return time.monotonic() - min(started) if started else 0.0
 
     def healthy(self, inference_timeout_s: float) -> bool:
         """Every thread alive (or finished with the source) and no invoke() over the timeout.
 
         Waiting for frames (a camera being reopened) is healthy; a hung interpreter is not.
         """
-        threads_ok = all(self._alive(n) for n in THREADS) or self._eos.is_set()
+        threads_ok = all(self._alive(n) for n in self._threads) or self._eos.is_set()
         return threads_ok and not self._stop.is_set() and self.stuck_for() < inference_timeout_s
 
     def pause(self, timeout: float = 30.0) -> bool:
         """Stop inferring (capture keeps the newest frame) and wait until the interpreter is idle."""
         self._paused.set()
-        return self._idle.wait(timeout)
+        with self._busy_cond:
+            return self._busy_cond.wait_for(lambda: self._busy == 0, timeout)
 
     def resume(self) -> None:
         self._paused.clear()
@@ -299,7 +350,7 @@ class Pipeline:
         old = self._segmenter
         self._swapped.clear()
         self._pending_segmenter = new
-        if not (self._alive(INFERENCE) and not self._paused.is_set() and self._swapped.wait(timeout)):
+        if not (self._inferring() and not self._paused.is_set() and self._swapped.wait(timeout)):
             self._segmenter, self._pending_segmenter = new, None
             self._hint_source(new)
         return old
@@ -360,41 +411,66 @@ class Pipeline:
                          {"capture": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}, t2)
 
     def _adopt_pending_segmenter(self) -> None:
-        pending = self._pending_segmenter
-        if pending is not None:
-            self._segmenter, self._pending_segmenter = pending, None
-            self._hint_source(pending)
-            self._swapped.set()
+        with self._adopt_lock:
+            pending = self._pending_segmenter
+            if pending is not None:
+                self._segmenter, self._pending_segmenter = pending, None
+                self._hint_source(pending)
+                self._swapped.set()
 
-    def _inference_loop(self) -> None:
-        while not self._stop.is_set():
-            self._adopt_pending_segmenter()
-            if self._paused.is_set():
-                self._idle.set()
-                time.sleep(0.02)
-                continue
-            item: Optional[_Captured] = self._capture_slot.get(timeout=0.2)
-            if item is None:
-                if self._eos.is_set():
+    def _set_busy(self, delta: int) -> None:
+        with self._busy_cond:
+            self._busy += delta
+            self._busy_cond.notify_all()
+
+    def _inference_loop(self, worker: _Worker) -> None:
+        try:
+            while not self._stop.is_set():
+                self._adopt_pending_segmenter()
+                runner = worker.runner(self._segmenter)  # a clone is (re)built here, before a frame waits
+                self._set_busy(+1)  # before the pause check: pause() waits for it to end
+                if self._paused.is_set() or runner is None:
+                    self._set_busy(-1)
+                    time.sleep(0.02)
+                    continue
+                try:
+                    with self._take_lock:
+                        item: Optional[_Captured] = self._capture_slot.get(timeout=0.2)
+                        ticket = self._tickets
+                        self._tickets += item is not None
+                    if item is None:
+                        if self._eos.is_set():
+                            return
+                        continue
+                    inferred: Optional[_Inferred] = None
+                    try:
+                        inferred = self._run_inference(item, worker)
+                    finally:
+                        self._hand_on(ticket, inferred)
+                finally:
+                    self._set_busy(-1)
+        finally:
+            with self._order_cond:
+                self._workers_running -= 1
+                if self._workers_running == 0:  # the last worker out ends the post stage's input
                     self._post_slot.close()
-                    return
-                continue
-            self._idle.clear()
-            try:
-                inferred = self._run_inference(item)
-            finally:
-                self._idle.set()
-            if inferred is None:
-                continue
-            if self.settings.lossless:
-                while not self._post_slot.wait_empty(0.5) and not self._stop.is_set():
-                    pass
-            self._post_slot.put(inferred)
 
-    def _mark_invoke(self, started: Optional[float]) -> None:
-        self._busy_since = started
+    def _hand_on(self, ticket: int, inferred: Optional[_Inferred]) -> None:
+        """Pass results to postprocess in the order their frames were taken (None: the frame
+        failed, its turn passes)."""
+        with self._order_cond:
+            self._done[ticket] = inferred
+            while self._next_out in self._done:
+                item = self._done.pop(self._next_out)
+                self._next_out += 1
+                if item is None:
+                    continue
+                if self.settings.lossless:
+                    while not self._post_slot.wait_empty(0.5) and not self._stop.is_set():
+                        pass
+                self._post_slot.put(item)
 
-    def _run_inference(self, item: _Captured) -> Optional[_Inferred]:
+    def _run_inference(self, item: _Captured, worker: _Worker) -> Optional[_Inferred]:
         """``inference``: memcpy into the input tensor, ``invoke()``, label map out."""
         segmenter = self._segmenter
         t0 = time.monotonic()
@@ -404,9 +480,18 @@ class Pipeline:
             item.prepared, item.geometry = stages.prepare(segmenter.model, item.frame.image, segmenter.mode,
                                                           frame_hw=item.frame.size)
             item.segmenter = segmenter
+        runner = worker.runner(segmenter)
+        if runner is None:  # its clone of a just-swapped model failed: the frame's turn passes
+            self.inputs.release(item.prepared)
+            item.prepared = None
+            return None
         out = self.label_maps.acquire((segmenter.model.output.height, segmenter.model.output.width), np.uint8)
+
+        def mark(started: Optional[float]) -> None:
+            worker.busy_since = started
+
         try:
-            label_map = stages.infer(segmenter.model, item.prepared, self._mark_invoke, out=out)
+            label_map = stages.infer(runner.model, item.prepared, mark, out=out)
         except EdgeAgentError as exc:
             self.label_maps.release(out)
             self.counters.inference_errors += 1
@@ -424,7 +509,7 @@ class Pipeline:
         while not self._stop.is_set():
             item: Optional[_Inferred] = self._post_slot.get(timeout=0.2)
             if item is None:
-                if self._eos.is_set() and not self._alive(INFERENCE):
+                if self._eos.is_set() and not self._inferring():
                     self._enqueue(None)
                     return
                 continue

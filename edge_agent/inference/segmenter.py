@@ -95,9 +95,15 @@ class Segmenter:
         if mode not in MODES:
             raise EdgeAgentError(f"unknown preprocess mode '{mode}': choose {', '.join(MODES)}")
         self.mode = mode
+        self._args = (model_path, labels, runtime, threads, edgetpu, cpu_fallback, mode, options)
         self.model = SegmentationModel(model_path, runtime, threads, edgetpu, cpu_fallback,
                                        options=options, labels=labels_for(labels))
         self.labels = self.model.labels
+
+    def clone(self) -> "Segmenter":
+        """Another segmenter of the same model and settings, with its own interpreter (a second
+        pipeline worker: interpreters are not thread-safe)."""
+        return Segmenter(*self._args)
 
     def segment(self, frame: np.ndarray, full_mask: bool = True) -> Segmentation:
         """Segment one RGB uint8 frame. ``full_mask`` resizes the mask to the frame now (timed).

@@ -16,7 +16,9 @@ What it measures (see docs/performance.md for a result and the reading of it):
             publishing to a real mosquitto (``EmbeddedBroker``): pipelined masks/s divided by
             1 / invoke time, for interpreter threads 1 and 2; its peak RSS (VmHWM), the time from
             process start to the first mask received by a subscriber, and MQTT bytes per mask.
-* throughput the real daemon on every kind of source at all interpreter threads (= cores): a
+* throughput the real daemon on every kind of source on all cores, in two layouts (``--layouts``):
+            one interpreter with a thread per core ("1xN", the default config) and one
+            interpreter per core with one thread each ("Nx1", ``model.interpreters``): a
             folder of 1080p JPEGs, of 720p JPEGs, an MJPG video file (made with OpenCV in a tmp
             dir) and the raw synthetic pattern. Measured ratio = masks/s x ``invoke()`` alone
             (interleaved before/after each run) next to the limit model
@@ -24,7 +26,8 @@ What it measures (see docs/performance.md for a result and the reading of it):
             (``time.thread_time``, not wall) of every per-frame stage but ``invoke()`` (decode,
             letterbox, memcpy, label map, crop/fractions, PNG/JSON, MQTT publish), measured
             in-process on the same source; plus the agent's, mosquitto's and the subscriber's
-            process CPU per mask (``/proc``, ``os.times``) and the machine load.
+            process CPU per mask (``/proc``, ``os.times``) and the machine load; and how much
+            the masks of the same frames differ between reduced and full-size decoding.
 * runtimes  ``invoke()`` of ai-edge-litert vs tflite-runtime (.venv-tflite) vs tensorflow.lite
             (.venv-host), each in a worker subprocess of that venv (only one works at a time).
 * png/resize/argmax micro-measurements behind the choices in the code.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -405,12 +409,13 @@ def measure_runtimes(rounds: int, n: int, threads: int) -> List[Dict[str, Any]]:
 # -- the real agent ------------------------------------------------------------------------------
 
 def write_agent_config(path: Path, port: int, frames_dir: Path, model: Path, threads: int,
-                       source: Optional[List[str]] = None) -> Path:
+                       source: Optional[List[str]] = None, interpreters: int = 1) -> Path:
     source = source or ['kind = "folder"', f'uri = "{frames_dir}"']
     path.write_text("\n".join([
         "[agent]", 'device_id = "bench"', 'log_level = "warning"', f'state_dir = "{path.parent / "state"}"',
         "[source]", *source, "loop = true", "fps = 0.0",
         "[model]", f'path = "{model}"', f'labels = "{LABELS}"', f"threads = {threads}",
+        f"interpreters = {interpreters}",
         "[mqtt]", 'host = "127.0.0.1"', f"port = {port}",
         "[publish]", 'timings = "interval"', "timings_interval_s = 2.0", "stats_interval_s = 5.0", "",
     ]))
@@ -682,11 +687,13 @@ class MqttSink:
 CPU_STAGES = ("decode", "preprocess", "set_input", "label_map", "postprocess", "encode", "publish")
 
 
-def stage_cpu(seg, settings: Dict[str, Any], sink: MqttSink, n: int, reduced: bool = True) -> Dict[str, Any]:
+def stage_cpu(seg, settings: Dict[str, Any], sink: MqttSink, n: int, reduced: bool = True,
+              keep: Optional[List[Any]] = None) -> Dict[str, Any]:
     """CPU ms per stage (``time.thread_time`` on this thread) of the daemon's per-frame path on a
     real source, the pipeline's reduced decode (``reduced=False``: full-size decode, as before)
-    and reused buffers included; invoke's wall ms."""
+    and reused buffers included; invoke's wall ms. ``keep``: gets each frame's frame-size mask."""
     from edge_agent.daemon import stages
+    from edge_agent.inference import postprocess as post
     from edge_agent.daemon.pipeline import decode_hint
     from edge_agent.daemon.stages import EncodeOptions, FrameOutput
     from edge_agent.sources import build_source
@@ -723,6 +730,8 @@ def stage_cpu(seg, settings: Dict[str, Any], sink: MqttSink, n: int, reduced: bo
             t.append(time.thread_time())
             stages.publish(sink, messages)
             t.append(time.thread_time())
+            if i >= 3 and keep is not None:  # outside the timed stages
+                keep.append(post.to_frame(label_map, geometry))
             if i >= 3:
                 d = [(b - a) * 1e3 for a, b in zip(t, t[1:])]
                 for k, v in zip(("decode", "preprocess", "set_input"), d[:3]):
@@ -756,9 +765,23 @@ def export_revision(rev: str, root: Path) -> Path:
     return dest
 
 
+def layouts_for(cores: int, spec: str) -> List[Tuple[int, int]]:
+    """(interpreters, threads) pairs that use every core: "1xN" (one interpreter, N threads: the
+    lowest latency) and "Nx1" (N interpreters side by side, one thread each)."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip().replace("N", str(cores))
+        if item:
+            a, b = (int(x) for x in item.split("x"))
+            out.append((a, b))
+    return out
+
+
 def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
-                       only: Optional[List[str]] = None, compare_with: str = "") -> List[Dict[str, Any]]:
-    """The daemon on each source, all cores; ratio measured vs the limit model (module doc).
+                       only: Optional[List[str]] = None, compare_with: str = "",
+                       layouts: str = "1xN,Nx1") -> List[Dict[str, Any]]:
+    """The daemon on each source, all cores; ratio measured vs the limit model (module doc), for
+    each interpreters x threads layout, always against ``invoke()`` alone on all cores.
     ``compare_with``: also run the agent of that git revision, interleaved (ratio, CPU ratio)."""
     from edge_agent.comms.broker import EmbeddedBroker
     from edge_agent.inference.segmenter import Segmenter
@@ -780,21 +803,29 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
             seg = Segmenter(str(path), labels=str(LABELS), threads=cores)
             try:
                 for r in range(rounds):
-                    for name, lines in sources.items():
+                    for (name, lines), (interpreters, threads) in itertools.product(
+                            sources.items(), layouts_for(cores, layouts)):
+                        layout = f"{interpreters}x{threads}"
                         load = os.getloadavg()[0]
                         inv, cpu_a = standalone_invoke_cpu(path, cores, 8)
-                        cfg = write_agent_config(tmp / f"agent-{name}.toml", broker.port, tmp, path, cores, lines)
+                        cfg = write_agent_config(tmp / f"agent-{name}.toml", broker.port, tmp, path, threads, lines,
+                                                 interpreters=interpreters)
                         res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0, broker_pid=broker_pid)
                         if old_code is not None:
                             old = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0,
                                                  broker_pid=broker_pid, code=old_code)
                         inv_b, cpu_b = standalone_invoke_cpu(path, cores, 8)
                         inv += inv_b
-                        st = stage_cpu(seg, source_settings(lines), sink, 12)
-                        full = stage_cpu(seg, source_settings(lines), sink, 12, reduced=False)
-                        res.update(st, invoke_ms=median(inv), load=round(load, 2), round=r,
+                        reduced_masks: List[Any] = []
+                        full_masks: List[Any] = []
+                        st = stage_cpu(seg, source_settings(lines), sink, 12, keep=reduced_masks)
+                        full = stage_cpu(seg, source_settings(lines), sink, 12, reduced=False, keep=full_masks)
+                        # masks of the same frames, reduced vs full-size decode: share of pixels that differ
+                        diffs = [float((a != b).mean()) * 100 for a, b in zip(reduced_masks, full_masks)]
+                        res.update(st, invoke_ms=median(inv), load=round(load, 2), round=r, layout=layout,
                                    invoke_cpu_ms=round((cpu_a + cpu_b) / 2, 2),
-                                   other_cpu_full_decode_ms=full["other_cpu_ms"])
+                                   other_cpu_full_decode_ms=full["other_cpu_ms"],
+                                   mask_diff_pct=round(statistics.fmean(diffs), 3) if diffs else None)
                         # Load-robust proxy: invoke's CPU over the agent's CPU per mask (both all threads).
                         res["cpu_ratio"] = (round(res["invoke_cpu_ms"] / res["agent_cpu_ms_per_mask"], 3)
                                             if res["agent_cpu_ms_per_mask"] else None)
@@ -809,26 +840,28 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
                         harness = (res["broker_cpu_ms_per_mask"] or 0) + (res["subscriber_cpu_ms_per_mask"] or 0)
                         res["limit_with_harness"] = round(
                             res["invoke_ms"] / (res["invoke_ms"] + (st["other_cpu_ms"] + harness) / cores), 3)
-                        log(f"  {name} round {r}: {res['fps']:.2f} masks/s, invoke {res['invoke_ms']:.2f} ms, "
+                        log(f"  {name} {layout} round {r}: {res['fps']:.2f} masks/s, invoke {res['invoke_ms']:.2f} ms, "
                             f"ratio {res['ratio']} (limit {res['limit']}, with broker+subscriber "
                             f"{res['limit_with_harness']}), CPU ratio {res['cpu_ratio']}, "
                             + (f"before ({compare_with}): ratio {res['before_ratio']} CPU ratio {res['before_cpu_ratio']}, "
                                if old_code is not None else "") +
                             f"other CPU {st['other_cpu_ms']} ms {st['stage_cpu_ms']} (full decode {full['other_cpu_ms']}), "
-                            f"decoded {st['decoded']}, load {load:.2f}")
-                        runs.setdefault(name, []).append(res)
+                            f"decoded {st['decoded']}, masks differ from full decode {res['mask_diff_pct']}%, "
+                            f"load {load:.2f}")
+                        runs.setdefault((name, layout), []).append(res)
             finally:
                 sink.close()
                 sub.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
-    for name, rs in runs.items():
+    for (name, layout), rs in runs.items():
         def med(key):
             vals = [x[key] for x in rs if x.get(key) is not None]
             return round(median(vals), 3) if vals else None
         rows.append({
-            "source": name, "model": model_name, "threads": cores, "rounds": len(rs),
+            "source": name, "model": model_name, "threads": cores, "layout": layout, "rounds": len(rs),
+            "mask_diff_pct": med("mask_diff_pct"),
             "fps": med("fps"), "invoke_ms": med("invoke_ms"), "ratio": med("ratio"),
             "ratios": [x["ratio"] for x in rs], "limit": med("limit"), "limit_with_harness": med("limit_with_harness"),
             "other_cpu_ms": med("other_cpu_ms"), "other_cpu_full_decode_ms": med("other_cpu_full_decode_ms"),
@@ -934,25 +967,30 @@ def markdown(doc: Dict[str, Any]) -> str:
                          f"{r['agent_inference_ms']} | {r['first_mask_s']} | {r['peak_rss_mb']} | {r['mask_bytes']} | {r['result_bytes']} |")
     tp = doc.get("throughput")
     if tp:
-        lines += ["", f"## Throughput on every source ({tp[0]['model']}, interpreter threads {tp[0]['threads']} = all cores)", "",
-                  "ratio = masks/s x invoke() alone (interleaved); limit = invoke / (invoke + other CPU / cores), "
+        lines += ["", f"## Throughput on every source ({tp[0]['model']}, all {tp[0]['threads']} cores)", "",
+                  "layout = interpreters x threads each (model.interpreters x model.threads): 1xN is one interpreter "
+                  "on every core (lowest latency), Nx1 runs N frames side by side. "
+                  "ratio = masks/s x invoke() alone on all cores (interleaved); limit = invoke / (invoke + other CPU / cores), "
                   "other CPU = CPU ms (thread time) of every stage but invoke; 'with harness' adds mosquitto's and the "
                   "subscriber's CPU per mask (on this machine, not on a device's); full decode = the same with the "
                   "frame decoded at full size (before reduced decoding). CPU ratio = invoke()'s process CPU alone / "
-                  "the agent's process CPU per mask: a proxy of the ratio that the machine's load disturbs less.", "",
-                  "| source | decoded | masks/s | invoke ms | **ratio** (rounds) | limit | limit with harness | other CPU ms | full decode: other CPU ms / limit | CPU ratio | agent CPU ms/mask | invoke CPU ms | broker + sub CPU ms/mask | load 1 min |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "the agent's process CPU per mask: a proxy of the ratio that the machine's load disturbs less. "
+                  "mask diff = share of frame-size mask pixels that differ between reduced and full-size decoding of "
+                  "the same frames (mean, %).", "",
+                  "| source | layout | decoded | mask diff % | masks/s | invoke ms | **ratio** (rounds) | limit | limit with harness | other CPU ms | full decode: other CPU ms / limit | CPU ratio | agent CPU ms/mask | invoke CPU ms | broker + sub CPU ms/mask | load 1 min |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in tp:
-            lines.append(f"| {r['source']} | {r['decoded']} | {r['fps']} | {r['invoke_ms']} | **{r['ratio']}** ({', '.join(map(str, r['ratios']))}) | "
+            lines.append(f"| {r['source']} | {r['layout']} | {r['decoded']} | {r['mask_diff_pct']} | {r['fps']} | {r['invoke_ms']} | **{r['ratio']}** ({', '.join(map(str, r['ratios']))}) | "
                          f"{r['limit']} | {r['limit_with_harness']} | {r['other_cpu_ms']} | {r['other_cpu_full_decode_ms']} / {r['limit_full_decode']} | "
                          f"{r['cpu_ratio']} | {r['agent_cpu_ms_per_mask']} | {r['invoke_cpu_ms']} | "
                          f"{r['broker_cpu_ms_per_mask']} + {r['subscriber_cpu_ms_per_mask']} | {', '.join(map(str, r['load']))} |")
         if any(r.get("before_ratio") is not None for r in tp):
             lines += ["", "Before/after (the agent of `--compare-with`, interleaved in the same rounds): " + "; ".join(
-                f"{r['source']}: ratio {r['before_ratio']} -> {r['ratio']}, CPU ratio {r['before_cpu_ratio']} -> {r['cpu_ratio']}"
+                f"{r['source']} {r['layout']}: ratio {r['before_ratio']} -> {r['ratio']}, CPU ratio {r['before_cpu_ratio']} -> {r['cpu_ratio']}"
                 for r in tp)]
         lines += ["", "Other CPU by stage (ms): " + "; ".join(
-            f"{r['source']}: " + ", ".join(f"{k} {v}" for k, v in r["stage_cpu_ms"].items()) for r in tp)]
+            f"{r['source']}: " + ", ".join(f"{k} {v}" for k, v in r["stage_cpu_ms"].items())
+            for r in tp if r["layout"] == tp[0]["layout"])]
     rt = doc.get("runtimes")
     if rt:
         lines += ["", f"## Runtimes (invoke, medians, threads {rt[0]['threads']})", "",
@@ -989,8 +1027,11 @@ def targets(doc: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     for r in doc.get("throughput", []):
         goal = {"jpeg-1080p": 0.93, "raw-720p": 0.95}.get(r["source"])
         if goal:
-            out[f"throughput x invoke {r['source']} threads={r['threads']} >= {goal}"] = {
+            out[f"throughput x invoke {r['source']} {r['layout']} >= {goal}"] = {
                 "measured": r["ratio"], "met": ok(r["ratio"], goal, True)}
+            if r.get("mask_diff_pct") is not None and r["source"].startswith("jpeg"):
+                out[f"masks vs full decode {r['source']} {r['layout']} <= 0.5 %"] = {
+                    "measured": r["mask_diff_pct"], "met": ok(r["mask_diff_pct"], 0.5)}
     for r in doc.get("agent", []):
         tag = f"{r['model']} threads={r['threads']}"
         out[f"throughput x invoke {tag} >= 0.90"] = {"measured": r["throughput_ratio"], "met": ok(r["throughput_ratio"], 0.90, True)}
@@ -1053,6 +1094,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=0, help="throughput rounds (default 1 quick, 3 full)")
     p.add_argument("--window", type=float, default=0.0, help="throughput window per run, s (default 6 quick, 12)")
     p.add_argument("--compare-with", default="", help="throughput: also run the agent of this git revision, interleaved")
+    p.add_argument("--layouts", default="1xN,Nx1",
+                   help="throughput: interpreters x threads layouts, N = cores (default 1xN,Nx1)")
     p.add_argument("--sources", default="", help="throughput sources (default all: jpeg-1080p,jpeg-720p,mjpg-1080p,raw-720p)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1086,7 +1129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         doc["throughput"] = measure_throughput(rounds=args.rounds or (1 if quick else 3),
                                                window_s=args.window or (6.0 if quick else 12.0),
                                                only=[x for x in args.sources.split(",") if x] or None,
-                                               compare_with=args.compare_with)
+                                               compare_with=args.compare_with, layouts=args.layouts)
     if "runtimes" in parts:
         log("runtimes: worker subprocesses ...")
         doc["runtimes"] = measure_runtimes(rounds=1 if quick else 2, n=4 if quick else 8, threads=threads)

@@ -494,8 +494,7 @@ class Pipeline:
             label_map = stages.infer(runner.model, item.prepared, mark, out=out)
         except EdgeAgentError as exc:
             self.label_maps.release(out)
-            self.counters.inference_errors += 1
-            self.counters.last_error = str(exc)
+            self.telemetry.inference_failed(str(exc))
             log.error("%s", exc)
             return None
         finally:

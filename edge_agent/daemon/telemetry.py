@@ -10,6 +10,7 @@ timingsInterval, stats); stage names: :mod:`edge_agent.daemon.stages`.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -52,6 +53,7 @@ class Telemetry:
         self._cpu = system.CpuMeter()
         self._fps_frames = 0
         self._fps = 0.0
+        self._count_lock = threading.Lock()  # inference workers count side by side
         self.start()
 
     def start(self) -> None:
@@ -63,8 +65,14 @@ class Telemetry:
 
     # -- what the runner reports -----------------------------------------------------------------
     def inferred(self) -> None:
-        self.counters.inferred += 1
-        self._fps_frames += 1
+        with self._count_lock:
+            self.counters.inferred += 1
+            self._fps_frames += 1
+
+    def inference_failed(self, error: str) -> None:
+        with self._count_lock:
+            self.counters.inference_errors += 1
+            self.counters.last_error = error
 
     def frame_done(self, seq: int, timings: Dict[str, float]) -> None:
         """A frame was published: into the window, and out at once with ``timings = "frame"``.
@@ -96,7 +104,8 @@ class Telemetry:
         self.publish_stats()
 
     def _update_fps(self, elapsed: float) -> None:
-        frames, self._fps_frames = self._fps_frames, 0
+        with self._count_lock:
+            frames, self._fps_frames = self._fps_frames, 0
         current = frames / elapsed if elapsed > 0 else 0.0
         self._fps = current if self._fps == 0 else 0.5 * self._fps + 0.5 * current
 

@@ -435,7 +435,12 @@ class Pipeline:
                     continue
                 try:
                     with self._take_lock:
-                        item: Optional[_Captured] = self._capture_slot.get(timeout=0.2)
+                        # at most one frame per worker between taken and handed on: results held
+                        # for the order (a slow worker's frame) never pile up
+                        with self._order_cond:
+                            room = self._order_cond.wait_for(
+                                lambda: self._tickets - self._next_out < len(self._workers) or self._stop.is_set(), 0.2)
+                        item: Optional[_Captured] = self._capture_slot.get(timeout=0.2) if room else None
                         ticket = self._tickets
                         self._tickets += item is not None
                     if item is None:
@@ -463,6 +468,7 @@ class Pipeline:
             while self._next_out in self._done:
                 item = self._done.pop(self._next_out)
                 self._next_out += 1
+                self._order_cond.notify_all()
                 if item is None:
                     continue
                 if self.settings.lossless:

@@ -872,7 +872,8 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
             "agent_cpu_ms_per_mask": med("agent_cpu_ms_per_mask"),
             "broker_cpu_ms_per_mask": med("broker_cpu_ms_per_mask"),
             "subscriber_cpu_ms_per_mask": med("subscriber_cpu_ms_per_mask"),
-            "agent_inference_ms": med("agent_inference_ms"), "decoded": rs[-1]["decoded"],
+            "agent_inference_ms": med("agent_inference_ms"), "peak_rss_mb": med("peak_rss_mb"),
+            "decoded": rs[-1]["decoded"],
             "load": [x["load"] for x in rs],
             "errors": [x["stderr_tail"] for x in rs if x["stderr_tail"]],
         })
@@ -977,10 +978,10 @@ def markdown(doc: Dict[str, Any]) -> str:
                   "the agent's process CPU per mask: a proxy of the ratio that the machine's load disturbs less. "
                   "mask diff = share of frame-size mask pixels that differ between reduced and full-size decoding of "
                   "the same frames (mean, %).", "",
-                  "| source | layout | decoded | mask diff % | agent's inference ms (latency) | masks/s | invoke ms | **ratio** (rounds) | limit | limit with harness | other CPU ms | full decode: other CPU ms / limit | CPU ratio | agent CPU ms/mask | invoke CPU ms | broker + sub CPU ms/mask | load 1 min |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| source | layout | decoded | mask diff % | agent's inference ms (latency) | peak RSS MB | masks/s | invoke ms | **ratio** (rounds) | limit | limit with harness | other CPU ms | full decode: other CPU ms / limit | CPU ratio | agent CPU ms/mask | invoke CPU ms | broker + sub CPU ms/mask | load 1 min |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in tp:
-            lines.append(f"| {r['source']} | {r['layout']} | {r['decoded']} | {r['mask_diff_pct']} | {r['agent_inference_ms']} | {r['fps']} | {r['invoke_ms']} | **{r['ratio']}** ({', '.join(map(str, r['ratios']))}) | "
+            lines.append(f"| {r['source']} | {r['layout']} | {r['decoded']} | {r['mask_diff_pct']} | {r['agent_inference_ms']} | {r['peak_rss_mb']} | {r['fps']} | {r['invoke_ms']} | **{r['ratio']}** ({', '.join(map(str, r['ratios']))}) | "
                          f"{r['limit']} | {r['limit_with_harness']} | {r['other_cpu_ms']} | {r['other_cpu_full_decode_ms']} / {r['limit_full_decode']} | "
                          f"{r['cpu_ratio']} | {r['agent_cpu_ms_per_mask']} | {r['invoke_cpu_ms']} | "
                          f"{r['broker_cpu_ms_per_mask']} + {r['subscriber_cpu_ms_per_mask']} | {', '.join(map(str, r['load']))} |")

@@ -10,9 +10,11 @@ remote benchmark and a remote deployment (alternating between the dm1.0 and dm0.
 every ``--command-every`` seconds through the fleet client. The agent's RSS, threads and open
 fds are sampled every second; after the warm-up (``--warmup-s``, default one full command cycle,
 at least 60 s and a fifth of the run) the least-squares slope of RSS at the same program state
-once per command cycle (3 s after each deployment that put the configured dm0.5 model back) is
-printed in MB/h next to the target (< 5 MB/h); without commands, the slope of the lowest RSS of
-each minute (`--window-s`). The minima slope and the slope over all samples are printed too.
+is printed in MB/h next to the target (< 5 MB/h): every ``--pause-every`` seconds the commands
+pause for ``--pause-s`` after a full cycle (the configured dm0.5 runs again), and the median RSS
+of each pause's second half is one level. Without commands (or fewer than 3 pauses), the slope
+of the lowest RSS of each minute (``--window-s``). The minima slope and the slope over all
+samples are printed too.
 
 The slope per 1000 frames is printed too: it does not depend on this machine's frame rate (the
 issue's leak was ~400 kB per 1000 frames). A leak shows as a slope that does not depend on the
@@ -136,18 +138,17 @@ def per_frame(samples: List[Tuple[float, float, int, int, int]], warmup: float) 
     return [(f, r) for t, r, _, _, f in samples if t >= warmup]
 
 
-def same_state(points: List[Tuple[float, float]], moments: List[float], settle_s: float = 3.0,
-               within_s: float = 8.0) -> List[Tuple[float, float]]:
-    """RSS at the same program state once per command cycle: the first sample ``settle_s`` after
-    each moment (a deployment that put the configured dm0.5 model back, its heap trimmed) and
-    before the next command. With two models alternating, RSS depends on which one runs (here
-    145 vs 160+ MB), so per-window minima scatter by ~15 MB; these points do not."""
+def quiet_levels(points: List[Tuple[float, float]], pauses: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """The median RSS over the second half of each command pause: the same program state every
+    time (the configured dm0.5 runs, no command in flight, the last deployment's heap trimmed).
+    Between pauses RSS depends on which model runs and on the command in flight (here 145 to
+    200 MB), so per-window minima scatter by ~15 MB and a 20-minute line through them by
+    +-15 MB/h; these levels do not."""
     out = []
-    for moment in moments:
-        for t, r in points:
-            if moment + settle_s <= t <= moment + within_s:
-                out.append((t, r))
-                break
+    for a, b in pauses:
+        vals = sorted(r for t, r in points if (a + b) / 2 <= t <= b)
+        if vals:
+            out.append(((a + b) / 2, vals[len(vals) // 2]))
     return out
 
 
@@ -165,12 +166,14 @@ def slope(points: List[Tuple[float, float]]) -> float:
 class Commands:
     """Alternates a remote benchmark and a remote deployment (dm1.0 <-> dm0.5) in a thread."""
 
-    def __init__(self, port: int, every_s: float) -> None:
+    def __init__(self, port: int, every_s: float, quiet_every_s: float = 0.0, quiet_s: float = 60.0) -> None:
         self.every_s = every_s
+        self.quiet_every_s = quiet_every_s  # 0: commands without a pause
+        self.quiet_s = quiet_s
+        self.quiet: List[Tuple[float, float]] = []  # (start, end) monotonic of each pause
         self.client = FleetClient(MqttConfig(host="127.0.0.1", port=port)).connect()
         self.models = [(DM10, DM10.read_bytes()), (DM05, DM05.read_bytes())]
         self.results: List[Tuple[str, str]] = []  # (command, final status or problem)
-        self.finished: List[Tuple[float, str, str]] = []  # (monotonic time, command, status)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-commands", daemon=True)
 
@@ -180,7 +183,17 @@ class Commands:
 
     def _run(self) -> None:
         turn = 0
+        active_since = time.monotonic()
         while not self._stop.wait(self.every_s):
+            # a pause at the end of a full cycle (the configured dm0.5 runs again, heap trimmed):
+            # the same program state each time, RSS measured without a command in flight
+            if (self.quiet_every_s and turn % 4 == 0 and turn
+                    and time.monotonic() - active_since >= self.quiet_every_s):
+                t0 = time.monotonic()
+                if self._stop.wait(self.quiet_s):
+                    break
+                self.quiet.append((t0, time.monotonic()))
+                active_since = time.monotonic()
             if turn % 2 == 0:
                 params = command_params(runs=10, warmup=1, pipeline=True, input="random", samples=False)
                 answers = self.client.request("benchmark", params, devices=[DEVICE], timeout=120)
@@ -193,7 +206,6 @@ class Commands:
             answer = answers.get(DEVICE)
             status = getattr(answer, "status", None) or "no answer"
             self.results.append((what, str(status)))
-            self.finished.append((time.monotonic(), what, str(status)))
             turn += 1
 
     def close(self) -> None:
@@ -220,7 +232,7 @@ def run_mode(mode: str, args: argparse.Namespace, broker: MosquittoBroker, workd
                 raise RuntimeError(f"{mode}: the agent produced no stats; see {log_path}")
             time.sleep(0.2)
         if args.command_every > 0:
-            commands = Commands(broker.port, args.command_every).start()
+            commands = Commands(broker.port, args.command_every, args.pause_every, args.pause_s).start()
         start = time.monotonic()
         end = start + args.minutes * 60 if args.minutes else float("inf")
         next_print = start + 30
@@ -254,21 +266,21 @@ def run_mode(mode: str, args: argparse.Namespace, broker: MosquittoBroker, workd
         raise RuntimeError(f"{mode}: the run ended before the warm-up ({warmup:.0f} s) did")
     after = after_warmup(samples, warmup)
     frames = samples[-1][4] - samples[0][4]
-    back_to_dm05 = [t - start for t, what, status in (commands.finished if commands else [])
-                    if what == f"deploy {DM05.stem}" and status == "done"]
-    cycle_points = same_state(after, back_to_dm05)
+    pauses = [(a - start, b - start) for a, b in (commands.quiet if commands else [])]
+    levels = quiet_levels(after, pauses)
     minima_slope = 3600.0 * slope(window_minima(after, args.window_s))
-    cycle_slope = 3600.0 * slope(cycle_points) if len(cycle_points) >= 5 else None
+    level_slope = 3600.0 * slope(levels) if len(levels) >= 3 else None
     return {
         "mode": mode, "duration_s": round(duration, 1), "warmup_s": warmup, "frames": frames,
         "fps": round(frames / duration, 1) if duration else None,
         "rss_start_mb": round(samples[0][1], 1), "rss_after_warmup_mb": round(after[0][1], 1) if after else None,
         "rss_end_mb": round(samples[-1][1], 1), "rss_max_mb": round(max(s[1] for s in samples), 1),
-        # the verdict: same-state points when commands swap models, else the window minima
-        "slope_mb_h": round(cycle_slope if cycle_slope is not None else minima_slope, 2),
-        "slope_basis": "same state each cycle" if cycle_slope is not None else f"{args.window_s:.0f}-s minima",
+        # the verdict: the levels of the command pauses when there are 3+, else the window minima
+        "slope_mb_h": round(level_slope if level_slope is not None else minima_slope, 2),
+        "slope_basis": (f"{len(levels)} pause levels" if level_slope is not None
+                        else f"{args.window_s:.0f}-s minima"),
         "slope_minima_mb_h": round(minima_slope, 2),
-        "same_state_points": [(round(t, 1), round(r, 2)) for t, r in cycle_points],
+        "pause_levels": [(round(t, 1), round(r, 2)) for t, r in levels],
         "slope_all_samples_mb_h": round(3600.0 * slope(after), 2),
         "kb_per_1000_frames": round(1e6 * slope(per_frame(samples, warmup)), 1),
         "threads": (samples[0][2], samples[-1][2]), "fds": (samples[0][3], samples[-1][3]),
@@ -288,6 +300,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="ignored for the slope (default: max(60 s, 5 command periods, 1/5 of the run))")
     parser.add_argument("--command-every", type=float, default=15.0,
                         help="seconds between remote commands (0: none, to isolate the per-frame path)")
+    parser.add_argument("--pause-every", type=float, default=240.0,
+                        help="pause the commands after a full cycle every this many seconds (0: never)")
+    parser.add_argument("--pause-s", type=float, default=60.0, help="length of each pause")
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="the slope is fitted to the lowest RSS of each window of this length")
     parser.add_argument("--threads", type=int, default=1, help="model.threads of the agent")

@@ -181,6 +181,10 @@ class _Worker:
             self.replica_of, self.failed_for = segmenter, None
         return self.replica
 
+    def mark(self, started: Optional[float]) -> None:
+        """``stages.infer``'s invoke marker: when this worker's running invoke() began (None: idle)."""
+        self.busy_since = started
+
 
 @dataclass
 class _Captured:
@@ -492,12 +496,8 @@ class Pipeline:
             item.prepared = None
             return None
         out = self.label_maps.acquire((segmenter.model.output.height, segmenter.model.output.width), np.uint8)
-
-        def mark(started: Optional[float]) -> None:
-            worker.busy_since = started
-
         try:
-            label_map = stages.infer(runner.model, item.prepared, mark, out=out)
+            label_map = stages.infer(runner.model, item.prepared, worker.mark, out=out)
         except EdgeAgentError as exc:
             self.label_maps.release(out)
             self.telemetry.inference_failed(str(exc))

@@ -44,8 +44,8 @@ def release_memory() -> bool:
     ``malloc_trim(0)``); True when it was trimmed.
 
     A benchmark's second interpreter or a swapped-out model frees tens of MB in glibc arenas that
-    would otherwise stay resident (RSS high-water marks that creep as each thread's arena reaches
-    its own); called after each remote benchmark and deployment. A no-op without glibc (musl).
+    stay resident while a live block sits above them (RSS after the same drop lands anywhere in a
+    ~15 MB band); called after each remote benchmark and deployment. A no-op without glibc (musl).
     """
     global _TRIM
     gc.collect()

@@ -55,6 +55,7 @@ def test_folder_source_end_to_end(mosquitto, tmp_path):
     finally:
         out = stop_agent(agent)
     assert agent.returncode == 0, out
+    assert "(allocator: mmap threshold 1024 KiB, 2 arenas)" in out  # set before the first thread
     mask = decode_mask_png(bytes(masks[-1].payload))
     assert mask.shape == (513, 513) and mask.dtype == np.uint8
     assert agreement(mask, bird_mask()) > 0.90

@@ -7,6 +7,7 @@ import logging
 
 from edge_agent import __version__
 from edge_agent.cli.config import add_config_arguments, config_from_args
+from edge_agent.daemon import system
 from edge_agent.daemon.agent import Agent
 from edge_agent.remote import HANDLERS
 
@@ -23,6 +24,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not args.verbose:
         logging.getLogger().setLevel(config.agent.log_level.upper())
+    allocator = system.tune_allocator()  # before any thread starts: the arena limit is per new arena
     agent = Agent(config, handlers=HANDLERS, config_path=args.config, config_overrides=args.overrides)
-    log.info("edge-agent %s starting as device '%s'", __version__, config.agent.device_id)
+    log.info("edge-agent %s starting as device '%s'%s", __version__, config.agent.device_id,
+             f" (allocator: {allocator})" if allocator else "")
     return agent.run()

@@ -4,7 +4,7 @@
     .venv/bin/python bench/soak.py [--minutes 20 | --frames 100000] [--modes frame,interval]
 
 For each publish mode (``publish.timings = "frame"`` and ``"interval"``) one run of the real agent
-(``python -m edge_agent run``) on the synthetic 640x480 source at full speed (``source.fps = 0``),
+(``python -m edge_agent run``) on the synthetic 640x480 source (``--size``) at full speed (``source.fps = 0``),
 masks, results and overlays published to a real mosquitto and drained by a subscriber, with a
 remote benchmark and a remote deployment (alternating between the dm1.0 and dm0.5 Coral models)
 every ``--command-every`` seconds through the fleet client. The agent's RSS, threads and open
@@ -60,10 +60,11 @@ def toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def write_config(path: Path, port: int, mode: str, threads: int) -> Path:
+def write_config(path: Path, port: int, mode: str, threads: int, size: str = "640x480") -> Path:
+    width, height = (int(v) for v in size.lower().split("x"))
     sections = {
         "agent": {"device_id": DEVICE, "log_level": "info", "state_dir": str(path.parent / "state")},
-        "source": {"kind": "synthetic", "width": 640, "height": 480, "fps": 0},
+        "source": {"kind": "synthetic", "width": width, "height": height, "fps": 0},
         "model": {"path": str(DM05), "labels": str(LABELS), "threads": threads},
         "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
         "publish": {"timings": mode, "timings_interval_s": 5.0, "stats_interval_s": 2.0,
@@ -217,7 +218,7 @@ class Commands:
 def run_mode(mode: str, args: argparse.Namespace, broker: MosquittoBroker, workdir: Path) -> Dict[str, Any]:
     mode_dir = workdir / mode
     mode_dir.mkdir()
-    config = write_config(mode_dir / "agent.toml", broker.port, mode, args.threads)
+    config = write_config(mode_dir / "agent.toml", broker.port, mode, args.threads, args.size)
     log_path = mode_dir / "agent.log"
     drain = Drain(broker.port)
     with open(log_path, "wb") as log_file:
@@ -306,6 +307,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="the slope is fitted to the lowest RSS of each window of this length")
     parser.add_argument("--threads", type=int, default=1, help="model.threads of the agent")
+    parser.add_argument("--size", default="640x480", help="the synthetic source's frame size, WxH")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if not args.minutes and not args.frames:
@@ -314,7 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-agent-soak-") as tmp, \
             MosquittoBroker(workdir=tmp) as broker:
         for mode in args.modes.split(","):
-            print(f"soak {mode}: {args.minutes or '-'} min / {args.frames or '-'} frames", flush=True)
+            print(f"soak {mode}: {args.minutes or '-'} min / {args.frames or '-'} frames, {args.size} frames", flush=True)
             result = run_mode(mode, args, broker, Path(tmp))
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if k not in ("commands", "log", "samples")}),

@@ -66,10 +66,9 @@ def test_rss_is_back_at_one_level_after_each_dropped_model():
     assert all(a <= b + 0.5 for a, b in zip(after, before)), (before, after)
 
 
-PROBE = r"""
-import ctypes, sys
+PRELUDE = r"""
+import ctypes, resource, sys
 from edge_agent.daemon import system
-print(system.tune_allocator() if sys.argv[1] == "tuned" else "glibc defaults")
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 MB = 1 << 20
@@ -77,6 +76,12 @@ def block(n):
     p = libc.malloc(n)
     ctypes.memset(p, 1, n)  # touched: resident
     return p
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+"""
+
+DROPPED_MODEL = PRELUDE + r"""
+print(system.tune_allocator() if sys.argv[1] == "tuned" else "glibc defaults")
 libc.free(block(16 * MB))  # a dropped model's arena: glibc's default raises its mmap threshold to 16 MB
 base = system.rss_mb()
 model = block(12 * MB)     # the next model's arena: now carved from the heap
@@ -85,23 +90,48 @@ libc.free(model)           # the model is dropped
 print(round(system.rss_mb() - base, 1))
 """
 
+FRAMES = PRELUDE + r"""
+print(system.tune_allocator() if sys.argv[1] == "tuned" else "glibc defaults")
+print(system.fit_mmap_threshold(480 * 640 * 3), system.fit_mmap_threshold(1080 * 1920 * 3),
+      system.fit_mmap_threshold(1080 * 1920 * 3))
+libc.free(block(7 * MB))   # warm: the heap has grown to hold a frame
+before = faults()
+for _ in range(20):        # 20 1080p frames, each allocated, touched and freed
+    libc.free(block(1080 * 1920 * 3))
+print(faults() - before)
+base = system.rss_mb()
+model = block(12 * MB)     # a model's block above the frames' threshold: still mapped
+pin = block(64 * 1024)
+libc.free(model)
+print(round(system.rss_mb() - base, 1))
+"""
 
-def probe(mode: str, **env: str) -> tuple:
+
+def probe(script: str, mode: str, **env: str) -> list:
     clean = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}  # glibc's defaults unless given
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
-                         env={**clean, **env}).stdout.split("\n")
-    return out[0], float(out[1])
+    return subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
+                          env={**clean, **env}).stdout.split("\n")
 
 
 def test_tuned_allocator_gives_a_dropped_models_memory_back_without_a_trim():
     """glibc's dynamic mmap threshold puts the next model below a live block, where it stays
-    resident after it is dropped (the soak's rising levels); the agent's fixed threshold maps it."""
-    what, kept = probe("defaults")
-    assert kept > 10, (what, kept)  # the mechanism is real here: 12 MB stay resident
-    what, kept = probe("tuned")
-    assert what == "mmap threshold 1024 KiB, 2 arenas" and kept < 1, (what, kept)
+    resident after it is dropped (the soak's wandering levels); the agent's fixed threshold maps it."""
+    what, kept, _ = probe(DROPPED_MODEL, "defaults")
+    assert float(kept) > 10, (what, kept)  # the mechanism is real here: 12 MB stay resident
+    what, kept, _ = probe(DROPPED_MODEL, "tuned")
+    assert what == "mmap threshold 1024 KiB, 2 arenas" and float(kept) < 1, (what, kept)
+
+
+def test_frames_are_recycled_in_the_heap_above_the_threshold_models_are_mapped():
+    """A 1080p frame above a 1 MiB threshold would be a fresh mapping each time: ~1500 page faults
+    a frame. The threshold follows the frame size (8 MiB for 1080p), models stay mapped."""
+    what, fitted, frame_faults, kept, _ = probe(FRAMES, "tuned")
+    assert fitted == f"None {8 << 20} None", fitted  # 640x480 fits under 1 MiB; 1080p: 8 MiB, once
+    assert int(frame_faults) < 200, frame_faults  # 20 frames reuse one heap block (mapped: ~30,000)
+    assert float(kept) < 1, kept
+    assert probe(FRAMES, "defaults")[1] == "None None None"  # no fixed threshold: nothing to fit
 
 
 def test_a_malloc_setting_in_the_environment_is_left_to_the_user():
-    what, kept = probe("tuned", MALLOC_ARENA_MAX="4")
-    assert what == "left to the environment" and kept > 10, (what, kept)
+    what, kept, _ = probe(DROPPED_MODEL, "tuned", MALLOC_ARENA_MAX="4")
+    assert what == "left to the environment" and float(kept) > 10, (what, kept)

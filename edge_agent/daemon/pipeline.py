@@ -34,7 +34,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from edge_agent.daemon import stages
+from edge_agent.daemon import stages, system
 from edge_agent.daemon.stages import FrameOutput, OutputSettings, Sink
 from edge_agent.daemon.telemetry import PipelineCounters, Telemetry
 from edge_agent.errors import EdgeAgentError
@@ -391,6 +391,9 @@ class Pipeline:
                 return
             if frame is None:
                 continue
+            threshold = system.fit_mmap_threshold(frame.height * frame.width * 3)
+            if threshold:
+                log.info("allocator: mmap threshold %d KiB for %dx%d frames", threshold >> 10, frame.width, frame.height)
             item = self._prepare(frame, t0)
             if item is not None:
                 self.counters.captured += 1

@@ -38,11 +38,12 @@ def peak_rss_mb() -> float:
 
 _LIBC: Any = None
 
-# glibc's mallopt() parameters (malloc.h) and what the agent sets them to.
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+# glibc's mallopt() parameters (malloc.h) and the agent's smallest mmap threshold.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD = 1 << 20
 ARENA_MAX = 2
 MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+_threshold = 0  # the fixed mmap threshold in force; 0: glibc's own (dynamic) one
 
 
 def _libc() -> Any:
@@ -60,20 +61,39 @@ def _libc() -> Any:
 def tune_allocator() -> Optional[str]:
     """Make a long-running agent's RSS a function of what it holds (call before threads start).
 
-    A fixed mmap threshold of 1 MiB sends every large block (interpreter arenas, packed weights, a
-    benchmark's second model) to its own mapping that goes back to the system when freed; glibc's
-    default raises the threshold to the largest block ever freed, and those blocks then fragment
-    the heap. At most two arenas, instead of eight per core, share what the threads free.
-    Measured: with remote commands RSS kept rising over 52 min without it (docs/performance.md).
-    Left to the user when any glibc malloc variable is set. Returns what was done, None without glibc.
+    glibc raises its mmap threshold to the largest block ever freed, so after the first dropped
+    model the next model's blocks are carved from the heap, where per-frame blocks allocated after
+    them keep them resident (the soak's RSS levels wandered over 16 MB with remote commands). A
+    fixed threshold maps every block above the per-frame buffers (:func:`fit_mmap_threshold`) and
+    gives it back when freed; two arenas instead of eight per core share what the threads free.
+    Left to the user when a glibc malloc variable is set. Returns what was done, None without glibc.
     """
     if any(name in os.environ for name in MALLOC_ENV):
         return "left to the environment"
-    libc = _libc()
-    if not libc:
+    if not _set_threshold(MMAP_THRESHOLD):
         return None
-    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_ARENA_MAX, ARENA_MAX) == 1
-    return f"mmap threshold {MMAP_THRESHOLD >> 10} KiB, {ARENA_MAX} arenas" if ok else None
+    arenas = _libc().mallopt(M_ARENA_MAX, ARENA_MAX) == 1
+    return f"mmap threshold {MMAP_THRESHOLD >> 10} KiB" + (f", {ARENA_MAX} arenas" if arenas else "")
+
+
+def fit_mmap_threshold(frame_bytes: int) -> Optional[int]:
+    """Raise the tuned mmap threshold above a frame of ``frame_bytes`` (its mask and overlay are no
+    larger), so per-frame buffers are recycled in the heap: a mapping per frame costs a page fault
+    per 4 kB (+2.8 ms CPU per 1080p frame, measured). The new threshold when it changed, else None;
+    a no-op unless :func:`tune_allocator` set one."""
+    want = max(MMAP_THRESHOLD, 1 << int(frame_bytes).bit_length())  # next power of two above it
+    return want if _threshold and want != _threshold and _set_threshold(want) else None
+
+
+def _set_threshold(size: int) -> bool:
+    """Fixed mmap threshold ``size``, and a heap top kept up to twice that (what glibc's dynamic
+    mode pairs with it) so a freed frame at the top is reused, not returned and faulted in again."""
+    global _threshold
+    libc = _libc()
+    if not (libc and libc.mallopt(M_MMAP_THRESHOLD, size) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 * size) == 1):
+        return False
+    _threshold = size
+    return True
 
 
 def release_memory() -> bool:

@@ -258,11 +258,11 @@ install_project() {  # editable, no deps (each venv pins its own); metadata is b
 }
 
 # ------------------------------------------------------------------ 2. checks
-default_selection() {  # the device-side subset: core (golden incl. CLI, letterbox, model contract) + MQTT
+default_selection() {  # the device-side subset: core (golden incl. CLI, letterbox, model contract) + MQTT + allocator
   local f out=()
   if [ -n "${ARM64_TESTS:-}" ]; then echo "$ARM64_TESTS"; return; fi
   for f in tests/test_arch.py tests/test_golden.py tests/test_letterbox.py tests/test_model_contract.py \
-           tests/test_inspect_runtimes.py tests/test_cli.py tests/test_mqtt.py; do
+           tests/test_inspect_runtimes.py tests/test_cli.py tests/test_mqtt.py tests/test_release_memory.py; do
     [ -e "$REPO/$f" ] && out+=("$f")
   done
   echo "${out[*]}"
@@ -279,12 +279,13 @@ self_test() {  # raw runtime (only the agreement score is the project's): proves
 
 # Deselected by default (--full runs them): the same code path again through another emulated
 # subprocess (python + numpy + OpenCV + runtime imports cost 8-30 s per process under qemu) or the
-# fp16 host reference model (42 s). One CLI golden run, one CLI refusal pair and one `inspect` stay.
+# fp16 host reference model (42 s), or nine dm1.0 builds (the trim level; the allocator probes stay).
+# One CLI golden run, one CLI refusal pair and one `inspect` stay.
 EMULATION_DESELECT="not fp16_513 and not (through_cli and dm10) \
 and not truncated_models_never_crash_the_process and not bad_image_is_refused_before_loading_the_model \
 and not (refused_through_cli and not classifier and not missing) \
 and not test_inspect_float_model_and_all_tensors and not test_inspect_json_and_edgetpu_model \
-and not test_inspect_bad_file_is_one_line"
+and not test_inspect_bad_file_is_one_line and not rss_is_back_at_one_level_after_each_dropped_model"
 
 run_pytest() {
   local runtime=$1 venv rc

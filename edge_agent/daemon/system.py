@@ -77,12 +77,13 @@ def tune_allocator() -> Optional[str]:
 
 
 def fit_mmap_threshold(frame_bytes: int) -> Optional[int]:
-    """Put the tuned mmap threshold at the next power of two above a frame of ``frame_bytes`` (its
-    mask and overlay are no larger; at least 1 MiB), so per-frame buffers are reused from the heap:
-    a mapping per frame costs a page fault per 4 kB (+2.8 ms CPU per 1080p frame, measured). The
-    new threshold when it changed, else None; a no-op unless :func:`tune_allocator` set one."""
-    want = max(MMAP_THRESHOLD, 1 << int(frame_bytes).bit_length())  # next power of two above it
-    return want if _threshold and want != _threshold and _set_threshold(want) else None
+    """Raise the tuned mmap threshold to the next power of two above a frame of ``frame_bytes``
+    (its mask and overlay are no larger), so per-frame buffers are reused from the heap: a mapping
+    per frame costs a page fault per 4 kB (+2.8 ms CPU per 1080p frame, measured). Never lowered,
+    so a folder of mixed sizes does not flap. The new threshold when raised, else None; a no-op
+    unless :func:`tune_allocator` set one."""
+    want = 1 << int(frame_bytes).bit_length()  # the next power of two above it
+    return want if _threshold and want > _threshold and _set_threshold(want) else None
 
 
 def _set_threshold(size: int) -> bool:

@@ -2,7 +2,10 @@
 every remote benchmark and deployment). Without it the memory a model built on a worker thread
 freed stays resident in glibc's arenas, and RSS after a command lands anywhere in a ~15 MB band
 (here 97-114 MB after the same drop); with it, at the same level every time, so the soak's
-levels are comparable and the device keeps no dead model's pages."""
+levels are comparable and the device keeps no dead model's pages.
+
+The daemon's malloc settings (``system.tune_allocator``/``fit_mmap_threshold``) are probed in fresh
+processes: a model's blocks mapped and given back, frames reused from the heap."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 #
 #   bash tools/test.sh            # all suites
 #   SUITES="device" bash tools/test.sh   # a subset: device brokers tflite host installed homeassistant browser
+#                                        # picamera2 systemd
 #
 # Suites (each in its own venv, as users install them):
 #   device  .venv         the agent with its default runtime (ai-edge-litert), real mosquitto
@@ -18,13 +19,18 @@
 #   installed .venv drives tests/test_installed.py: the wheel in clean venvs outside the checkout
 #                  (Python 3.11 and 3.13), used as a user would, down to `service install --root` and
 #                  the staged agent publishing masks; needs Python 3.13 (pyenv) besides the system 3.11
+#   picamera2 .venv drives tests/test_picamera2_real.py: the agent's picamera2 source and the real
+#                  daemon in a trixie root with libcamera 0.7.1 (trixie-backports) and picamera2 from
+#                  PyPI on libcamera's virtual camera (tools/picamera2-root.sh builds the root, cached)
+#   systemd   .venv drives tests/test_systemd_real.py: the built wheel, `service install` and the
+#                  hardened unit under a real systemd booted with systemd-nspawn (tools/systemd-root.sh)
 # Exit 0 only when every selected suite ran tests and they passed (pytest's exit 5, "no tests
 # collected", counts as a failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-SUITES=${SUITES:-"device brokers tflite host installed homeassistant browser"}
+SUITES=${SUITES:-"device brokers tflite host installed homeassistant browser picamera2 systemd"}
 PIP_FLAGS=(-q --disable-pip-version-check)
 export PIP_NO_INPUT=1
 
@@ -79,7 +85,7 @@ for suite in $SUITES; do
     device)
       say "venv .venv (device: ai-edge-litert)"
       make_venv .venv -e ".[dev]" || { RESULTS+=("device=setup-failed"); FAILED=1; continue; }
-      run_pytest device .venv -m "not host and not homeassistant and not browser and not brokers and not installed" tests --ignore=tests/host
+      run_pytest device .venv -m "not host and not homeassistant and not browser and not brokers and not installed and not picamera2 and not systemd" tests --ignore=tests/host
       ;;
     brokers)
       say "venv .venv (device), the broker matrix"
@@ -121,6 +127,18 @@ for suite in $SUITES; do
       say "venv .venv drives the installed-wheel stage"
       make_venv .venv -e ".[dev]" || { RESULTS+=("installed=setup-failed"); FAILED=1; continue; }
       run_pytest installed .venv -m installed tests/test_installed.py --durations=0
+      ;;
+    picamera2)
+      say "picamera2: real picamera2 + libcamera's virtual camera in a trixie root (tools/picamera2-root.sh)"
+      make_venv .venv -e ".[dev]" && bash tools/picamera2-root.sh \
+        || { RESULTS+=("picamera2=setup-failed"); FAILED=1; continue; }
+      EDGE_AGENT_PICAMERA2_REQUIRED=1 run_pytest picamera2 .venv -m picamera2 tests/test_picamera2_real.py
+      ;;
+    systemd)
+      say "systemd: the installed service under a real systemd (systemd-nspawn, tools/systemd-root.sh)"
+      make_venv .venv -e ".[dev]" && bash tools/systemd-root.sh \
+        || { RESULTS+=("systemd=setup-failed"); FAILED=1; continue; }
+      EDGE_AGENT_SYSTEMD_REQUIRED=1 run_pytest systemd .venv -m systemd tests/test_systemd_real.py
       ;;
     *) echo "unknown suite $suite"; FAILED=1 ;;
   esac

@@ -34,4 +34,4 @@ def add_parser(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     argv: List[str] = list(args.argv)
-    return int(host_main()(argv) or 0)
+    return int(host_main()(argv, prog="edge-agent host") or 0)

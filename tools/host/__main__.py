@@ -1,12 +1,17 @@
-"""``python -m tools.host <command>``: the host-side model toolchain's command line.
+"""``python -m tools.host <command>`` (``edge-agent host <command>``): the host-side model
+toolchain's command line.
 
 Each command is a thin wrapper over one module; failures the user can cause are
-``EdgeAgentError``s printed as one line with a non-zero exit code.
+``EdgeAgentError``s printed as one line with a non-zero exit code. Where the ``host`` extra is
+not installed (the device venv), every command says in one line what to install and exits 2;
+``--help`` still works. This module itself imports nothing beyond the standard library and
+``edge_agent``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -14,6 +19,27 @@ from typing import List, Optional, Sequence
 from edge_agent.errors import ConfigError, EdgeAgentError
 
 DEFAULT_VOC = "../shared/test_data/voc"
+DEFAULT_PROG = "python -m tools.host"
+# What the ``host`` extra brings that the device install lacks (import names).
+HOST_MODULES = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "tqdm")
+INSTALL_HINT = "pip install 'edge-agent[host]'"
+
+
+def missing_host_modules() -> List[str]:
+    """Import names of the host extra's packages that are not installed (nothing is imported)."""
+    missing = []
+    for name in HOST_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # a broken install counts as missing
+            missing.append(name)
+    return missing
+
+
+def not_installed_message(missing: Sequence[str]) -> str:
+    return (f"the host tools need TensorFlow, tf-keras and tfmot (not installed here: "
+            f"{', '.join(missing)}): {INSTALL_HINT}")
 
 
 def _size(values: Optional[Sequence[int]]):
@@ -164,9 +190,10 @@ def _ptq_flags(p: argparse.ArgumentParser, argmax: bool = True) -> None:
                             "faster on the CPU, the agent resizes the label map)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.host",
-                                     description="Host-side DeepLab model tools.")
+def build_parser(prog: str = DEFAULT_PROG, note: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line; ``note`` (e.g. what to install) ends every command's ``--help``."""
+    parser = argparse.ArgumentParser(prog=prog, description="Host-side DeepLab model tools.",
+                                     epilog=note)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="build a (random-init) DeepLab Keras model")
@@ -256,13 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs="+", required=True)
     _ptq_flags(p, argmax=False)
     p.set_defaults(func=cmd_convert_frozen)
+    for p in sub.choices.values():
+        p.epilog = note
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[List[str]] = None, prog: str = DEFAULT_PROG) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    missing = missing_host_modules()
+    note = f"Not installed here: {INSTALL_HINT}" if missing else None
+    parser = build_parser(prog, note)
+    if missing and not {"-h", "--help"} & set(argv):
+        print(f"error: {not_installed_message(missing)}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:  # a host dependency broken after the check above
+        if (exc.name or "").split(".")[0] not in HOST_MODULES:
+            raise
+        print(f"error: {not_installed_message([exc.name])}", file=sys.stderr)
+        return 2
     except EdgeAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

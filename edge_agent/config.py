@@ -27,9 +27,10 @@ import os
 import re
 import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from edge_agent.errors import ConfigError
 from edge_agent.schema import Bool, Choice, Field, Float, Int, Invalid, Str, StrList
@@ -42,6 +43,7 @@ else:  # pragma: no cover - exercised on the device's older Pythons
 ENV_PREFIX = "EDGE_AGENT_"
 MASK = "***"
 CREDENTIAL_MQTT_PASSWORD = "mqtt_password"
+FLEET_DEVICE = "all"  # the topic level of fleet-wide commands: no device may have this id
 
 
 # --------------------------------------------------------------------------- value specs
@@ -69,7 +71,9 @@ STR = Str()
 PATH = Str(expected="path")
 POS_FLOAT = Float(lo=0.0)
 NAME = Str(r"[A-Za-z0-9_-]*", "string of letters, digits, '_' or '-'")
-TOPIC_PREFIX = Str(r"[^#+/\x00]+(/[^#+/\x00]+)*", "MQTT topic without wildcards or leading/trailing '/'")
+# No leading '$': brokers reserve $-topics ($SYS) and refuse publishes there (PUBACK 0x87).
+TOPIC_PREFIX = Str(r"[^#+/\x00$][^#+/\x00]*(/[^#+/\x00]+)*",
+                   "MQTT topic without wildcards, a leading '$' or leading/trailing '/'")
 REPLY_PREFIXES = StrList(Str(r"[^#+/\x00$][^#+/\x00]*(/[^#+/\x00]+)*",
                              "MQTT topics without wildcards, a leading '$' or leading/trailing '/'"))
 EDGETPU = Str(r"|usb(:\d+)?|pci(:\d+)?|:\d+", "'' or usb, usb:N, pci, pci:N, :N")
@@ -98,6 +102,9 @@ class SourceConfig:
     fps: float = opt(0.0, POS_FLOAT)  # 0 = as fast as possible
     stall_timeout_s: float = opt(5.0, Float(lo=0.1))
     reopen_backoff_max_s: float = opt(30.0, Float(lo=0.1))
+    # picamera2: the lores format to ask for ("" = YUV420); what the camera gives is converted
+    format: str = opt("", Choice("", "YUV420", "YVU420", "NV12", "NV21", "RGB888", "BGR888", "XRGB8888",
+                                 "XBGR8888"))
 
 
 @dataclass(frozen=True)
@@ -229,25 +236,61 @@ def _specs(cls: type) -> Dict[str, Field]:
 # --------------------------------------------------------------------------- loading
 
 
+class Problems:
+    """Every config problem of one load, so ``config check`` names them all in one run."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    @contextmanager
+    def collect(self) -> Iterator[None]:
+        """Run a check; a ConfigError it raises is noted and the load goes on."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.lines.extend(line for line in exc.errors if line not in self.lines)
+
+    def add(self, line: str) -> None:
+        if line not in self.lines:
+            self.lines.append(line)
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(errors=self.lines)
+
+
 def load_config(
     path: Optional[str] = None,
     overrides: Sequence[str] = (),
     env: Mapping[str, str] = os.environ,
+    problems: Optional[Problems] = None,
 ) -> Config:
-    """Defaults < TOML file at ``path`` < ``EDGE_AGENT_*`` in ``env`` < ``overrides`` ("s.k=v")."""
+    """Defaults < TOML file at ``path`` < ``EDGE_AGENT_*`` in ``env`` < ``overrides`` ("s.k=v").
+
+    Raises one ConfigError listing every problem (``errors``), not just the first: a value that
+    fails is left at its default so the cross-key checks still run on the rest. Given
+    ``problems``, they are noted there instead and the config (with those defaults) returned
+    (``config check`` goes on to the start-up checks); an unreadable file still raises."""
+    collecting = problems is not None
+    problems = problems if problems is not None else Problems()
     raw: Dict[str, Dict[str, Any]] = {name: {} for name in SECTIONS}
     if path:
-        _merge_file(raw, _read_toml(path))
+        _merge_file(raw, _read_toml(path), problems)
     for key in sorted(env):
-        target = _env_target(key)
-        if target is not None:
-            section, name = target
-            raw[section][name] = _parse_text(section, name, env[key], f" (from {key})")
+        with problems.collect():
+            target = _env_target(key)
+            if target is not None:
+                section, name = target
+                raw[section][name] = _parse_text(section, name, env[key], f" (from {key})")
     for item in overrides:
-        section, name, text = _split_set(item)
-        raw[section][name] = _parse_text(section, name, text, " (from --set)")
+        with problems.collect():
+            section, name, text = _split_set(item)
+            raw[section][name] = _parse_text(section, name, text, " (from --set)")
     cfg = Config(**{section: SECTIONS[section](**values) for section, values in raw.items()})
-    return _resolve(cfg, env)
+    cfg = _resolve(cfg, env, problems)
+    if not collecting:
+        problems.raise_if_any()
+    return cfg
 
 
 def _read_toml(path: str) -> Dict[str, Any]:
@@ -260,21 +303,27 @@ def _read_toml(path: str) -> Dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}): TOML files are UTF-8; "
+                          "save it as UTF-8 without a byte-order mark") from None
 
 
-def _merge_file(raw: Dict[str, Dict[str, Any]], data: Mapping[str, Any]) -> None:
-    """Validate every section/key of the parsed TOML and store it in ``raw``."""
+def _merge_file(raw: Dict[str, Dict[str, Any]], data: Mapping[str, Any], problems: Problems) -> None:
+    """Validate every section/key of the parsed TOML and store the valid ones in ``raw``."""
     for section, table in data.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{section}: unknown section{_suggest(section, SECTIONS)}")
+            problems.add(f"{section}: unknown section{_suggest(section, SECTIONS)}")
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{section}: expected a table ([{section}]), got {table!r}")
+            problems.add(f"{section}: expected a table ([{section}]), got {table!r}")
+            continue
         specs = _specs(SECTIONS[section])
         for name, value in table.items():
-            try:
-                raw[section][name] = _spec_for(section, name, specs).validate(f"{section}.{name}", value)
-            except Invalid as exc:
-                raise ConfigError(str(exc)) from None
+            with problems.collect():
+                try:
+                    raw[section][name] = _spec_for(section, name, specs).validate(f"{section}.{name}", value)
+                except Invalid as exc:
+                    raise ConfigError(str(exc)) from None
 
 
 def _env_target(var: str) -> Optional[Tuple[str, str]]:
@@ -344,7 +393,7 @@ def default_state_dir(env: Mapping[str, str]) -> str:
     return str(Path("~/.local/state/edge-agent").expanduser())
 
 
-def _resolve(cfg: Config, env: Mapping[str, str]) -> Config:
+def _resolve(cfg: Config, env: Mapping[str, str], problems: Problems) -> Config:
     """Fill computed defaults, read secrets from files, and check keys that depend on each other."""
     agent = cfg.agent
     agent = dataclasses.replace(
@@ -352,15 +401,20 @@ def _resolve(cfg: Config, env: Mapping[str, str]) -> Config:
         device_id=agent.device_id or sanitise_device_id(socket.gethostname()),
         state_dir=str(Path(agent.state_dir).expanduser()) if agent.state_dir else default_state_dir(env),
     )
-    mqtt = cfg.mqtt
+    if agent.device_id.lower() == FLEET_DEVICE:
+        problems.add(f"agent.device_id: {agent.device_id!r} is reserved (the topic level of fleet-wide "
+                     "commands); set another agent.device_id")
+    password = ""
+    with problems.collect():
+        password = _mqtt_password(cfg.mqtt, env)
     mqtt = dataclasses.replace(
-        mqtt,
-        client_id=mqtt.client_id or f"edge-agent-{agent.device_id}",
-        password=_mqtt_password(mqtt, env),
+        cfg.mqtt,
+        client_id=cfg.mqtt.client_id or f"edge-agent-{agent.device_id}",
+        password=password,
     )
-    _check_mqtt(mqtt)
-    _check_homeassistant(cfg)
-    _check_model(cfg.model)
+    for check in (_mqtt_problems(mqtt), _homeassistant_problems(cfg), _model_problems(cfg.model)):
+        for line in check:
+            problems.add(line)
     return dataclasses.replace(cfg, agent=agent, mqtt=mqtt)
 
 
@@ -388,35 +442,39 @@ def _mqtt_password(mqtt: MqttConfig, env: Mapping[str, str]) -> str:
     return ""
 
 
-def _check_model(model: ModelConfig) -> None:
+def _model_problems(model: ModelConfig) -> Iterator[str]:
     if model.interpreters > 1 and model.edgetpu:
-        raise ConfigError("model.interpreters: an Edge TPU runs one interpreter at a time; "
-                          "set model.interpreters = 1 (or model.edgetpu = \"\" to run on the CPU)")
+        yield ("model.interpreters: an Edge TPU runs one interpreter at a time; "
+               "set model.interpreters = 1 (or model.edgetpu = \"\" to run on the CPU)")
+    if model.normalization and (model.input_mean or model.input_std):
+        yield (f"model.normalization: {model.normalization!r} and model.input_mean/input_std both say how "
+               "to scale the input: set one of them")
+    if bool(model.input_mean) != bool(model.input_std):
+        yield "model.input_mean: set model.input_std too (mean and std go together)"
 
 
-def _check_homeassistant(cfg: Config) -> None:
+def _homeassistant_problems(cfg: Config) -> Iterator[str]:
     if not cfg.homeassistant.enabled:
         return
     if not cfg.mqtt.enabled:
-        raise ConfigError("homeassistant.enabled: needs mqtt.enabled = true (discovery goes through the broker)")
+        yield "homeassistant.enabled: needs mqtt.enabled = true (discovery goes through the broker)"
     if not cfg.publish.result:
-        raise ConfigError("homeassistant.enabled: needs publish.result = true (the class entities follow the results)")
+        yield "homeassistant.enabled: needs publish.result = true (the class entities follow the results)"
 
 
-def _check_mqtt(mqtt: MqttConfig) -> None:
+def _mqtt_problems(mqtt: MqttConfig) -> Iterator[str]:
     if mqtt.reconnect_min_s > mqtt.reconnect_max_s:
-        raise ConfigError(
-            f"mqtt.reconnect_min_s: expected <= mqtt.reconnect_max_s ({mqtt.reconnect_max_s}), "
-            f"got {mqtt.reconnect_min_s}")
+        yield (f"mqtt.reconnect_min_s: expected <= mqtt.reconnect_max_s ({mqtt.reconnect_max_s}), "
+               f"got {mqtt.reconnect_min_s}")
     if mqtt.key_file and not mqtt.cert_file:
-        raise ConfigError("mqtt.key_file: set mqtt.cert_file too (client certificate and key go together)")
+        yield "mqtt.key_file: set mqtt.cert_file too (client certificate and key go together)"
     if mqtt.password and not mqtt.username:
-        raise ConfigError("mqtt.password: set mqtt.username too (MQTT has no password without a user)")
+        yield "mqtt.password: set mqtt.username too (MQTT has no password without a user)"
     if mqtt.tls:
         for key in ("ca_file", "cert_file", "key_file"):
             value = getattr(mqtt, key)
             if value and not Path(value).expanduser().is_file():
-                raise ConfigError(f"mqtt.{key}: file not found: {value}")
+                yield f"mqtt.{key}: file not found: {value}"
 
 
 # --------------------------------------------------------------------------- rendering

@@ -25,7 +25,15 @@ class InferenceError(EdgeAgentError):
 
 
 class ConfigError(EdgeAgentError):
-    """A config key is unknown or its value has the wrong type or range."""
+    """A config key is unknown or its value has the wrong type or range.
+
+    ``errors``: every problem found in one pass, one line each naming its key (``config check``
+    prints them all at once instead of one per run); ``str(err)`` joins them with newlines.
+    """
+
+    def __init__(self, message: str = "", errors: "tuple[str, ...] | list[str]" = ()) -> None:
+        self.errors = list(errors) or [message]
+        super().__init__("\n".join(self.errors))
 
 
 class SourceError(EdgeAgentError):

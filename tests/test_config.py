@@ -197,7 +197,11 @@ def run_cli(argv, capsys):
 
 def test_cli_check_and_show(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("EDGE_AGENT_MQTT_PORT", raising=False)
-    good = write(tmp_path, "[mqtt]\nusername = 'u'\npassword = 'hunter2'\nport = 8883\n")
+    from tests.data import DM05
+
+    good = write(tmp_path, "[mqtt]\nusername = 'u'\npassword = 'hunter2'\nport = 8883\n"
+                 f"[source]\nkind = 'synthetic'\n[model]\npath = '{DM05}'\n"
+                 f"[agent]\nstate_dir = '{tmp_path}'\n")
     code, out, err = run_cli(["config", "check", "--config", good], capsys)
     assert code == 0 and "config OK" in out and "8883" in out
 
@@ -211,7 +215,9 @@ def test_cli_check_and_show(tmp_path, capsys, monkeypatch):
     bad.write_text("[mqtt]\nport = 'abc'\n")
     code, out, err = run_cli(["config", "check", "--config", str(bad)], capsys)
     assert code == 2 and out == ""
-    assert err.strip() == "edge-agent: config error: mqtt.port: expected integer 1..65535, got 'abc'"
+    lines = err.strip().splitlines()  # every problem, one line each: the key, then what run would refuse
+    assert lines[0] == "edge-agent: config error: mqtt.port: expected integer 1..65535, got 'abc'"
+    assert [line.split(": ")[2].split(" ")[0] for line in lines[1:]] == ["folder", "model.path"]
 
 
 def test_interpreters_reach_the_pipeline_and_are_refused_with_one_edge_tpu():

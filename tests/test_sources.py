@@ -29,10 +29,11 @@ from edge_agent.sources import (
     build_source,
     open_source,
 )
-from edge_agent.sources.picamera2 import INSTALL_HINT, default_lores_size, i420_to_rgb
+from edge_agent.sources.picamera2 import (FORMATS, INSTALL_HINT, Picamera2Source, default_lores_size,
+                                          i420_to_rgb, select_camera, to_rgb)
 from edge_agent.sources.synthetic import pattern
 from tests import helpers
-from tests.fakes.fake_picamera2 import FakePicamera2, install, rgb_to_i420_padded
+from tests.fakes.fake_picamera2 import FakePicamera2, install, rgb_to_i420_padded, stream_array
 
 FAST = {"reopen_backoff_initial_s": 0.05, "reopen_backoff_max_s": 0.2}
 
@@ -169,7 +170,7 @@ def test_opencv_file_deleted_midrun_reopens_with_backoff_and_seq_continues(tmp_p
     assert_seq_continuous(frames)
     stats = src.stats()
     assert stats["reopens"] >= 1 and stats["errors"] >= 3
-    assert "video file not found" in stats["last_error"]
+    assert "does not exist (source.uri)" in stats["last_error"]
     failures = [r for r in caplog.records if "reopen failed" in r.getMessage()]
     assert len(failures) >= 2, "one log line per failed attempt"
     # Exponential backoff: the announced delays grow (0.05, 0.1, 0.2, 0.2 ...), capped.
@@ -178,7 +179,7 @@ def test_opencv_file_deleted_midrun_reopens_with_backoff_and_seq_continues(tmp_p
 
 
 def test_opencv_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(SourceError, match="video file not found"):
+    with pytest.raises(SourceError, match="video file .* does not exist"):
         open_source({"kind": "opencv", "uri": str(tmp_path / "nope.mp4")})
     bad = tmp_path / "bad.avi"
     bad.write_bytes(b"not a video at all" * 10)
@@ -373,13 +374,175 @@ def test_picamera2_missing_or_bad_camera_is_a_clear_error(monkeypatch):
         open_source({"kind": "picamera2"})
     assert str(err.value) == INSTALL_HINT
     fake = install(monkeypatch, color_scene())
-    with pytest.raises(SourceError, match="cannot open Raspberry Pi camera 1"):
+    with pytest.raises(SourceError) as err:
         open_source({"kind": "picamera2", "uri": "1"})
-    with pytest.raises(SourceError, match="camera number"):
+    assert "\n" not in str(err.value) and "no camera 1" in str(err.value)
+    assert "0: imx708 (id /base/axi/pcie@120000/rp1/i2c@88000/imx708@1a)" in str(err.value)
+    with pytest.raises(SourceError, match="no camera '/dev/video0'"):
         open_source({"kind": "picamera2", "uri": "/dev/video0"})
     with pytest.raises(SourceError, match="cannot configure"):
         open_source({"kind": "picamera2", "width": 320, "height": 240, "lores_size": (640, 480)})
+    with pytest.raises(SourceError, match="source.format 'YUYV'"):
+        open_source({"kind": "picamera2", "format": "YUYV"})
     assert all(cam.closed for cam in fake.instances)
+
+
+# Known colours in 4x4 blocks (aligned with 4:2:0 chroma): red, green, blue, white, black, grey,
+# yellow, magenta; each format's layout must come back as exactly these (YUV: within rounding).
+KNOWN = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (128, 128, 128),
+         (255, 255, 0), (255, 0, 255)]
+
+
+def known_blocks() -> np.ndarray:
+    rgb = np.zeros((8, 32, 3), np.uint8)
+    for i, colour in enumerate(KNOWN):
+        rgb[:, 4 * i: 4 * i + 4] = colour
+    return rgb
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_picamera2_format_converts_known_colours(fmt):
+    """picamera2 (0.3.38 request.py) names formats like DRM: RGB888 is B,G,R in memory, BGR888
+    R,G,B, XRGB8888 B,G,R,X, XBGR8888 R,G,B,X; YUV420/YVU420 come as (h*3/2, stride), NV12/NV21 as
+    (h*3/2, w). A swapped pair (R<->B, U<->V) would turn red into blue: checked per block."""
+    rgb = known_blocks()
+    stride = 64
+    array = stream_array(rgb, fmt, stride)
+    if fmt == "RGB888":
+        assert array[0, 0].tolist() == [0, 0, 255], "red is B,G,R = 0,0,255 in memory"
+    if fmt == "XBGR8888":
+        assert array[0, 0, :3].tolist() == [255, 0, 0], "red is R,G,B,X in memory"
+    out = to_rgb(array, fmt, (32, 8))
+    assert out.shape == (8, 32, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    tolerance = 0 if fmt in ("RGB888", "BGR888", "XRGB8888", "XBGR8888") else 3
+    for i, colour in enumerate(KNOWN):
+        block = out[:, 4 * i: 4 * i + 4].reshape(-1, 3).astype(int)
+        assert np.abs(block - colour).max() <= tolerance, (fmt, colour, block[0])
+
+
+def test_nv12_with_stride_left_in_is_cropped():
+    rgb = known_blocks()
+    nv12 = stream_array(rgb, "NV12", 0)
+    padded = np.full((12, 48), 77, np.uint8)
+    padded[:, :32] = nv12
+    assert np.abs(to_rgb(padded, "NV12", (32, 8)).astype(int) - rgb).max() <= 3
+
+
+def test_unknown_format_or_shape_is_one_line():
+    with pytest.raises(SourceError) as err:
+        to_rgb(np.zeros((8, 16, 2), np.uint8), "YUYV", (16, 8))
+    assert "'YUYV'" in str(err.value) and "source.format" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SourceError, match="NV12 frame has shape"):
+        to_rgb(np.zeros((8, 16), np.uint8), "NV12", (16, 8))
+
+
+def test_picamera2_geometry_comes_from_what_the_camera_gave(monkeypatch, caplog):
+    """Asked YUV420, given NV12 (as libcamera's virtual camera does): converted as NV12, and the
+    log line says what was given and what was asked."""
+    scene = color_scene()
+    fake = install(monkeypatch, scene)
+    fake.gives_format = "NV12"
+    caplog.set_level(logging.INFO, logger="edge_agent.sources.picamera2")
+    src = open_source({"kind": "picamera2", "width": 640, "height": 480, "lores_size": (200, 150)})
+    try:
+        frame = src.read(1.0)
+    finally:
+        src.close()
+    assert fake.instances[-1].requested["lores"]["format"] == "YUV420"
+    line = next(r.getMessage() for r in caplog.records if "lores" in r.getMessage())
+    assert "main 640x480 NV12 (asked YUV420)" in line and "lores 200x150 NV12 (asked YUV420)" in line, line
+    for (y, x), rgb in {(30, 50): (255, 0, 0), (30, 150): (0, 255, 0), (120, 50): (0, 0, 255)}.items():
+        assert np.abs(frame.image[y, x].astype(int) - rgb).max() <= 6, (y, x, frame.image[y, x])
+    assert any("camera 0 closed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("fmt", ["XRGB8888", "RGB888", "NV21"])
+def test_picamera2_source_format_is_asked_and_converted(monkeypatch, fmt):
+    fake = install(monkeypatch, color_scene())
+    fake.lores_rgb = True  # Pi 5 (PiSP): the lores stream may be RGB
+    src = open_source({"kind": "picamera2", "width": 640, "height": 480, "lores_size": (200, 150),
+                       "format": fmt})
+    try:
+        frame = src.read(1.0)
+    finally:
+        src.close()
+    assert fake.instances[-1].requested["lores"]["format"] == fmt
+    assert np.abs(frame.image[30, 50].astype(int) - (255, 0, 0)).max() <= 6
+    assert np.abs(frame.image[120, 50].astype(int) - (0, 0, 255)).max() <= 6
+
+
+def test_picamera2_camera_without_lores_is_captured_on_main(monkeypatch):
+    fake = install(monkeypatch, color_scene())
+    fake.drops_lores, fake.gives_format = True, "XBGR8888"
+    src = open_source({"kind": "picamera2", "width": 320, "height": 240, "lores_size": (160, 120)})
+    try:
+        frame = src.read(1.0)
+    finally:
+        src.close()
+    assert frame.image.shape == (240, 320, 3)
+    assert np.abs(frame.image[60, 80].astype(int) - (255, 0, 0)).max() <= 2
+
+
+def test_picamera2_unknown_format_given_is_refused_and_closed(monkeypatch):
+    fake = install(monkeypatch, color_scene())
+    fake.gives_format = "YUYV"
+    with pytest.raises(SourceError) as err:
+        open_source({"kind": "picamera2"})
+    assert "'YUYV'" in str(err.value) and "set source.format to one of" in str(err.value)
+    assert fake.instances[-1].closed
+
+
+CAMERAS = [  # as picamera2 orders global_camera_info(): Num is libcamera's order, not the position
+    {"Model": "imx708", "Location": 2, "Rotation": 180, "Id": "/base/axi/pcie@120000/rp1/i2c@88000/imx708@1a", "Num": 1},
+    {"Model": "imx219", "Location": 2, "Rotation": 0, "Id": "/base/axi/pcie@120000/rp1/i2c@80000/imx219@10", "Num": 0},
+    {"Model": "ov5647", "Location": 2, "Rotation": 0, "Id": "/base/axi/pcie@120000/rp1/usb@200000-1:1.0-046d:0825", "Num": 2},
+]
+
+
+def test_select_camera_by_position_id_and_model():
+    assert select_camera(CAMERAS, "") == 0
+    assert select_camera(CAMERAS, "1") == 1  # the position, not Num
+    assert select_camera(CAMERAS, CAMERAS[1]["Id"]) == 1
+    assert select_camera(CAMERAS, "ov5647") == 2
+    assert select_camera(CAMERAS, "IMX219") == 1  # a Model, ignoring case
+    with pytest.raises(SourceError) as err:
+        select_camera(CAMERAS, "imx477")
+    text = str(err.value)
+    assert "no camera 'imx477'" in text and "1: imx219 (id /base/axi/pcie@120000/rp1/i2c@80000/imx219@10)" in text
+    with pytest.raises(SourceError, match="cameras libcamera sees: none"):
+        select_camera([], "0")
+
+
+@pytest.mark.parametrize("uri,position", [("1", 1), (CAMERAS[2]["Id"], 2), ("imx708", 0)])
+def test_picamera2_opens_the_selected_camera(monkeypatch, uri, position):
+    fake = install(monkeypatch, color_scene())
+    fake.cameras = CAMERAS
+    src = open_source({"kind": "picamera2", "uri": uri, "width": 640, "height": 480})
+    try:
+        assert src.read(1.0) is not None
+    finally:
+        src.close()
+    assert fake.instances[-1].camera_num == position  # Picamera2(position)
+
+
+def test_picamera2_missing_camera_is_retried_with_backoff_and_picked_up(monkeypatch):
+    """The daemon's path (open_source strict=False, as agent.start_pipeline): no camera at start is
+    a logged failure retried with backoff; once one appears (after re-enumerating cameras) frames
+    flow. The real stack's version is tests/test_picamera2_real.py."""
+    fake = install(monkeypatch, color_scene())
+    fake.cameras = 0
+    src = open_source({"kind": "picamera2", "width": 640, "height": 480, **FAST}, strict=False)
+    try:
+        assert src.read(0.05) is None
+        stats = src.stats()
+        assert stats["state"] == "down" and "no camera 0" in stats["last_error"]
+        read_until(src, lambda fs: src.stats()["errors"] >= 2, limit_s=5)
+        fake.cameras = 1
+        frames = read_until(src, lambda fs: len(fs) >= 1, limit_s=5)
+    finally:
+        src.close()
+    assert frames and src.stats()["reopens"] >= 1
+    assert fake._cm.resets >= 1, "a camera manager with no camera open is re-enumerated"
 
 
 def test_wrapper_never_raises_transient_errors():
@@ -421,7 +584,7 @@ def test_non_strict_open_waits_for_a_source_that_appears_later(tmp_path):
     src = open_source({"kind": "opencv", "uri": str(clip), **FAST}, strict=False)
     try:
         assert src.read(0.1) is None and src.stats()["state"] == "down"
-        assert "video file not found" in src.stats()["last_error"]
+        assert "does not exist (source.uri)" in src.stats()["last_error"]
         write_clip(clip)
         frames = read_until(src, lambda fs: len(fs) >= 3)
     finally:

@@ -78,7 +78,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except EdgeAgentError as exc:
         what = "config error" if isinstance(exc, ConfigError) else "error"
-        print(f"edge-agent: {what}: {exc}", file=sys.stderr)
+        for line in exc.errors if isinstance(exc, ConfigError) else [str(exc)]:
+            print(f"edge-agent: {what}: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from edge_agent.config import Config, load_config, to_json, to_toml
+from edge_agent.config import Config, Problems, load_config, to_json, to_toml
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +27,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("config", help="check or show the effective configuration")
     sub = parser.add_subparsers(dest="config_command", metavar="{check,show}")
     sub.required = True
-    check = sub.add_parser("check", help="validate the config; exit 0 if usable")
+    check = sub.add_parser("check", help="validate the config as `run` would at start; every problem at once, exit 2")
     add_config_arguments(check)
+    check.add_argument("--no-model", action="store_true",
+                       help="only check that the model file is found, without loading it")
     check.set_defaults(func=_cmd_check)
     show = sub.add_parser("show", help="print the effective config (secrets masked)")
     add_config_arguments(show)
@@ -38,11 +40,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)  # a ConfigError is printed by the CLI as one line, exit 2
-    if cfg.mqtt.enabled and cfg.mqtt.tls:
-        from edge_agent.comms.mqtt import tls_context
+    """Every problem ``run`` would meet at start, all at once (one line each, exit 2), else OK."""
+    from edge_agent.daemon import preflight  # late: loads the model runtime and the sources
 
-        tls_context(cfg.mqtt)  # loads the CA and the cert/key pair as ``run`` will (ConfigError if unusable)
+    found = Problems()
+    cfg = load_config(args.config, args.overrides or (), problems=found)
+    # A section with a bad key is not checked further: its defaults would add false problems.
+    bad = {line.split(".", 1)[0].split(":", 1)[0] for line in found.lines}
+    for line in preflight.problems(cfg, load_model=not args.no_model, skip=bad):
+        found.add(line)
+    found.raise_if_any()  # one ConfigError: every problem, one line each, exit 2
     origin = args.config or "built-in defaults"
     print(f"config OK ({origin}): device {cfg.agent.device_id}, source {cfg.source.kind}, "
           f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}" + ("" if cfg.mqtt.enabled else " (disabled)"))

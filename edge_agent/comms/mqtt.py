@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.config import MqttConfig
+from edge_agent.config import FLEET_DEVICE, MqttConfig
 from edge_agent.errors import ConfigError
 from edge_agent.output.throttle import Throttle
 
@@ -42,7 +42,7 @@ ONLINE = b"online"
 OFFLINE = b"offline"
 AVAILABILITY = "availability"
 INFO = "info"
-FLEET = "all"
+FLEET = FLEET_DEVICE  # <prefix>/all/cmd/...: fleet-wide commands
 COMMAND_QOS = 1
 STOP_FLUSH_TIMEOUT_S = 2.0
 CONNACK_TIMEOUT_S = 10.0
@@ -140,6 +140,10 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
             ctx.load_cert_chain(cert, key)
         except (OSError, ValueError) as err:
             what = "the key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(err) else str(err)
+            if not cfg.key_file:
+                raise ConfigError(f"mqtt.cert_file: {cfg.cert_file!r} holds no usable private key: set "
+                                  "mqtt.key_file to the certificate's key (or put the key in the same "
+                                  "PEM file)") from None
             raise ConfigError(f"mqtt.cert_file/mqtt.key_file: cannot load the client certificate "
                               f"{cfg.cert_file!r} with key {cfg.key_file or cfg.cert_file!r}: {what}") from None
     if cfg.tls_insecure:

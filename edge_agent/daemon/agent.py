@@ -29,7 +29,7 @@ from edge_agent.config import Config
 from edge_agent.daemon import sdnotify, system
 from edge_agent.daemon.model_manager import ModelManager
 from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.remote import HANDLERS
 from edge_agent.remote.context import CommandHandler, HandlerContext, HandlerTable, PipelineControl, Route
@@ -250,7 +250,8 @@ class Agent:
         try:
             new = load_config(self.config_path, self.config_overrides)
         except EdgeAgentError as exc:
-            log.error("reload refused, keeping the running config: %s", exc)
+            log.error("reload refused, keeping the running config: %s", "; ".join(
+                exc.errors if isinstance(exc, ConfigError) else [str(exc)]))
             sdnotify.ready(self.status_text())
             return
         log.info("reloading the configuration")

@@ -32,12 +32,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 import paho.mqtt.client as paho
 
 from edge_agent.comms.commands import FINAL_STATUSES
-from edge_agent.comms.mqtt import MqttConnection
+from edge_agent.comms.mqtt import FLEET, MqttConnection
 from edge_agent.errors import EdgeAgentError
 
 log = logging.getLogger(__name__)
 
-FLEET = "all"
 DISCOVERY_S = 1.0
 FLEET_GRACE_S = 1.0
 CONNECT_TIMEOUT_S = 20.0  # room for two hang-ups before the 3.1.1 fallback on a silent broker

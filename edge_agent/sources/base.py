@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Mapping, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Tuple, Type, Union
 
 import numpy as np
 
@@ -105,7 +105,8 @@ class SourceSettings:
     ``width``/``height`` are the requested capture size (cameras, synthetic); 0 = backend
     default. ``fps`` paces files, folders and the synthetic pattern and requests a camera
     frame rate (0 = as fast as possible). ``lores_size`` (w, h) and ``model_input`` (h, w) are
-    only used by picamera2 to size the ISP-scaled stream.
+    only used by picamera2 to size the ISP-scaled stream, ``format`` by picamera2 for the format it
+    asks that stream in ("" = its default).
     """
 
     kind: str = "synthetic"
@@ -119,6 +120,7 @@ class SourceSettings:
     reopen_backoff_initial_s: float = 0.5
     lores_size: Optional[Tuple[int, int]] = None
     model_input: Optional[Tuple[int, int]] = None
+    format: str = ""
 
     @classmethod
     def from_any(cls, settings: Any) -> "SourceSettings":
@@ -149,6 +151,7 @@ class SourceSettings:
             self,
             kind=kind,
             uri="" if self.uri is None else str(self.uri),
+            format="" if self.format is None else str(self.format).strip(),
             loop=bool(self.loop),
             width=int(self.width),
             height=int(self.height),
@@ -263,6 +266,11 @@ class BaseSource:
         """Allow reduced-size decoding down to ``hint(h, w)`` (None: full size). Backends that
         cannot decode reduced ignore it."""
         self.decode_hint = hint
+
+    def preflight(self) -> List[str]:
+        """Problems that make ``open`` fail for sure, found without opening a device (a missing
+        folder or file): ``config check`` reports them. Default: none known in advance."""
+        return []
 
     def open(self) -> None:
         raise NotImplementedError

@@ -32,12 +32,23 @@ class FolderSource(BaseSource):
         self._warned: Set[str] = set()
         self._pacer = Pacer(settings.fps)
 
-    def open(self) -> None:
+    def _listing(self) -> List[str]:
         files = list_images(self.settings.uri)
         if not files:
             raise SourceError(
-                f"no images in {self.settings.uri!r} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+                f"no images in {self.settings.uri!r} (looked for {', '.join(IMAGE_EXTENSIONS)}; source.uri)"
             )
+        return files
+
+    def preflight(self) -> List[str]:
+        try:
+            self._listing()
+        except SourceError as exc:
+            return [str(exc)]
+        return []
+
+    def open(self) -> None:
+        files = self._listing()
         self._files = files
         self._index = 0
         self._good_this_pass = 0

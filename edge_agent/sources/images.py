@@ -33,6 +33,8 @@ def list_images(uri: str) -> List[str]:
     if not uri:
         raise SourceError("folder source needs source.uri (a directory or a glob pattern)")
     path = os.path.expanduser(uri)
+    if not glob.has_magic(path) and not os.path.exists(path):
+        raise SourceError(f"folder {uri!r} does not exist (source.uri: a directory or a glob pattern)")
     if os.path.isdir(path):
         names = [
             os.path.join(path, n)

@@ -195,6 +195,14 @@ class OpenCVSource(BaseSource):
         self._pacer = Pacer(settings.fps)  # source.fps caps files and live streams alike (0 = no cap)
         self._packets = False  # the capture hands out compressed MJPEG packets
 
+    def preflight(self) -> List[str]:
+        if self.input_kind == "file" and not os.path.isfile(str(self.target)):
+            return [self._missing_file()]
+        return []
+
+    def _missing_file(self) -> str:
+        return f"video file {self.settings.uri!r} does not exist (source.uri)"
+
     def open(self) -> None:
         if self.live:
             cap = _capture(self.input_kind, self.target)
@@ -223,7 +231,7 @@ class OpenCVSource(BaseSource):
     def _open_file(self) -> "cv2.VideoCapture":
         path = str(self.target)
         if not os.path.isfile(path):
-            raise SourceError(f"video file not found: {path}")
+            raise SourceError(self._missing_file())
         cap = _capture("file", path)
         if not cap.isOpened():
             cap.release()

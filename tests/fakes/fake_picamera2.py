@@ -8,8 +8,19 @@ checks the lores rules of the Pi ISP (YUV420, even size, not larger than main) a
 stride is 64-byte aligned), ``capture_array(name, wait=False)`` returns a job for
 ``wait(job, timeout)`` which raises TimeoutError while the camera is stalled.
 
-The picture is ``scene`` (an RGB image) resized to the lores size and converted to I420 with
-OpenCV's BT.601 limited-range matrix, which is what ColorSpace.Smpte170m() asks the ISP for.
+The picture is ``scene`` (an RGB image) resized to the stream's size and laid out in the format
+the camera GAVE, the way picamera2 0.3.38's ``Helpers._make_array_shared`` hands it out: YUV420 /
+YVU420 ``(h*3/2, stride)`` with junk padding, NV12/NV21 ``(h*3/2, w)``, RGB888 B,G,R and BGR888
+R,G,B in memory, XRGB8888 B,G,R,X and XBGR8888 R,G,B,X. YUV uses OpenCV's BT.601 limited-range
+matrix, which is what ColorSpace.Smpte170m() asks the ISP for.
+
+Knobs for failure injection and selection: ``cameras`` (a count, or the list of
+``global_camera_info()`` dicts), ``gives_format`` (the lores format the camera gives whatever was
+asked, as libcamera's virtual camera gives NV12), ``lores_rgb`` (Pi 5: RGB lores allowed),
+``stalled``. ``_cm`` stands in for picamera2's camera manager (``reset()`` counted).
+
+This is a fake: tests/test_picamera2_real.py runs the same source against real picamera2 0.3.38 and
+libcamera 0.7.1 on libcamera's virtual camera.
 """
 
 from __future__ import annotations
@@ -61,6 +72,52 @@ def rgb_to_i420_padded(rgb: np.ndarray, stride: int) -> np.ndarray:
     return np.concatenate(planes).reshape(h * 3 // 2, stride)
 
 
+def rgb_to_nv12(rgb: np.ndarray, swap: bool = False) -> np.ndarray:
+    """RGB (h, w, 3) -> NV12 (or NV21 with ``swap``) as picamera2 returns it: (h*3/2, w)."""
+    h, w = rgb.shape[:2]
+    i420 = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420).reshape(-1)
+    y = i420[: h * w].reshape(h, w)
+    u = i420[h * w : h * w * 5 // 4].reshape(h // 2, w // 2)
+    v = i420[h * w * 5 // 4 :].reshape(h // 2, w // 2)
+    uv = np.empty((h // 2, w), np.uint8)
+    uv[:, 0::2], uv[:, 1::2] = (v, u) if swap else (u, v)
+    return np.concatenate([y, uv])
+
+
+def stream_array(rgb: np.ndarray, fmt: str, stride: int) -> np.ndarray:
+    """``rgb`` laid out as picamera2's capture_array() gives a stream in ``fmt``."""
+    h, w = rgb.shape[:2]
+    if fmt == "YUV420":
+        return rgb_to_i420_padded(rgb, stride)
+    if fmt == "YVU420":  # planes Y, V, U
+        i420 = rgb_to_i420_padded(rgb, stride)
+        q = h // 4
+        return np.concatenate([i420[:h], i420[h + q : h + 2 * q], i420[h : h + q]])
+    if fmt in ("NV12", "NV21"):
+        return rgb_to_nv12(rgb, swap=fmt == "NV21")
+    x = np.full((h, w, 1), PAD_JUNK, np.uint8)
+    layouts = {"RGB888": rgb[:, :, ::-1], "BGR888": rgb,
+               "XRGB8888": np.concatenate([rgb[:, :, ::-1], x], 2), "XBGR8888": np.concatenate([rgb, x], 2)}
+    if fmt in layouts:
+        return np.ascontiguousarray(layouts[fmt])
+    return np.zeros((h, w, 2), np.uint8)  # e.g. YUYV: a layout the agent does not convert
+
+
+def _stride(fmt: str, width: int) -> int:
+    """Bytes per row as the Pi ISP pads them (64-byte aligned)."""
+    bpp = {"RGB888": 3, "BGR888": 3, "XRGB8888": 4, "XBGR8888": 4}.get(fmt, 1)
+    return -(-width * bpp // STRIDE_ALIGN) * STRIDE_ALIGN
+
+
+class FakeCameraManager:
+    def __init__(self) -> None:
+        self.cameras: Dict[int, Any] = {}
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
 class FakeJob:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -70,14 +127,28 @@ class FakePicamera2:
     """Class-level knobs a test sets before the source opens the camera."""
 
     scene: np.ndarray = np.zeros((480, 640, 3), np.uint8)
-    cameras = 1
+    cameras: Any = 1  # a count, or the list global_camera_info() returns
+    gives_format: Optional[str] = None
+    lores_rgb = False
+    drops_lores = False  # a camera with one output: camera_config["lores"] comes back None
+    _cm = FakeCameraManager()
     stalled = False  # when True, wait() times out and capture blocks like a dead sensor
     instances: List["FakePicamera2"] = []
     opens = 0
 
+    @classmethod
+    def global_camera_info(cls) -> List[Dict[str, Any]]:
+        if not isinstance(cls.cameras, int):
+            return [dict(c) for c in cls.cameras]
+        return [{"Model": "imx708", "Location": 2, "Rotation": 180,
+                 "Id": f"/base/axi/pcie@120000/rp1/i2c@{88 - 8 * i}000/imx708@1a", "Num": i}
+                for i in range(cls.cameras)]
+
     def __init__(self, camera_num: int = 0, tuning: Any = None) -> None:
-        if camera_num >= type(self).cameras:
-            raise IndexError("list index out of range")  # what picamera2 raises
+        if camera_num >= len(type(self).global_camera_info()):
+            # what picamera2 0.3.38 raises
+            raise IndexError(f'No camera number {camera_num} found - use "rpicam-hello --list-cameras" '
+                             f'to check connected cameras')
         self.camera_num = camera_num
         self.camera_config: Optional[Dict[str, Any]] = None
         self.started = False
@@ -117,15 +188,18 @@ class FakePicamera2:
         if lores is not None:
             lw, lh = lores["size"]
             mw, mh = main["size"]
-            if lores["format"] not in ("YUV420", "YVU420"):
+            if not type(self).lores_rgb and lores["format"] not in ("YUV420", "YVU420", "NV12", "NV21"):
                 raise RuntimeError("lores stream must be YUV")
             if lw > mw or lh > mh:
                 raise RuntimeError("lores stream dimensions may not exceed main stream")
             if lw % 2 or lh % 2:
                 raise RuntimeError("lores size must be even")
-            lores = dict(lores, stride=-(-lw // STRIDE_ALIGN) * STRIDE_ALIGN)
+            fmt = type(self).gives_format or lores["format"]
+            lores = dict(lores, format=fmt, stride=_stride(fmt, lw))
         self.requested = config
-        self.camera_config = dict(config, main=dict(main, stride=main["size"][0] * 4), lores=lores)
+        main_fmt = type(self).gives_format or main["format"]
+        main = dict(main, format=main_fmt, stride=_stride(main_fmt, main["size"][0]))
+        self.camera_config = dict(config, main=main, lores=None if type(self).drops_lores else lores)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -150,9 +224,7 @@ class FakePicamera2:
         w, h = cfg["size"]
         rgb = cv2.resize(type(self).scene, (w, h), interpolation=cv2.INTER_AREA)
         self.frames += 1
-        if cfg["format"] == "YUV420":
-            return rgb_to_i420_padded(rgb, cfg["stride"])
-        return np.ascontiguousarray(rgb[:, :, ::-1])  # "RGB888" is B,G,R in memory
+        return stream_array(rgb, cfg["format"], cfg["stride"])
 
     def capture_array(self, name: str = "main", wait: Any = None, signal_function: Any = None):
         if wait is False:
@@ -171,6 +243,10 @@ class FakePicamera2:
     def reset(cls, scene: np.ndarray) -> None:
         cls.scene = scene
         cls.cameras = 1
+        cls.gives_format = None
+        cls.lores_rgb = False
+        cls.drops_lores = False
+        cls._cm = FakeCameraManager()
         cls.stalled = False
         cls.instances = []
         cls.opens = 0

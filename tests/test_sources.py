@@ -341,7 +341,7 @@ def test_picamera2_configures_lores_and_delivers_correct_rgb(monkeypatch):
 
 def test_picamera2_default_lores_from_model_input(monkeypatch):
     fake = install(monkeypatch, color_scene(720, 1280))
-    src = open_source({"kind": "picamera2", "model_input": (513, 513)})
+    src = open_source({"kind": "picamera2", "model_input": (513, 513), "width": 1280, "height": 720})
     try:
         frame = src.read(1.0)
     finally:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from edge_agent.config import ModelConfig, PublishConfig
 from edge_agent.daemon import stages, system
 from edge_agent.daemon.stages import FrameOutput, OutputSettings, Sink
 from edge_agent.daemon.telemetry import PipelineCounters, Telemetry
@@ -52,16 +53,16 @@ __all__ = ["Pipeline", "PipelineSettings", "PipelineCounters", "LatestSlot", "Si
 @dataclass
 class PipelineSettings:
     output: OutputSettings = field(default_factory=OutputSettings)
-    timings: str = "interval"  # frame | interval
-    timings_interval_s: float = 5.0
-    stats_interval_s: float = 30.0
+    timings: str = PublishConfig.timings  # frame | interval; defaults: the config schema's
+    timings_interval_s: float = PublishConfig.timings_interval_s
+    stats_interval_s: float = PublishConfig.stats_interval_s
     publish_queue: int = 8
     # Files and folders read at full speed (fps = 0) are processed frame by frame: capture waits
     # for inference instead of dropping. Live cameras and paced playback keep newest-wins.
     lossless: bool = False
     # Inference workers, each with its own interpreter of the running model (model.interpreters):
     # frames in flight side by side, results handed on in capture order.
-    interpreters: int = 1
+    interpreters: int = ModelConfig.interpreters
 
     @classmethod
     def from_config(cls, config: Any) -> "PipelineSettings":

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 
+from edge_agent.config import PublishConfig
 from edge_agent.inference import postprocess as post
 from edge_agent.inference.preprocess import Geometry
 from edge_agent.output import encode as enc
@@ -172,15 +173,15 @@ def publish(sink: Sink, messages: List[Tuple[str, bytes]]) -> Tuple[int, int]:
 class OutputSettings:
     """What each frame produces (``[publish]`` of the config)."""
 
-    mask_every_n: int = 1
-    mask_max_hz: float = 0.0
-    mask_resolution: str = "model"  # model | frame
-    png_compression: int = 1
-    mask_format: str = "palette"
-    result: bool = True
-    overlay: bool = False
-    overlay_max_hz: float = 1.0
-    overlay_jpeg_quality: int = 80
+    mask_every_n: int = PublishConfig.mask_every_n  # defaults: the config schema's, one place
+    mask_max_hz: float = PublishConfig.mask_max_hz
+    mask_resolution: str = PublishConfig.mask_resolution  # model | frame
+    png_compression: int = PublishConfig.png_compression
+    mask_format: str = PublishConfig.mask_format
+    result: bool = PublishConfig.result
+    overlay: bool = PublishConfig.overlay
+    overlay_max_hz: float = PublishConfig.overlay_max_hz
+    overlay_jpeg_quality: int = PublishConfig.overlay_jpeg_quality
 
     @classmethod
     def from_config(cls, config: Any) -> "OutputSettings":

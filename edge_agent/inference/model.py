@@ -24,6 +24,7 @@ import numpy as np
 from edge_agent.inference import runtimes
 
 from edge_agent.inference import postprocess, tflite_check
+from edge_agent.config import ModelConfig
 from edge_agent.errors import EdgeAgentError, InferenceError, ModelError
 from edge_agent.inference.metadata import ModelMetadata, TensorMeta, output_producers, read_metadata
 from edge_agent.inference.preprocess import (DEEPLAB, DEFAULT_RESIZE, LETTERBOX, PRESETS, Geometry, Normalization,
@@ -44,13 +45,13 @@ class ModelOptions:
     metadata and tensors leave open; docs in README "Bring your own model".
     """
 
-    normalization: str = ""  # "" | "-1..1" | "0..1" | "raw"
-    input_mean: str = ""  # "127.5" or "123.7,116.3,103.5" (R, G, B)
-    input_std: str = ""
-    output_layout: str = "auto"  # "auto" | "nhwc" | "nchw"
-    output: str = ""  # output tensor name (or index) when the model has several
-    output_scores: str = "auto"  # single-channel maps: "auto" | "probability" | "logit"
-    threshold: float = 0.5  # single-channel maps: foreground when probability > threshold
+    normalization: str = ModelConfig.normalization  # "" | "-1..1" | "0..1" | "raw"
+    input_mean: str = ModelConfig.input_mean  # "127.5" or "123.7,116.3,103.5" (R, G, B)
+    input_std: str = ModelConfig.input_std
+    output_layout: str = ModelConfig.output_layout  # "auto" | "nhwc" | "nchw"
+    output: str = ModelConfig.output  # output tensor name (or index) when the model has several
+    output_scores: str = ModelConfig.output_scores  # single-channel maps: "auto" | "probability" | "logit"
+    threshold: float = ModelConfig.threshold  # single-channel maps: foreground when probability > threshold
 
     @classmethod
     def from_config(cls, m: Any) -> "ModelOptions":

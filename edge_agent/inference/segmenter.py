@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from edge_agent.config import ModelConfig
 from edge_agent.daemon import stages
 from edge_agent.inference import postprocess
 from edge_agent.inference.labels import labels_for
@@ -51,11 +52,11 @@ class ModelSettings:
     """How a model is run (runtime, threads, delegate, fallback, preprocess mode): built once from
     ``config.model`` or from CLI arguments, handed to :meth:`Segmenter.from_settings`."""
 
-    runtime: Optional[str] = "auto"
+    runtime: Optional[str] = ModelConfig.runtime
     threads: Optional[int] = None
     edgetpu: Optional[str] = None
     cpu_fallback: Optional[str] = None
-    mode: str = LETTERBOX
+    mode: str = ModelConfig.preprocess
     options: Optional[ModelOptions] = None  # how to read the model where its metadata is silent
 
     @classmethod
@@ -63,7 +64,7 @@ class ModelSettings:
         """From the config's ``[model]`` section (0 / "" mean "not set"), or CLI arguments of the
         same names."""
         return cls(runtime=model.runtime, threads=model.threads or None, edgetpu=model.edgetpu or None,
-                   cpu_fallback=model.cpu_fallback or None, mode=getattr(model, "preprocess", LETTERBOX),
+                   cpu_fallback=model.cpu_fallback or None, mode=getattr(model, "preprocess", cls.mode),
                    options=ModelOptions.from_config(model))
 
     def replace(self, **changes: Any) -> "ModelSettings":

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover
     from typing_extensions import Protocol, runtime_checkable  # type: ignore
 
 from edge_agent import discover_backends
+from edge_agent.config import SourceConfig
 from edge_agent.errors import SourceError
 
 
@@ -102,25 +103,26 @@ class FrameSource(Protocol):
 class SourceSettings:
     """The source part of the config, normalised from a Mapping or an attribute object.
 
-    ``width``/``height`` are the requested capture size (cameras, synthetic); 0 = backend
-    default. ``fps`` paces files, folders and the synthetic pattern and requests a camera
+    ``width``/``height`` are the requested capture size (cameras, synthetic; the schema's
+    640x480 unless given; 0 = the backend's own size). ``fps`` paces files, folders and the synthetic pattern and requests a camera
     frame rate (0 = as fast as possible). ``lores_size`` (w, h) and ``model_input`` (h, w) are
     only used by picamera2 to size the ISP-scaled stream, ``format`` by picamera2 for the format it
     asks that stream in ("" = its default).
     """
 
-    kind: str = "synthetic"
-    uri: str = ""
-    loop: bool = True
-    width: int = 0
-    height: int = 0
-    fps: float = 0.0
-    stall_timeout_s: float = 10.0
-    reopen_backoff_max_s: float = 30.0
+    # Defaults are the config schema's ([source] in edge_agent/config.py), never re-declared here.
+    kind: str = SourceConfig.kind
+    uri: str = SourceConfig.uri
+    loop: bool = SourceConfig.loop
+    width: int = SourceConfig.width
+    height: int = SourceConfig.height
+    fps: float = SourceConfig.fps
+    stall_timeout_s: float = SourceConfig.stall_timeout_s
+    reopen_backoff_max_s: float = SourceConfig.reopen_backoff_max_s
     reopen_backoff_initial_s: float = 0.5
     lores_size: Optional[Tuple[int, int]] = None
     model_input: Optional[Tuple[int, int]] = None
-    format: str = ""
+    format: str = SourceConfig.format
 
     @classmethod
     def from_any(cls, settings: Any) -> "SourceSettings":

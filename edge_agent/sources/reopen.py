@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
+from edge_agent.config import SourceConfig
 from edge_agent.errors import SourceError
 from edge_agent.sources.base import EndOfStream, Frame, FrameSource
 
@@ -59,9 +60,9 @@ class ReopeningSource:
         name: str,
         *,
         live: bool,
-        stall_timeout_s: float = 10.0,
+        stall_timeout_s: float = SourceConfig.stall_timeout_s,
         backoff_initial_s: float = 0.5,
-        backoff_max_s: float = 30.0,
+        backoff_max_s: float = SourceConfig.reopen_backoff_max_s,
     ) -> None:
         self._factory = factory
         self.name = name

@@ -12,5 +12,10 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   fi
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+# The device install only (numpy, OpenCV, paho-mqtt, LiteRT): the demo needs no test tools. amqtt
+# only when there is no mosquitto to start.
+.venv/bin/pip install -q --disable-pip-version-check -e .
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  .venv/bin/pip install -q --disable-pip-version-check "amqtt>=0.11"
+fi
 exec .venv/bin/edge-agent demo "$@"

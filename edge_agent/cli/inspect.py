@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
 
 
 def _cmd(args) -> int:
-    info = describe(catalog.resolve(args.model).path, args.runtime, ModelOptions.from_config(args), args.labels)
+    resolved = catalog.resolve(args.model)  # a manifest name brings its labels, as for segment
+    info = describe(resolved.path, args.runtime, ModelOptions.from_config(args), args.labels or resolved.labels)
     print(json.dumps(info, indent=2) if args.json else format_report(info, args.all))
     return 0

@@ -9,7 +9,7 @@ from edge_agent.models.catalog import ENV_MODELS_DIR, ProgressLog, fetch, load_m
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("models", help="list and fetch the models of the manifest")
-    sub = p.add_subparsers(dest="models_cmd", required=True)
+    sub = p.add_subparsers(dest="models_cmd", required=True, metavar="{list,fetch}")
     ls = sub.add_parser("list", help="list the manifest's models and whether they are fetched")
     ls.add_argument("--manifest", help="manifest file (default: the packaged manifest)")
     ls.add_argument("--dest", help=f"models directory (default: ${ENV_MODELS_DIR} or ~/.cache/edge-agent/models)")

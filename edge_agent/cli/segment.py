@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
+from typing import Dict, List
 
 import cv2
 import numpy as np
@@ -21,9 +23,24 @@ from edge_agent.output.visuals import overlay
 from edge_agent.sources.images import read_image
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--threads -3`` is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def write_png(path: Path, image: np.ndarray, rgb: bool = False) -> None:
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb else image
-    if not cv2.imwrite(str(path), data):
+    try:
+        ok = cv2.imwrite(str(path), data)
+    except cv2.error:
+        ok = False
+    if not ok:
         raise EdgeAgentError(f"{path}: cannot write image")
 
 
@@ -44,7 +61,7 @@ def add_runtime_args(p) -> None:
     p.add_argument("--model", "-m", required=True, help="a .tflite path or a manifest model name")
     p.add_argument("--labels", help="label file (default: from the manifest when the model is known)")
     add_runtime_option(p)
-    p.add_argument("--threads", type=int, default=None, help="interpreter threads (default: CPU count)")
+    p.add_argument("--threads", type=positive_int, default=None, help="interpreter threads (default: CPU count)")
     p.add_argument("--edgetpu", nargs="?", const="", default=None, metavar="DEVICE",
                    help="use the Coral Edge TPU delegate (DEVICE: usb, usb:N, pci, pci:N, :N)")
     p.add_argument("--cpu-fallback", help="CPU model (path or manifest name) to use when the Edge TPU (or its model) cannot run")
@@ -97,19 +114,52 @@ def summary_line(name: str, frame_shape, fractions, timings, runtime: str, top: 
     return f"{name} {w}x{h}: {classes} | {times} | {runtime}"
 
 
+def output_stems(paths: List[str]) -> Dict[str, str]:
+    """Each image's output name: its stem, or as many of its parent folders as make it unique
+    where images share a stem (``a/x.bmp``, ``b/x.bmp`` -> ``a_x``, ``b_x``), so no result is
+    written over another. ``paths`` are distinct."""
+    parts = {p: Path(os.path.abspath(p)).with_suffix("").parts[1:] for p in paths}
+    depth = {p: 1 for p in paths}
+    while True:
+        names = {p: "_".join(parts[p][-depth[p]:]) for p in paths}
+        clashing = [p for p in paths if list(names.values()).count(names[p]) > 1]
+        if not clashing:
+            return names
+        for p in clashing:
+            depth[p] += 1  # distinct absolute paths differ somewhere: this ends
+
+
+def prepare_out_dir(out: str) -> Path:
+    """``--out`` made usable before any work, or one line saying why not."""
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgeAgentError(f"--out {out}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgeAgentError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise EdgeAgentError(f"--out {out}: the directory is not writable")
+    return out_dir
+
+
 def run(args) -> int:
     # Read every image first: a bad path fails before the model is loaded.
-    frames = [(path, read_image(path)) for path in args.images]
+    for path in args.images:
+        if os.path.isdir(path):
+            raise EdgeAgentError(f"{path}: is a directory; name the images (e.g. {path.rstrip('/')}/*.jpg)")
+    paths = [p for p in dict.fromkeys(args.images)]  # the same image named twice: once
+    frames = [(path, read_image(path)) for path in paths]
+    stems = output_stems(paths)
+    out_dir = prepare_out_dir(args.out)
     segmenter = make_segmenter(args)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     runtime = segmenter.describe_runtime()
     for path, frame in frames:
         result = segmenter.segment(frame)
-        stem = Path(path).stem
+        stem = stems[path]
         write_mask(out_dir / f"{stem}_mask.png", result.mask)
         write_png(out_dir / f"{stem}_overlay.png", overlay(frame, result.mask, labels=segmenter.labels), rgb=True)
         fractions = class_fractions(result.mask, segmenter.labels)
-        print(summary_line(os.path.basename(path), frame.shape, fractions, result.timings, runtime),
+        print(summary_line(stem + Path(path).suffix, frame.shape, fractions, result.timings, runtime),
               flush=True)
     return 0

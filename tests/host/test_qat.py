@@ -36,7 +36,11 @@ def test_short_qat_exports_uint8_model_without_float_ops(tmp_path, capsys):
     report = analyze_graph(graph)
     assert not report.errors, [str(f) for f in report.errors]
     assert not {"float32", "float16"} & set(report.dtype_counts)
-    assert "SPACE_TO_BATCH_ND" not in report.op_counts
+    assert not {"SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND"} & set(report.op_counts)
+    # the fake-quant dilated depthwise convs (space-to-batch in TF) fused to dilated single ops
+    dilations = [op.options["dilationHFactor"] for op in graph.ops
+                 if op.opcode == "DEPTHWISE_CONV_2D"]
+    assert len(dilations) == 17 and sorted(d for d in dilations if d > 1) == [2] * 7 + [4] * 3
     mask = Segmenter(str(out)).segment(read_rgb(BIRD)).mask
     assert mask.shape == (513, 513) and mask.max() < 21
 

@@ -1,9 +1,18 @@
 """Custom Keras layers that convert to Edge-TPU-friendly TFLite ops.
 
 Why custom layers at all:
-- Keras ``DepthwiseConv2D(dilation_rate>1)`` lowers to SPACE_TO_BATCH_ND / BATCH_TO_SPACE_ND around
-  a plain depthwise conv; the Edge TPU cannot run those. ``DepthwiseConv2dNative`` with
-  ``dilations`` converts to one DEPTHWISE_CONV_2D with dilation factors (what Coral's model has).
+- ``DilatedDepthwiseConv2D`` keeps the slim scope names, weight layout and QAT config of the
+  dilated depthwise convs. It runs ``tf.nn.depthwise_conv2d(dilations=...)``, i.e.
+  SPACE_TO_BATCH_ND -> DepthwiseConv2dNative -> BATCH_TO_SPACE_ND in TensorFlow: TensorFlow's own
+  CPU kernel of ``DepthwiseConv2dNative`` has no dilation (only oneDNN's does, and TF enables
+  oneDNN by default only on CPUs with AVX-512 VNNI/BF16 or AMX), so the native op with
+  ``dilations`` fails on most x86 hosts. The TFLite converter fuses that triple back into ONE
+  DEPTHWISE_CONV_2D with dilation factors (what Coral's model has; the Edge TPU cannot run
+  SPACE_TO_BATCH_ND/BATCH_TO_SPACE_ND) when the shapes are static, which ``ptq.keras_converter``
+  guarantees (batch 1, fixed H x W). Measured with TF 2.21 (docs/host-tools.md): the same op
+  list and bit-identical outputs as the native op for float, int8 per-channel/per-tensor,
+  float16, dynamic and QAT exports; the tests assert it. A dynamic batch or spatial size
+  (``TFLiteConverter.from_keras_model`` on a model with batch ``None``) keeps the triple.
 - ``tf.image.resize`` (TF2) emits ``half_pixel_centers``; DeepLab was trained with
   ``align_corners=True``, which only the raw op exposes.
 - ``ArgMax`` as a layer so the head can be kept inside the graph (uint8 label map out).
@@ -21,7 +30,7 @@ PACKAGE = "edge_agent_host"
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
 class DilatedDepthwiseConv2D(keras.layers.Layer):
-    """Depthwise 3x3 conv (+bias) with native dilation: one DEPTHWISE_CONV_2D after conversion."""
+    """Depthwise 3x3 conv (+bias), dilated: one dilated DEPTHWISE_CONV_2D after conversion."""
 
     def __init__(self, kernel_size: int = 3, strides: int = 1, dilation_rate: int = 1,
                  use_bias: bool = True, **kwargs: Any) -> None:
@@ -30,6 +39,9 @@ class DilatedDepthwiseConv2D(keras.layers.Layer):
         self.strides = int(strides)
         self.dilation_rate = int(dilation_rate)
         self.use_bias = bool(use_bias)
+        if self.strides > 1 and self.dilation_rate > 1:
+            raise ValueError("DilatedDepthwiseConv2D: strides > 1 with dilation_rate > 1 is not "
+                             "supported (neither by tf.nn.depthwise_conv2d nor by DeepLab)")
 
     def build(self, input_shape: Sequence[int]) -> None:
         channels = int(input_shape[-1])
@@ -42,16 +54,12 @@ class DilatedDepthwiseConv2D(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        # Space-to-batch around an undilated DepthwiseConv2dNative: runs on every CPU (with or
+        # without oneDNN, float32 and the float64 quantization emulation); converted with static
+        # shapes it is one dilated DEPTHWISE_CONV_2D again (module docstring).
         s, d = self.strides, self.dilation_rate
-        if inputs.dtype == tf.float64 and d > 1:
-            # TF's CPU kernel has no float64 dilated DepthwiseConv2dNative; float64 only serves
-            # the quantization emulation (never converted), so the generic op is fine there.
-            out = tf.nn.depthwise_conv2d(inputs, self.depthwise_kernel, [1, s, s, 1], "SAME",
-                                         dilations=[d, d])
-            return tf.nn.bias_add(out, self.bias) if self.bias is not None else out
-        out = tf.raw_ops.DepthwiseConv2dNative(
-            input=inputs, filter=self.depthwise_kernel, strides=[1, s, s, 1],
-            padding="SAME", dilations=[1, d, d, 1])
+        out = tf.nn.depthwise_conv2d(inputs, self.depthwise_kernel, [1, s, s, 1], "SAME",
+                                     dilations=[d, d])
         if self.bias is not None:
             out = tf.nn.bias_add(out, self.bias)
         return out

@@ -252,7 +252,11 @@ def test_output_chosen_by_name_among_several(tmp_path):
     model = write(tmp_path, "two.tflite", conv_model(64, np.array([[1, 0, 0], [0, 1, 0]]), both=True))
     frame = blocks(64, 8, seed=5)
     expected = (frame[..., 1] > frame[..., 0]).astype(np.uint8)
-    first = Segmenter(str(model))
+    # Two outputs that could each be the segmentation: never a guess, one line naming both and model.output
+    with pytest.raises(ModelError, match=r"2 outputs could be the segmentation \('scores' \[1, 64, 64, 2\], "
+                                         r"'scores_nchw' \[1, 2, 64, 64\]\).*set model.output"):
+        Segmenter(str(model))
+    first = Segmenter(str(model), options=ModelOptions(output="scores"))
     assert first.info()["output"]["name"] == "scores"
     chosen = Segmenter(str(model), options=ModelOptions(output="scores_nchw"))
     assert chosen.info()["output"] == {**chosen.info()["output"], "name": "scores_nchw", "layout": "nchw"}
@@ -400,3 +404,36 @@ def test_host_evaluate_reads_the_models_metadata_and_refuses_binary_models():
     assert metrics.summarize(report.results[0].conf)["pixel_acc"] > 0.95  # measured 0.971 (7 VOC pairs)
     with pytest.raises(ConfigError, match="background/foreground model"):
         evaluate([SELFIE], VOC)
+
+
+# -- several plausible outputs, and hints that fit the model ---------------------------------------
+
+def test_several_plausible_outputs_are_never_guessed(tmp_path):
+    """MediaPipe's pose_landmark_full has a [1,256,256,1] segmentation next to [1,64,64,39]
+    heatmaps and no metadata: it used to be read as 39 "classes" with exit 0."""
+    from tests.tflite_builder import pose_like_model
+
+    model = write(tmp_path, "pose.tflite", pose_like_model(16))
+    image = write(tmp_path, "f.png", cv2.imencode(".png", blocks(16, 4, seed=3)[..., ::-1])[1].tobytes())
+    proc = cli("segment", image, "--model", model, "--out", tmp_path / "o")
+    assert_refused(proc, "2 outputs could be the segmentation", "'Identity_2' [1, 16, 16, 1]",
+                   "'Identity_3' [1, 4, 4, 39]", "model.output")
+    assert not (tmp_path / "o").exists()
+    inspected = cli("inspect", model)
+    assert inspected.returncode == 0 and "model.output" in inspected.stdout, inspected.stdout
+    # Told which: the segmentation map, read as a probability map when the user says so.
+    seg = Segmenter(str(model), options=ModelOptions(output="Identity_2", output_scores="logit"))
+    assert seg.info()["output"]["name"] == "Identity_2" and seg.labels == ["background", "foreground"]
+    heat = Segmenter(str(model), options=ModelOptions(output="Identity_3"))
+    assert heat.info()["output"]["classes"] == 39
+    assert "4x4" in heat.info()["output"]["reason"] and "16x16" in heat.info()["output"]["reason"]
+
+
+def test_a_detector_is_not_told_to_set_a_layout(tmp_path):
+    from tests.tflite_builder import detector_like_model
+
+    model = write(tmp_path, "detector.tflite", detector_like_model(16, 896, 16))
+    image = write(tmp_path, "f.png", cv2.imencode(".png", blocks(16, 4, seed=3)[..., ::-1])[1].tobytes())
+    proc = cli("segment", image, "--model", model, "--out", tmp_path / "o")
+    assert_refused(proc, "not a segmentation model", "[1, 896, 16] is no H x W map of the 16x16 input")
+    assert "output_layout" not in proc.stderr

@@ -2,7 +2,7 @@
 
 Writes the TFLite schema (tensorflow/lite/schema/schema.fbs) with the ``flatbuffers`` runtime
 LiteRT already depends on: tensors, constant buffers, a few builtin ops (CONV_2D, TRANSPOSE,
-DEQUANTIZE, LOGISTIC, RESIZE_BILINEAR) and optionally a ``TFLITE_METADATA`` entry (a minimal
+DEQUANTIZE, LOGISTIC, RESHAPE, RESIZE_BILINEAR) and optionally a ``TFLITE_METADATA`` entry (a minimal
 metadata_schema.fbs ModelMetadata) plus the zip part that carries associated label files. The
 interpreter loads and runs the result like any converted model.
 """
@@ -20,7 +20,7 @@ import numpy as np
 # schema.fbs enums
 TYPES = {np.dtype(np.float32): 0, np.dtype(np.int32): 2, np.dtype(np.uint8): 3, np.dtype(np.int64): 4,
          np.dtype(np.int8): 9}
-OPS = {"CONV_2D": 3, "DEQUANTIZE": 6, "LOGISTIC": 14, "RESIZE_BILINEAR": 23, "TRANSPOSE": 39}
+OPS = {"CONV_2D": 3, "DEQUANTIZE": 6, "LOGISTIC": 14, "RESHAPE": 22, "RESIZE_BILINEAR": 23, "TRANSPOSE": 39}
 CONV_2D_OPTIONS = 1  # BuiltinOptions union member
 
 
@@ -217,3 +217,34 @@ def upscale_model(size: int, factor: int = 2) -> bytes:
     tensors = [T("image", [1, size, size, 3]), T("size", [2], np.int32, data=np.array([big, big], np.int32)),
                T("upscaled", [1, big, big, 3])]
     return build_model(tensors, [Op("RESIZE_BILINEAR", [0, 1], [2])], [0], [2])
+
+
+def pose_like_model(size: int = 16, heatmaps: int = 39) -> bytes:
+    """Like MediaPipe's pose_landmark_full (no metadata): a [1, size, size, 1] segmentation map
+    ("Identity_2", a 1x1 conv) beside [1, 4, 4, heatmaps] keypoint heatmaps ("Identity_3", a
+    (size-3)x(size-3) VALID conv) — two outputs that could each be read as a segmentation."""
+    rng = np.random.default_rng(7)
+    k = size - 3
+    tensors = [T("image", [1, size, size, 3]),
+               T("w_seg", [1, 1, 1, 3], data=np.array([1.0, -1.0, 0.0], np.float32).reshape(1, 1, 1, 3)),
+               T("b_seg", [1], data=np.zeros(1, np.float32)),
+               T("Identity_2", [1, size, size, 1]),
+               T("w_heat", [heatmaps, k, k, 3], data=rng.standard_normal((heatmaps, k, k, 3)).astype(np.float32)),
+               T("b_heat", [heatmaps], data=np.zeros(heatmaps, np.float32)),
+               T("Identity_3", [1, 4, 4, heatmaps])]
+    ops = [Op("CONV_2D", [0, 1, 2], [3]), Op("CONV_2D", [0, 4, 5], [6])]
+    return build_model(tensors, ops, [0], [3, 6])
+
+
+def detector_like_model(size: int = 16, anchors: int = 896, values: int = 16) -> bytes:
+    """Like a face/palm detector: [1, anchors, values] regressions (1x1 conv, RESHAPE)."""
+    c = anchors * values // (size * size)
+    assert c * size * size == anchors * values
+    tensors = [T("image", [1, size, size, 3]),
+               T("w", [c, 1, 1, 3], data=np.ones((c, 1, 1, 3), np.float32)),
+               T("b", [c], data=np.zeros(c, np.float32)),
+               T("features", [1, size, size, c]),
+               T("shape", [3], np.int32, data=np.array([1, anchors, values], np.int32)),
+               T("regressors", [1, anchors, values])]
+    ops = [Op("CONV_2D", [0, 1, 2], [3]), Op("RESHAPE", [3, 4], [5])]
+    return build_model(tensors, ops, [0], [5])

@@ -151,8 +151,10 @@ def run(args) -> int:
     paths = [p for p in dict.fromkeys(args.images)]  # the same image named twice: once
     frames = [(path, read_image(path)) for path in paths]
     stems = output_stems(paths)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EdgeAgentError(f"--out {args.out}: exists and is not a directory")
+    segmenter = make_segmenter(args)  # a refused model leaves no output directory behind
     out_dir = prepare_out_dir(args.out)
-    segmenter = make_segmenter(args)
     runtime = segmenter.describe_runtime()
     for path, frame in frames:
         result = segmenter.segment(frame)

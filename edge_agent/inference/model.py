@@ -311,6 +311,10 @@ def read_output_spec(details: Dict[str, Any], where: str, input_hw: Optional[Tup
         single = (shape[2], shape[3], "nchw")
     if single is not None:
         h, w, layout = single
+        if len(shape) == 3 and not _grid_fits(h, w, input_hw) and not configured:
+            # [1, A, B] is not read in another layout, so no layout setting can help: say what it is
+            raise ModelError(f"{where}: not a segmentation model: [1, {h}, {w}] is no H x W map of the "
+                             f"{input_hw[0]}x{input_hw[1]} input (a detector's anchors or landmarks?)")
         check_size(h, w)
         scores, why = options.output_scores, "set by model.output_scores"
         if scores == "auto":
@@ -379,7 +383,10 @@ def _detect_layout(candidates: Dict[str, Tuple[int, int, int]], input_hw: Tuple[
     by_grid = {k: v for k, v in fits.items() if _grid_fits(v[0], v[1], input_hw)}
     if len(by_grid) == 1:
         layout = next(iter(by_grid))
-        return layout, f"only its H x W matches the input's {input_hw[0]}x{input_hw[1]} grid"
+        h, w = by_grid[layout][:2]
+        same = (h, w) == tuple(input_hw)
+        return layout, (f"only its H x W ({h}x{w}) {'is the input size' if same else 'has the aspect ratio of the input'} "
+                        f"{input_hw[0]}x{input_hw[1]}")
     if len(fits) == 1 and not by_grid:
         return next(iter(fits)), "the only readable layout"
     if fits and not by_grid and all(v[0] > input_hw[0] or v[1] > input_hw[1] for v in fits.values()):
@@ -408,15 +415,20 @@ def choose_output(outputs: Sequence[Dict[str, Any]], where: str, input_hw: Tuple
                                   0 if np.issubdtype(np.dtype(outputs[i]["dtype"]), np.integer)
                                   and not _quant(outputs[i])[0] else 1))
     first_error: Optional[ModelError] = None
+    readable: List[Tuple[OutputSpec, Optional[List[str]]]] = []
+    plausible: List[str] = []  # outputs that could be the segmentation, read or not: "'name' [shape]"
     for i in order:
         meta = metas[i] if i < len(metas) else None
         names_here = list(labels) if labels else (md.labels(meta) if md is not None else None)
+        described = f"'{outputs[i].get('name', i)}' {list(_spatial(outputs[i]['shape']))}"
         try:
             spec = read_output_spec(outputs[i], where, input_hw, meta, options,
                                     len(names_here) if names_here else None,
                                     producers.get(int(outputs[i]["index"]), ""), md)
         except ModelError as exc:
             first_error = first_error or exc
+            if "not a segmentation model" not in str(exc):  # a setting could make it readable
+                plausible.append(described)
             continue
         if spec.kind == "binary" and names_here is not None and len(names_here) > 2:
             raise ModelError(f"{where}: {len(names_here)} labels for a background/foreground output "
@@ -425,7 +437,15 @@ def choose_output(outputs: Sequence[Dict[str, Any]], where: str, input_hw: Tuple
             names_here = ["background", names_here[0]]
         elif spec.kind == "binary" and names_here is None:
             names_here = ["background", "foreground"]
-        return spec, names_here
+        if options.output or (meta is not None and meta.label_file):
+            return spec, names_here  # named by model.output, or labelled by the model's metadata
+        readable.append((spec, names_here))
+        plausible.append(described)
+    if len(plausible) > 1:  # never guess between outputs that could each be the segmentation
+        raise ModelError(f"{where}: {len(plausible)} outputs could be the segmentation ({', '.join(plausible)}) "
+                         "and nothing in the model says which: set model.output to one of their names")
+    if readable:
+        return readable[0]
     assert first_error is not None
     raise first_error
 

@@ -22,12 +22,12 @@ import sys
 
 from perf import IMAGES, REPO
 
-from edge_agent.daemon.system import MALLOC_ENV  # noqa: E402
+from edge_agent.system import MALLOC_ENV  # noqa: E402
 
 CHILD = r"""
 import statistics, sys, time
 import cv2, numpy as np
-from edge_agent.daemon import system
+from edge_agent import system
 mode, image, w, h = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if mode != "defaults":
     system.tune_allocator()

@@ -150,7 +150,7 @@ def naive_frame(interpreter, in_idx: int, out_idx: int, size_hw: Tuple[int, int]
 
 
 def measure_latency(frames: Dict[str, Any], rounds: int, per_round: int, threads: int) -> Dict[str, Any]:
-    from edge_agent.daemon.stages import PIPELINE_STAGES, FrameOutput, run_frame
+    from edge_agent.output.stages import PIPELINE_STAGES, FrameOutput, run_frame
     from edge_agent.inference.segmenter import Segmenter
     from edge_agent.sources.base import Frame
 
@@ -692,10 +692,10 @@ def stage_cpu(seg, settings: Dict[str, Any], sink: MqttSink, n: int, reduced: bo
     """CPU ms per stage (``time.thread_time`` on this thread) of the daemon's per-frame path on a
     real source, the pipeline's reduced decode (``reduced=False``: full-size decode, as before)
     and reused buffers included; invoke's wall ms. ``keep``: gets each frame's frame-size mask."""
-    from edge_agent.daemon import stages
+    from edge_agent.output import stages
     from edge_agent.inference import postprocess as post
     from edge_agent.daemon.pipeline import decode_hint
-    from edge_agent.daemon.stages import EncodeOptions, FrameOutput
+    from edge_agent.output.stages import EncodeOptions, FrameOutput
     from edge_agent.sources import build_source
 
     source = build_source(settings)
@@ -905,7 +905,7 @@ def measure_parallelism(n: int) -> Dict[str, Any]:
 # -- report ----------------------------------------------------------------------------------------
 
 def machine() -> Dict[str, Any]:
-    from edge_agent.daemon.system import host_info
+    from edge_agent.system import host_info
 
     import cv2
     import numpy as np

@@ -34,6 +34,16 @@ def discover_backends(package: str, group: str, register: Callable[[Any], Any]) 
     return failed
 
 
+# Settings whose values are the names of a registry (built-in backends and plugins), and the
+# registry's package. The config asks through here, by name, so it never imports the layers above it.
+REGISTRIES = {"source.kind": "edge_agent.sources", "model.runtime": "edge_agent.inference.runtimes"}
+
+
+def registry_choices(setting: str) -> List[str]:
+    """What ``setting`` accepts: the ``setting_choices()`` of its registry's package."""
+    return list(importlib.import_module(REGISTRIES[setting]).setting_choices())
+
+
 def _entry_points(group: str) -> List[Any]:
     from importlib import metadata  # late: only registries need it
 

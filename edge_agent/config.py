@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from edge_agent import registry_choices
 from edge_agent.errors import ConfigError
 from edge_agent.schema import Bool, Choice, Field, Float, Int, Invalid, Str, StrList
 
@@ -50,15 +51,11 @@ FLEET_DEVICE = "all"  # the topic level of fleet-wide commands: no device may ha
 
 
 def _runtime_choices() -> List[str]:
-    from edge_agent.inference import runtimes  # late: loading a config does not load backends
-
-    return runtimes.choices()
+    return registry_choices("model.runtime")  # looked up when checked: loading a config loads no backend
 
 
-def _source_kinds() -> Tuple[str, ...]:
-    from edge_agent import sources  # late: backends import numpy and OpenCV
-
-    return sources.available_kinds()
+def _source_kinds() -> List[str]:
+    return registry_choices("source.kind")  # backends import numpy and OpenCV: only when checked
 
 
 def opt(default: Any, spec: Field, secret: bool = False) -> Any:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from edge_agent.cli import build_parser
-from edge_agent.daemon import benchmark as bench
-from edge_agent.daemon.benchmark import BenchSettings, parse_frame_size, run_benchmark
+from edge_agent.output import benchmark as bench
+from edge_agent.output.benchmark import BenchSettings, parse_frame_size, run_benchmark
 from edge_agent.errors import EdgeAgentError, ModelError
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.output.timing import summarize

@@ -17,7 +17,7 @@ import pytest
 
 from edge_agent import config as C
 from edge_agent.daemon.pipeline import PipelineSettings
-from edge_agent.daemon.stages import OutputSettings
+from edge_agent.output.stages import OutputSettings
 from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.segmenter import ModelSettings
 from edge_agent.sources.base import SourceSettings

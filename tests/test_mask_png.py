@@ -140,7 +140,7 @@ def test_demo_names_overlays_after_their_source_frames(tmp_path):
 def test_grey_mask_format_is_what_opencv_reads_as_ids(real_masks):
     """``publish.mask_format = "grey"``: the same ids, no palette, for consumers decoding with OpenCV."""
     from edge_agent.config import load_config
-    from edge_agent.daemon.stages import EncodeOptions, Masks, OutputSettings, encode as encode_stage
+    from edge_agent.output.stages import EncodeOptions, Masks, OutputSettings, encode as encode_stage
     from edge_agent.sources.base import Frame
 
     settings = OutputSettings.from_config(load_config(None, ["publish.mask_format=grey"], env={}))

@@ -15,7 +15,7 @@ import pytest
 from edge_agent.output import encode as publish
 from edge_agent.inference.model import SegmentationModel
 from edge_agent.inference.postprocess import argmax_channels
-from edge_agent.daemon import stages
+from edge_agent.output import stages
 from edge_agent.inference.preprocess import AREA, FAST, letterbox, letterbox_geometry, resize_into, shrink_into
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.sources.base import Frame

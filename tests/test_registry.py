@@ -112,8 +112,8 @@ def test_plugins_are_accepted_by_config_validation(plugins):
 
 
 def test_plugins_are_accepted_by_the_cli(plugins, tmp_path):
-    check = cli(["config", "check", "--set", "model.runtime=vendor-litert", "--set", "source.kind=rampcam"],
-                str(plugins))
+    check = cli(["config", "check", "--set", "model.runtime=vendor-litert", "--set", "source.kind=rampcam",
+                 "--set", f"model.path={DM05}", "--no-model"], str(plugins))
     assert check.returncode == 0, check.stderr
     assert "source rampcam" in check.stdout
     for command in ("segment", "bench", "inspect"):
@@ -132,7 +132,7 @@ def test_plugins_are_accepted_by_the_cli(plugins, tmp_path):
 
 
 def test_without_the_plugins_the_names_are_refused_in_one_line(plugins):
-    check = cli(["config", "check", "--set", "source.kind=rampcam"])
+    check = cli(["config", "check", "--set", "source.kind=rampcam", "--set", f"model.path={DM05}", "--no-model"])
     assert check.returncode == 2
     assert check.stderr.strip() == ("edge-agent: config error: source.kind: expected one of 'folder', "
                                     "'opencv', 'picamera2', 'synthetic', got 'rampcam' (from --set)")

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import pytest
 
-from edge_agent.daemon.system import MALLOC_ENV, release_memory, rss_mb
+from edge_agent.system import MALLOC_ENV, release_memory, rss_mb
 from edge_agent.inference.segmenter import Segmenter
 from tests.data import DM05, DM10
 
@@ -71,7 +71,7 @@ def test_rss_is_back_at_one_level_after_each_dropped_model():
 
 PRELUDE = r"""
 import ctypes, resource, sys
-from edge_agent.daemon import system
+from edge_agent import system
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 MB = 1 << 20

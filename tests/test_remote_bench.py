@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.comms import commands
-from edge_agent.daemon.benchmark import BenchSettings, run_benchmark
+from edge_agent.output.benchmark import BenchSettings, run_benchmark
 from edge_agent.comms.mqtt import MqttComms
 from edge_agent.comms.commands import CommandChannel, RequestError, decode_json, validate
 from edge_agent.config import BenchmarkConfig, MqttConfig

@@ -1,5 +1,5 @@
 """One stage vocabulary: the segmenter, the pipeline, ``bench --pipeline``, the ``timings`` messages
-and docs/asyncapi.yaml use the same stage names (edge_agent/daemon/stages.py), in the same order."""
+and docs/asyncapi.yaml use the same stage names (edge_agent/output/stages.py), in the same order."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from edge_agent.daemon import stages
-from edge_agent.daemon.benchmark import BenchSettings, run_benchmark
+from edge_agent.output import stages
+from edge_agent.output.benchmark import BenchSettings, run_benchmark
 from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.sources import open_source

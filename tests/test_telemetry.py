@@ -13,7 +13,7 @@ import tracemalloc
 
 import pytest
 
-from edge_agent.daemon.stages import PIPELINE_STAGES
+from edge_agent.output.stages import PIPELINE_STAGES
 from edge_agent.daemon.telemetry import Telemetry
 from edge_agent.output.timing import StageWindow, percentile
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bench.perf import crop_16_9  # the bench's camera-like frames are the ones checked here
-from edge_agent.daemon import stages
+from edge_agent.output import stages
 from edge_agent.daemon.pipeline import BufferPool, LatestSlot, Pipeline, PipelineSettings, decode_hint
 from edge_agent.inference import postprocess as post
 from edge_agent.inference import preprocess

@@ -8,7 +8,7 @@ import time
 from typing import Any, Tuple
 
 from edge_agent.cli.segment import add_runtime_args, make_segmenter
-from edge_agent.daemon.benchmark import (BenchSettings, format_text, load_inputs, parse_frame_size,
+from edge_agent.output.benchmark import (BenchSettings, format_text, load_inputs, parse_frame_size,
                                          run_benchmark)
 from edge_agent.errors import EdgeAgentError
 

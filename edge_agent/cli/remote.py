@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, TextIO
 
 from edge_agent.config import load_config
-from edge_agent.daemon.benchmark import parse_frame_size
+from edge_agent.output.benchmark import parse_frame_size
 from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet.bench import (TABLE_COLUMNS, Progress, check_matplotlib, command_params,
                                     plot_latencies, summary_rows, write_csv)

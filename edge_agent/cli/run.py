@@ -7,7 +7,7 @@ import logging
 
 from edge_agent import __version__
 from edge_agent.cli.config import add_config_arguments, config_from_args
-from edge_agent.daemon import system
+from edge_agent import system
 from edge_agent.daemon.agent import Agent
 from edge_agent.remote import HANDLERS
 

@@ -233,7 +233,7 @@ class HomeAssistantBridge:
         self.ha = config.homeassistant
         self._device_id = config.agent.device_id
         if cpu_temp is None:
-            from edge_agent.daemon.system import cpu_temp_c as cpu_temp
+            from edge_agent.system import cpu_temp_c as cpu_temp
         self._cpu_temp = cpu_temp
         self._lock = threading.Lock()
         self._discovery = Discovery(config, self._device_id, None)

@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from edge_agent import __version__
 from edge_agent.config import Config
-from edge_agent.daemon import sdnotify, system
+from edge_agent import system
+from edge_agent.daemon import sdnotify
 from edge_agent.daemon.model_manager import ModelManager
 from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
 from edge_agent.errors import ConfigError, EdgeAgentError

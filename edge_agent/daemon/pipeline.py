@@ -6,7 +6,7 @@ publish queue is bounded too. Publishing never blocks: the MQTT client drops whi
 away. So a slow or absent broker can't stall inference, and inference can't stall capture.
 
 This module only moves frames between threads. The work of each stage is
-:mod:`edge_agent.daemon.stages` (shared with ``Segmenter.segment()`` and ``bench --pipeline``),
+:mod:`edge_agent.output.stages` (shared with ``Segmenter.segment()`` and ``bench --pipeline``),
 counting and publishing timings/stats is :mod:`edge_agent.daemon.telemetry`, and which model runs
 is the :class:`~edge_agent.daemon.model_manager.ModelManager`'s (it swaps through
 :meth:`Pipeline.swap_segmenter`).
@@ -35,8 +35,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from edge_agent.config import ModelConfig, PublishConfig
-from edge_agent.daemon import stages, system
-from edge_agent.daemon.stages import FrameOutput, OutputSettings, Sink
+from edge_agent import system
+from edge_agent.output import stages
+from edge_agent.output.stages import FrameOutput, OutputSettings, Sink
 from edge_agent.daemon.telemetry import PipelineCounters, Telemetry
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.preprocess import Geometry, make_geometry

@@ -5,7 +5,7 @@ Its own unit so the pipeline runner only moves frames: the runner reports what h
 (:meth:`Telemetry.inferred`, :meth:`Telemetry.frame_done`), the publish thread calls
 :meth:`Telemetry.tick` and the schedule (``publish.timings``, ``timings_interval_s``,
 ``stats_interval_s``) lives here. Message shapes: ``docs/asyncapi.yaml`` (timingsFrame,
-timingsInterval, stats); stage names: :mod:`edge_agent.daemon.stages`.
+timingsInterval, stats); stage names: :mod:`edge_agent.output.stages`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from edge_agent.daemon import system
-from edge_agent.daemon.stages import Sink
+from edge_agent import system
+from edge_agent.output.stages import Sink
 from edge_agent.output.encode import to_json
 from edge_agent.output.timing import StageWindow
 

@@ -2,7 +2,7 @@
 
 :meth:`Segmenter.from_settings` is THE way to build one from the config or CLI arguments (the
 agent, a deployment's sanity invoke, the remote benchmark, ``segment`` and ``bench``); the
-stages are :mod:`edge_agent.daemon.stages`, shared with the pipeline and ``bench --pipeline``.
+stages are :mod:`edge_agent.inference.stages`, shared with the pipeline and ``bench --pipeline``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from edge_agent.config import ModelConfig
-from edge_agent.daemon import stages
+from edge_agent.inference import stages
 from edge_agent.inference import postprocess
 from edge_agent.inference.labels import labels_for
 from edge_agent.inference.model import ModelOptions, SegmentationModel
@@ -109,7 +109,7 @@ class Segmenter:
     def segment(self, frame: np.ndarray, full_mask: bool = True) -> Segmentation:
         """Segment one RGB uint8 frame. ``full_mask`` resizes the mask to the frame now (timed).
 
-        ``timings`` has the keys of :data:`~edge_agent.daemon.stages.SEGMENT_STAGES`.
+        ``timings`` has the keys of :data:`~edge_agent.inference.stages.SEGMENT_STAGES`.
         """
         t0 = time.perf_counter()
         _, geometry = stages.prepare(self.model, frame, self.mode, into_tensor=True)

@@ -42,8 +42,8 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from edge_agent.comms.commands import (BoolField, ChoiceField, CommandChannel, FloatField, IntField, Request,
                                        Schema, StrField)
-from edge_agent.daemon import benchmark as bench
-from edge_agent.daemon.system import release_memory
+from edge_agent.output import benchmark as bench
+from edge_agent.system import release_memory
 from edge_agent.errors import EdgeAgentError
 from edge_agent.output.throttle import Throttle
 from edge_agent.remote.context import HandlerContext, OneCommandHandler

@@ -47,7 +47,7 @@ import numpy as np
 
 from edge_agent.comms.commands import (CommandChannel, FieldSpec, FloatField, IntField, Request, RequestError,
                                        Schema, StrField)
-from edge_agent.daemon.system import release_memory
+from edge_agent.system import release_memory
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import agreement
 from edge_agent.inference.segmenter import Segmenter

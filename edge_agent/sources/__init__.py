@@ -51,6 +51,11 @@ __all__ = [
 ]
 
 
+def setting_choices() -> tuple:
+    """What ``source.kind`` accepts (``edge_agent.registry_choices``)."""
+    return available_kinds()
+
+
 def build_source(settings: Any) -> BaseSource:
     """The bare backend for ``settings`` (not opened, no reopen logic)."""
     s = SourceSettings.from_any(settings)

@@ -130,6 +130,9 @@ def choices() -> List[str]:
     return ["auto", *names()]
 
 
+setting_choices = choices  # for ``edge_agent.registry_choices("model.runtime")``
+
+
 def resolve(name: Optional[str] = "auto") -> RuntimeBackend:
     """Return the backend for ``name`` (``auto``/None: $EDGE_AGENT_RUNTIME, else the fastest)."""
     _discover()

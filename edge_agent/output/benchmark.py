@@ -9,8 +9,8 @@ What is measured, and why this way:
 * Invoke-only (default): the input is prepared once per distinct input frame and copied into
   the tensor OUTSIDE the timed region; only ``invoke()`` is timed, like ``benchmark_model``.
 * ``pipeline``: every stage of the daemon's per-frame path at a given frame size, run by the
-  daemon's own stage functions (:func:`edge_agent.daemon.stages.run_frame`) and timed with the
-  same stage names (:data:`~edge_agent.daemon.stages.BENCH_STAGES`: preprocess, inference,
+  daemon's own stage functions (:func:`edge_agent.output.stages.run_frame`) and timed with the
+  same stage names (:data:`~edge_agent.output.stages.BENCH_STAGES`: preprocess, inference,
   postprocess, encode, end_to_end); ``invoke`` is still ``invoke()`` alone.
 * Run count follows ``benchmark_model``: at least ``runs`` runs and at least ``min_secs``
   seconds, but never past ``max_secs`` (``stopped`` tells which limit ended it) nor
@@ -34,9 +34,9 @@ import numpy as np
 
 from edge_agent import __version__
 
-from edge_agent.daemon import system
-from edge_agent.daemon.stages import BENCH_STAGES, FrameOutput, run_frame
-from edge_agent.daemon.stages import prepare as stages_prepare
+from edge_agent import system
+from edge_agent.output.stages import BENCH_STAGES, FrameOutput, run_frame
+from edge_agent.output.stages import prepare as stages_prepare
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.sources.base import Frame

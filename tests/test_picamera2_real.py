@@ -257,6 +257,8 @@ def test_daemon_publishes_the_masks_segment_gives_for_the_same_image(root: Root,
     assert code == 0, text[-3000:]
     assert "picamera2: camera 0 (Virtual Video Device, id Virtual0)" in text, text[-3000:]
     assert "lores 512x342 NV12 (asked YUV420)" in text, text[-3000:]
+    # the virtual camera reports Rec709 whatever is asked; its NV12 is libyuv's BT.601 all the same
+    assert "capturing lores, colour space Rec709 (asked SMPTE170M)" in text, text[-3000:]
     assert "camera 0 closed" in text, text[-3000:]
 
     agreements = []

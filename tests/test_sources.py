@@ -451,6 +451,7 @@ def test_picamera2_geometry_comes_from_what_the_camera_gave(monkeypatch, caplog)
     assert fake.instances[-1].requested["lores"]["format"] == "YUV420"
     line = next(r.getMessage() for r in caplog.records if "lores" in r.getMessage())
     assert "main 640x480 NV12 (asked YUV420)" in line and "lores 200x150 NV12 (asked YUV420)" in line, line
+    assert line.endswith("capturing lores, colour space Smpte170m"), line
     for (y, x), rgb in {(30, 50): (255, 0, 0), (30, 150): (0, 255, 0), (120, 50): (0, 0, 255)}.items():
         assert np.abs(frame.image[y, x].astype(int) - rgb).max() <= 6, (y, x, frame.image[y, x])
     assert any("camera 0 closed" in r.getMessage() for r in caplog.records)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
@@ -186,6 +187,15 @@ def select_camera(cameras: List[Dict[str, Any]], uri: str) -> int:
                       f"{describe_cameras(cameras)}; source.uri takes '' (the first), a number, an Id or a Model")
 
 
+def _colour_space_name(colour_space: Any) -> str:
+    """``<libcamera.ColorSpace 'Rec709'>`` -> ``Rec709``; "" for None."""
+    if colour_space is None:
+        return ""
+    text = str(colour_space)
+    match = re.search(r"'([^']*)'", text)
+    return match.group(1) if match else text
+
+
 class Picamera2Source(BaseSource):
     """``source.uri`` selects the camera: ``""`` (the first), ``"N"`` (position N in
     ``Picamera2.global_camera_info()``, as ``Picamera2(N)`` counts, not its ``Num`` field), a
@@ -288,8 +298,9 @@ class Picamera2Source(BaseSource):
         log.info("picamera2: %s: %s", label, self.describe_config(gave))
 
     def describe_config(self, gave: Dict[str, Any]) -> str:
-        """What the camera gave, and what was asked where it differs:
-        ``main 640x480 NV12 (asked YUV420), lores 320x240 NV12 (asked YUV420), stride 320, ...``"""
+        """What the camera gave, and what was asked where it differs: ``main 640x480 NV12 (asked
+        YUV420) stride 640, lores 320x240 NV12 (asked YUV420) stride 320, capturing lores, colour
+        space Rec709 (asked Smpte170m)``."""
         asked = {"main": (self.main_size, "YUV420"), "lores": (self.requested_lores, self.requested_format)}
         parts = []
         for name in ("main", "lores"):
@@ -297,16 +308,21 @@ class Picamera2Source(BaseSource):
             if not stream:
                 continue
             size = (int(stream["size"][0]), int(stream["size"][1]))
-            text = f"{name} {size[0]}x{size[1]} {stream['format']}"
-            differs = [f"{a[0]}x{a[1]}" if isinstance(a, tuple) else a
-                       for a, g in zip(asked[name], (size, stream["format"])) if tuple(a) != g and a != g]
+            fmt = str(stream["format"])
+            asked_size, asked_fmt = asked[name]
+            differs = ([f"{asked_size[0]}x{asked_size[1]}"] if tuple(asked_size) != size else []) + \
+                ([asked_fmt] if asked_fmt != fmt else [])
+            text = f"{name} {size[0]}x{size[1]} {fmt}"
             if differs:
-                text += f" (asked {' '.join(str(d) for d in differs)})"
+                text += f" (asked {' '.join(differs)})"
             if stream.get("stride"):
                 text += f" stride {stream['stride']}"
             parts.append(text)
-        colour = gave.get("colour_space")
-        parts.append(f"capturing {self.stream}" + (f", colour space {colour}" if colour is not None else ""))
+        parts.append(f"capturing {self.stream}")
+        colour = _colour_space_name(gave.get("colour_space"))
+        if colour:
+            wanted = _colour_space_name(_bt601_colour_space())
+            parts.append(f"colour space {colour}" + (f" (asked {wanted})" if wanted and wanted != colour else ""))
         return ", ".join(parts)
 
     def close(self) -> None:

@@ -42,7 +42,7 @@ class FakeColorSpace:
         self.name = name
 
     def __repr__(self) -> str:
-        return f"<ColorSpace {self.name}>"
+        return f"<libcamera.ColorSpace '{self.name}'>"  # as libcamera's Python binding prints it
 
     @staticmethod
     def Smpte170m() -> "FakeColorSpace":

@@ -391,7 +391,7 @@ def test_sources_missing_at_start_are_retried_until_they_appear(device, tmp_path
         assert any(line.startswith("STATUS=waiting for the source") for line in lines), lines
     finally:
         notify.close()
-    assert "no images" in down["last_error"]
+    assert "does not exist" in down["last_error"]  # a missing folder says so (not "no images")
     assert dev.info()["status"] == "running" and not dev.rec.matching(f"{dev.base}/mask")
     folder.mkdir()
     for name in ("cat.bmp", "bird.bmp"):

@@ -139,10 +139,14 @@ def _readme_variables():
     return sorted(names)
 
 
+# What `config check` needs besides the key under test: a source and a model `run` can start with.
+RUNNABLE = {"EDGE_AGENT_SOURCE_KIND": "synthetic", "EDGE_AGENT_MODEL_PATH": str(DM05)}
+
+
 def check_config(tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text('[agent]\ndevice_id = "from-env-config"\n')
-    proc = cli("config", "check", env={"EDGE_AGENT_CONFIG": str(config)})
+    proc = cli("config", "check", env={"EDGE_AGENT_CONFIG": str(config), **RUNNABLE})
     assert proc.returncode == 0, proc.stderr
     assert f"config OK ({config}): device from-env-config" in proc.stdout
 
@@ -182,7 +186,7 @@ def check_mqtt_host(tmp_path):
     shown = cli("config", "show", "--format", "json", env={"EDGE_AGENT_MQTT_HOST": "broker.lan"})
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["mqtt"]["host"] == "broker.lan"
-    typo = cli("config", "check", env={"EDGE_AGENT_MQTT_HOTS": "broker.lan"})
+    typo = cli("config", "check", env={"EDGE_AGENT_MQTT_HOTS": "broker.lan", **RUNNABLE})
     assert "EDGE_AGENT_MQTT_HOTS: unknown key mqtt.hots" in refused_in_one_line(typo)
 
 
@@ -225,7 +229,7 @@ VARIABLE_CHECKS = {
 def check_mqtt_port(tmp_path):
     shown = cli("config", "show", "--format", "json", env={"EDGE_AGENT_MQTT_PORT": "18830"})
     assert json.loads(shown.stdout)["mqtt"]["port"] == 18830
-    assert "mqtt.port: expected integer" in refused_in_one_line(cli("config", "check", env={"EDGE_AGENT_MQTT_PORT": "x"}))
+    assert "mqtt.port: expected integer" in refused_in_one_line(cli("config", "check", env={"EDGE_AGENT_MQTT_PORT": "x", **RUNNABLE}))
 
 
 def check_source_uri(tmp_path):

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from edge_agent.cli import main as cli_main
+from tests.data import DM05
 from tests.broker import Certs, HangUpProxy, make_certs, make_leaf
 from tests.helpers import OutputLines, start_agent, wait_until, write_config
 
@@ -141,7 +142,8 @@ def test_hang_ups_before_connack_fall_back_only_until_the_next_reconnect(mosquit
 
 def test_config_check_loads_the_cert_key_pair(faulty, tmp_path, capsys):
     certs = faulty["certs"]
-    base = ["config", "check", "--set", "mqtt.tls=true", "--set", f"mqtt.ca_file={certs.ca}"]
+    base = ["config", "check", "--no-model", "--set", "mqtt.tls=true", "--set", f"mqtt.ca_file={certs.ca}",
+            "--set", "source.kind=synthetic", "--set", f"model.path={DM05}", "--set", f"agent.state_dir={tmp_path}"]
     assert cli_main([*base, "--set", f"mqtt.cert_file={certs.client_cert}",
                      "--set", f"mqtt.key_file={certs.client_key}"]) == 0
     capsys.readouterr()

@@ -118,7 +118,13 @@ for suite in $SUITES; do
       say "venv .venv-host (TensorFlow host tools)"
       make_venv .venv-host -e ".[host,dev]" || { RESULTS+=("host=setup-failed"); FAILED=1; continue; }
       if [ -d tests/host ]; then
-        run_pytest host .venv-host -m host tests/host
+        # TensorFlow's own CPU kernels, as on every CPU without AVX-512 VNNI/BF16 or AMX (where TF
+        # leaves oneDNN off): the host tools must not depend on oneDNN, whatever this CPU has.
+        TF_ENABLE_ONEDNN_OPTS=0 run_pytest host .venv-host -m host tests/host
+        # oneDNN on: the dilated depthwise layer against the native dilated op (only oneDNN has
+        # its kernel) and the conversions again (~1 min).
+        T_SUITE=$SECONDS
+        TF_ENABLE_ONEDNN_OPTS=1 run_pytest host-onednn .venv-host -m host tests/host/test_dilation.py
       else
         echo "[host] tests/host missing"; RESULTS+=("host=missing"); FAILED=1
       fi

@@ -93,7 +93,7 @@ def test_encode_payload():
 
 
 def test_diagnose_names_the_setting():
-    from edge_agent.comms.mqtt import diagnose
+    from edge_agent.comms.tls import diagnose
     cfg = MqttConfig(host="broker.lan", port=8883)
     cases = {
         "cannot connect to broker.lan:8883: [Errno 111] Connection refused": "mqtt.port right?",

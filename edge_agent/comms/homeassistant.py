@@ -411,7 +411,7 @@ def retained_configs(config: Any, clear: bool = False, timeout: float = REMOVE_T
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edge_agent.comms.mqtt import apply_credentials
+    from edge_agent.comms.tls import apply_credentials
 
     m = config.mqtt
     found: Dict[str, float] = {}

@@ -118,7 +118,7 @@ def _deploy_problems(cfg: Config) -> List[str]:
 def _tls_problems(cfg: Config) -> List[str]:
     if not (cfg.mqtt.enabled and cfg.mqtt.tls):
         return []
-    from edge_agent.comms.mqtt import tls_context  # late: paho is only needed with TLS on
+    from edge_agent.comms.tls import tls_context  # late: paho is only needed with TLS on
 
     try:
         tls_context(cfg.mqtt)  # loads the CA and the cert/key pair as ``run`` will

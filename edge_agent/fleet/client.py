@@ -1,6 +1,6 @@
 """Host-side MQTT client for commands to one device or the whole fleet (benchmark, deploy, ...).
 
-It connects exactly like the agent (:class:`edge_agent.comms.mqtt.MqttConnection`: credentials and
+It connects exactly like the agent (:class:`edge_agent.comms.connection.MqttConnection`: credentials and
 TLS from ``[mqtt]``, MQTT 5 with fallback to 3.1.1, diagnosed failures) and re-subscribes after a
 reconnect. ``FleetClient(mqtt_config).connect()`` subscribes to the retained
 ``<prefix>/+/availability`` and ``<prefix>/+/info`` topics; :meth:`FleetClient.discover` also asks
@@ -32,7 +32,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 import paho.mqtt.client as paho
 
 from edge_agent.comms.commands import FINAL_STATUSES
-from edge_agent.comms.mqtt import FLEET, MqttConnection
+from edge_agent.comms.connection import MqttConnection
+from edge_agent.comms.mqtt import FLEET
 from edge_agent.errors import EdgeAgentError
 
 log = logging.getLogger(__name__)

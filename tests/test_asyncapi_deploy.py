@@ -17,6 +17,8 @@ import pytest
 
 from edge_agent.comms import commands
 from edge_agent.remote import deploy as dep
+from edge_agent.remote import sanity, transfer
+from edge_agent.remote import deploy_request as dreq
 from edge_agent.comms.commands import FieldSpec, FloatField, IntField, StrField
 from edge_agent.fleet import deploy as host
 from edge_agent.models.store import ModelStore
@@ -26,8 +28,8 @@ yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWER_METHODS = ("accept", "progress", "done", "fail", "reject")
-SCHEMAS = {"deployRequest": dep.DEPLOY_SCHEMA, "rollbackRequest": dep.ROLLBACK_SCHEMA,
-           "modelsRequest": dep.MODELS_SCHEMA}
+SCHEMAS = {"deployRequest": dreq.DEPLOY_SCHEMA, "rollbackRequest": dreq.ROLLBACK_SCHEMA,
+           "modelsRequest": dreq.MODELS_SCHEMA}
 # strings a pattern of a StrField is probed with: the documented pattern must agree on each
 PROBES = ["", "a", "A" * 64, "A" * 128, "A" * 129, "a/b", "a\\b", "a\x01b", "a\nb", "x y", "ümlaut",
           "0" * 64, "F" * 64, "g" * 64, "0" * 63, "abcd", "ab==", "a===", "a+/=", "http://h/m.tflite",
@@ -80,9 +82,9 @@ def check_field(name: str, spec: FieldSpec, prop: Dict[str, Any]) -> None:
         documented = re.compile(prop["pattern"])
         for probe in PROBES:
             assert bool(documented.fullmatch(probe)) == bool(spec.regex.fullmatch(probe)), (name, probe)
-    elif isinstance(spec, dep.LabelsField):
+    elif isinstance(spec, dreq.LabelsField):
         assert "array" in types and prop["items"]["type"] == "string"
-        assert (prop["minItems"], prop["maxItems"]) == (1, dep.MAX_LABELS)
+        assert (prop["minItems"], prop["maxItems"]) == (1, dreq.MAX_LABELS)
         assert spec.check(["a" * prop["items"]["maxLength"]]) and not _accepts(
             spec, ["a" * (prop["items"]["maxLength"] + 1)])
     else:
@@ -103,7 +105,7 @@ def test_asyncapi_request_id_parameter_and_size_limits_match_commands(doc):
     assert commands.INVALID_ID_TOPIC in param
     assert "[A-Za-z0-9_-]+" not in param  # the old, wrong id rule
     channels = doc["channels"]
-    assert f"{dep.MAX_REQUEST_BYTES} bytes" in channels["cmdDeploy"]["description"]
+    assert f"{dreq.MAX_REQUEST_BYTES} bytes" in channels["cmdDeploy"]["description"]
     for name in ("cmdRollback", "cmdModels"):
         assert f"{commands.DEFAULT_MAX_BYTES} bytes" in channels[name]["description"], name
     for reply, kind in (("deployReply", dep.KIND), ("modelsReply", dep.MODELS_KIND)):
@@ -129,7 +131,11 @@ def test_asyncapi_chunk_topic_is_the_one_host_and_agent_use(doc):
 
 
 def _deploy_tree() -> ast.Module:
-    return ast.parse(Path(dep.__file__).read_text(encoding="utf-8"))
+    """The deployer and the parts whose reports go into its answers (the sanity check's)."""
+    body: List[ast.stmt] = []
+    for module in (dep, sanity, transfer):
+        body += ast.parse(Path(module.__file__).read_text(encoding="utf-8")).body
+    return ast.Module(body=body, type_ignores=[])
 
 
 def _answer_calls(tree: ast.AST) -> Iterator[ast.Call]:

@@ -17,6 +17,9 @@ from typing import Dict, List
 import pytest
 
 from edge_agent.remote import deploy as dep
+from edge_agent.remote import deploy_request as dreq
+from edge_agent.remote import transfer
+from edge_agent.remote import sanity
 from edge_agent.models import signing
 from edge_agent.daemon.agent import Agent
 from edge_agent.cli import main as cli_main
@@ -40,14 +43,14 @@ needs_crypto = pytest.mark.skipif(not signing.available(), reason="cryptography 
 
 # -- units ---------------------------------------------------------------------------------------
 
-def parse(doc: Dict, max_size: int = 1 << 20) -> dep.DeployRequest:
-    return dep.deploy_request("r1", validate(doc, dep.DEPLOY_SCHEMA), max_size)
+def parse(doc: Dict, max_size: int = 1 << 20) -> dreq.DeployRequest:
+    return dreq.deploy_request("r1", validate(doc, dreq.DEPLOY_SCHEMA), max_size)
 
 
 def test_request_validation():
     base = {"name": "m", "sha256": "ab" * 32, "size": 1000}
     req = parse({**base, "chunks": 4, "chunk_size": 256})
-    assert (req.chunks, req.chunk_size, req.confirm_frames) == (4, 256, dep.DEFAULT_CONFIRM_FRAMES)
+    assert (req.chunks, req.chunk_size, req.confirm_frames) == (4, 256, dreq.DEFAULT_CONFIRM_FRAMES)
     assert parse({**base, "chunks": 1}).chunk_size == 1000  # one binary payload
     assert parse({**base, "url": "https://h/m.tflite"}).url == "https://h/m.tflite"
     cases = [
@@ -70,28 +73,28 @@ def test_request_validation():
 
 def test_chunk_assembler_order_duplicates_and_errors(tmp_path):
     data = os.urandom(1000)
-    asm = dep.ChunkAssembler(tmp_path / "f", 1000, 4, 300)
+    asm = transfer.ChunkAssembler(tmp_path / "f", 1000, 4, 300)
     for n in (3, 1, 0, 1, 2):
         asm.add(n, data[n * 300:(n + 1) * 300])
     asm.wait(1.0, lambda _: None)
     asm.close()
     assert asm.duplicates == 1 and (tmp_path / "f").read_bytes() == data
 
-    asm = dep.ChunkAssembler(tmp_path / "g", 1000, 4, 300)
+    asm = transfer.ChunkAssembler(tmp_path / "g", 1000, 4, 300)
     asm.add(0, data[:300])
     asm.add(2, data[600:900])
-    with pytest.raises(dep.DeployFailed, match=r"2 of 4 chunks missing \(1, 3\)"):
+    with pytest.raises(dreq.DeployFailed, match=r"2 of 4 chunks missing \(1, 3\)"):
         asm.wait(0.3, lambda _: None)
     asm.close()
 
-    asm = dep.ChunkAssembler(tmp_path / "h", 1000, 4, 300)
+    asm = transfer.ChunkAssembler(tmp_path / "h", 1000, 4, 300)
     asm.add(3, data[:300])  # the last chunk must be the 100-byte remainder
-    with pytest.raises(dep.DeployFailed, match="chunk 3 has 300 bytes, expected 100"):
+    with pytest.raises(dreq.DeployFailed, match="chunk 3 has 300 bytes, expected 100"):
         asm.wait(1.0, lambda _: None)
     asm.close()
-    asm = dep.ChunkAssembler(tmp_path / "i", 1000, 4, 300)
+    asm = transfer.ChunkAssembler(tmp_path / "i", 1000, 4, 300)
     asm.add(7, b"x")
-    with pytest.raises(dep.DeployFailed, match="out of range"):
+    with pytest.raises(dreq.DeployFailed, match="out of range"):
         asm.wait(1.0, lambda _: None)
     asm.close()
 
@@ -142,27 +145,27 @@ def test_fetch_url_size_cap_and_errors(http_dir, tmp_path):
     root, url = http_dir
     (root / "m.bin").write_bytes(b"x" * 5000)
     out = tmp_path / "out"
-    dep.fetch_url(f"{url}/m.bin", out, 5000, 5.0, lambda _: None)
+    transfer.fetch_url(f"{url}/m.bin", out, 5000, 5.0, lambda _: None)
     assert out.read_bytes() == b"x" * 5000
-    with pytest.raises(dep.DeployFailed, match="has 5000 bytes, more than the 4000"):
-        dep.fetch_url(f"{url}/m.bin", out, 4000, 5.0, lambda _: None)
-    with pytest.raises(dep.DeployFailed, match="cannot download .*HTTP 404"):
-        dep.fetch_url(f"{url}/missing", out, 4000, 5.0, lambda _: None)
+    with pytest.raises(dreq.DeployFailed, match="has 5000 bytes, more than the 4000"):
+        transfer.fetch_url(f"{url}/m.bin", out, 4000, 5.0, lambda _: None)
+    with pytest.raises(dreq.DeployFailed, match="cannot download .*HTTP 404"):
+        transfer.fetch_url(f"{url}/missing", out, 4000, 5.0, lambda _: None)
 
 
 def test_sanity_check_with_golden_mask():
     seg = Segmenter(str(DM05), labels=str(LABELS), threads=2)
-    report = dep.sanity_check(seg, BIRD.read_bytes(), BIRD_MASK.read_bytes(), 0.5)
+    report = sanity.sanity_check(seg, BIRD.read_bytes(), BIRD_MASK.read_bytes(), 0.5)
     assert report["agreement"] > 0.5
     wrong = (bird_mask() * 0 + 15).astype("uint8")  # "person" everywhere
     import cv2
 
-    with pytest.raises(dep.DeployFailed, match="agreement"):
-        dep.sanity_check(seg, BIRD.read_bytes(), cv2.imencode(".png", wrong)[1].tobytes(), 0.5)
+    with pytest.raises(dreq.DeployFailed, match="agreement"):
+        sanity.sanity_check(seg, BIRD.read_bytes(), cv2.imencode(".png", wrong)[1].tobytes(), 0.5)
     # The palette PNG the agent publishes (and `segment` writes) works as a golden mask too.
     from edge_agent.output.encode import encode_mask_png
 
-    palette = dep.sanity_check(seg, BIRD.read_bytes(), encode_mask_png(bird_mask()), 0.5)
+    palette = sanity.sanity_check(seg, BIRD.read_bytes(), encode_mask_png(bird_mask()), 0.5)
     assert palette["agreement"] == report["agreement"]
 
 

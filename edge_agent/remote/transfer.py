@@ -1,0 +1,204 @@
+"""Receiving a deployed model's bytes into the store: inline chunks (written in place as they come,
+in any order, each once) or a URL download (size-capped and deadline-bound), then the size and
+sha256 verified. Failures are one line naming their cause (``DeployFailed``).
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Set
+
+from edge_agent.models.store import sha256_file
+from edge_agent.remote.deploy_request import DeployFailed
+
+CHUNK_WAIT_S = 1.0  # longest sleep between two looks at a stalled inline transfer
+
+
+def storage_problem(exc: OSError) -> str:
+    """One line for a failed write into the model store (disk full, read-only, permissions)."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device (agent.state_dir)"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded (agent.state_dir)"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"the model store is not writable: {exc.strerror} (agent.state_dir)"
+    return f"cannot write to the model store: {exc.strerror or exc}"
+
+
+class ChunkAssembler:
+    """Writes chunks (any order, duplicates ignored) at their offsets into one file.
+
+    Every chunk but the last must be exactly ``chunk_size`` bytes and the last the remainder, so
+    a chunk is checked on arrival and memory holds none of them.  Thread-safe; ``wait`` returns
+    when complete, failed, or after ``idle_timeout_s`` without a new chunk.
+    """
+
+    def __init__(self, path: Path, size: int, count: int, chunk_size: int) -> None:
+        self.path, self.size, self.count, self.chunk_size = path, size, count, chunk_size
+        self._fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._received: Set[int] = set()
+        self._cond = threading.Condition()
+        self._last = time.monotonic()
+        self.bytes = 0
+        self.duplicates = 0
+        self.error: Optional[str] = None
+        self.storage_failed = False
+
+    def expected_length(self, n: int) -> int:
+        return self.chunk_size if n < self.count - 1 else self.size - self.chunk_size * (self.count - 1)
+
+    def add(self, n: int, data: bytes) -> None:
+        with self._cond:
+            if self.error is not None or self._fd < 0:
+                return
+            self._last = time.monotonic()
+            if not 0 <= n < self.count:
+                self.error = f"chunk {n} is out of range (the transfer has {self.count} chunks)"
+            elif n in self._received:
+                self.duplicates += 1
+                return
+            elif len(data) != self.expected_length(n):
+                self.error = f"chunk {n} has {len(data)} bytes, expected {self.expected_length(n)}"
+            else:
+                try:
+                    _pwrite_all(self._fd, data, n * self.chunk_size)
+                except OSError as exc:  # disk full, I/O error: fail the transfer at once
+                    self.error = f"{storage_problem(exc)}: transfer stopped, the partial file removed"
+                    self.storage_failed = True
+                else:
+                    self._received.add(n)
+                    self.bytes += len(data)
+            self._cond.notify_all()
+
+    def fail(self, reason: str) -> None:
+        with self._cond:
+            self.error = self.error or reason
+            self._cond.notify_all()
+
+    @property
+    def complete(self) -> bool:
+        return len(self._received) == self.count
+
+    def missing(self, limit: int = 10) -> List[int]:
+        with self._cond:
+            return [n for n in range(self.count) if n not in self._received][:limit]
+
+    def wait(self, idle_timeout_s: float, on_progress: Callable[[int], None]) -> None:
+        """Until all chunks arrived; raises DeployFailed on a bad chunk or an idle timeout."""
+        with self._cond:
+            while self.error is None and not self.complete:
+                idle = time.monotonic() - self._last
+                if idle >= idle_timeout_s:
+                    missing = [n for n in range(self.count) if n not in self._received]
+                    shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+                    raise DeployFailed(f"transfer incomplete: no chunk for {idle_timeout_s:g} s; "
+                                       f"{len(missing)} of {self.count} chunks missing ({shown})")
+                self._cond.wait(min(CHUNK_WAIT_S, idle_timeout_s - idle))
+                received = self.bytes
+                self._cond.release()
+                try:
+                    on_progress(received)
+                finally:
+                    self._cond.acquire()
+            if self.error is not None:
+                raise DeployFailed(self.error if self.storage_failed else f"transfer refused: {self.error}")
+
+    def close(self) -> None:
+        with self._cond:
+            if self._fd >= 0:
+                try:
+                    if self.error is None:
+                        os.fsync(self._fd)
+                finally:
+                    os.close(self._fd)
+                    self._fd = -1
+            if self.error is None and not self.complete:
+                self.error = "transfer abandoned"
+            self._cond.notify_all()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _response_socket(resp: Any) -> Any:
+    """The socket under an ``http.client`` response (to bound each read by the time left), or None."""
+    raw = getattr(getattr(resp, "fp", None), "raw", None)
+    sock = getattr(raw, "_sock", None)
+    return sock if hasattr(sock, "settimeout") else None
+
+
+def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: Callable[[int], None],
+              on_connected: Callable[[Callable[[], None]], None] = lambda abort: None) -> None:
+    """Download ``url`` into ``path``: at most ``limit`` bytes, within ``timeout_s`` OVERALL.
+
+    ``timeout_s`` is a deadline for the whole download (``deploy.url_timeout_s``), not per read: a
+    server trickling a byte at a time must not hold the one deployment slot. Each read returns
+    what one ``recv`` got (``read1``) and may wait only the time left. ``on_progress(received)``
+    after every block (the caller throttles); ``on_connected(abort)`` hands out a function that
+    ends a blocked read from another thread (the agent stopping)."""
+    deadline = time.monotonic() + timeout_s
+    timed_out = f"download timed out after {timeout_s:g} s (deploy.url_timeout_s limits the whole download)"
+    request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})
+    total = 0
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > limit:
+                raise DeployFailed(f"download refused: {url} has {length} bytes, more than the {limit} expected")
+            sock = _response_socket(resp)
+            if sock is not None:
+                on_connected(lambda: sock.shutdown(socket.SHUT_RDWR))
+            with open(path, "wb") as out:
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise DeployFailed(timed_out)
+                    if sock is not None:
+                        sock.settimeout(left)  # a timed-out socket cannot be read again: no slices
+                    block = resp.read1(1 << 16)
+                    if not block:
+                        break
+                    total += len(block)
+                    if total > limit:
+                        raise DeployFailed(f"download refused: {url} sends more than the {limit} bytes expected")
+                    try:
+                        out.write(block)
+                    except OSError as exc:
+                        raise DeployFailed(f"{storage_problem(exc)}: download stopped, the partial file "
+                                           "removed") from None
+                    on_progress(total)
+                try:
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    raise DeployFailed(storage_problem(exc)) from None
+    except DeployFailed:
+        raise
+    except TimeoutError:
+        raise DeployFailed(timed_out) from None
+    except (OSError, http.client.HTTPException) as exc:  # URLError, HTTPError, refused, cut off
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(exc, urllib.error.HTTPError):
+            reason = f"HTTP {exc.code} {exc.reason}"
+        raise DeployFailed(f"cannot download {url}: {reason}") from None
+
+
+def verify_file(path: Path, size: int, sha: str) -> None:
+    actual_size = path.stat().st_size
+    if actual_size != size:
+        raise DeployFailed(f"size mismatch: received {actual_size} bytes, the request says {size}")
+    actual = sha256_file(path)
+    if actual != sha:
+        raise DeployFailed(f"sha256 mismatch: received {actual}, the request says {sha}")

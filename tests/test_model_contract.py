@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.inference import runtimes
 from edge_agent.errors import ModelError, RuntimeNotAvailable
-from edge_agent.inference.model import InputSpec, input_lut
+from edge_agent.inference.contract import InputSpec, input_lut
 from edge_agent.inference.segmenter import Segmenter
 from tests.data import (BIRD, CLASSIFIER, DM05, DM05_EDGETPU, DM10_EDGETPU, INVOKE_ERROR,
                         bird_513)

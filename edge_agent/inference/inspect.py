@@ -15,7 +15,8 @@ import numpy as np
 from edge_agent.errors import ModelError
 from edge_agent.inference import runtimes
 from edge_agent.inference.labels import labels_for
-from edge_agent.inference.model import ModelOptions, read_contract, read_model_file
+from edge_agent.inference.contract import ModelOptions, read_contract
+from edge_agent.inference.modelfile import read_model_file
 from edge_agent.inference.preprocess import Normalization
 
 

@@ -269,8 +269,12 @@ def stage(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         timings["of which poweroff"] = machine.timings.get("poweroff", 0.0)
         lines = ["systemd stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), *NOTES]
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        for line in lines:
-            reporter.write_line(line) if reporter else print(line)
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():  # shown without -s
+                reporter.write_line("")
+                for line in lines:
+                    reporter.write_line(line)
 
 
 # --------------------------------------------------------------------------- the tests
@@ -310,18 +314,18 @@ def test_unit_becomes_active_only_after_the_first_frame_is_processed(stage: Stag
     """READY=1 comes after the first frame's inference, so ActiveEnterTimestamp must come after
     the first frame's capture time plus its measured stage times (the agent's own result and
     timings messages). A Type=simple unit, or READY sent at model load, becomes active before."""
-    results = stage.wait_messages("result", 0, timeout=30)
-    timings = stage.wait_messages("timings", 0, timeout=30)
-    first = json.loads(results[0].payload)
+    first = json.loads(stage.wait_messages("result", 0, timeout=30)[0].payload)
     assert first["seq"] == 1, first  # the recorder saw the service's very first frame
-    ms = next(json.loads(t.payload)["ms"] for t in timings if json.loads(t.payload)["seq"] == first["seq"])
+    timings = stage.wait_messages("timings", 0, timeout=30,
+                                  where=lambda m: json.loads(m.payload)["seq"] == first["seq"])
+    ms = json.loads(timings[0].payload)["ms"]
     processed_by = first["capture_ts"] + sum(ms.get(k, 0.0) for k in ("preprocess", "inference",
                                                                       "postprocess", "encode")) / 1e3
     s = stage.show("ActiveEnterTimestamp", "ExecMainStartTimestamp", "Type", "NotifyAccess")
     active = parse_us_timestamp(s["ActiveEnterTimestamp"])
     exec_start = parse_us_timestamp(s["ExecMainStartTimestamp"])
     NOTES.append(f"READY: exec -> first frame captured {first['capture_ts'] - exec_start:.3f} s, processed "
-          f"{processed_by - exec_start:.3f} s, unit active {active - exec_start:.3f} s")
+                 f"{processed_by - exec_start:.3f} s, unit active {active - exec_start:.3f} s")
     assert exec_start < first["capture_ts"] < processed_by <= active, (exec_start, first, ms, active)
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
     # and in the journal: the agent's start and model lines come before systemd's "Started"
@@ -567,14 +571,17 @@ def test_sandbox_is_enforced_on_the_running_agent_while_it_publishes_masks(stage
 
     # The control: an unconfined root process of the same container is allowed all of it.
     sleeper = subprocess.Popen(["nsenter", "-t", str(stage.machine.pid1), "-a", "sleep", "60"])
+
+    def sleep_pid() -> int:  # nsenter forks to enter the pid namespace: its child
+        return next((c for c in children(sleeper.pid)
+                     if Path(f"/proc/{c}/comm").read_text().strip() == "sleep"), 0)
+    inner_sleep = 0
     try:
-        def sleep_pid() -> int:  # nsenter forks to enter the pid namespace: its child
-            return next((c for c in children(sleeper.pid)
-                         if Path(f"/proc/{c}/comm").read_text().strip() == "sleep"), 0)
-        other = probe(wait_for(sleep_pid, 10, "sleep in the container"), "/var/tmp")
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+        inner_sleep = wait_for(sleep_pid, 10, "sleep in the container")
+        other = probe(inner_sleep, "/var/tmp")
+    finally:  # the sleep itself (killing nsenter would leave it behind in the container)
+        os.kill(inner_sleep, signal.SIGKILL) if inner_sleep else sleeper.kill()
+        sleeper.wait(10)
     assert other["mmap rwx"] > 0 and other["mprotect rx"] == 0 and other["create in /usr"] >= 0, other
 
     # it went on segmenting and publishing throughout, and is the same process

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from edge_agent.cli.segment import add_model_args, add_runtime_option
-from edge_agent.inference.model import ModelOptions
+from edge_agent.cli.segment import add_model_args, add_runtime_option, model_options
 from edge_agent.inference.inspect import describe, format_report
 from edge_agent.models import catalog
 
@@ -23,6 +22,6 @@ def add_parser(subparsers) -> None:
 
 def _cmd(args) -> int:
     resolved = catalog.resolve(args.model)  # a manifest name brings its labels, as for segment
-    info = describe(resolved.path, args.runtime, ModelOptions.from_config(args), args.labels or resolved.labels)
+    info = describe(resolved.path, args.runtime, model_options(args), args.labels or resolved.labels)
     print(json.dumps(info, indent=2) if args.json else format_report(info, args.all))
     return 0

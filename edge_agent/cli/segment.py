@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import Dict, List
@@ -16,6 +17,7 @@ from edge_agent.inference import runtimes
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.postprocess import class_fractions
 from edge_agent.inference.preprocess import MODES
+from edge_agent.config import ModelConfig
 from edge_agent.inference.model import ModelOptions
 from edge_agent.inference.segmenter import ModelSettings, Segmenter
 from edge_agent.output.encode import encode_mask_png
@@ -86,11 +88,17 @@ def add_model_args(p) -> None:
                    help="single-channel maps: foreground above this probability (default 0.5)")
 
 
+def model_options(args) -> ModelOptions:
+    """The ``[model]`` interpretation flags as the config section they mirror, then its options."""
+    keys = {f.name for f in dataclasses.fields(ModelOptions)}
+    return ModelOptions.from_config(ModelConfig(**{k: getattr(args, k) for k in keys if hasattr(args, k)}))
+
+
 def model_settings(args) -> ModelSettings:
     """The runtime options of :func:`add_runtime_args`, once."""
     return ModelSettings(runtime=args.runtime, threads=args.threads, edgetpu=args.edgetpu,
                          cpu_fallback=catalog.resolve(args.cpu_fallback).path if args.cpu_fallback else None,
-                         mode=args.mode, options=ModelOptions.from_config(args))
+                         mode=args.mode, options=model_options(args))
 
 
 def make_segmenter(args) -> Segmenter:

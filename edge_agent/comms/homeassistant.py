@@ -35,6 +35,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from edge_agent import __version__
+from edge_agent.config import Config
 from edge_agent.errors import EdgeAgentError
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def exposed_classes(labels: Optional[Sequence[str]], wanted: Sequence[str]) -> T
 class Discovery:
     """The discovery configs of one device: pure data, built from config + the info document."""
 
-    def __init__(self, config: Any, device_id: str, info: Optional[Dict[str, Any]]) -> None:
+    def __init__(self, config: Config, device_id: str, info: Optional[Dict[str, Any]]) -> None:
         self.ha = config.homeassistant
         self.device_id = device_id
         self.node = node_id(device_id)
@@ -227,7 +228,7 @@ class HomeAssistantBridge:
     and command plugins use it exactly like ``MqttComms``.
     """
 
-    def __init__(self, comms: Any, config: Any, cpu_temp=None) -> None:
+    def __init__(self, comms: Any, config: Config, cpu_temp=None) -> None:
         self._comms = comms
         self.config = config
         self.ha = config.homeassistant
@@ -395,12 +396,12 @@ class HomeAssistantBridge:
         self._comms.publish(BENCHMARK, summary, qos=1, retain=True)
 
 
-def remove_entities(config: Any, timeout: float = REMOVE_TIMEOUT_S) -> List[str]:
+def remove_entities(config: Config, timeout: float = REMOVE_TIMEOUT_S) -> List[str]:
     """Clear (empty retained payload) every discovery config of this device; returns the topics."""
     return list(retained_configs(config, clear=True, timeout=timeout))
 
 
-def retained_configs(config: Any, clear: bool = False, timeout: float = REMOVE_TIMEOUT_S) -> Dict[str, bytes]:
+def retained_configs(config: Config, clear: bool = False, timeout: float = REMOVE_TIMEOUT_S) -> Dict[str, bytes]:
     """The discovery configs the broker holds for this device (topic -> payload); ``clear``
     replaces each by an empty retained payload, which removes the entity from Home Assistant.
 
@@ -463,7 +464,7 @@ def retained_configs(config: Any, clear: bool = False, timeout: float = REMOVE_T
         client.loop_stop()
 
 
-def removal_note(topics: Iterable[str], config: Any) -> str:
+def removal_note(topics: Iterable[str], config: Config) -> str:
     topics = list(topics)
     where = f"{config.homeassistant.discovery_prefix}/+/{node_id(config.agent.device_id)}"
     if not topics:

@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
+from edge_agent.config import Config
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.segmenter import ModelSettings, Segmenter
 from edge_agent.models import catalog, signing
@@ -55,7 +56,7 @@ class PipelineHost(Protocol):
 
 
 class ModelManager:
-    def __init__(self, config: Any, host: PipelineHost) -> None:
+    def __init__(self, config: Config, host: PipelineHost) -> None:
         self.config = config
         self._host = host
         self.store: Optional[ModelStore] = None
@@ -71,7 +72,7 @@ class ModelManager:
     def settings(self) -> ModelSettings:
         return ModelSettings.from_config(self.config.model)
 
-    def set_config(self, config: Any) -> None:
+    def set_config(self, config: Config) -> None:
         """A reloaded config: the next :meth:`load` and :meth:`build` use it."""
         self.config = config
         self.load_key()

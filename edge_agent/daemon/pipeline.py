@@ -34,7 +34,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from edge_agent.config import ModelConfig, PublishConfig
+from edge_agent.config import Config, ModelConfig, PublishConfig
 from edge_agent import system
 from edge_agent.output import stages
 from edge_agent.output.stages import FrameOutput, OutputSettings, Sink
@@ -66,7 +66,7 @@ class PipelineSettings:
     interpreters: int = ModelConfig.interpreters
 
     @classmethod
-    def from_config(cls, config: Any) -> "PipelineSettings":
+    def from_config(cls, config: Config) -> "PipelineSettings":
         p = config.publish
         return cls(output=OutputSettings.from_config(config), timings=p.timings,
                    timings_interval_s=p.timings_interval_s, stats_interval_s=p.stats_interval_s,

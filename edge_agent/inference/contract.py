@@ -44,8 +44,9 @@ class ModelOptions:
     threshold: float = ModelConfig.threshold  # single-channel maps: foreground when probability > threshold
 
     @classmethod
-    def from_config(cls, m: Any) -> "ModelOptions":
-        """From a ``[model]`` config section (or any object with these attributes)."""
+    def from_config(cls, m: ModelConfig) -> "ModelOptions":
+        """From the config's ``[model]`` section (the CLI's flags of the same names build a
+        ``ModelConfig`` first: ``edge_agent.cli.segment.model_options``)."""
         return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__ if getattr(m, f, None) is not None})
 
     def configured(self, where: str) -> Optional[Normalization]:

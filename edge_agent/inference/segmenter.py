@@ -60,7 +60,7 @@ class ModelSettings:
     options: Optional[ModelOptions] = None  # how to read the model where its metadata is silent
 
     @classmethod
-    def from_config(cls, model: Any) -> "ModelSettings":
+    def from_config(cls, model: ModelConfig) -> "ModelSettings":
         """From the config's ``[model]`` section (0 / "" mean "not set"), or CLI arguments of the
         same names."""
         return cls(runtime=model.runtime, threads=model.threads or None, edgetpu=model.edgetpu or None,

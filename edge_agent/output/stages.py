@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 
-from edge_agent.config import PublishConfig
+from edge_agent.config import Config, PublishConfig
 from edge_agent.inference import postprocess as post
 from edge_agent.inference.preprocess import Geometry
 from edge_agent.inference.stages import (BENCH_STAGES, PIPELINE_STAGES, SEGMENT_STAGES, Masks, infer,
@@ -110,7 +110,7 @@ class OutputSettings:
     overlay_jpeg_quality: int = PublishConfig.overlay_jpeg_quality
 
     @classmethod
-    def from_config(cls, config: Any) -> "OutputSettings":
+    def from_config(cls, config: Config) -> "OutputSettings":
         p = config.publish
         return cls(mask_every_n=p.mask_every_n, mask_max_hz=p.mask_max_hz, mask_resolution=p.mask_resolution,
                    png_compression=p.png_compression, mask_format=p.mask_format, result=p.result,

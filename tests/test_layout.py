@@ -72,3 +72,31 @@ def test_every_module_imports_and_the_cli_builds():
             "build_parser()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+
+
+def _readme_layout() -> list:
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    return [line.split()[0] for line in block.splitlines() if line.startswith("  ") and line.split()
+            and line.split()[0].endswith("/")]
+
+
+def test_readme_layout_lists_each_package_once_and_all_of_them():
+    listed = _readme_layout()
+    assert len(listed) == len(set(listed)), sorted(n for n in listed if listed.count(n) > 1)
+    on_disk = {p.parent.name + "/" for p in PKG.glob("*/__init__.py")} | {"data/"}
+    assert set(listed) == on_disk, (set(listed) ^ on_disk)
+
+
+def test_readme_host_commands_exist():
+    text = (REPO / "README.md").read_text()
+    named = set()
+    for line in text.splitlines():
+        if "edge-agent host {" in line:
+            named |= set(line.split("edge-agent host {", 1)[1].split("}", 1)[0].split(","))
+    assert named, "the README names the host commands"
+    source = (REPO / "tools" / "host" / "__main__.py").read_text()
+    defined = {node.args[0].value for node in ast.walk(ast.parse(source))
+               if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_parser"
+               and node.args and isinstance(node.args[0], ast.Constant)}
+    assert named <= defined, named - defined

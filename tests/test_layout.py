@@ -100,3 +100,11 @@ def test_readme_host_commands_exist():
                if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_parser"
                and node.args and isinstance(node.args[0], ast.Constant)}
     assert named <= defined, named - defined
+
+
+def test_demo_installs_only_the_device_package_and_its_output_is_ignored():
+    script = (REPO / "tools" / "demo.sh").read_text()
+    installs = [line for line in script.splitlines() if "pip install" in line]
+    assert installs and not any("[dev]" in line or "[host]" in line for line in installs), installs
+    ignored = subprocess.run(["git", "check-ignore", "-q", "demo-out/frame_overlay.jpg"], cwd=REPO)
+    assert ignored.returncode == 0, "demo-out/ is not ignored by git"

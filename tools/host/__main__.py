@@ -289,6 +289,8 @@ def build_parser(prog: str = DEFAULT_PROG, note: Optional[str] = None) -> argpar
 
 
 def main(argv: Optional[List[str]] = None, prog: str = DEFAULT_PROG) -> int:
+    if argv is None and Path(sys.argv[0]).name == "edge-agent-host":  # the installed script
+        prog = "edge-agent-host"
     argv = list(sys.argv[1:] if argv is None else argv)
     missing = missing_host_modules()
     note = f"Not installed here: {INSTALL_HINT}" if missing else None

@@ -659,17 +659,18 @@ def test_systemctl_stop_publishes_the_final_info_and_offline(stage: Stage) -> No
 def test_uninstall_purge_leaves_nothing(stage: Stage) -> None:
     m = stage.machine
     out = stage.sh(f"{USER_VENV}/bin/edge-agent", "service", "uninstall", "--purge").stdout
-    assert "remove user edge-agent" in out, out
+    assert "* remove user edge-agent" in out and f"* remove {CREDENTIAL}" in out, out
     assert stage.show("LoadState")["LoadState"] == "not-found"
     assert stage.sh("getent", "passwd", "edge-agent", ok=False).returncode == 2
     assert stage.sh("getent", "group", "edge-agent", ok=False).returncode == 2
     for path in ("/opt/edge-agent", "/etc/edge-agent", AGENT_STATE, "/etc/systemd/system/edge-agent.service",
-                 "/etc/systemd/system/multi-user.target.wants/edge-agent.service"):
+                 "/etc/systemd/system/multi-user.target.wants/edge-agent.service", CREDENTIAL):
         assert not os.path.lexists(m.path(path)), path
     assert accounts(m) == stage.accounts_before  # the user and its group memberships gone
     after = snapshot(m.dir)
     created = sorted(set(after) - set(stage.before))
-    removed = sorted(set(stage.before) - set(after))
+    # the password the user put where the install said goes too (the service's secret)
+    removed = sorted(set(stage.before) - set(after) - {CREDENTIAL.lstrip("/")})
     changed = sorted(p for p in set(after) & set(stage.before) if after[p] != stage.before[p]
                      and not (after[p][0] == "d" and after[p][1:4] == stage.before[p][1:4]))
     assert (created, removed, changed) == ([], [], []), (created, removed, changed)

@@ -239,6 +239,23 @@ def test_install_into_staging_root_is_real_and_idempotent(tmp_path):
     assert config.exists() and "kept (use --purge to remove)" in gone.stdout
 
 
+def test_purge_removes_the_mqtt_credential_too(tmp_path):
+    """The password file the install's note asks for (/etc/credstore/edge-agent.mqtt_password)
+    is the service's secret: kept by a plain uninstall, removed by --purge."""
+    root = tmp_path / "root"
+    args = ["install", "--root", str(root), "--no-package", "--python", sys.executable, "--no-enable"]
+    assert run_service(*args).returncode == 0
+    credential = root / service.CREDENTIAL_FILE.lstrip("/")
+    credential.parent.mkdir(parents=True)
+    credential.write_text("s3cret")
+    kept = run_service("uninstall", "--root", str(root))
+    assert kept.returncode == 0 and credential.exists()
+    assert f"- remove {credential}: kept (use --purge to remove)" in kept.stdout
+    purged = run_service("uninstall", "--root", str(root), "--purge")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert f"* remove {credential}" in purged.stdout and not credential.exists()
+
+
 def test_installed_unit_verifies(tmp_path):
     """What the installer writes with a non-default prefix is still a valid unit."""
     text = service.render_unit(UNIT.read_text(), "/srv/agent")

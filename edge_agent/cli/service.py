@@ -51,7 +51,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     uni = sub.add_parser("uninstall", help="disable and remove the unit and the venv")
     _common(uni)
     uni.add_argument("--purge", action="store_true",
-                     help="also remove /etc/edge-agent, /var/lib/edge-agent and the user")
+                     help="also remove /etc/edge-agent, /var/lib/edge-agent, the MQTT password in "
+                          "/etc/credstore and the user")
     uni.set_defaults(func=service.uninstall)
     return svc
 

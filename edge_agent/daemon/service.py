@@ -352,6 +352,11 @@ def plan_uninstall(opts: Any) -> List[Step]:
     for path in (lay.at(CONFIG_DIR), lay.at(STATE_DIR)):
         steps.append(Step(f"remove {path}", lambda p=path: shutil.rmtree(p), done=not path.exists(),
                           skip_reason="" if opts.purge else keep))
+    # The MQTT password the install's note asks for: a purge leaves no secret of the service behind.
+    credential = lay.at(CREDENTIAL_FILE)
+    if credential.exists():
+        steps.append(Step(f"remove {credential}", lambda: credential.unlink(),
+                          skip_reason="" if opts.purge else keep))
     if lay.staging:
         steps.append(Step(f"remove user {USER}", lambda: None,
                           skip_reason="skipped: --root installs into a staging tree"))
@@ -440,7 +445,8 @@ def install(opts: Any) -> int:
 
 
 def uninstall(opts: Any) -> int:
-    """Disable and remove the unit and the venv (``opts.purge``: config, state and user too)."""
+    """Disable and remove the unit and the venv (``opts.purge``: config, state, the MQTT
+    credential and the user too)."""
     _check_privileges(opts)
     mode = " (dry run: nothing is changed)" if opts.dry_run else ""
     print(f"Uninstalling the edge-agent service{mode}")

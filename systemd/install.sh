@@ -2,7 +2,7 @@
 # Install (or uninstall) edge-agent as a systemd service from this checkout.
 #   sudo systemd/install.sh [--prefix /opt/edge-agent] [--dry-run] [--no-start] ...
 #   sudo systemd/install.sh uninstall [--purge]
-# A thin wrapper: the steps live in edge_agent/daemon/service.py (stdlib only, so the system python3
+# A thin wrapper: the steps live in edge_agent/provision/service.py (stdlib only, so the system python3
 # runs it before any venv exists); `--help` lists every option.
 set -eu
 cd "$(dirname "$0")/.."

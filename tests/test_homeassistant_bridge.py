@@ -172,7 +172,7 @@ def test_config_refuses_what_home_assistant_cannot_work_with():
 def test_service_uninstall_removes_the_entities(mosquitto, tmp_path, monkeypatch, capsys):
     """The uninstall step, as on a device (the layout's staging check is what --root would skip):
     the installed config enables Home Assistant, so its retained configs are cleared."""
-    from edge_agent.daemon import service
+    from edge_agent.provision import service
 
     broker = mosquitto()
     rec = Recorder("127.0.0.1", broker.port, "homeassistant/#")

@@ -1,5 +1,5 @@
 """The layers point one way: sources -> inference -> output -> comms -> remote/daemon -> fleet/console
--> cli, with the config, its schema, errors and host facts below everything and the host tools on
+-> cli (provision: `service install`, beside fleet), with the config, its schema, errors and host facts below everything and the host tools on
 top. Every import statement counts, including those inside functions (a late import is still a
 dependency); a registry's backends are found by name (``edge_agent.registry_choices``,
 ``discover_backends``), which is how plugins are loaded, not an import of a layer above.
@@ -24,7 +24,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("edge_agent.comms",),
     ("edge_agent.remote",),
     ("edge_agent.daemon",),
-    ("edge_agent.fleet", "edge_agent.console", "edge_agent.service"),
+    ("edge_agent.fleet", "edge_agent.console", "edge_agent.provision"),
     ("edge_agent.cli", "edge_agent.__main__"),
 ]
 

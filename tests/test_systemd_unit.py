@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import pytest
 
-from edge_agent.daemon import service
+from edge_agent.provision import service
 from tests.data import DM05, FLOAT_257
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,7 +282,7 @@ def test_fresh_install_config_names_the_camera_and_the_default_model(tmp_path):
     """The shipped example is tailored: detected camera, manifest default model; it must load."""
     from edge_agent.models import catalog
     from edge_agent.config import load_config
-    from edge_agent.daemon.service import tailor_config
+    from edge_agent.provision.service import tailor_config
 
     example = (Path(__file__).resolve().parents[1] / "edge_agent" / "data" / "config.example.toml").read_text()
     text = tailor_config(example, ("opencv", "/dev/video2"), catalog.load_manifest().default)

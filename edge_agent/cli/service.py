@@ -1,4 +1,4 @@
-"""``edge-agent service install|uninstall`` (the steps live in :mod:`edge_agent.daemon.service`).
+"""``edge-agent service install|uninstall`` (the steps live in :mod:`edge_agent.provision.service`).
 
 Only the standard library is imported, so systemd/install.sh runs it with the system ``python3``
 from a checkout before any venv exists.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from edge_agent.daemon import service
+from edge_agent.provision import service
 from edge_agent.errors import EdgeAgentError
 
 

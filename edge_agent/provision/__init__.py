@@ -1,0 +1,1 @@
+"""Putting the agent on a device: the systemd service (install, uninstall)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 KIND = "deploy"  # answers of cmd/deploy and cmd/rollback: deploy/<request_id>
 MODELS_KIND = "models"
 PROGRESS_INTERVAL_S = 1.0  # at most one progress answer a second
+MAX_CHUNK_DIGITS = 9
+_CHUNK_NUMBER = re.compile(r"[0-9]{1,%d}" % MAX_CHUNK_DIGITS)
 
 
 # -- receiving the bytes ---------------------------------------------------------------------------
@@ -276,8 +279,10 @@ class Deployer:
         if job is None or job.id != rid or job.assembler is None:
             log.debug("chunk %s of unknown or finished deployment %s ignored", number, rid)
             return
-        if not number.isdigit() or len(number) > 9:
-            job.assembler.fail(f"bad chunk number {number[:20]!r}")
+        if _CHUNK_NUMBER.fullmatch(number) is None:  # ASCII digits only: str.isdigit takes '²', '١'
+            reason = f"bad chunk number {number[:20]!r}: expected 0..{MAX_CHUNK_DIGITS * '9'} in ASCII digits"
+            log.warning("deploy %s: %s", rid, reason)
+            job.assembler.fail(reason)
             return
         job.assembler.add(int(number), payload)
 

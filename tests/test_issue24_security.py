@@ -1,0 +1,123 @@
+"""Issue 24, "What to build" item 3: security defects closed against the REAL agent process and a
+REAL mosquitto (secrets in published/logged text, memory from one request, what a signature
+covers, unsigned models on the benchmark path, download deadlines, chunk indexes, TLS reload).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from edge_agent.config import load_config
+from edge_agent.fleet import deploy as host
+from edge_agent.fleet.client import FleetClient
+from edge_agent.models import signing
+from tests.broker import Recorder
+from tests.data import DM05, DM10, LABELS
+from tests.helpers import OutputLines, start_agent, wait_until, write_config
+
+PREFIX = "edge-agent"
+VOC_LABELS = LABELS.read_text().split("\n")[:21]
+
+needs_crypto = pytest.mark.skipif(not signing.available(), reason="cryptography not installed")
+
+
+class Device:
+    """One agent process (dm1.0 on a synthetic camera unless told otherwise) on a real mosquitto, a
+    recorder of its topics, its output read line by line, and a fleet client."""
+
+    def __init__(self, broker, tmp_path: Path, device: str = "sec-1", source: Optional[dict] = None,
+                 topics: Optional[str] = None, **sections) -> None:
+        self.device = device
+        self.base = f"{PREFIX}/{device}"
+        self.state = tmp_path / "state"
+        sections.setdefault("model", {"path": str(DM10), "threads": 2})
+        self.config = write_config(tmp_path / f"{device}.toml", device, broker.port,
+                                   source or {"kind": "synthetic", "width": 320, "height": 240, "fps": 5.0},
+                                   **sections)
+        self.rec = Recorder("127.0.0.1", broker.port, topics or f"{self.base}/#")
+        self.client = FleetClient(load_config(str(self.config), env={}).mqtt).connect()
+        self.out: Optional[OutputLines] = None
+
+    @property
+    def pid(self) -> int:
+        assert self.out is not None
+        return self.out.proc.pid
+
+    def start(self, wait_masks: bool = True) -> "Device":
+        self.out = OutputLines(start_agent(self.config))
+        if wait_masks:
+            self.rec.wait_for(f"{self.base}/mask", count=2, timeout=60)
+        else:
+            self.rec.wait_for(f"{self.base}/availability", b"online", timeout=60)
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> str:
+        assert self.out is not None
+        return self.out.stop(sig)
+
+    def answers(self, kind: str, rid: str) -> List[Dict]:
+        return [json.loads(m.payload) for m in self.rec.matching(f"{self.base}/{kind}/{rid}")]
+
+    def final(self, kind: str, rid: str, timeout: float = 30.0) -> Dict:
+        return wait_until(lambda: next((a for a in self.answers(kind, rid) if a["final"]), None), timeout,
+                          f"the final answer of {kind}/{rid}")
+
+    def send(self, command: str, doc: Dict) -> None:
+        self.rec.publish(f"{self.base}/cmd/{command}", json.dumps(doc).encode())
+
+    def info(self) -> Dict:
+        return json.loads(self.rec.matching(f"{self.base}/info")[-1].payload)
+
+    def close(self) -> None:
+        if self.out is not None and self.out.proc.poll() is None:
+            self.out.stop(signal.SIGKILL)
+        self.client.close()
+        self.rec.close()
+
+
+@pytest.fixture
+def device(mosquitto, tmp_path):
+    made: List[Device] = []
+    broker = mosquitto()
+
+    def make(**kwargs) -> Device:
+        made.append(Device(broker, tmp_path, **kwargs))
+        return made[-1]
+
+    make.broker = broker  # type: ignore[attr-defined]
+    yield make
+    for d in made:
+        d.close()
+
+
+# -- 6: chunk indexes are ASCII digits -----------------------------------------------------------------
+
+@pytest.mark.broker
+def test_chunk_index_must_be_ascii_digits(device):
+    """``chunk/²`` (str.isdigit, int() raises) used to log a traceback and leave the deploy busy for
+    its transfer timeout; ``chunk/١`` (Arabic-Indic one) was taken as chunk 1. Both are refused in one
+    line, the deployment fails at once, and the slot is free for the next request."""
+    dev = device().start()
+    data = DM05.read_bytes()
+    half = (len(data) + 1) // 2
+    for rid, bad in (("sup", "\u00b2"), ("arabic", "\u0661")):
+        doc = {"request_id": rid, **host.deploy_params(data, "dm05", chunk_size=half, labels=VOC_LABELS,
+                                                       transfer_timeout_s=120.0)}
+        t0 = time.monotonic()
+        dev.send("deploy", doc)
+        wait_until(lambda: any(a["status"] == "accepted" for a in dev.answers("deploy", rid)), 15, "accepted")
+        dev.rec.publish(f"{dev.base}/cmd/deploy/{rid}/chunk/0", data[:half])
+        dev.rec.publish(f"{dev.base}/cmd/deploy/{rid}/chunk/{bad}", data[half:])
+        final = dev.final("deploy", rid, timeout=20)
+        assert final["status"] == "failed" and "bad chunk number" in final["reason"], final
+        assert time.monotonic() - t0 < 20
+        assert final["running"] != final["sha256"]
+    out = dev.stop()
+    assert "Traceback" not in out and "ValueError" not in out, out
+    assert len([line for line in out.splitlines() if "bad chunk number" in line]) >= 2, out

@@ -121,3 +121,53 @@ def test_chunk_index_must_be_ascii_digits(device):
     out = dev.stop()
     assert "Traceback" not in out and "ValueError" not in out, out
     assert len([line for line in out.splitlines() if "bad chunk number" in line]) >= 2, out
+
+
+# -- 4: with a key, no unsigned model is loaded: the benchmark included ---------------------------------
+
+def _store_unsigned(state: Path, data_path: Path, name: str, signature: Optional[str] = None) -> str:
+    """A model put into the store as a deployment before the key was configured would have left it."""
+    import hashlib
+    import shutil
+
+    from edge_agent.models.store import ModelStore
+
+    sha = hashlib.sha256(data_path.read_bytes()).hexdigest()
+    store = ModelStore.open(str(state))
+    temp = store.incoming_file("test")
+    shutil.copyfile(data_path, temp)
+    store.place(temp, sha)
+    store.write_manifest(sha, {"name": name, "labels": VOC_LABELS, "source": "mqtt", "signature": signature})
+    return sha
+
+
+@needs_crypto
+@pytest.mark.broker
+def test_benchmark_never_loads_an_unsigned_model_when_a_key_is_configured(device):
+    """``cmd/benchmark {"model": <unsigned stored name>}`` used to answer ``done`` after loading it
+    on a second interpreter although deploy.public_key was set. Now it is ``rejected`` (by name and
+    by sha256), nothing is loaded; the running configured model (trusted by the config) still benchmarks."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key, other = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    dev = device(deploy={"public_key": signing.public_key_base64(key)})
+    sha = _store_unsigned(dev.state, DM05, "unsigned-dm05")
+    dev.start()
+    for rid, model in (("b-name", "unsigned-dm05"), ("b-sha", sha)):
+        dev.send("benchmark", {"request_id": rid, "model": model, "runs": 2})
+        final = dev.final("benchmark", rid)
+        assert final["status"] == "rejected" and "no signature" in final["reason"], final
+        assert "deploy.public_key" in final["reason"]
+    # a kept signature made with another key: refused as well
+    from edge_agent.models.store import ModelStore
+
+    ModelStore(dev.state / "models").update_manifest(sha, signature=signing.sign_digest(other, sha))
+    dev.send("benchmark", {"request_id": "b-other", "model": "unsigned-dm05", "runs": 2})
+    final = dev.final("benchmark", "b-other")
+    assert final["status"] == "rejected" and "does not verify" in final["reason"], final
+    # the running (configured) model: trusted by the config that holds the key
+    dev.send("benchmark", {"request_id": "b-ok", "runs": 2})
+    final = dev.final("benchmark", "b-ok", timeout=60)
+    assert final["status"] == "done", (final, dev.answers("benchmark", "b-ok"))
+    out = dev.stop()
+    assert "Traceback" not in out, out

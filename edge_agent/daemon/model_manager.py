@@ -13,6 +13,8 @@ The store is opened (and repaired: an unconfirmed deployment left by a crash is 
 Signing: with ``deploy.public_key`` set, a stored model becomes the running one (start-up,
 recovery, deploy, rollback) only if the signature kept in its store entry verifies, or if it is
 the configured model (trusted by the same config that holds the key); see :meth:`trust_problem`.
+The same rule holds for a model loaded on request (the remote benchmark, :meth:`find`): with a key,
+no unsigned model is ever loaded.
 """
 
 from __future__ import annotations
@@ -166,8 +168,30 @@ class ModelManager:
         return self.configured()
 
     def find(self, name: str) -> Model:
-        """A model named over the network: store name/sha256 or manifest name, never a path."""
-        resolved = catalog.resolve(name, store=self.store, allow_paths=False)
+        """A model named over the network: store name/sha256 or manifest name, never a path.
+
+        With ``deploy.public_key`` set, the same rule as every path to current holds for anything
+        loaded on request (the remote benchmark): a store entry must pass :meth:`trust_problem`;
+        any other model only if it is the configured one (sha256), else :class:`Untrusted`."""
+        store = self.store
+        hit = store.find(name) if store is not None else None
+        if hit is not None:
+            problem = self.trust_problem(hit)
+            if problem is not None:
+                raise Untrusted(f"refused: {problem}")
+            return str(hit.path), hit.labels
+        resolved = catalog.resolve(name, store=store, allow_paths=False)
+        if self.key_problem is not None:
+            raise Untrusted(f"refused: deploy.public_key is unusable: {self.key_problem}")
+        if self.public_key is not None:
+            try:
+                sha = catalog.sha256_file(resolved.path)
+            except OSError as exc:
+                raise Untrusted(f"refused: model '{name}' cannot be read ({exc.strerror})") from None
+            if sha != self.configured_sha():
+                raise Untrusted(f"refused: model '{name}' ({sha[:12]}) is not signed, and deploy.public_key is "
+                                "configured: only signed models (deployed with a signature) and the "
+                                "configured model may be loaded")
         return resolved.path, resolved.labels
 
     def build(self, path: str, labels: Any, **changes: Any) -> Segmenter:

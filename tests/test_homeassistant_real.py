@@ -33,7 +33,7 @@ CLASSES = ("bird", "cat", "person")
 METRIC_SENSORS = ("fps", "inference_time", "end_to_end_time", "cpu_temperature", "dropped_frames", "model",
                   "benchmark_p50")
 ENTITIES = ([f"sensor.{OBJ}_{k}" for k in METRIC_SENSORS] + [f"image.{OBJ}_overlay", f"button.{OBJ}_run_benchmark"]
-            + [f"sensor.{OBJ}_{c}" for c in CLASSES] + [f"binary_sensor.{OBJ}_{c}" for c in CLASSES])
+            + [f"sensor.{OBJ}_class_{c}" for c in CLASSES] + [f"binary_sensor.{OBJ}_class_{c}" for c in CLASSES])
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +110,7 @@ def test_device_and_its_entities_appear_in_home_assistant(world):
                 30, "model sensor")
     ha.wait_for(lambda: _number(ha.state(f"sensor.{OBJ}_inference_time")) > 0, 30, "inference time")
     assert states[f"sensor.{OBJ}_inference_time"]["attributes"]["unit_of_measurement"] == "ms"
-    assert states[f"binary_sensor.{OBJ}_cat"]["attributes"].get("device_class") == "occupancy"
+    assert states[f"binary_sensor.{OBJ}_class_cat"]["attributes"].get("device_class") == "occupancy"
 
 
 def _number(state) -> float:
@@ -127,7 +127,7 @@ def test_class_sensor_follows_the_agents_frames(world):
     seen = set()
 
     def both_seen():
-        cat, present = ha.state(f"sensor.{OBJ}_cat"), ha.state(f"binary_sensor.{OBJ}_cat")
+        cat, present = ha.state(f"sensor.{OBJ}_class_cat"), ha.state(f"binary_sensor.{OBJ}_class_cat")
         if cat and present and cat["state"] not in ("unknown", "unavailable"):
             seen.add((float(cat["state"]), present["state"]))
         return any(v == 0.0 and p == "off" for v, p in seen) and any(v > 0 and p == "on" for v, p in seen)
@@ -187,8 +187,8 @@ def test_the_demo_with_home_assistant_enabled_appears_too(world, tmp_path):
          "--set", "source.loop=true", "--set", "source.fps=2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        ha.wait_for(lambda: _number(ha.state("sensor.demo_person")) > 10
-                    and (ha.state("binary_sensor.demo_person") or {}).get("state") == "on", 60, "the demo's person")
+        ha.wait_for(lambda: _number(ha.state("sensor.demo_class_person")) > 10
+                    and (ha.state("binary_sensor.demo_class_person") or {}).get("state") == "on", 60, "the demo's person")
         assert (ha.state("sensor.demo_model") or {}).get("state") == "deeplabv3_mnv2_dm05_pascal_quant"
     finally:
         demo.terminate()
@@ -196,7 +196,7 @@ def test_the_demo_with_home_assistant_enabled_appears_too(world, tmp_path):
     subprocess.run([sys.executable, "-m", "edge_agent", "homeassistant", "--remove", "--set", "agent.device_id=demo",
                     "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}"], check=True,
                    capture_output=True, timeout=60)
-    ha.wait_for(lambda: ha.state("sensor.demo_person") is None, 30, "the demo's entities removed")
+    ha.wait_for(lambda: ha.state("sensor.demo_class_person") is None, 30, "the demo's entities removed")
 
 
 def test_reannounce_on_home_assistant_online_then_remove(world):
@@ -209,7 +209,7 @@ def test_reannounce_on_home_assistant_online_then_remove(world):
     listing = subprocess.run([sys.executable, "-m", "edge_agent", "homeassistant", "--config", str(config)],
                              capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0, listing.stderr
-    assert f"sensor.{OBJ}_fps" in listing.stdout and f"binary_sensor.{OBJ}_cat" in listing.stdout
+    assert f"sensor.{OBJ}_fps" in listing.stdout and f"binary_sensor.{OBJ}_class_cat" in listing.stdout
 
     removed = subprocess.run([sys.executable, "-m", "edge_agent", "homeassistant", "--remove",
                               "--config", str(config)], capture_output=True, text=True, timeout=60)

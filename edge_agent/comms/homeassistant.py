@@ -21,12 +21,17 @@ change) and, from what already flows through it, keeps Home Assistant informed:
   --remove``, ``edge-agent service uninstall``).
 
 The agent publishes nothing outside its own topics except its own discovery configs; Home
-Assistant, not the agent, publishes the button's command. Object ids come from class names, so
-entity ids are stable across models (``sensor.<device>_person``).
+Assistant, not the agent, publishes the button's command. Object ids of class entities come from
+class names in their own namespace, so entity ids are stable across models and never collide with
+the device-level ones (``sensor.<device>_class_person``, a class ``fps`` is
+``sensor.<device>_class_fps``, not ``sensor.<device>_fps``). Unique ids are distinct for distinct
+device ids (:func:`device_key`), and the state templates use bracket access (a class ``3d_object``:
+``value_json['classes']['3d_object']``, which the dotted form cannot spell).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -50,24 +55,35 @@ ANNOUNCE_TIMEOUT_S = 30.0  # waiting for room in the in-flight window, per messa
 REMOVE_QUIET_S = 0.5  # after the retained configs stop arriving, they are all in
 REMOVE_TIMEOUT_S = 10.0
 
+
+def jinja_string(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal (backslashes and quotes escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def value_template(*path: str) -> str:
+    """``{{ value_json['classes']['3d_object'] }}``: bracket access, valid for any key (a dotted
+    ``value_json.classes.3d_object`` is a Jinja syntax error)."""
+    return "{{ value_json%s }}" % "".join(f"[{jinja_string(key)}]" for key in path)
+
+
 # key -> (component, name, state template, extra config): the device-level entities.
-_VALUE = "{{ value_json.%s }}"
 METRICS: Dict[str, Tuple[str, str, Optional[str], Dict[str, Any]]] = {
-    "fps": ("sensor", "Frame rate", _VALUE % "fps",
+    "fps": ("sensor", "Frame rate", value_template("fps"),
             {"unit_of_measurement": "fps", "state_class": "measurement", "icon": "mdi:speedometer"}),
-    "inference_time": ("sensor", "Inference time", _VALUE % "inference_ms",
+    "inference_time": ("sensor", "Inference time", value_template("inference_ms"),
                        {"unit_of_measurement": "ms", "device_class": "duration", "state_class": "measurement",
                         "suggested_display_precision": 1}),
-    "end_to_end_time": ("sensor", "End-to-end time", _VALUE % "end_to_end_ms",
+    "end_to_end_time": ("sensor", "End-to-end time", value_template("end_to_end_ms"),
                         {"unit_of_measurement": "ms", "device_class": "duration", "state_class": "measurement",
                          "suggested_display_precision": 1}),
-    "cpu_temperature": ("sensor", "CPU temperature", _VALUE % "cpu_temp_c",
+    "cpu_temperature": ("sensor", "CPU temperature", value_template("cpu_temp_c"),
                         {"unit_of_measurement": "°C", "device_class": "temperature", "state_class": "measurement",
                          "entity_category": "diagnostic"}),
-    "dropped_frames": ("sensor", "Dropped frames", _VALUE % "dropped",
+    "dropped_frames": ("sensor", "Dropped frames", value_template("dropped"),
                        {"state_class": "total_increasing", "icon": "mdi:image-off", "entity_category": "diagnostic"}),
-    "model": ("sensor", "Model", _VALUE % "model", {"icon": "mdi:brain", "entity_category": "diagnostic"}),
-    "benchmark_p50": ("sensor", "Benchmark p50", _VALUE % "p50_ms",
+    "model": ("sensor", "Model", value_template("model"), {"icon": "mdi:brain", "entity_category": "diagnostic"}),
+    "benchmark_p50": ("sensor", "Benchmark p50", value_template("p50_ms"),
                       {"unit_of_measurement": "ms", "device_class": "duration", "state_class": "measurement",
                        "entity_category": "diagnostic", "suggested_display_precision": 2}),
     "overlay": ("image", "Overlay", None, {"content_type": "image/jpeg"}),
@@ -82,6 +98,27 @@ def slug(name: str) -> str:
 
 def node_id(device_id: str) -> str:
     return f"edge-agent-{device_id}"
+
+
+# Device ids whose unique ids keep their original spelling: lower-case words of letters and digits
+# joined by single '-', no word after the first being "class" (see device_key).
+_PLAIN_DEVICE_ID = re.compile(r"[a-z0-9]+(-(?!class(-|$))[a-z0-9]+)*")
+DEVICE_HASH_CHARS = 10
+
+
+def device_key(device_id: str) -> str:
+    """The device part of every unique id: distinct for distinct device ids.
+
+    ``pi-1`` -> ``pi_1`` (the slug, as before: hostname-style ids keep their unique ids); any other
+    id (``pi_1``, ``Pi-1``, ``a--b``, ``cam-class``) -> its slug, ``-`` and the first 10 hex digits of
+    the SHA-256 of the exact id (``pi_1-8e2a...``). A slug has no ``-``, so the two forms never meet;
+    a plain id's slug maps back to the id (``_`` -> ``-``); and no unique id ``<plain slug>_<key>``
+    equals another ``<plain slug>_<key>``, because that needs one id to be another plus a word
+    ``class`` (``cam`` + ``class_fps`` = ``cam-class`` + ``fps``), which is not plain.
+    """
+    if _PLAIN_DEVICE_ID.fullmatch(device_id):
+        return slug(device_id)
+    return f"{slug(device_id)}-{hashlib.sha256(device_id.encode()).hexdigest()[:DEVICE_HASH_CHARS]}"
 
 
 def class_slugs(names: Sequence[str]) -> List[Tuple[str, str]]:
@@ -130,13 +167,13 @@ class Discovery:
                 "model": host.get("board") or host.get("machine") or "edge-agent",
                 "sw_version": str(self.info.get("agent_version") or __version__)}
 
-    def _common(self, key: str, name: str, entity_key: Optional[str] = None) -> Dict[str, Any]:
-        """``key`` is unique within the device (unique_id, topic); ``entity_key`` (default
-        ``key``) names the entity id: a class ``person`` is ``sensor.<device>_person``."""
+    def _common(self, key: str, name: str) -> Dict[str, Any]:
+        """``key`` is unique within the device and names the unique id, the topic and the entity id:
+        a class ``person`` is ``class_person`` (``sensor.<device>_class_person``)."""
         return {
             "name": name,
-            "unique_id": f"edge_agent_{slug(self.device_id)}_{key}",
-            "object_id": f"{slug(self.device_id)}_{entity_key or key}",
+            "unique_id": f"edge_agent_{device_key(self.device_id)}_{key}",
+            "object_id": f"{slug(self.device_id)}_{key}",
             "availability_topic": f"{self.base}/availability",
             "device": self.device(),
             "origin": {"name": "edge-agent", "sw_version": __version__},
@@ -160,14 +197,14 @@ class Discovery:
                            command_template=BUTTON_COMMAND_TEMPLATE, retain=False, qos=1)
             out[self.topic(component, key)] = doc
         for name, key in self.classes:
-            sensor = self._common(f"class_{key}", name, key)
+            sensor = self._common(f"class_{key}", name)
             sensor.update(state_topic=f"{self.base}/{STATE}", unit_of_measurement="%",
                           state_class="measurement", suggested_display_precision=1,
-                          value_template="{{ value_json.classes.%s }}" % key, icon="mdi:image-filter-center-focus")
+                          value_template=value_template("classes", key), icon="mdi:image-filter-center-focus")
             out[self.topic("sensor", f"class_{key}")] = sensor
-            present = self._common(f"class_{key}", name, key)
+            present = self._common(f"class_{key}", name)
             present.update(state_topic=f"{self.base}/{STATE}", device_class="occupancy",
-                           value_template="{{ value_json.present.%s }}" % key)
+                           value_template=value_template("present", key))
             out[self.topic("binary_sensor", f"class_{key}")] = present
         return out
 

@@ -35,6 +35,7 @@ from edge_agent.config import sanitise_device_id
 from edge_agent.models import catalog
 from tests.broker import Recorder
 from tests.data import BIRD, DM05, DM10, IMAGES, REPO, SHARED
+from tests.helpers import can_unshare_mounts
 
 pytestmark = [pytest.mark.installed, pytest.mark.slow]
 
@@ -263,7 +264,16 @@ def test_service_from_the_wheel_fetches_its_model_and_publishes_masks(
     device = sanitise_device_id(socket.gethostname())
     recorder = Recorder(broker.host, broker.port, topics=f"edge-agent/{device}/#")
     log_path = tmp_path / "agent.log"
-    cmd = [str(agent), "run", "--config", str(config)]
+    # The staged tree is a packaging root: its scripts name /opt/edge-agent/venv. Run it there, in a
+    # private mount namespace where the staged /opt/edge-agent is bind-mounted at its final path.
+    final = "/opt/edge-agent"
+    if can_unshare_mounts():
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-ec",
+               f'mount -t tmpfs tmpfs /opt; mkdir -p {final}; mount --bind "$0" {final}; exec "$@"',
+               str(staging / final.lstrip("/")), f"{final}/venv/bin/edge-agent", "run", "--config", str(config)]
+    else:  # no mount namespaces here: the staged python runs the script (its #! names the final path)
+        cmd = [str(agent.with_name("python")), str(agent), "run", "--config", str(config)]
+    assert agent.read_text().startswith(f"#!{final}/venv/bin/python"), agent.read_text()[:200]
     for text in [*cmd, *env.values()]:
         assert str(REPO) not in text and str(SHARED.parent) not in text
     with open(log_path, "w") as log:

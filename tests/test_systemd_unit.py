@@ -305,3 +305,48 @@ def test_install_without_an_explicit_example_writes_the_tailored_one(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     text = (root / "etc/edge-agent/config.toml").read_text()
     assert 'name = "deeplabv3_mnv2_pascal_quant"' in text and "[mqtt]" in text
+
+
+def test_staged_tree_points_at_its_final_path_and_notes_the_camera(tmp_path):
+    """--root is a packaging root: the venv's scripts name /opt/ea/venv, never the staging path,
+    so the tree runs once copied to /; the config says that no camera was looked for."""
+    root = tmp_path / "root"
+    result = run_service("install", "--root", str(root), "--prefix", "/opt/ea", "--no-package",
+                         "--python", sys.executable, "--no-enable")
+    assert result.returncode == 0, result.stdout + result.stderr
+    venv = root / "opt/ea/venv"
+    leaked = [f.name for f in (venv / "bin").iterdir() if f.is_file() and not f.is_symlink()
+              and str(root).encode() in f.read_bytes()]
+    assert leaked == [], leaked
+    assert str(root) not in (venv / "pyvenv.cfg").read_text()
+    assert "VIRTUAL_ENV=/opt/ea/venv" in (venv / "bin/activate").read_text().replace("'", "").replace('"', "")
+    assert "point the venv's scripts at /opt/ea/venv" in result.stdout
+    config = (root / "etc/edge-agent/config.toml").read_text()
+    assert "# NOTE (service install): no camera was found on this host (not looked for" in config
+    assert config.index("# NOTE (service install)") < config.index("[source]")
+    assert "Note: no camera was found (not looked for with --root)" in result.stdout
+    assert "owner as created: the device's package sets root:edge-agent" in result.stdout
+    assert "mode 0640, root:edge-agent)" not in result.stdout  # not claimed where it is not done
+    again = run_service("install", "--root", str(root), "--prefix", "/opt/ea", "--no-package",
+                        "--python", sys.executable, "--no-enable")
+    assert "Nothing to change: already installed." in again.stdout, again.stdout
+
+
+def test_a_bad_package_leaves_no_half_made_venv(tmp_path):
+    root = tmp_path / "root"
+    result = run_service("install", "--root", str(root), "--prefix", "/opt/ea", "--python", sys.executable,
+                         "--package", str(tmp_path / "no-such-edge_agent-9.9-py3-none-any.whl"), "--no-enable")
+    assert result.returncode == 2, result.stdout + result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "pip install" in err[0] and "the venv made for it was removed again" in err[0], err
+    assert "Traceback" not in result.stderr
+    assert not (root / "opt/ea/venv").exists()
+
+
+def test_no_camera_note_on_a_host_without_one():
+    from edge_agent.provision.service import note_no_camera
+
+    example = (Path(__file__).resolve().parents[1] / "edge_agent" / "data" / "config.example.toml").read_text()
+    text = note_no_camera(example, staging=False)
+    assert "no libcamera device with picamera2, no /dev/video*" in text
+    assert text.count("[source]") == example.count("[source]") and text.endswith(example[-200:])

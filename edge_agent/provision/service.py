@@ -154,6 +154,50 @@ def tailor_config(text: str, camera: Optional[Tuple[str, str]], model_name: Opti
     return tailored
 
 
+NO_CAMERA_NOTE = ("# NOTE (service install): no camera was found on this host{why}: set kind and uri\n"
+                  "# below (picamera2 | opencv with /dev/videoN or rtsp://... | folder), then check with\n"
+                  "# `edge-agent config check --config /etc/edge-agent/config.toml` and\n"
+                  "# `systemctl restart edge-agent`.\n")
+
+
+def note_no_camera(text: str, staging: bool) -> str:
+    """``text`` with a note above ``[source]`` saying that no camera was found and what to set."""
+    why = (" (not looked for: --root stages a tree for another machine)" if staging else
+           " (no libcamera device with picamera2, no /dev/video*)")
+    note = NO_CAMERA_NOTE.format(why=why)
+    return re.sub(r"^\[source\]", lambda m: note + m.group(0), text, count=1, flags=re.M)
+
+
+def venv_mentions(venv: Path, path: Path) -> bool:
+    """True when a script or activate file of ``venv``'s bin/ names ``path`` (a staging path)."""
+    needle = str(path).encode()
+    return any(needle in f.read_bytes() for f in (venv / "bin").iterdir()
+               if f.is_file() and not f.is_symlink()) if (venv / "bin").is_dir() else False
+
+
+def relocate_venv(venv: Path, final: Path) -> None:
+    """Rewrite the staging path ``venv`` to ``final`` in its scripts' ``#!`` lines, activate
+    files and pyvenv.cfg: a tree staged with ``--root`` is a packaging root and runs at ``/``."""
+    old, new = str(venv).encode(), str(final).encode()
+    targets = [f for f in (venv / "bin").iterdir() if f.is_file() and not f.is_symlink()]
+    targets.append(venv / "pyvenv.cfg")
+    for f in targets:
+        data = f.read_bytes()
+        if old in data:
+            mode = f.stat().st_mode
+            f.write_bytes(data.replace(old, new))
+            os.chmod(f, mode)
+
+
+def unit_active() -> bool:
+    """True when the unit runs now (a re-install must restart it for a new package to run)."""
+    try:
+        return subprocess.run(["systemctl", "is-active", "--quiet", UNIT_NAME], check=False,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
 def default_config_text() -> str:
     """Fallback when no example file ships: the defaults, rendered by the config module."""
     from edge_agent import config as cfg  # imported late: only needed in this fallback
@@ -273,8 +317,9 @@ def plan_install(opts: Any) -> List[Step]:
     if opts.no_package:
         venv_cmd.append("--without-pip")
     venv_cmd.append(str(lay.venv))
+    venv_existed = venv_python.exists()
     steps.append(Step(f"create venv {lay.venv}", lambda: run_command(venv_cmd),
-                      done=venv_python.exists(), command=venv_cmd))
+                      done=venv_existed, command=venv_cmd))
     if opts.no_package:
         steps.append(Step("install the edge-agent package into the venv", lambda: None,
                           skip_reason="skipped: --no-package"))
@@ -282,8 +327,22 @@ def plan_install(opts: Any) -> List[Step]:
         pip_cmd = [str(venv_python), "-m", "pip", "install", "--upgrade", opts.package]
         if opts.system_site_packages:
             pip_cmd += system_numpy_pin(opts.python)
-        steps.append(Step(f"install {opts.package} into the venv",
-                          lambda: run_command(pip_cmd), command=pip_cmd))
+
+        def install_package() -> None:
+            try:
+                run_command(pip_cmd)
+            except ServiceError as exc:
+                if not venv_existed:  # nothing half-made is left behind: the venv was ours
+                    shutil.rmtree(lay.venv, ignore_errors=True)
+                    raise ServiceError(f"{exc} (the venv made for it was removed again)") from None
+                raise
+
+        steps.append(Step(f"install {opts.package} into the venv", install_package, command=pip_cmd))
+    if lay.staging:
+        final = Path(opts.prefix) / "venv"
+        steps.append(Step(f"point the venv's scripts at {final} (the staged tree runs once copied to /)",
+                          lambda: relocate_venv(lay.venv, final),
+                          done=venv_existed and not venv_mentions(lay.venv, lay.venv)))
 
     # 3. config (never overwritten)
     example = find_config_example(opts.config_example)
@@ -294,15 +353,19 @@ def plan_install(opts: Any) -> List[Step]:
         if not opts.config_example:  # the shipped example: fill in this device's camera and model
             from edge_agent.models import catalog
 
-            text = tailor_config(text, None if lay.staging else detect_camera(),
-                                 catalog.load_manifest().default)
+            camera = None if lay.staging else detect_camera()
+            text = tailor_config(text, camera, catalog.load_manifest().default)
+            if camera is None:
+                text = note_no_camera(text, lay.staging)
         write_file(lay.config, text, 0o640)
         os.chmod(lay.config.parent, 0o750)
         if not lay.staging:
             chown(lay.config.parent, "root", USER)
             chown(lay.config, "root", USER)
 
-    steps.append(Step(f"write {lay.config} from {source} (mode 0640, root:{USER})",
+    owner = (f"root:{USER}" if not lay.staging else
+             f"owner as created: the device's package sets root:{USER}")
+    steps.append(Step(f"write {lay.config} from {source} (mode 0640, {owner})",
                       install_config, done=lay.config.exists()))
 
     # 4. unit
@@ -323,10 +386,16 @@ def plan_install(opts: Any) -> List[Step]:
         reload_cmd = ["systemctl", "daemon-reload"]
         steps.append(Step("run systemctl daemon-reload", lambda: run_command(reload_cmd),
                           command=reload_cmd))
+        was_running = unit_active()
         enable = ["systemctl", "enable"] + ([] if opts.no_start else ["--now"]) + [UNIT_NAME]
         steps.append(Step(f"enable{'' if opts.no_start else ' and start'} {UNIT_NAME}",
                           lambda: run_command(enable), command=enable,
                           skip_reason="" if not opts.no_enable else "skipped: --no-enable"))
+        if was_running and not opts.no_package:  # the new package runs only after a restart
+            restart = ["systemctl", "try-restart", UNIT_NAME]
+            steps.append(Step(f"restart {UNIT_NAME} (it was running the previous package)",
+                              lambda: run_command(restart), command=restart,
+                              skip_reason="" if not opts.no_start else "skipped: --no-start"))
     return steps
 
 
@@ -436,6 +505,9 @@ def install(opts: Any) -> int:
     lay = Layout(Path(opts.root or "/").resolve(), opts.prefix)
     if not opts.dry_run:
         print("Nothing to change: already installed." if changed == 0 else "Done.")
+    if not opts.dry_run and lay.config.exists() and NO_CAMERA_NOTE.split("{why}")[0] in lay.config.read_text():
+        print(f"Note: no camera was found{' (not looked for with --root)' if lay.staging else ''}: set "
+              f"[source] kind and uri in {lay.config} (a note there says how).")
     if not lay.at(CREDENTIAL_FILE).exists():
         print(f"Note: for an MQTT password, put it in {CREDENTIAL_FILE} (root, mode 0600); "
               f"the unit passes it as the credential mqtt_password.")

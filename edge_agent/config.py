@@ -43,6 +43,21 @@ else:  # pragma: no cover - exercised on the device's older Pythons
 
 ENV_PREFIX = "EDGE_AGENT_"
 MASK = "***"
+
+# The password in a URL's userinfo (``rtsp://user:PASSWORD@host/...``): up to the LAST '@' of the
+# authority, as URL parsers (and ffmpeg) read it, so a password holding a raw '@' is masked whole.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*):[^\s/?#'\"]*@")
+
+
+def mask_url_secrets(text: Any) -> Any:
+    """``text`` with every URL password replaced by ``***`` (``rtsp://admin:***@cam/stream``).
+
+    THE one helper for everything the agent publishes or logs that may hold a URL: source names,
+    ``info``, ``config show``, stats' ``last_error``, error messages, log lines. Not a string:
+    returned as is."""
+    if not isinstance(text, str) or "@" not in text:
+        return text
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
 CREDENTIAL_MQTT_PASSWORD = "mqtt_password"
 FLEET_DEVICE = "all"  # the topic level of fleet-wide commands: no device may have this id
 
@@ -210,7 +225,8 @@ class Config:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
 
     def to_dict(self, mask_secrets: bool = True) -> Dict[str, Dict[str, Any]]:
-        """Plain nested dict; non-empty secrets replaced by ``***`` unless asked otherwise."""
+        """Plain nested dict; non-empty secrets, and passwords inside URLs (``source.uri``,
+        ``model.mirror``: :func:`mask_url_secrets`), replaced by ``***`` unless asked otherwise."""
         out: Dict[str, Dict[str, Any]] = {}
         for section, cls in SECTIONS.items():
             values = dataclasses.asdict(getattr(self, section))
@@ -218,6 +234,8 @@ class Config:
                 for f in fields(cls):
                     if f.metadata.get("secret") and values[f.name]:
                         values[f.name] = MASK
+                    else:
+                        values[f.name] = mask_url_secrets(values[f.name])
             out[section] = values
         return out
 

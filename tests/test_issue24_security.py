@@ -96,6 +96,63 @@ def device(mosquitto, tmp_path):
         d.close()
 
 
+# -- 1: a URL's password is never published nor logged ------------------------------------------------
+
+SECRET = "S3cretPass"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the test uses it: connections are refused
+
+
+@pytest.mark.broker
+def test_source_url_password_is_masked_everywhere(device, tmp_path):
+    """An opencv source ``rtsp://admin:S3cretPass@127.0.0.1:<closed port>/stream`` (it fails to open
+    and is retried): every message on the broker (``#``: retained info, stats with the source's
+    last_error, answers), every log line of the agent, a failed URL deployment's reason and
+    ``config show`` carry ``rtsp://admin:***@...``, never the password."""
+    import subprocess
+    import sys
+
+    uri = f"rtsp://admin:{SECRET}@127.0.0.1:{_closed_port()}/stream"
+    dev = device(source={"kind": "opencv", "uri": uri}, topics="#", publish={"stats_interval_s": 0.5},
+                 model={"path": str(DM10), "mirror": f"https://mirror:{SECRET}@127.0.0.1/models"})
+    dev.start(wait_masks=False)
+    dev.out.wait_for("reopen failed", timeout=30)  # the backoff went round at least once
+
+    def stats_with_error():
+        for m in dev.rec.matching(f"{dev.base}/stats"):
+            if "cannot open stream" in m.payload.decode(errors="replace"):
+                return m
+        return None
+
+    wait_until(stats_with_error, 30, "stats with the source's last_error")
+    # a URL deployment with a password in its URL: the reason names the URL, masked
+    url = f"http://deployer:{SECRET}@127.0.0.1:{_closed_port()}/m.tflite"
+    dev.send("deploy", {"request_id": "url-pw", **host.deploy_params(DM05.read_bytes(), "dm05", url=url)})
+    final = dev.final("deploy", "url-pw")
+    assert final["status"] == "failed" and "deployer:***@127.0.0.1" in final["reason"], final
+    info = dev.info()
+    assert info["source"]["uri"] == uri.replace(SECRET, "***"), info["source"]
+    out = dev.stop()
+    published = [(m.topic, bytes(m.payload)) for m in dev.rec.messages if "/cmd/" not in m.topic]  # not ours
+    assert published and not [t for t, p in published if SECRET.encode() in p or SECRET in t], \
+        [t for t, p in published if SECRET.encode() in p]
+    assert "admin:***@127.0.0.1" in out and "opencv:rtsp://admin:***@" in out, out[-3000:]
+    assert SECRET not in out, [line for line in out.splitlines() if SECRET in line]
+
+    for fmt in ("toml", "json"):
+        shown = subprocess.run([sys.executable, "-m", "edge_agent", "config", "show", "--config", str(dev.config),
+                                "--format", fmt], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert "admin:***@127.0.0.1" in shown.stdout and "mirror:***@127.0.0.1" in shown.stdout, shown.stdout
+        assert SECRET not in shown.stdout + shown.stderr
+
+
 # -- 6: chunk indexes are ASCII digits -----------------------------------------------------------------
 
 @pytest.mark.broker

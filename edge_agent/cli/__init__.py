@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from edge_agent import __version__
+from edge_agent.config import mask_url_secrets
 from edge_agent.errors import ConfigError, EdgeAgentError
 
 # Modules that contribute sub-commands through ``add_parser(subparsers)``.
@@ -26,6 +27,7 @@ COMMAND_MODULES = (
     "edge_agent.cli.demo",
     "edge_agent.cli.service",
     "edge_agent.cli.remote",
+    "edge_agent.cli.fleet",
     "edge_agent.cli.console",
     "edge_agent.cli.bench",
     "edge_agent.cli.host",
@@ -51,7 +53,15 @@ _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, loggi
                     logging.CRITICAL: 2}
 
 
-class JournalFormatter(logging.Formatter):
+class MaskingFormatter(logging.Formatter):
+    """Every log line (tracebacks included) with URL passwords masked: the last line of defence
+    behind the sources' and errors' own masking (:func:`edge_agent.config.mask_url_secrets`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_url_secrets(super().format(record))
+
+
+class JournalFormatter(MaskingFormatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
         return f"<{priority}>{record.name}: {super().format(record)}"
@@ -64,7 +74,7 @@ def setup_logging(verbosity: int = 0, level: Optional[str] = None) -> None:
     if os.environ.get("JOURNAL_STREAM"):  # under systemd: journald adds time and unit
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
@@ -79,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except EdgeAgentError as exc:
         what = "config error" if isinstance(exc, ConfigError) else "error"
         for line in exc.errors if isinstance(exc, ConfigError) else [str(exc)]:
-            print(f"edge-agent: {what}: {line}", file=sys.stderr)
+            print(f"edge-agent: {what}: {mask_url_secrets(line)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

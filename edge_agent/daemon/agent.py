@@ -25,7 +25,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from edge_agent import __version__
-from edge_agent.config import Config
+from edge_agent.config import Config, mask_url_secrets
 from edge_agent import system
 from edge_agent.daemon import sdnotify
 from edge_agent.daemon.model_manager import ModelManager
@@ -209,8 +209,8 @@ class Agent:
             source = open_source({**dataclasses.asdict(self.config.source),
                                   "model_input": segmenter.model.input_size}, strict=False)
         except EdgeAgentError as exc:
-            self.error = str(exc)
-            log.error("cannot start the pipeline: %s", exc)
+            self.error = mask_url_secrets(str(exc))  # published in info: no URL password
+            log.error("cannot start the pipeline: %s", self.error)
             self.publish_info()
             self._notify_ready()  # up, serving what it can (MQTT, commands); STATUS says why idle
             return
@@ -237,7 +237,7 @@ class Agent:
             self.pipeline.stop()
             self.pipeline = None
         if reason is not None:
-            self.error = reason
+            self.error = mask_url_secrets(reason)
 
     def _notify_ready(self) -> None:
         if not self._ready_sent:
@@ -278,7 +278,7 @@ class Agent:
             "started_at": round(self._started_at, 3),
             "status": "stopped" if self._stopped else "running" if self.pipeline is not None else "error",
             "error": self.error,
-            "source": {"kind": self.config.source.kind, "uri": self.config.source.uri},
+            "source": {"kind": self.config.source.kind, "uri": mask_url_secrets(self.config.source.uri)},
             "host": system.host_info(),
             "publish": {"mask_resolution": self.config.publish.mask_resolution,
                         "timings": self.config.publish.timings},

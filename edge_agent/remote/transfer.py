@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Set
 
+from edge_agent.config import mask_url_secrets
 from edge_agent.models.store import sha256_file
 from edge_agent.remote.deploy_request import DeployFailed
 
@@ -149,6 +150,7 @@ def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: C
     after every block (the caller throttles); ``on_connected(abort)`` hands out a function that
     ends a blocked read from another thread (the agent stopping)."""
     deadline = time.monotonic() + timeout_s
+    shown = mask_url_secrets(url)  # the reasons go over MQTT and into logs: no URL password
     timed_out = f"download timed out after {timeout_s:g} s (deploy.url_timeout_s limits the whole download)"
     request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})
     total = 0
@@ -156,7 +158,7 @@ def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: C
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > limit:
-                raise DeployFailed(f"download refused: {url} has {length} bytes, more than the {limit} expected")
+                raise DeployFailed(f"download refused: {shown} has {length} bytes, more than the {limit} expected")
             sock = _response_socket(resp)
             if sock is not None:
                 on_connected(lambda: sock.shutdown(socket.SHUT_RDWR))
@@ -172,7 +174,7 @@ def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: C
                         break
                     total += len(block)
                     if total > limit:
-                        raise DeployFailed(f"download refused: {url} sends more than the {limit} bytes expected")
+                        raise DeployFailed(f"download refused: {shown} sends more than the {limit} bytes expected")
                     try:
                         out.write(block)
                     except OSError as exc:
@@ -192,7 +194,7 @@ def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: C
         reason = getattr(exc, "reason", None) or exc
         if isinstance(exc, urllib.error.HTTPError):
             reason = f"HTTP {exc.code} {exc.reason}"
-        raise DeployFailed(f"cannot download {url}: {reason}") from None
+        raise DeployFailed(f"cannot download {shown}: {mask_url_secrets(str(reason))}") from None
 
 
 def verify_file(path: Path, size: int, sha: str) -> None:

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     from typing_extensions import Protocol, runtime_checkable  # type: ignore
 
 from edge_agent import discover_backends
-from edge_agent.config import SourceConfig
+from edge_agent.config import SourceConfig, mask_url_secrets
 from edge_agent.errors import SourceError
 
 
@@ -259,7 +259,8 @@ class BaseSource:
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
         self.live = self.live_for(settings)
-        self.name = f"{self.kind}:{settings.uri}" if settings.uri else self.kind
+        # the name goes into logs, frames and stats: a stream URL's password never does
+        self.name = f"{self.kind}:{mask_url_secrets(settings.uri)}" if settings.uri else self.kind
         self.skipped = 0
         self._seq = 0
         self.decode_hint: Optional[DecodeHint] = None

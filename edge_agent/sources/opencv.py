@@ -31,6 +31,7 @@ from typing import List, Optional, Tuple, Union
 import cv2
 import numpy as np
 
+from edge_agent.config import mask_url_secrets
 from edge_agent.errors import SourceError
 from edge_agent.sources.images import decode_rgb
 from edge_agent.sources.base import (
@@ -201,14 +202,14 @@ class OpenCVSource(BaseSource):
         return []
 
     def _missing_file(self) -> str:
-        return f"video file {self.settings.uri!r} does not exist (source.uri)"
+        return f"video file {mask_url_secrets(self.settings.uri)!r} does not exist (source.uri)"
 
     def open(self) -> None:
         if self.live:
             cap = _capture(self.input_kind, self.target)
             if not cap.isOpened():
                 cap.release()
-                raise SourceError(f"cannot open {self.input_kind} {self.target!r}")
+                raise SourceError(f"cannot open {self.input_kind} {mask_url_secrets(self.target)!r}")
             self._configure_live(cap)
             self._grabber = _Grabber(cap, self.name)
         else:

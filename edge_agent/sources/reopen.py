@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from edge_agent.config import SourceConfig
+from edge_agent.config import SourceConfig, mask_url_secrets
 from edge_agent.errors import SourceError
 from edge_agent.sources.base import EndOfStream, Frame, FrameSource
 
@@ -65,7 +65,7 @@ class ReopeningSource:
         backoff_max_s: float = SourceConfig.reopen_backoff_max_s,
     ) -> None:
         self._factory = factory
-        self.name = name
+        self.name = mask_url_secrets(name)
         self.live = live
         self.stall_timeout_s = stall_timeout_s
         self.backoff_initial_s = min(backoff_initial_s, backoff_max_s)
@@ -209,7 +209,7 @@ class ReopeningSource:
         try:
             inner.close()
         except Exception as exc:  # closing a dead device may fail too; nothing to do about it
-            log.debug("source %s: close failed: %s", self.name, exc)
+            log.debug("source %s: close failed: %s", self.name, _one_line(exc))
 
 
 def _hint(inner: Any, hint: Any) -> None:
@@ -219,5 +219,6 @@ def _hint(inner: Any, hint: Any) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """The first line of an error, any URL password masked (it goes to logs and stats)."""
+    text = mask_url_secrets(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

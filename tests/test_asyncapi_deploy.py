@@ -19,7 +19,7 @@ from edge_agent.comms import commands
 from edge_agent.remote import deploy as dep
 from edge_agent.remote import sanity, transfer
 from edge_agent.remote import deploy_request as dreq
-from edge_agent.comms.commands import FieldSpec, FloatField, IntField, StrField
+from edge_agent.comms.commands import BoolField, FieldSpec, FloatField, IntField, StrField
 from edge_agent.fleet import deploy as host
 from edge_agent.models.store import ModelStore
 from tests.data import DM05
@@ -82,6 +82,8 @@ def check_field(name: str, spec: FieldSpec, prop: Dict[str, Any]) -> None:
         documented = re.compile(prop["pattern"])
         for probe in PROBES:
             assert bool(documented.fullmatch(probe)) == bool(spec.regex.fullmatch(probe)), (name, probe)
+    elif isinstance(spec, BoolField):
+        assert types == ["boolean"], name
     elif isinstance(spec, dreq.LabelsField):
         assert "array" in types and prop["items"]["type"] == "string"
         assert (prop["minItems"], prop["maxItems"]) == (1, dreq.MAX_LABELS)
@@ -186,8 +188,11 @@ def test_asyncapi_documents_every_deploy_status_stage_and_state(doc):
     activate_finals = {s for node in ast.walk(tree) if isinstance(node, ast.Call)
                        and isinstance(node.func, ast.Attribute) and node.func.attr == "_activate"
                        for s in _strings(node.args[2])}
-    states = _keyword_values(tree, "state") | activate_finals
-    assert states == {"active", "rolled_back"}
+    returned = {s for node in ast.walk(tree) if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict)
+                for k, v in zip(node.value.keys, node.value.values)
+                if isinstance(k, ast.Constant) and k.value == "state" for s in _strings(v)}
+    states = _keyword_values(tree, "state") | activate_finals | returned
+    assert states == {"active", "rolled_back", "staged"}
     assert set(props["state"]["enum"]) == states
     assert set(props["transfer"]["enum"]) == _keyword_values(tree, "transfer") == {"chunks", "url"}
 
@@ -215,7 +220,7 @@ def test_asyncapi_models_answer_matches_the_store_listing(doc, tmp_path):
     store.set_pointers(entry.sha256, None)
     listing = {"running": entry.sha256, **store.describe()}  # what Deployer.on_models sends
     envelope = set(commands.CommandChannel(lambda: None, "x", {})._doc("r", "done", {}))
-    assert set(props) == set(listing) | envelope | {"reason"}
+    assert set(props) == set(listing) | envelope | {"reason", "removed"}  # removed: with remove
     (model,) = listing["models"]
     assert set(props["models"]["items"]["properties"]) == set(model)
     assert model["role"] in props["models"]["items"]["properties"]["role"]["enum"]

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from edge_agent.config import mask_url_secrets
 from edge_agent.comms.commands import CommandChannel, Request, RequestError
 from edge_agent.system import release_memory
 from edge_agent.errors import EdgeAgentError
@@ -193,8 +192,27 @@ class Deployer:
         store = self.models.store
         if store is None:
             request.reject(f"no model store: {self.models.store_problem}", running=self._running_sha())
-        else:
-            request.done(running=self._running_sha(), **store.describe())
+            return
+        remove = request.params.get("remove")
+        if remove:  # a staged model (deploy with activate: false) that is no longer needed
+            try:
+                self._remove(store, remove)
+            except (RequestError, EdgeAgentError, OSError) as exc:
+                request.reject(str(exc), running=self._running_sha())
+                return
+        request.done(running=self._running_sha(), **({"removed": remove} if remove else {}), **store.describe())
+
+    def _remove(self, store: ModelStore, sha: str) -> None:
+        with self._lock:  # never while a job places or loads an entry
+            if self._job is not None:
+                raise RequestError(f"busy: {self._job.kind} {self._job.id} is in progress")
+            if not store.has(sha):
+                raise RequestError(f"no model {sha[:12]} in the store")
+            if sha in store.protected() or sha == self._running_sha():
+                raise RequestError(f"model {sha[:12]} is current, previous, pending or running: not removed")
+            store.check_writable()
+            store.discard(sha)
+        log.info("models: removed %s from the store", sha[:12])
 
     def _guarded(self, request: Request, start: Callable[[Request], None]) -> None:
         try:
@@ -351,13 +369,16 @@ class Deployer:
             signature = base64.b64encode(req.signature).decode("ascii") if req.signature else None
             store.write_manifest(req.sha256, {  # a re-deployment refreshes it (and its signature)
                 "name": req.name, "labels": segmenter.labels, "input_size": list(segmenter.model.input_size),
-                "source": mask_url_secrets(req.url) if req.url else "mqtt", "request_id": req.id, "deployed_at": round(time.time(), 3),
+                "source": req.url or "mqtt", "request_id": req.id, "deployed_at": round(time.time(), 3),
                 "size": req.size, "signature": signature,
                 "signed": bool(req.signature and self.public_key is not None)})
         except BaseException:
             if placed:
                 store.discard(req.sha256)
             raise
+        if not req.activate:  # staged: in the store (cmd/benchmark can name it), not current
+            del segmenter
+            return {"state": "staged"}
         return self._activate(job, segmenter, "active")
 
     def _rollback(self, job: _Job) -> Dict[str, Any]:

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from edge_agent.comms.commands import FieldSpec, FloatField, IntField, RequestError, Schema, StrField
+from edge_agent.comms.commands import (BoolField, FieldSpec, FloatField, IntField, RequestError, Schema,
+                                       StrField)
 from edge_agent.errors import EdgeAgentError
 
 
@@ -84,6 +85,8 @@ DEPLOY_SCHEMA: Schema = {
     "confirm_timeout_s": FloatField(0.1, 86_400.0, default=DEFAULT_CONFIRM_TIMEOUT_S),
     "transfer_timeout_s": FloatField(0.1, 3_600.0, default=DEFAULT_TRANSFER_TIMEOUT_S,
                                      doc="longest pause between two chunks"),
+    "activate": BoolField(default=True, doc="false: stage only (verified, checked and stored, not made "
+                                            "current; e.g. to benchmark it by name, then remove it)"),
 }
 
 
@@ -95,7 +98,9 @@ ROLLBACK_SCHEMA: Schema = {
 }
 
 
-MODELS_SCHEMA: Schema = {}
+MODELS_SCHEMA: Schema = {
+    "remove": _sha_field(doc="delete this entry (not current, previous or pending) before listing"),
+}
 
 
 @dataclass
@@ -115,6 +120,7 @@ class DeployRequest:
     confirm_frames: int = DEFAULT_CONFIRM_FRAMES
     confirm_timeout_s: float = DEFAULT_CONFIRM_TIMEOUT_S
     transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S
+    activate: bool = True
 
 
 def deploy_request(rid: str, params: Dict[str, Any], max_size: int) -> DeployRequest:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from edge_agent.config import mask_url_secrets
 from edge_agent.comms.commands import CommandChannel, Request, RequestError
 from edge_agent.system import release_memory
 from edge_agent.errors import EdgeAgentError
@@ -369,7 +370,7 @@ class Deployer:
             signature = base64.b64encode(req.signature).decode("ascii") if req.signature else None
             store.write_manifest(req.sha256, {  # a re-deployment refreshes it (and its signature)
                 "name": req.name, "labels": segmenter.labels, "input_size": list(segmenter.model.input_size),
-                "source": req.url or "mqtt", "request_id": req.id, "deployed_at": round(time.time(), 3),
+                "source": mask_url_secrets(req.url) if req.url else "mqtt", "request_id": req.id, "deployed_at": round(time.time(), 3),
                 "size": req.size, "signature": signature,
                 "signed": bool(req.signature and self.public_key is not None)})
         except BaseException:

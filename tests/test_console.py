@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import zlib
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -147,11 +149,237 @@ def test_loopback_console_refuses_foreign_host_headers(mosquitto):
         status, body, _ = _http(console.url + "api/deploy?devices=cam-2", "POST", b"x" * 100, token)
         assert status == 400 and json.loads(body)["error"] == "name: give the model a name"
         status, body, _ = _http(console.url + "api/deploy?devices=cam-2&name=big", "POST", b"x" * 2048, token)
-        assert status == 400 and json.loads(body)["error"] == "the model is larger than --max-upload-mb 0.001"
+        assert status == 413 and json.loads(body)["error"] == "the model is larger than --max-upload-mb 0.001"
         assert json.loads(_http(console.url + "api/jobs")[1])["jobs"] == []
     finally:
         console.stop()
         device.close()
+
+
+# -- limits: uploads, event streams, forgotten devices (issue 24, item 3.9) ----------------------------
+
+MiB = 1024 * 1024
+
+
+def _page_token(console: ConsoleProcess) -> str:
+    page = _http(console.url)[1].decode()
+    return page.split('name="console-token" content="')[1].split('"')[0]
+
+
+def _port(console: ConsoleProcess) -> int:
+    return int(console.url.rstrip("/").rsplit(":", 1)[1])
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _read_response(sock: socket.socket, timeout: float = 30.0) -> Tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 answer (Content-Length bodies; enough for JSON errors)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = sock.recv(65536)
+        if not part:
+            break
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), data[:200]
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), None)
+    while length is not None and len(body) < length:
+        part = sock.recv(65536)
+        if not part:
+            break
+        body += part
+    return int(head.split()[1]), body
+
+
+def _start_upload(port: int, path: str, token: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Console-Token: {token}\r\n"
+                  "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+    return sock
+
+
+def _send_chunks(sock: socket.socket, chunks: Iterable[bytes]) -> int:
+    """Send chunks until the server answers (or stops reading); returns the bytes sent."""
+    sent = 0
+    for chunk in chunks:
+        if select.select([sock], [], [], 0)[0]:
+            return sent  # an early answer: stop, as a browser does
+        try:
+            sock.sendall(b"%x\r\n" % len(chunk))
+            sock.sendall(chunk)
+            sock.sendall(b"\r\n")
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            return sent
+        sent += len(chunk)
+    sock.sendall(b"0\r\n\r\n")
+    return sent
+
+
+def _upload(port: int, path: str, token: str, chunks: Iterable[bytes]) -> Tuple[int, bytes, int]:
+    sock = _start_upload(port, path, token)
+    try:
+        sent = _send_chunks(sock, chunks)
+        status, body = _read_response(sock)
+        return status, body, sent
+    finally:
+        sock.close()
+
+
+@pytest.mark.broker
+def test_uploads_are_streamed_to_disk_capped_and_one_per_device(mosquitto, tmp_path, monkeypatch):
+    """A 160 MiB body (sent 1 MiB at a time: the test holds 1 MiB) is answered 413 at the 64 MiB cap
+    without the console buffering it, and nothing is left in the temporary directory; a second
+    upload for a device with one running is 409, and the device is free again once it ends."""
+    broker = mosquitto()
+    uploads = tmp_path / "tmp"
+    uploads.mkdir()
+    monkeypatch.setenv("TMPDIR", str(uploads))  # the console's tempfile directory
+    device = Recorder("127.0.0.1", broker.port, f"{PREFIX}/cam-3/none")
+    device.publish(f"{PREFIX}/cam-3/availability", b"online", retain=True)
+    console = ConsoleProcess(broker.port)
+    try:
+        token, port = _page_token(console), _port(console)
+        wait_until(lambda: "cam-3" in _http(console.url + "api/devices")[1].decode(), 10, "cam-3 known")
+        before = _peak_rss_mb(console.pid)
+        block = b"\x5a" * MiB
+        status, body, sent = _upload(port, "/api/deploy?devices=cam-3&name=huge", token, (block for _ in range(160)))
+        after = _peak_rss_mb(console.pid)
+        print(f"413 after {sent / MiB:.0f} MiB sent; console peak RSS {before:.0f} -> {after:.0f} MB")
+        assert status == 413 and json.loads(body) == {"error": "the model is larger than --max-upload-mb 64"}
+        assert after - before < 24, (before, after)  # it was the whole body (~+250 MB for 250 MB)
+        assert list(uploads.iterdir()) == []
+        assert json.loads(_http(console.url + "api/jobs")[1])["jobs"] == []
+
+        # one upload at a time per device: the second is refused while the first is streaming
+        first = _start_upload(port, "/api/deploy?devices=cam-3&name=one", token)
+        try:
+            first.sendall(b"%x\r\n" % MiB + block + b"\r\n")
+            wait_until(lambda: len(list(uploads.iterdir())) == 1, 10, "the first upload's temporary file")
+            status, body, _ = _upload(port, "/api/deploy?devices=cam-3&name=two", token, [b"x" * 100])
+            assert status == 409 and "already running on cam-3 (upload)" in json.loads(body)["error"], body
+        finally:
+            first.close()  # the client goes away mid-upload: the file is removed, the device freed
+        wait_until(lambda: list(uploads.iterdir()) == [], 10, "the aborted upload's file removed")
+        wait_until(lambda: _upload(port, "/api/deploy?devices=cam-3&name=three", token, [])[0] == 400, 10,
+                   "the device free again (an empty upload is a 400, not a 409)")
+        assert list(uploads.iterdir()) == []
+    finally:
+        output = console.stop()
+        device.close()
+    assert "Traceback" not in output, output
+
+
+def _open_events(port: int) -> Tuple[socket.socket, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data or (data.startswith(b"HTTP/1.1 200") and b"event: hello" not in data):
+        part = sock.recv(65536)
+        if not part:
+            break
+        data += part
+    return sock, data
+
+
+@pytest.mark.broker
+def test_event_streams_are_capped(mosquitto):
+    broker = mosquitto()
+    console = ConsoleProcess(broker.port)
+    streams: List[socket.socket] = []
+    try:
+        port = _port(console)
+        for n in range(64):
+            sock, head = _open_events(port)
+            streams.append(sock)
+            assert head.startswith(b"HTTP/1.1 200") and b"event: hello" in head, (n, head[:200])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        status, body = _read_response(sock, 10)
+        sock.close()
+        assert status == 503 and json.loads(body) == {
+            "error": "too many event streams open (64, --max-event-streams): close a console page"}
+        streams.pop().close()  # a page closed: its slot is free again
+
+        def reopened() -> bool:
+            sock, head = _open_events(port)
+            if head.startswith(b"HTTP/1.1 200"):
+                streams.append(sock)
+                return True
+            sock.close()
+            return False
+        wait_until(reopened, 10, "a stream accepted again", poll_s=0.1)
+    finally:
+        for sock in streams:
+            sock.close()
+        output = console.stop()
+    assert "Traceback" not in output, output
+
+
+@pytest.mark.broker
+def test_devices_are_forgotten_offline_after_a_while_and_when_their_retained_state_is_cleared(mosquitto):
+    broker = mosquitto()
+    mqtt = MqttConfig(host="127.0.0.1", port=broker.port)
+    now = [1000.0]
+    changes: List[tuple] = []
+    client = FleetClient(mqtt).connect()
+    state = FleetState(client, on_change=lambda kind, dev: changes.append((kind, dev)), forget_after_s=3600,
+                       clock=lambda: now[0]).start()
+    pub = Recorder("127.0.0.1", broker.port, f"{PREFIX}/none/none")
+    mask = b"\x00" * (100 * 1024)
+    try:
+        for dev in ("cam-on", "cam-off"):
+            pub.publish(f"{PREFIX}/{dev}/availability", b"online", retain=True)
+            pub.publish(f"{PREFIX}/{dev}/info", json.dumps({"device_id": dev}).encode(), retain=True)
+        pub.publish(f"{PREFIX}/cam-off/availability", b"offline", retain=True)
+        for dev in ("cam-on", "cam-off", "ghost"):  # ghost: any client publishing under the prefix
+            pub.publish(f"{PREFIX}/{dev}/mask", mask)
+        wait_until(lambda: all(state.image(d, "mask")[0] for d in ("cam-on", "cam-off", "ghost")), 10, "masks")
+        assert state.device_ids() == ["cam-off", "cam-on", "ghost"]
+        now[0] += 3599
+        assert state.sweep() == []
+        now[0] += 2
+        assert sorted(state.sweep()) == ["cam-off", "ghost"]  # cam-on is online: kept
+        assert state.device_ids() == ["cam-on"] and [r["device"] for r in state.rows()] == ["cam-on"]
+        assert state.image("cam-off", "mask") == (None, 0) and state.image("ghost", "mask") == (None, 0)
+        assert ("forget", "cam-off") in changes and ("forget", "ghost") in changes
+        # the broker's retained info cleared (an empty retained message): forgotten at once
+        pub.publish(f"{PREFIX}/cam-on/info", b"", retain=True)
+        wait_until(lambda: state.device_ids() == [], 10, "cam-on forgotten")
+        assert state.image("cam-on", "mask") == (None, 0) and ("forget", "cam-on") in changes
+        # ... and back with its next message
+        pub.publish(f"{PREFIX}/cam-on/stats", b'{"fps": 2.0}')
+        wait_until(lambda: state.device_ids() == ["cam-on"], 10, "cam-on back")
+        assert state.row("cam-on")["fps"] == 2.0
+    finally:
+        pub.close()
+        client.close()
+
+
+@pytest.mark.broker
+def test_the_console_forgets_fake_devices_after_forget_after_h(mosquitto):
+    """300 ids x 100 KB masks from a client that is no device: rows (and masks) gone after the time."""
+    broker = mosquitto()
+    pub = Recorder("127.0.0.1", broker.port, f"{PREFIX}/none/none")
+    console = ConsoleProcess(broker.port, "--forget-after-h", "0.0005")  # 1.8 s
+    mask = os.urandom(100 * 1024)
+    try:
+        for n in range(300):
+            pub.publish(f"{PREFIX}/fake-{n}/mask", mask)
+        rows = lambda: len(json.loads(_http(console.url + "api/devices")[1])["devices"])
+        seen = wait_until(lambda: rows() or None, 10, "the fake devices")
+        wait_until(lambda: rows() == 0, 20, "every fake device forgotten", poll_s=0.2)
+        print(f"{seen}+ fake devices shown, then forgotten; console peak RSS {_peak_rss_mb(console.pid):.0f} MB")
+    finally:
+        output = console.stop()
+        pub.close()
+    assert "Traceback" not in output, output
 
 
 # -- the live subscription ---------------------------------------------------------------------------

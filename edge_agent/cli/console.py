@@ -8,6 +8,8 @@ from typing import Any
 
 from edge_agent.cli.remote import add_broker_arguments, mqtt_from_args
 from edge_agent.console.server import DEFAULT_LISTEN, TOKEN_ENV, listen_and_token, serve
+from edge_agent.console.settings import Settings
+from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet.client import DISCOVERY_S
 
 
@@ -23,7 +25,16 @@ def add_parser(subparsers: Any) -> None:
                    help=f"file whose first line is the access token (or set {TOKEN_ENV}); "
                         "required off loopback, checked on every state-changing request")
     p.add_argument("--sign-key", metavar="FILE", help="ed25519 private key to sign deployed models with")
-    p.add_argument("--max-upload-mb", type=float, default=256.0, help="largest model file to deploy (default 256)")
+    limits = Settings()
+    p.add_argument("--max-upload-mb", type=float, default=limits.max_upload_mb, metavar="MIB",
+                   help=f"largest model file to deploy (default {limits.max_upload_mb:g}, the agents' "
+                        "deploy.max_size_mb default); streamed to a temporary file, 413 beyond")
+    p.add_argument("--max-event-streams", type=int, default=limits.max_event_streams, metavar="N",
+                   help=f"open console pages (event streams) at once (default {limits.max_event_streams}); "
+                        "503 beyond")
+    p.add_argument("--forget-after-h", type=float, default=limits.forget_after_s / 3600, metavar="HOURS",
+                   help=f"forget a device offline and silent this long (default {limits.forget_after_s / 3600:g}); "
+                        "at once when its retained availability/info is cleared")
     p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
                    help="seconds each command waits for retained device states (default 1)")
     p.set_defaults(func=cmd_console)
@@ -36,5 +47,9 @@ def cmd_console(args: argparse.Namespace) -> int:
         from edge_agent.models import signing
 
         sign_key = signing.load_private_key(args.sign_key)
-    return serve(mqtt_from_args(args), listen, token, discover_s=args.discover_s,
-                 max_upload_mb=args.max_upload_mb, sign_key=sign_key)
+    if args.max_upload_mb <= 0 or args.max_event_streams < 1 or args.forget_after_h <= 0:
+        raise EdgeAgentError("--max-upload-mb, --max-event-streams and --forget-after-h must be positive")
+    settings = Settings(max_upload_mb=args.max_upload_mb, max_event_streams=args.max_event_streams,
+                        forget_after_s=args.forget_after_h * 3600)
+    return serve(mqtt_from_args(args), listen, token, discover_s=args.discover_s, settings=settings,
+                 sign_key=sign_key)

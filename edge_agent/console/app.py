@@ -6,10 +6,13 @@ Routes (JSON unless said otherwise)::
     GET  /api/devices              the fleet: one row per device (FleetState.row)
     GET  /api/devices/{id}         one row
     GET  /api/devices/{id}/mask.png | overlay.jpg   the newest image, as the device sent it
-    GET  /api/events               SSE: hello, broker, device, frame and job events (newest wins per client)
+    GET  /api/events               SSE: hello, broker, device, forget, frame and job events (newest wins
+                                   per client); at most Settings.max_event_streams at once, else 503
     GET  /api/jobs[/{id}]          benchmark/models/deploy/rollback jobs; /{id}/report.json = --json
     POST /api/bench | /api/models | /api/rollback    JSON body -> a job
-    POST /api/deploy?devices=a,b&name=N[&labels=...]  the model file as the raw body -> a job
+    POST /api/deploy?devices=a,b&name=N[&labels=...]  the model file as the raw body -> a job; streamed
+                                   to a temporary file, 413 beyond Settings.max_upload_mb, 409 while one
+                                   of the devices has an upload/deployment/rollback running
     POST /api/session              token header -> a cookie for the page's GETs (EventSource, images)
 
 Security (docs in README "Console"): broker credentials never leave the server.  Every POST needs
@@ -26,18 +29,21 @@ import asyncio
 import contextlib
 import hmac
 import json
+import os
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from edge_agent.console.jobs import Jobs
+from edge_agent.console.settings import Settings
 from edge_agent.console.state import FleetState
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.labels import parse_labels
@@ -51,7 +57,11 @@ LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
 class RequestProblem(EdgeAgentError):
-    """A bad request from the page or a script: answered 400 with one line."""
+    """A bad request from the page or a script: answered ``status`` (400) with one line."""
+
+    def __init__(self, text: str, status: int = 400) -> None:
+        super().__init__(text)
+        self.status = status
 
 
 # -- live events -----------------------------------------------------------------------------------
@@ -68,6 +78,7 @@ class Hub:
     def __init__(self) -> None:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.listeners: Set[_Listener] = set()
+        self.streams = 0  # open /api/events responses (counted from the request, on the loop)
         self.closing = False
 
     def close(self) -> None:
@@ -189,7 +200,21 @@ async def _json_body(request: Request) -> Dict[str, Any]:
 
 # -- the app ---------------------------------------------------------------------------------------
 
-def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_upload_mb: float = 256.0,
+class _EventStream(StreamingResponse):
+    """An SSE response that gives its slot back however it ends (also if never started)."""
+
+    def __init__(self, content: Any, hub: Hub, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.hub = hub
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.hub.streams -= 1
+
+
+def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings: Settings = Settings(),
                title: str = "edge-agent console") -> Starlette:
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
@@ -201,10 +226,8 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
                     return refused
                 try:
                     return await handler(request)
-                except RequestProblem as exc:
-                    return _error(400, str(exc))
-                except EdgeAgentError as exc:
-                    return _error(400, str(exc))
+                except EdgeAgentError as exc:  # RequestProblem (400, 413), DeviceBusy (409), ...
+                    return _error(getattr(exc, "status", 400), str(exc))
             return endpoint
         return wrap
 
@@ -241,6 +264,11 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
 
     @guard()
     async def events(request: Request) -> Response:
+        if hub.streams >= settings.max_event_streams:
+            return _error(503, f"too many event streams open ({settings.max_event_streams}, "
+                               "--max-event-streams): close a console page")
+        hub.streams += 1
+
         async def stream() -> AsyncIterator[str]:
             listener = _Listener()
             hub.listeners.add(listener)
@@ -264,8 +292,8 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
                             yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
             finally:
                 hub.listeners.discard(listener)
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return _EventStream(stream(), hub, media_type="text/event-stream",
+                            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     def _broker() -> Dict[str, Any]:
         cfg = state.client.cfg
@@ -275,7 +303,9 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
         if kind == "broker":
             return _broker()
         if kind == "device":
-            return state.row(key)
+            return state.row(key) if state.known(key) else None
+        if kind == "forget":
+            return None if state.known(key) else {"device": key}
         if kind == "frame":
             return state.frame(key)
         job = jobs.get(key)
@@ -328,23 +358,40 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
         name = _str(dict(q), "name")
         if not name:
             raise RequestProblem("name: give the model a name")
-        limit = int(max_upload_mb * 1024 * 1024)
+        labels = parse_labels(q["labels"], "labels") if q.get("labels") else None
+        confirm_frames = _int(dict(q), "confirm_frames", None, 0, 100000)
+        limit = settings.max_upload_bytes
+        too_large = RequestProblem(f"the model is larger than --max-upload-mb {settings.max_upload_mb:g}", 413)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise RequestProblem(f"the model is larger than --max-upload-mb {max_upload_mb:g}")
-        chunks: List[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestProblem(f"the model is larger than --max-upload-mb {max_upload_mb:g}")
-            chunks.append(chunk)
-        if size == 0:
-            raise RequestProblem("the body is empty: send the model file")
-        labels = parse_labels(q["labels"], "labels") if q.get("labels") else None
-        job = jobs.deploy(targets, b"".join(chunks), name, labels=labels,
-                          confirm_frames=_int(dict(q), "confirm_frames", None, 0, 100000))
-        return JSONResponse(job.doc(), status_code=202)
+            raise too_large
+        jobs.reserve(targets, "upload")  # DeviceBusy: 409
+        path: Optional[str] = None
+        handed = False
+        try:
+            fd, path = tempfile.mkstemp(prefix="edge-agent-console-", suffix=".tflite", dir=settings.upload_dir)
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > limit:
+                            raise too_large
+                        out.write(chunk)
+                except ClientDisconnect:
+                    return Response(status_code=400)  # nobody is there to read it
+            if size == 0:
+                raise RequestProblem("the body is empty: send the model file")
+            job = jobs.deploy(targets, Path(path), name, labels=labels, confirm_frames=confirm_frames,
+                              reserved=True)
+            handed = True  # the job removes the file and releases the devices when it ends
+            return JSONResponse(job.doc(), status_code=202)
+        finally:
+            if not handed:
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                jobs.release(targets)
 
     @guard(write=True)
     async def session(request: Request) -> Response:
@@ -363,12 +410,19 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, max_uplo
                 was = now
                 hub.notify("broker", "")
 
+    async def forget_devices() -> None:
+        """Devices offline (and silent) for --forget-after-h are dropped (FleetState.sweep)."""
+        while True:
+            await asyncio.sleep(settings.sweep_s)
+            state.sweep()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub.loop = asyncio.get_running_loop()
-        watcher = asyncio.create_task(watch_broker())
+        tasks = [asyncio.create_task(watch_broker()), asyncio.create_task(forget_devices())]
         yield
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
         hub.loop = None
 
     routes = [

@@ -5,15 +5,23 @@ remote ...`` (:mod:`edge_agent.fleet.bench`, :mod:`edge_agent.fleet.deploy`), so
 same numbers and states as the CLI: the rows are ``summary_rows`` / ``deploy_rows`` /
 ``model_rows``, the cells :func:`edge_agent.fleet.table.cell`, and a benchmark keeps its
 ``report_doc`` (what ``remote bench --json`` writes).  ``on_change(job_id)`` runs on progress.
+
+A device has at most one deployment or rollback at a time, its upload included: :meth:`Jobs.reserve`
+claims the devices (:class:`DeviceBusy`, answered 409, when one is taken) and the job gives them
+back when it ends.  A deployment reads the model from the uploaded file when it starts and removes
+the file when it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet import bench as fleet_bench
@@ -24,6 +32,12 @@ from edge_agent.fleet.table import Column, cell
 log = logging.getLogger(__name__)
 
 KEEP_JOBS = 50  # finished jobs remembered (the newest)
+
+
+class DeviceBusy(EdgeAgentError):
+    """A device already has an upload, deployment or rollback running (answered 409)."""
+
+    status = 409
 
 
 def table(rows: List[Dict[str, Any]], columns: Sequence[Column]) -> Dict[str, Any]:
@@ -76,6 +90,27 @@ class Jobs:
         self._jobs: Dict[str, Job] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._busy: Dict[str, str] = {}  # device -> what holds it ("upload", a job id)
+
+    # -- one deployment per device -----------------------------------------------------------------
+    def reserve(self, devices: Iterable[str], what: str) -> None:
+        """Claim ``devices`` for ``what``, all or none; DeviceBusy names the ones taken."""
+        devices = list(dict.fromkeys(devices))
+        with self._lock:
+            taken = [f"{d} ({self._busy[d]})" for d in devices if d in self._busy]
+            if taken:
+                raise DeviceBusy(f"a deployment is already running on {', '.join(taken)}: wait for it to end")
+            for dev in devices:
+                self._busy[dev] = what
+
+    def release(self, devices: Iterable[str]) -> None:
+        with self._lock:
+            for dev in devices:
+                self._busy.pop(dev, None)
+
+    def busy(self) -> Dict[str, str]:
+        with self._lock:
+            return dict(self._busy)
 
     def get(self, job_id: str) -> Optional[Job]:
         with self._lock:
@@ -105,18 +140,25 @@ class Jobs:
                 job.set_progress(dev, {"status": answer.status, "reason": answer.reason})
         return self._start("models", devices, {}, work)
 
-    def deploy(self, devices: List[str], data: bytes, name: str, labels: Optional[List[str]] = None,
-               confirm_frames: Optional[int] = None, timeout: float = 300.0) -> Job:
-        params = fleet_deploy.deploy_params(data, name, labels=labels, sign_key=self.sign_key,
-                                            confirm_frames=confirm_frames)
-        shown = {k: v for k, v in params.items() if k not in ("signature", "labels")}
-
+    def deploy(self, devices: List[str], model: Path, name: str, labels: Optional[List[str]] = None,
+               confirm_frames: Optional[int] = None, timeout: float = 300.0, reserved: bool = False) -> Job:
+        """Deploy the model file ``model`` (removed when the job ends). ``reserved``: the caller
+        already holds the devices (:meth:`reserve`); they are released when the job ends."""
         def work(client: FleetClient, job: Job) -> None:
+            data = Path(model).read_bytes()
+            params = fleet_deploy.deploy_params(data, name, labels=labels, sign_key=self.sign_key,
+                                                confirm_frames=confirm_frames)
+            job.params = {k: v for k, v in params.items() if k not in ("signature", "labels")}
+            self.on_change(job.id)
             answers = fleet_deploy.deploy(client, params, data, devices=devices, timeout=timeout,
                                           on_message=self._progress(job))
             job.table = table(fleet_deploy.deploy_rows(answers), fleet_deploy.DEPLOY_COLUMNS)
             self._finals(job, answers)
-        return self._start("deploy", devices, shown, work)
+
+        def cleanup() -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(model)
+        return self._start("deploy", devices, {"name": name}, work, cleanup=cleanup, reserved=reserved)
 
     def rollback(self, devices: List[str], to: Optional[str] = None, timeout: float = 120.0) -> Job:
         def work(client: FleetClient, job: Job) -> None:
@@ -124,7 +166,7 @@ class Jobs:
                                             on_message=self._progress(job))
             job.table = table(fleet_deploy.deploy_rows(answers), fleet_deploy.DEPLOY_COLUMNS)
             self._finals(job, answers)
-        return self._start("rollback", devices, {"to": to} if to else {}, work)
+        return self._start("rollback", devices, {"to": to} if to else {}, work, reserved=False, exclusive=True)
 
     # -- plumbing --------------------------------------------------------------------------------
     def _progress(self, job: Job) -> Callable[[str, Dict[str, Any]], None]:
@@ -142,24 +184,52 @@ class Jobs:
             job.set_progress(dev, entry)
 
     def _start(self, kind: str, devices: List[str], params: Dict[str, Any],
-               work: Callable[[FleetClient, Job], None]) -> Job:
-        if not devices:
-            raise EdgeAgentError("choose at least one device")
-        job = Job(f"{kind}-{next(self._ids)}", kind, list(dict.fromkeys(devices)), params)
+               work: Callable[[FleetClient, Job], None], cleanup: Optional[Callable[[], None]] = None,
+               reserved: bool = False, exclusive: bool = False) -> Job:
+        """``reserved``/``exclusive``: the devices are held (by the caller / claimed here) until the
+        job ends; ``cleanup`` runs when it ends (also when it cannot start)."""
+        try:
+            if not devices:
+                raise EdgeAgentError("choose at least one device")
+            job = Job(f"{kind}-{next(self._ids)}", kind, list(dict.fromkeys(devices)), params)
+            if exclusive:
+                self.reserve(job.devices, job.id)
+        except BaseException:
+            if cleanup is not None:
+                cleanup()
+            if reserved:
+                self.release(devices)
+            raise
+        if reserved or exclusive:
+            with self._lock:
+                self._busy.update({dev: job.id for dev in job.devices})
+            done = cleanup
+
+            def cleanup() -> None:
+                try:
+                    if done is not None:
+                        done()
+                finally:
+                    self.release(job.devices)
         with self._lock:
             self._jobs[job.id] = job
             for old in list(self._jobs)[:-KEEP_JOBS]:
                 if self._jobs[old].status != "running":
                     del self._jobs[old]
-        threading.Thread(target=self._run, args=(job, work), name=f"console-{job.id}", daemon=True).start()
+        threading.Thread(target=self._run, args=(job, work, cleanup), name=f"console-{job.id}", daemon=True).start()
         self.on_change(job.id)
         return job
 
-    def _run(self, job: Job, work: Callable[[FleetClient, Job], None]) -> None:
+    def _run(self, job: Job, work: Callable[[FleetClient, Job], None],
+             cleanup: Optional[Callable[[], None]] = None) -> None:
         try:
-            with FleetClient(self.mqtt) as client:
-                client.discover(self.discover_s)
-                work(client, job)
+            try:
+                with FleetClient(self.mqtt) as client:
+                    client.discover(self.discover_s)
+                    work(client, job)
+            finally:  # before the job says it ended: the page may deploy again at once
+                if cleanup is not None:
+                    cleanup()
             job.status = "done"
         except EdgeAgentError as exc:
             job.status, job.error = "failed", str(exc)
@@ -168,3 +238,4 @@ class Jobs:
             job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
         job.finished_at = time.time()
         self.on_change(job.id)
+

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TextIO, Tuple
 
+from edge_agent.console.settings import Settings
 from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet.client import FleetClient
 
@@ -88,8 +89,9 @@ def bind(listen: Listen) -> socket.socket:
 
 
 def serve(mqtt: Any, listen: Listen, token: Optional[str], discover_s: float = 1.0,
-          max_upload_mb: float = 256.0, sign_key: Any = None, out: Optional[TextIO] = None) -> int:
-    """Connect to the broker, bind, and serve until SIGINT/SIGTERM."""
+          settings: Optional[Settings] = None, sign_key: Any = None, out: Optional[TextIO] = None) -> int:
+    """Connect to the broker, bind, and serve until SIGINT/SIGTERM (limits: ``settings``)."""
+    settings = settings or Settings()
     try:
         import uvicorn
 
@@ -106,10 +108,10 @@ def serve(mqtt: Any, listen: Listen, token: Optional[str], discover_s: float = 1
     client = FleetClient(mqtt)
     try:
         client.connect()
-        state = FleetState(client, on_change=hub.notify).start()
+        state = FleetState(client, on_change=hub.notify, forget_after_s=settings.forget_after_s).start()
         jobs = Jobs(mqtt, on_change=lambda job_id: hub.notify("job", job_id), discover_s=discover_s,
                     sign_key=sign_key)
-        app = create_app(state, jobs, hub, Access.make(token, listen.loopback), max_upload_mb=max_upload_mb)
+        app = create_app(state, jobs, hub, Access.make(token, listen.loopback), settings=settings)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2)
         port = sock.getsockname()[1]

@@ -4,7 +4,14 @@ Online state and ``info`` are the fleet client's (its retained availability/info
 this module keeps the rest: the latest ``stats``, ``timings`` and ``result``, the latest mask PNG
 and overlay JPEG (newest wins, numbered as they arrive), and a per-second latency history for
 the fleet chart.  ``on_change(kind, device)`` tells the web layer what changed
-(``device``: the fleet row; ``frame``: a new mask, overlay or result), from paho's thread.
+(``device``: the fleet row; ``frame``: a new mask, overlay or result; ``forget``: the device is
+gone), from paho's thread.
+
+Devices are forgotten (their row, masks and overlays dropped) when not online and not heard from
+for ``forget_after_s`` (:meth:`FleetState.sweep`, called periodically by the web app), and at once
+when their retained availability or info is cleared (an empty retained message): ids that
+anything may publish under the prefix do not pile up.  A forgotten device comes back with its
+next message.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from edge_agent.console.settings import FORGET_AFTER_S
 from edge_agent.fleet.client import FleetClient
 
 HISTORY_S = 600.0  # the latency chart: the last 10 minutes, one point a second at most
@@ -41,6 +49,7 @@ class Telemetry:
     overlay_n: int = 0
     history: Deque[Tuple[float, Optional[float], Optional[float]]] = field(default_factory=deque)
     row_pushed_at: float = 0.0
+    heard_at: float = 0.0  # the device's last message (any topic): forgetting counts from it
 
 
 def stage_means(timings: Optional[Dict[str, Any]]) -> Dict[str, float]:
@@ -65,16 +74,49 @@ def _json(payload: bytes) -> Optional[Dict[str, Any]]:
 class FleetState:
     """Live per-device state from one fleet client's subscriptions (see the module docstring)."""
 
-    def __init__(self, client: FleetClient, on_change: Optional[ChangeCallback] = None) -> None:
+    def __init__(self, client: FleetClient, on_change: Optional[ChangeCallback] = None,
+                 forget_after_s: float = FORGET_AFTER_S, clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.on_change = on_change or (lambda kind, device: None)
+        self.forget_after_s = forget_after_s
+        self.clock = clock
         self._lock = threading.Lock()
-        self._tele: Dict[str, Telemetry] = {}
+        self._tele: Dict[str, Telemetry] = {}  # the known devices (the fleet rows)
 
     def start(self) -> "FleetState":
         prefix = self.client.prefix
         self.client.listen([f"{prefix}/+/{t}" for t in TOPICS], self._on_message)
+        now = self.clock()
+        with self._lock:  # retained states the client had before we listened
+            for dev in self.client.devices():
+                self._tele.setdefault(dev, Telemetry(heard_at=now))
         return self
+
+    # -- forgetting ------------------------------------------------------------------------------
+    def forget(self, device: str) -> bool:
+        """Drop the device (row, images, history); True if it was known."""
+        with self._lock:
+            known = self._tele.pop(device, None) is not None
+        if known:
+            self.on_change("forget", device)
+        return known
+
+    def sweep(self, now: Optional[float] = None) -> List[str]:
+        """Forget the devices not online and silent for ``forget_after_s``; returns their ids."""
+        now = self.clock() if now is None else now
+        online = {dev for dev, d in self.client.devices().items() if d.online}
+        with self._lock:
+            stale = [dev for dev, tele in self._tele.items()
+                     if dev not in online and now - tele.heard_at >= self.forget_after_s]
+            for dev in stale:
+                del self._tele[dev]
+        for dev in stale:
+            self.on_change("forget", dev)
+        return stale
+
+    def known(self, device: str) -> bool:
+        with self._lock:
+            return device in self._tele
 
     # -- messages (paho's thread) ----------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -82,10 +124,14 @@ class FleetState:
         if len(parts) != 2 or parts[0] == "all":
             return
         device, kind = parts
-        now = time.time()
+        if kind in ("availability", "info") and not payload:  # its retained state was cleared
+            self.forget(device)
+            return
+        now = self.clock()
         change = "device"
         with self._lock:
             tele = self._tele.setdefault(device, Telemetry())
+            tele.heard_at = now
             if kind == "mask":
                 tele.mask, tele.mask_at = payload, now
                 tele.mask_n += 1
@@ -124,8 +170,7 @@ class FleetState:
 
     def device_ids(self) -> List[str]:
         with self._lock:
-            known = set(self._tele)
-        return sorted(known | set(self.client.devices()))
+            return sorted(self._tele)
 
     def row(self, device: str) -> Dict[str, Any]:
         """The fleet table row (and device view header) of one device; JSON-ready."""

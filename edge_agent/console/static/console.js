@@ -1,5 +1,5 @@
 // edge-agent console: plain JS, no build step. Live state arrives as Server-Sent Events
-// (/api/events: hello, device, frame, job); images and commands go through fetch() with the
+// (/api/events: hello, device, forget, frame, job); images and commands go through fetch() with the
 // X-Console-Token header (never a cookie alone: CSRF-safe).
 "use strict";
 
@@ -74,7 +74,11 @@ function connect() {
   if (source) source.close();
   source = new EventSource("/api/events");
   source.addEventListener("open", () => setLink(true));
-  source.addEventListener("error", () => setLink(false));
+  source.addEventListener("error", () => {
+    setLink(false);
+    // A refused stream (503: too many pages open) is not retried by the browser: try again later.
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 10000);
+  });
   source.addEventListener("hello", (e) => {
     const doc = JSON.parse(e.data);
     state.devices = new Map(doc.devices.map((d) => [d.device, d]));
@@ -89,6 +93,17 @@ function connect() {
     renderFleetRow(row);
     renderDevicePickers();
     if (row.device === state.selected) renderDeviceSide(row);
+  });
+  source.addEventListener("forget", (e) => {
+    const { device } = JSON.parse(e.data);
+    state.devices.delete(device);
+    $(`#fleet tbody tr[data-device="${CSS.escape(device)}"]`)?.remove();
+    for (const box of ["#bench-devices", "#deploy-devices"])
+      $(box).querySelector(`input[value="${CSS.escape(device)}"]`)?.parentElement.remove();
+    if (state.selected === device) state.selected = null;
+    renderDevicePickers();
+    const all = [...state.devices.values()];
+    $("#fleet-summary").textContent = `${all.filter((d) => d.online).length} of ${all.length} device(s) online`;
   });
   source.addEventListener("frame", (e) => {
     const frame = JSON.parse(e.data);

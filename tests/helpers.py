@@ -20,7 +20,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
-from tests.data import DM05, LABELS
+from tests.data import DM05, LABELS, REPO
 
 T = TypeVar("T")
 
@@ -359,3 +359,21 @@ class ListSink:
     def publish(self, suffix, payload, qos=None, retain=False):
         self.messages.append((suffix, bytes(payload)))
         return True
+
+
+def build_wheel(work: Path) -> Path:
+    """``pip wheel --no-deps`` of a copy of the checkout's files, as users build it (the build
+    writes build/ and egg-info into its source tree: the copy keeps the checkout untouched)."""
+    src, dist = work / "src", work / "dist"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True)
+    for rel in filter(None, listed.stdout.decode().split("\0")):
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
+                          cwd=work, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = dist.glob("edge_agent-*.whl")
+    shutil.rmtree(src)
+    return wheel

@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from tests.helpers import wait_until as wait_for
+
 ROOT_ENV = "EDGE_AGENT_SYSTEMD_ROOT"
 DEFAULT_ROOT = Path("/var/tmp/edge-agent-roots/systemd-bookworm")
 STAMP = ".edge-agent-systemd-root"
@@ -78,18 +80,6 @@ def host_pid(inner_pid: int, pidns_of: int) -> int:
         if int(nspid.split()[-1]) == inner_pid:
             return int(entry.name)
     raise LookupError(f"no process {inner_pid} in the pid namespace of {pidns_of}")
-
-
-def wait_for(predicate, timeout: float, what: str, poll_s: float = 0.1):
-    """Poll ``predicate`` until truthy (returned); AssertionError naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll_s)
 
 
 class Machine:

@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -40,7 +39,8 @@ import pytest
 
 from edge_agent.output.encode import decode_mask_png
 from tests.broker import Recorder
-from tests.data import DM05, IMAGES, REPO, SHARED
+from tests.data import DM05, IMAGES, REPO
+from tests.helpers import build_wheel
 
 pytestmark = [pytest.mark.picamera2, pytest.mark.slow]
 
@@ -141,20 +141,7 @@ def copy_shims(work: Path) -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The agent's wheel from a copy of the checkout (the build writes into its source tree)."""
     require_root()
-    base = tmp_path_factory.mktemp("picamera2-wheel")
-    src = base / "src"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, check=True)
-    for rel in filter(None, listed.stdout.decode().split("\0")):
-        if (REPO / rel).is_file():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, src / rel)
-    dist = base / "dist"
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
-                          cwd=base, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (found,) = dist.glob("edge_agent-*.whl")
-    return found
+    return build_wheel(tmp_path_factory.mktemp("picamera2-wheel"))
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import pytest
 from edge_agent.output.encode import decode_mask_png
 from tests.broker import MosquittoServer, Recorder, mosquitto_available
 from tests.data import DM05, IMAGES, REPO
+from tests.helpers import build_wheel
 from tests.nspawn import (AT_FDCWD, MAP_PRIVATE_ANON, PIP_CACHE, PROT_EXEC, PROT_READ, PROT_WRITE, Injector,
                           Machine, children, errno_name, injection_supported, parse_us_timestamp, root_problem, wait_for)
 
@@ -160,24 +160,6 @@ class Stage:
             got = [m for m in self.recorder_from(after) if m.topic == TOPICS + suffix and where(m)]
             return got if len(got) >= n else []
         return wait_for(found, timeout, f"{n}x {TOPICS + suffix}", poll_s=0.1)
-
-
-def build_wheel(work: Path) -> Path:
-    """``pip wheel --no-deps`` of a copy of the checkout's files (the build writes build/ and
-    egg-info into its source tree: the copy keeps the checkout untouched)."""
-    src, dist = work / "src", work / "dist"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, check=True)
-    for rel in filter(None, listed.stdout.decode().split("\0")):
-        if (REPO / rel).is_file():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, src / rel)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
-                          cwd=work, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = dist.glob("edge_agent-*.whl")
-    shutil.rmtree(src)
-    return wheel
 
 
 def snapshot(root: Path) -> Dict[str, Tuple]:

@@ -270,10 +270,19 @@ def test_uploads_are_streamed_to_disk_capped_and_one_per_device(mosquitto, tmp_p
         wait_until(lambda: _upload(port, "/api/deploy?devices=cam-3&name=three", token, [])[0] == 400, 10,
                    "the device free again (an empty upload is a 400, not a 409)")
         assert list(uploads.iterdir()) == []
+        # accepted: kept on disk while the deployment runs (cam-3 never answers), removed at shutdown
+        status, body, _ = _upload(port, "/api/deploy?devices=cam-3&name=four", token, [b"m" * 5000])
+        assert status == 202 and json.loads(body)["params"] == {"name": "four"}
+        assert len(list(uploads.iterdir())) == 1
+        job = wait_until(lambda: json.loads(_http(console.url + "api/jobs")[1])["jobs"][0]["params"].get("size"),
+                         10, "the job reading the file")
+        assert job == 5000
+        assert _upload(port, "/api/deploy?devices=cam-3&name=five", token, [b"m"])[0] == 409
     finally:
         output = console.stop()
         device.close()
     assert "Traceback" not in output, output
+    assert list(uploads.iterdir()) == []
 
 
 def _open_events(port: int) -> Tuple[socket.socket, bytes]:

@@ -423,6 +423,7 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
         yield
         for task in tasks:
             task.cancel()
+        jobs.close()  # uploaded models of deployments still running
         hub.loop = None
 
     routes = [

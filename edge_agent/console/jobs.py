@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet import bench as fleet_bench
@@ -91,6 +91,15 @@ class Jobs:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._busy: Dict[str, str] = {}  # device -> what holds it ("upload", a job id)
+        self._files: Set[str] = set()  # uploaded models of running deployments
+
+    def close(self) -> None:
+        """Shutting down: remove the uploaded models of deployments still running."""
+        with self._lock:
+            files, self._files = list(self._files), set()
+        for path in files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     # -- one deployment per device -----------------------------------------------------------------
     def reserve(self, devices: Iterable[str], what: str) -> None:
@@ -107,10 +116,6 @@ class Jobs:
         with self._lock:
             for dev in devices:
                 self._busy.pop(dev, None)
-
-    def busy(self) -> Dict[str, str]:
-        with self._lock:
-            return dict(self._busy)
 
     def get(self, job_id: str) -> Optional[Job]:
         with self._lock:
@@ -155,7 +160,12 @@ class Jobs:
             job.table = table(fleet_deploy.deploy_rows(answers), fleet_deploy.DEPLOY_COLUMNS)
             self._finals(job, answers)
 
+        with self._lock:
+            self._files.add(str(model))
+
         def cleanup() -> None:
+            with self._lock:
+                self._files.discard(str(model))
             with contextlib.suppress(OSError):
                 os.unlink(model)
         return self._start("deploy", devices, {"name": name}, work, cleanup=cleanup, reserved=reserved)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -47,6 +48,8 @@ from edge_agent.console.settings import Settings
 from edge_agent.console.state import FleetState
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.labels import parse_labels
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_HEADER = "x-console-token"
@@ -414,7 +417,10 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
         """Devices offline (and silent) for --forget-after-h are dropped (FleetState.sweep)."""
         while True:
             await asyncio.sleep(settings.sweep_s)
-            state.sweep()
+            try:
+                state.sweep()
+            except Exception:  # never stop forgetting for one bad round
+                log.exception("console: forgetting devices failed")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

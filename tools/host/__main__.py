@@ -174,6 +174,73 @@ def cmd_convert_frozen(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import run
+
+    return run(args)
+
+
+def _add_sweep(sub) -> None:
+    from edge_agent.cli.remote import add_broker_arguments
+
+    p = sub.add_parser("sweep", help="candidates over input size x scheme: mIoU, device p50, "
+                       "Pareto plot, pick for a target",
+                       description="Build every input size x quantization scheme of the DeepLab "
+                       "source(s), evaluate them on a labelled dataset (calibration images are "
+                       "never evaluated), benchmark them on devices through the broker (staged, "
+                       "not made current, removed afterwards) or locally, write sweep.csv, "
+                       "sweep.json and pareto.png, and pick the most accurate one that meets a "
+                       "target. Resumable: finished steps are cached in --out.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE.tflite",
+                   help="DeepLab .tflite (Coral uint8 or float); several give several depth "
+                        "multipliers")
+    p.add_argument("--out", required=True, help="folder for models, table, plot and cache")
+    p.add_argument("--sizes", type=int, nargs="+", default=[513, 449, 385, 321, 257],
+                   help="input sizes (default 513 449 385 321 257)")
+    p.add_argument("--schemes", nargs="+", default=["per-channel", "per-tensor", "fp16"],
+                   help="per-channel | per-tensor (equalize + analytic bias correction) | "
+                        "per-tensor-s8 (+ 8 subtensors) | fp16 | qat (default: per-channel "
+                        "per-tensor fp16)")
+    data = p.add_argument_group("data (calibration images are never evaluated)")
+    data.add_argument("--voc", help="VOC-layout dataset to evaluate on")
+    data.add_argument("--split", default="val", help="its ImageSets/Segmentation split (default val)")
+    data.add_argument("--pairs", help="or a folder of image/mask pairs (images/ + masks/, or "
+                      "<name>.jpg + <name>_mask.png)")
+    data.add_argument("--calib", help="calibration image folder (images equal to evaluation images "
+                      "are left out); default: hold out the first --num-calib pairs")
+    data.add_argument("--num-calib", type=int, default=8, help="calibration images (default 8)")
+    data.add_argument("--labels", help="class names file, sent with the models to the devices")
+    data.add_argument("--qat-voc", help="qat scheme: VOC-layout training data")
+    data.add_argument("--qat-split", default="train", help="qat scheme: its split (default train)")
+    data.add_argument("--qat-steps", type=int, default=200)
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--device", "-d", action="append", metavar="ID",
+                   help="benchmark on this device through the broker (repeatable); none: locally")
+    b.add_argument("--runs", type=int, default=20, help="measured runs per candidate (default 20)")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--threads", type=int, help="interpreter threads (default: as configured / "
+                   "the runtime's default)")
+    b.add_argument("--frame-size", default="640x480", help="benchmark frame WxH (default 640x480)")
+    b.add_argument("--latency", default="end_to_end", choices=("end_to_end", "invoke"),
+                   help="p50 the target and the plot use (default end_to_end)")
+    b.add_argument("--keep", action="store_true", help="leave the staged candidates in the "
+                   "devices' stores")
+    b.add_argument("--timeout", type=float, default=300.0, help="seconds per device request")
+    b.add_argument("--discover-s", type=float, default=1.0)
+    b.add_argument("--tf-threads", type=int, default=2, help="TensorFlow threads for building "
+                   "(default 2)")
+    t = p.add_argument_group("choosing")
+    t.add_argument("--target-fps", type=float, help="pick the most accurate candidate whose p50 "
+                   "is at most 1000/N ms on every device")
+    t.add_argument("--max-latency-ms", type=float, help="... at most M ms")
+    t.add_argument("--deploy", action="store_true", help="deploy the pick to the --device(s)")
+    t.add_argument("--deploy-name", help="model name for --deploy (default sweep-<candidate>)")
+    t.add_argument("--sign-key", metavar="FILE", help="ed25519 private key to sign the staged "
+                   "candidates and the deployment with")
+    add_broker_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+
+
 def _ptq_flags(p: argparse.ArgumentParser, argmax: bool = True) -> None:
     p.add_argument("--mode", default="int8", help="dynamic | float16 | int8 (default int8)")
     p.add_argument("--io-type", default="uint8", help="int8-mode I/O: uint8 | int8 | float32")
@@ -283,6 +350,8 @@ def build_parser(prog: str = DEFAULT_PROG, note: Optional[str] = None) -> argpar
     p.add_argument("--input-size", type=int, nargs="+", required=True)
     _ptq_flags(p, argmax=False)
     p.set_defaults(func=cmd_convert_frozen)
+
+    _add_sweep(sub)
     for p in sub.choices.values():
         p.epilog = note
     return parser

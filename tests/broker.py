@@ -98,14 +98,35 @@ def make_password_file(path: Path, users: Dict[str, str]) -> Path:
     return path
 
 
+def make_dynsec_file(path: Path, admin: str, password: str) -> Path:
+    """The dynamic security plugin's first config file, made by the real ``mosquitto_ctrl dynsec
+    init FILE ADMIN PASSWORD`` (an admin allowed the control API only; everything else denied)."""
+    tool = shutil.which("mosquitto_ctrl") or "/usr/bin/mosquitto_ctrl"
+    subprocess.run([tool, "dynsec", "init", str(path), admin, password], check=True, capture_output=True)
+    return path
+
+
+def dynsec_plugin() -> Optional[str]:
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so") + glob.glob("/usr/lib/mosquitto_dynamic_security.so"))
+    return found[0] if found and shutil.which("mosquitto_ctrl") else None
+
+
 class MosquittoServer(MosquittoBroker):
-    """mosquitto on a fixed loopback port with optional TLS and password authentication."""
+    """mosquitto on a fixed loopback port with optional TLS and password authentication, or the
+    dynamic security plugin (``dynsec=(admin, password)``: a config file from mosquitto_ctrl)."""
 
     def __init__(self, workdir: Path, certs: Optional[Certs] = None, users: Optional[Dict[str, str]] = None,
                  require_certificate: bool = False, port: Optional[int] = None,
-                 extra: Optional[List[str]] = None) -> None:
+                 extra: Optional[List[str]] = None, dynsec: Optional[Tuple[str, str]] = None) -> None:
         """``extra``: more listener lines (e.g. ``max_connections 1``)."""
         extra = list(extra or [])
+        self.dynsec_file: Optional[Path] = None
+        if dynsec is not None:
+            self.dynsec_file = make_dynsec_file(workdir / "dynamic-security.json", *dynsec)
+            extra += [f"plugin {dynsec_plugin()}", f"plugin_opt_config_file {self.dynsec_file}",
+                      "allow_anonymous false"]
         if certs is not None:
             extra += [f"cafile {certs.ca}", f"certfile {certs.server_cert}", f"keyfile {certs.server_key}",
                       f"require_certificate {'true' if require_certificate else 'false'}"]

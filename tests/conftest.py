@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -51,7 +51,8 @@ def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Callable[..., MosquittoServer]]:
     """Factory: ``mosquitto(tls=certs, users={"u": "p"}, require_certificate=False, start=True,
-    extra=["max_connections 1"])``.
+    extra=["max_connections 1"], dynsec=("admin", "password"))`` (dynsec: the dynamic security
+    plugin with a config file from ``mosquitto_ctrl dynsec init``).
 
     Each call returns a real mosquitto on its own free port; ``.stop()``, ``.start()`` and
     ``.restart()`` keep the port, so clients can reconnect.  All are stopped at teardown.
@@ -63,11 +64,11 @@ def mosquitto(tmp_path: Path) -> Iterator[Callable[..., MosquittoServer]]:
 
     def factory(tls: Optional[Certs] = None, users: Optional[Dict[str, str]] = None,
                 require_certificate: bool = False, start: bool = True,
-                extra: Optional[List[str]] = None) -> MosquittoServer:
+                extra: Optional[List[str]] = None, dynsec: Optional[Tuple[str, str]] = None) -> MosquittoServer:
         workdir = tmp_path / f"mosquitto{next(counter)}"
         workdir.mkdir()
         server = MosquittoServer(workdir, certs=tls, users=users, require_certificate=require_certificate,
-                                 extra=extra)
+                                 extra=extra, dynsec=dynsec)
         servers.append(server)
         return server.start() if start else server
 

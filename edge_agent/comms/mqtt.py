@@ -32,6 +32,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.config import FLEET_DEVICE, MqttConfig
 from edge_agent.comms.connection import CONNACK_TIMEOUT_S, MqttConnection
+from edge_agent.output.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ INFO = "info"
 FLEET = FLEET_DEVICE  # <prefix>/all/cmd/...: fleet-wide commands
 COMMAND_QOS = 1
 STOP_FLUSH_TIMEOUT_S = 2.0
+MAX_REFUSALS_LOGGED = 256  # distinct (kind, topic, reason) logged once each; beyond, rate-limited
+REFUSAL_LOG_INTERVAL_S = 60.0
 
 # First topic level under <prefix>/<device_id>/ -> the MqttConfig attribute holding its QoS.
 _QOS_KEYS = {
@@ -71,6 +74,17 @@ def encode_payload(payload: Payload) -> bytes:
     if isinstance(payload, (dict, list)):
         return json.dumps(payload, separators=(",", ":"), default=str).encode("utf-8")
     raise TypeError(f"cannot publish {type(payload).__name__}: use bytes, str, dict or list")
+
+
+def _refused(code: Any) -> bool:
+    """A PUBACK/SUBACK reason code saying no (>= 0x80: MQTT 5 "Not authorized" 0x87, 3.1.1's
+    SUBACK failure 0x80); 0x10 "No matching subscribers" is a success."""
+    value = getattr(code, "value", code)
+    return isinstance(value, int) and value >= 0x80
+
+
+def _reason(code: Any) -> str:
+    return str(code) if hasattr(code, "value") else f"reason code 0x{int(code):02x}"
 
 
 def _check_topic_part(part: str, what: str) -> str:
@@ -112,20 +126,29 @@ class MqttComms:
         self._conn = MqttConnection(
             cfg, self.client_id, will=(self.topic(AVAILABILITY), OFFLINE, cfg.qos_state, True),
             on_connected=self._on_connect, on_disconnected=self._on_disconnect,
-            on_message=self._on_message, on_publish=self._on_publish, connack_timeout_s=connack_timeout_s)
+            on_message=self._on_message, on_publish=self._on_publish, on_subscribe=self._on_subscribe,
+            connack_timeout_s=connack_timeout_s)
         self._connected = self._conn.connected
         self._info: Optional[bytes] = None
         self._info_sent = False  # the current info reached the client (else stop() sends it)
         self._handlers: List[Tuple[str, str, CommandCallback]] = []  # (filter, name, callback)
         self._listeners: List[Tuple[str, ListenerCallback]] = []  # non-command subscriptions
         self._on_connected: List[Callable[[], None]] = []
-        self._inflight: Set[int] = set()
-        self._acked_early: Set[int] = set()  # on_publish fired before publish() recorded the mid
+        self._inflight: Dict[int, Tuple[str, int]] = {}  # mid -> (topic, bytes) until the broker acks
+        # on_publish fired before publish() recorded the mid: mid -> the broker's refusal, or None
+        self._acked_early: Dict[int, Optional[str]] = {}
+        self._subscribing: Dict[int, List[str]] = {}  # SUBACK pending: mid -> filters
+        self._subacked_early: Dict[int, List[Any]] = {}  # SUBACK before subscribe() returned the mid
+        self._refusals_logged: Set[Tuple[str, str, str]] = set()  # (kind, topic, reason) said once
+        self._refusal_throttle = Throttle(REFUSAL_LOG_INTERVAL_S)  # once that set is full
         self._ever_connected = False
         self._session = False  # connected, and on_connect took its snapshot of the handlers
         self._counters: Dict[str, Any] = {
             "connects": 0, "reconnects": 0, "published": 0, "dropped": 0, "bytes_published": 0,
         }
+        # What the broker refused (MQTT 5 PUBACK / SUBACK reason code >= 0x80; 3.1.1: SUBACK 0x80
+        # only, a 3.1.1 broker drops a denied publish silently): kind -> reason -> count.
+        self._refused: Dict[str, Dict[str, int]] = {"publish": {}, "subscribe": {}}
 
     # ------------------------------------------------------------------ topics
 
@@ -160,10 +183,12 @@ class MqttComms:
         return self._connected.wait(timeout)
 
     def stats(self) -> Dict[str, Any]:
-        """Counters for the stats topic: connects, reconnects, published, dropped, bytes, last_error."""
+        """Counters for the stats topic: connects, reconnects, published, dropped, bytes, last_error,
+        refused (what the broker refused: {"publish": {reason: n}, "subscribe": {reason: n}})."""
         with self._lock:
             out = dict(self._counters)
             out["inflight"] = len(self._inflight)
+            out["refused"] = {kind: dict(reasons) for kind, reasons in self._refused.items()}
         out["last_error"] = self._conn.last_error
         out["connected"] = self.connected
         out["protocol"] = self.protocol
@@ -256,13 +281,52 @@ class MqttComms:
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._counters["dropped"] += 1
                 return False
+            refusal = None
             if info.mid in self._acked_early:
-                self._acked_early.discard(info.mid)
+                refusal = self._acked_early.pop(info.mid)
             else:
-                self._inflight.add(info.mid)
-            self._counters["published"] += 1
-            self._counters["bytes_published"] += len(data)
+                self._inflight[info.mid] = (topic, len(data))
+            if refusal is None:
+                self._counters["published"] += 1
+                self._counters["bytes_published"] += len(data)
+        if refusal is not None:
+            self._refusal("publish", topic, refusal)
         return True
+
+    def _subscribe(self, client: paho.Client, filters: List[str]) -> None:
+        """Subscribe (QoS 1) and remember which filters the SUBACK answers, to count refusals."""
+        rc, mid = client.subscribe([(f, COMMAND_QOS) for f in filters])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return
+        with self._lock:
+            early = self._subacked_early.pop(mid, None)
+            if early is None:
+                self._subscribing[mid] = list(filters)
+        if early is not None:
+            self._suback(list(filters), early)
+
+    def _refusal(self, kind: str, topic: str, reason: str) -> None:
+        """Count a refused publish/subscription; log it once per topic and reason (the broker's
+        ACL, e.g. a device's credentials used for another device's topics)."""
+        key = (kind, topic, reason)
+        with self._lock:
+            reasons = self._refused[kind]
+            reasons[reason] = reasons.get(reason, 0) + 1
+            first = key not in self._refusals_logged
+            if first and len(self._refusals_logged) < MAX_REFUSALS_LOGGED:
+                self._refusals_logged.add(key)
+            elif first:
+                first = self._refusal_throttle.ready()  # too many distinct ones: rate-limited
+        if first:
+            log.error("MQTT broker %s refused the %s %s: %s (its ACL for user %r, client id %s; "
+                      "counted in stats.mqtt.refused, logged once per topic and reason)",
+                      self._conn.endpoint, "publish on" if kind == "publish" else "subscription to",
+                      topic, reason, self.cfg.username or None, self.client_id)
+
+    def _suback(self, filters: List[str], codes: List[Any]) -> None:
+        for topic, code in zip(filters, codes):
+            if _refused(code):
+                self._refusal("subscribe", topic, _reason(code))
 
     # ------------------------------------------------------------------ commands
 
@@ -280,7 +344,7 @@ class MqttComms:
             live = self._session  # else on_connect's snapshot of the handlers includes it
         client = self._client
         if client is not None and live:
-            client.subscribe([(f, COMMAND_QOS) for f in filters])
+            self._subscribe(client, filters)
 
     def add_listener(self, topic_filter: str, callback: ListenerCallback) -> None:
         """Call ``callback(topic, payload, retained)`` for messages on ``topic_filter`` (not a
@@ -289,7 +353,7 @@ class MqttComms:
             self._listeners.append((topic_filter, callback))
         client = self._client
         if client is not None and self.connected:
-            client.subscribe(topic_filter, COMMAND_QOS)
+            self._subscribe(client, [topic_filter])
 
     def add_connect_callback(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every (re)connect, once online/info are published and
@@ -329,6 +393,8 @@ class MqttComms:
         with self._lock:
             self._inflight.clear()
             self._acked_early.clear()
+            self._subscribing.clear()
+            self._subacked_early.clear()
             self._counters["connects"] += 1
             if self._ever_connected:
                 self._counters["reconnects"] += 1
@@ -343,7 +409,7 @@ class MqttComms:
             with self._lock:
                 self._info_sent = self._info is info
         if filters:
-            client.subscribe([(f, COMMAND_QOS) for f in filters])
+            self._subscribe(client, filters)
         # Connected from here on (the connection sets the same event after this hook returns):
         # online/info always precede the pipeline's messages, and connect callbacks can publish.
         self._connected.set()
@@ -358,13 +424,28 @@ class MqttComms:
             self._session = False
             self._inflight.clear()
             self._acked_early.clear()
+            self._subscribing.clear()
+            self._subacked_early.clear()
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        refusal = _reason(reason) if _refused(reason) else None
         with self._lock:
-            if mid in self._inflight:
-                self._inflight.discard(mid)
-            elif client is self._client and len(self._acked_early) < 4 * self.cfg.max_queued_messages:
-                self._acked_early.add(mid)
+            sent = self._inflight.pop(mid, None)
+            if sent is not None and refusal is not None:
+                self._counters["published"] -= 1  # handed to the client, but the broker refused it
+                self._counters["bytes_published"] -= sent[1]
+            elif sent is None and client is self._client and len(self._acked_early) < 4 * self.cfg.max_queued_messages:
+                self._acked_early[mid] = refusal
+        if sent is not None and refusal is not None:
+            self._refusal("publish", sent[0], refusal)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        with self._lock:
+            filters = self._subscribing.pop(mid, None)
+            if filters is None and client is self._client and len(self._subacked_early) < 64:
+                self._subacked_early[mid] = list(codes or [])
+        if filters is not None:
+            self._suback(filters, list(codes or []))
 
     def _summary(self) -> str:
         s = self.stats()

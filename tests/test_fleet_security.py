@@ -353,3 +353,41 @@ def test_init_writes_a_plugin_config_mosquitto_loads(tmp_path: Path, capsys):
             probe.close()
     finally:
         broker.close()
+
+
+def test_service_install_takes_the_credentials_file(site: Site, capsys, tmp_path: Path):
+    """One command on each side: ``fleet add pi-5 --out F`` on the host, ``service install
+    --mqtt-credentials F`` on the device (staging root here): the password lands in the credential
+    store (0600) and not in the config, the identity in the config; the agent's connection made
+    from that config (the password through $CREDENTIALS_DIRECTORY, as LoadCredential gives it) is
+    accepted by the broker; a second install changes nothing."""
+    import subprocess
+    import sys
+
+    cred = site.add(capsys, "pi-5")
+    root = tmp_path / "root"
+    args = [sys.executable, "-m", "edge_agent.cli.service", "install", "--root", str(root), "--no-package",
+            "--python", sys.executable, "--no-enable", "--mqtt-credentials", str(cred)]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    store = root / "etc/credstore/edge-agent.mqtt_password"
+    config = root / "etc/edge-agent/config.toml"
+    user, pw = secret_of(cred)
+    assert store.read_text() == pw + "\n" and stat.S_IMODE(store.stat().st_mode) == 0o600
+    assert pw not in config.read_text() and pw not in first.stdout + first.stderr
+    creds_dir = tmp_path / "creds"
+    creds_dir.mkdir()
+    (creds_dir / "mqtt_password").write_text(store.read_text())
+    cfg = load_config(str(config), env={"CREDENTIALS_DIRECTORY": str(creds_dir)})
+    assert (cfg.agent.device_id, cfg.mqtt.username, cfg.mqtt.client_id, cfg.mqtt.password) == \
+        ("pi-5", "pi-5", "edge-agent-pi-5", pw)
+    assert (cfg.mqtt.host, cfg.mqtt.port) == ("127.0.0.1", site.broker.port)
+    comms = MqttComms(cfg.mqtt, cfg.agent.device_id)
+    comms.start()
+    try:
+        assert comms.wait_connected(10), comms.stats()["last_error"]
+    finally:
+        comms.stop()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "MQTT password to" in again.stdout and "Nothing to change" in again.stdout, again.stdout

@@ -42,6 +42,10 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                       help="let the venv see apt's python3-picamera2 (default: on if installed)")
     site.add_argument("--no-system-site-packages", dest="system_site_packages",
                       action="store_false")
+    inst.add_argument("--mqtt-credentials", metavar="FILE",
+                      help="the broker identity `edge-agent fleet add DEVICE --out FILE` wrote: the password "
+                           f"to {service.CREDENTIAL_FILE} (0600), device id, broker, user and client id "
+                           "into the config")
     inst.add_argument("--config-example", metavar="FILE",
                       help="config to copy to /etc/edge-agent/config.toml if absent")
     inst.add_argument("--unit-template", default=str(service.UNIT_TEMPLATE), help=argparse.SUPPRESS)

@@ -368,6 +368,13 @@ def plan_install(opts: Any) -> List[Step]:
     steps.append(Step(f"write {lay.config} from {source} (mode 0640, {owner})",
                       install_config, done=lay.config.exists()))
 
+    # 3b. the broker identity from `edge-agent fleet add DEVICE --out FILE` (--mqtt-credentials)
+    if getattr(opts, "mqtt_credentials", None):
+        from edge_agent.provision import credentials
+
+        steps += [Step(what, run, done=done) for what, run, done in
+                  credentials.plan(opts.mqtt_credentials, lay.config, lay.at(CREDENTIAL_FILE))]
+
     # 4. unit
     unit_text = render_unit(Path(opts.unit_template).read_text(), opts.prefix)
     unit_current = lay.unit.read_text() if lay.unit.exists() else None

@@ -490,7 +490,8 @@ def test_unusable_state_dir_leaves_the_agent_on_its_configured_model(tmp_path):
             assert time.monotonic() < deadline and runner.is_alive(), agent.error
             time.sleep(0.05)
         assert agent.models.store is None and agent.segmenter.model.file.sha256 == SHA[DM05]
-        assert "not-a-dir" in agent.models.store_problem  # cmd/deploy is rejected with it (test_faults)
+        # cmd/deploy is rejected with it (test_faults): the setting, not the device's paths
+        assert "agent.state_dir" in agent.models.store_problem and "not-a-dir" not in agent.models.store_problem
     finally:
         agent.request_stop()
         runner.join(15)

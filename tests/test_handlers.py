@@ -102,6 +102,7 @@ def test_a_table_factory_may_decline(tmp_path):
     blocker.write_text("not a directory")
     cfg = load_config(None, ["mqtt.enabled=false", f"model.path={DM05}", f"agent.state_dir={blocker}"], env={})
     agent = Agent(cfg, install_signals=False, handlers={**HANDLERS, "declines": lambda ctx: None})
-    assert agent.models.open_store() is None and "file" in agent.models.store_problem
+    assert agent.models.open_store() is None and "agent.state_dir" in agent.models.store_problem
+    assert str(tmp_path) not in agent.models.store_problem  # published: no local path
     agent.start_handlers()
     assert set(agent.handlers) == {"benchmark", "deploy", "presence"}

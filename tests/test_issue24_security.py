@@ -5,8 +5,10 @@ covers, unsigned models on the benchmark path, download deadlines, chunk indexes
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -151,6 +153,107 @@ def test_source_url_password_is_masked_everywhere(device, tmp_path):
         assert shown.returncode == 0, shown.stderr
         assert "admin:***@127.0.0.1" in shown.stdout and "mirror:***@127.0.0.1" in shown.stdout, shown.stdout
         assert SECRET not in shown.stdout + shown.stderr
+
+
+# -- 5: deploy.url_timeout_s is ONE deadline; reasons carry no local path; no orphan file --------------
+
+class _SlowServer(http.server.BaseHTTPRequestHandler):
+    """``/trickle``: the status line and headers one byte every 2 s, forever; ``/hop/N``: 3 s of
+    silence, then a redirect to ``/hop/N+1``, forever."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        stop = self.server.stop
+        try:
+            if self.path.startswith("/hop/"):
+                self.server.hops += 1
+                if stop.wait(3.0):
+                    return
+                self.send_response(302)
+                self.send_header("Location", f"/hop/{int(self.path.rsplit('/', 1)[1]) + 1}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            for byte in b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 100_000:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if stop.wait(2.0):
+                    return
+        except OSError:  # the agent hung up: what it should do at its deadline
+            self.server.hangups += 1
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowServer)
+    server.stop, server.hangups, server.hops = threading.Event(), 0, 0
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+URL_TIMEOUT_S = 5.0
+SLACK_S = 15.0  # a busy 2-core machine: generous, and still far below what the holes took
+
+
+@pytest.mark.broker
+def test_url_timeout_bounds_headers_and_redirects_and_leaves_no_file(device, slow_server):
+    """(a) Headers trickled one byte every 2 s never got a final answer (each read succeeded within
+    the per-read timeout); (b) a redirect chain of 3 s per hop went on hop after hop (urllib: 10
+    hops, ~33 s, then "HTTP 310"). With deploy.url_timeout_s = 5 both are answered ``failed`` at
+    the deadline (asserted within 5 + 15 s), in one line naming the setting; (d) no partial file
+    is left in the store, and the slot is free again."""
+    server, base = slow_server
+    dev = device(deploy={"url_timeout_s": URL_TIMEOUT_S})
+    dev.start()
+    models = dev.state / "models"
+    for rid, path in (("trickle-headers", "/trickle"), ("redirects", "/hop/0")):
+        doc = {"request_id": rid, **host.deploy_params(DM05.read_bytes(), "dm05", url=base + path)}
+        t0 = time.monotonic()
+        dev.send("deploy", doc)
+        final = dev.final("deploy", rid, timeout=URL_TIMEOUT_S + SLACK_S + 30)
+        took = time.monotonic() - t0
+        assert final["status"] == "failed", final
+        assert "timed out after 5 s" in final["reason"] and "deploy.url_timeout_s" in final["reason"], final
+        assert "\n" not in final["reason"]
+        print(f"{rid}: final answer after {took:.1f} s")
+        assert URL_TIMEOUT_S - 0.5 <= took < URL_TIMEOUT_S + SLACK_S, (rid, took, final)
+        assert not [p.name for p in models.iterdir() if p.name.startswith((".incoming-", ".tmp-"))]
+    assert server.hops <= 3, server.hops  # 3 s per hop: the deadline ended the chain at the 2nd
+    wait_until(lambda: server.hangups >= 1, 10, "the agent closing the trickling connection")
+    dev.send("models", {"request_id": "after"})
+    assert dev.final("models", "after")["status"] == "done"
+    out = dev.stop()
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.broker
+def test_reasons_sent_over_mqtt_carry_no_local_path(device, tmp_path):
+    """(c) A store that cannot be opened (``<state_dir>/models`` is a file) answered every deployment
+    ``rejected: deployments disabled: the model store in /tmp/.../state is unusable ([Errno 20] Not
+    a directory: '/tmp/.../models')``: the device's file layout, to everyone on the broker. The
+    reason names the setting instead; the log keeps the full path for the operator."""
+    dev = device()
+    dev.state.mkdir(parents=True, exist_ok=True)
+    (dev.state / "models").write_text("not a directory")
+    dev.start()
+    dev.send("deploy", {"request_id": "nostore", **host.deploy_params(DM05.read_bytes(), "dm05")})
+    dev.send("models", {"request_id": "list"})
+    dev.send("rollback", {"request_id": "back"})
+    answers = [dev.final("deploy", "nostore"), dev.final("models", "list"), dev.final("deploy", "back")]
+    for final in answers:
+        assert final["status"] == "rejected" and "agent.state_dir" in final["reason"], final
+        assert str(tmp_path) not in final["reason"] and "/models" not in final["reason"], final
+    out = dev.stop()
+    assert str(dev.state) in out  # the operator's log has it
 
 
 # -- 6: chunk indexes are ASCII digits -----------------------------------------------------------------

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Mapping, Optional, Sequence, Tuple
 
+from edge_agent.config import mask_url_secrets
 from edge_agent.output.throttle import Throttle
 from edge_agent.schema import Bool, Choice, Field, Float, Int, Invalid, Str, range_text
 
@@ -59,12 +60,27 @@ MAX_INT_DIGITS = 18
 OUTBOX_LIMIT = 10000
 REFUSAL_LOG_S = 60.0  # refused response topics: one WARNING line per minute, the rest at DEBUG
 
+# An absolute local path in a reason (not the path of a URL: those follow a host name or a port).
+_LOCAL_PATH = re.compile(r"""(?<![\w:/.~%-])/[^\s/'"(),:;]+(?:/[^\s/'"(),:;]*)*""")
+_QUOTED_LOCAL_PATH = re.compile(r"""(['"])/[^'"\n]*\1""")  # OSError's quoted filename, spaces and all
+LOCAL_PATH_SHOWN = "<local path>"
+
 FINAL_STATUSES = ("done", "rejected", "failed")
 STATUSES = ("accepted", "progress") + FINAL_STATUSES
 
 
 class RequestError(ValueError):
     """A request refused for a reason the sender can read (one line)."""
+
+
+def public_reason(text: str) -> str:
+    """A reason as it may go over MQTT: URL passwords masked, local paths (the device's file
+    layout: ``/var/lib/edge-agent/models/.incoming-x.part``) replaced by ``<local path>``, one line.
+    Every ``reason`` of every answer goes through it (:meth:`Request.send`); logs keep the details."""
+    text = mask_url_secrets(str(text))
+    text = _QUOTED_LOCAL_PATH.sub(lambda m: f"{m.group(1)}{LOCAL_PATH_SHOWN}{m.group(1)}", text)
+    text = _LOCAL_PATH.sub(LOCAL_PATH_SHOWN, text)
+    return " ".join(text.split())
 
 
 def _show(value: Any) -> str:
@@ -331,6 +347,8 @@ class Request:
         """Publish an answer; False (and nothing sent) if a final answer was already sent."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
+        if isinstance(fields.get("reason"), str):
+            fields["reason"] = public_reason(fields["reason"])
         final = status in FINAL_STATUSES
         with self._lock:
             if self._final is not None:

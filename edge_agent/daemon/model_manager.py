@@ -25,6 +25,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
+from edge_agent.comms.commands import public_reason
 from edge_agent.config import Config
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.segmenter import ModelSettings, Segmenter
@@ -99,8 +100,10 @@ class ModelManager:
         try:
             self.store = ModelStore.open(cfg.agent.state_dir, cfg.deploy.keep_models)
         except (EdgeAgentError, OSError) as exc:  # the agent must serve its configured model anyway
-            self.store_problem = f"the model store in {cfg.agent.state_dir} is unusable ({exc}; agent.state_dir)"
-            log.error("model deployment disabled: %s", self.store_problem)
+            # published (info, answers): no local path; the log has it for the operator
+            self.store_problem = public_reason(f"the model store is unusable ({exc}; agent.state_dir)")
+            log.error("model deployment disabled: the model store in %s is unusable (%s; agent.state_dir)",
+                      cfg.agent.state_dir, exc)
             self.store = None
         return self.store
 

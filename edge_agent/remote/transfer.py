@@ -11,10 +11,9 @@ import os
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Set
+from typing import Callable, List, Optional, Set, Tuple
 
 from edge_agent.config import mask_url_secrets
 from edge_agent.models.store import sha256_file
@@ -133,68 +132,157 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _response_socket(resp: Any) -> Any:
-    """The socket under an ``http.client`` response (to bound each read by the time left), or None."""
-    raw = getattr(getattr(resp, "fp", None), "raw", None)
-    sock = getattr(raw, "_sock", None)
-    return sock if hasattr(sock, "settimeout") else None
+MAX_REDIRECTS = 5
+
+
+class _Deadline:
+    """One deadline for a whole download: a watchdog shuts the current socket down when it passes,
+    so no step (connect, a trickled status line or header, a redirect, a body read) can outlive it;
+    ``abort`` does the same at once (the agent stopping)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.at = time.monotonic() + timeout_s
+        self.expired = False
+        self.aborted = False
+        self._lock = threading.Lock()
+        self._sock: Optional[socket.socket] = None
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def watch(self, sock: Optional[socket.socket]) -> None:
+        with self._lock:
+            self._sock = sock
+            late = self.expired or self.aborted
+        if late:
+            self._shut()
+
+    def _shut(self) -> None:
+        with self._lock:
+            sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._shut()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._shut()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _connection(url: str, timeout_s: float) -> Tuple[http.client.HTTPConnection, str]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise DeployFailed(f"cannot download {mask_url_secrets(url)}: only http:// and https:// URLs")
+    cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        port = parts.port
+    except ValueError:
+        raise DeployFailed(f"cannot download {mask_url_secrets(url)}: bad port") from None
+    return cls(parts.hostname, port, timeout=max(0.001, timeout_s)), target
 
 
 def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: Callable[[int], None],
               on_connected: Callable[[Callable[[], None]], None] = lambda abort: None) -> None:
     """Download ``url`` into ``path``: at most ``limit`` bytes, within ``timeout_s`` OVERALL.
 
-    ``timeout_s`` is a deadline for the whole download (``deploy.url_timeout_s``), not per read: a
-    server trickling a byte at a time must not hold the one deployment slot. Each read returns
-    what one ``recv`` got (``read1``) and may wait only the time left. ``on_progress(received)``
-    after every block (the caller throttles); ``on_connected(abort)`` hands out a function that
-    ends a blocked read from another thread (the agent stopping)."""
-    deadline = time.monotonic() + timeout_s
+    ``timeout_s`` (``deploy.url_timeout_s``) is ONE deadline for the whole download: connecting,
+    the status line and headers, up to ``MAX_REDIRECTS`` redirects (http/https only) and the body.
+    A server trickling a byte at a time anywhere, or a chain of slow redirects, must not hold the
+    one deployment slot: a watchdog shuts the socket down at the deadline (name resolution is the
+    resolver's own timeout). ``on_progress(received)`` after every block (the caller throttles);
+    ``on_connected(abort)`` hands out a function that ends the download at once from another
+    thread (the agent stopping). Failures are one line (``DeployFailed``), URL passwords masked;
+    ``path`` is the caller's to remove."""
     shown = mask_url_secrets(url)  # the reasons go over MQTT and into logs: no URL password
-    timed_out = f"download timed out after {timeout_s:g} s (deploy.url_timeout_s limits the whole download)"
-    request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})
-    total = 0
+    timed_out = (f"download timed out after {timeout_s:g} s (deploy.url_timeout_s limits the whole "
+                 "download: connect, headers, redirects and body)")
+    deadline = _Deadline(timeout_s)
+    on_connected(deadline.abort)
+    total, hops, current = 0, 0, url
+    conn: Optional[http.client.HTTPConnection] = None
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > limit:
-                raise DeployFailed(f"download refused: {shown} has {length} bytes, more than the {limit} expected")
-            sock = _response_socket(resp)
-            if sock is not None:
-                on_connected(lambda: sock.shutdown(socket.SHUT_RDWR))
-            with open(path, "wb") as out:
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise DeployFailed(timed_out)
-                    if sock is not None:
-                        sock.settimeout(left)  # a timed-out socket cannot be read again: no slices
-                    block = resp.read1(1 << 16)
-                    if not block:
-                        break
-                    total += len(block)
-                    if total > limit:
-                        raise DeployFailed(f"download refused: {shown} sends more than the {limit} bytes expected")
-                    try:
-                        out.write(block)
-                    except OSError as exc:
-                        raise DeployFailed(f"{storage_problem(exc)}: download stopped, the partial file "
-                                           "removed") from None
-                    on_progress(total)
+        while True:
+            if deadline.left() <= 0:
+                raise DeployFailed(timed_out)
+            conn, target = _connection(current, deadline.left())
+            conn.connect()
+            deadline.watch(conn.sock)
+            conn.request("GET", target, headers={"User-Agent": "edge-agent", "Accept-Encoding": "identity"})
+            resp = conn.getresponse()
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.getheader("Location")
+                conn.close()
+                hops += 1
+                if not location:
+                    raise DeployFailed(f"cannot download {shown}: HTTP {resp.status} without a Location")
+                if hops > MAX_REDIRECTS:
+                    raise DeployFailed(f"cannot download {shown}: more than {MAX_REDIRECTS} redirects")
+                current = urllib.parse.urljoin(current, location)
+                continue
+            if resp.status != 200:
+                raise DeployFailed(f"cannot download {shown}: HTTP {resp.status} {resp.reason}")
+            break
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > limit:
+            raise DeployFailed(f"download refused: {shown} has {length} bytes, more than the {limit} expected")
+        with open(path, "wb") as out:
+            while True:
+                left = deadline.left()
+                if left <= 0:
+                    raise DeployFailed(timed_out)
+                if conn.sock is not None:
+                    conn.sock.settimeout(left)
+                block = resp.read1(1 << 16)
+                if not block:
+                    break
+                total += len(block)
+                if total > limit:
+                    raise DeployFailed(f"download refused: {shown} sends more than the {limit} bytes expected")
                 try:
-                    out.flush()
-                    os.fsync(out.fileno())
+                    out.write(block)
                 except OSError as exc:
-                    raise DeployFailed(storage_problem(exc)) from None
-    except DeployFailed:
+                    raise DeployFailed(f"{storage_problem(exc)}: download stopped, the partial file "
+                                       "removed") from None
+                on_progress(total)
+            if deadline.expired or deadline.aborted:  # the watchdog's shutdown reads as a clean end
+                raise DeployFailed(timed_out if deadline.expired else "download abandoned")
+            if length and length.isdigit() and total < int(length):
+                raise DeployFailed(f"cannot download {shown}: the connection closed after {total} of "
+                                   f"{length} bytes")
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise DeployFailed(storage_problem(exc)) from None
+    except DeployFailed as exc:
+        if deadline.expired and "timed out" not in str(exc):
+            raise DeployFailed(timed_out) from None
         raise
-    except TimeoutError:
-        raise DeployFailed(timed_out) from None
-    except (OSError, http.client.HTTPException) as exc:  # URLError, HTTPError, refused, cut off
-        reason = getattr(exc, "reason", None) or exc
-        if isinstance(exc, urllib.error.HTTPError):
-            reason = f"HTTP {exc.code} {exc.reason}"
+    except (OSError, http.client.HTTPException) as exc:  # refused, reset, cut off, TLS, the watchdog
+        if deadline.expired or isinstance(exc, TimeoutError):  # every socket timeout is the time left
+            raise DeployFailed(timed_out) from None
+        if deadline.aborted:
+            raise DeployFailed("download abandoned") from None
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise DeployFailed(f"cannot download {shown}: {mask_url_secrets(str(reason))}") from None
+    finally:
+        deadline.cancel()
+        if conn is not None:
+            conn.close()
 
 
 def verify_file(path: Path, size: int, sha: str) -> None:

@@ -9,8 +9,10 @@ MQTT control API:
   silently (nothing to count);
 * a viewer cannot command; a revoked device is disconnected and cannot reconnect; rotation
   refuses the old password at once and the real agent reconnects after a reload with the new one;
-* the real agent, ``remote devices`` and ``remote bench`` work with least-privilege credentials;
-* ``fleet init --dynsec-file`` writes a plugin config mosquitto loads as is.
+* the real agent, ``remote devices``, ``remote bench`` and the console work with least-privilege
+  credentials (device; operator; the console also as a viewer); Home Assistant's rights;
+* ``fleet init --dynsec-file`` writes a plugin config mosquitto loads as is;
+* ``service install --mqtt-credentials`` takes the file ``fleet add --out`` wrote.
 """
 
 from __future__ import annotations
@@ -391,3 +393,61 @@ def test_service_install_takes_the_credentials_file(site: Site, capsys, tmp_path
     again = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "MQTT password to" in again.stdout and "Nothing to change" in again.stdout, again.stdout
+
+
+def test_console_on_viewer_and_operator_credentials(site: Site, capsys, tmp_path: Path, monkeypatch):
+    """The console sees the fleet with a viewer's credentials (read only) and with an operator's."""
+    pytest.importorskip("uvicorn")
+    import urllib.request
+
+    from tests.helpers import ConsoleProcess
+
+    dev = site.add(capsys, "pi-c")
+    agent = MqttComms(load_config(str(dev)).mqtt, "pi-c")
+    agent.set_info({"device_id": "pi-c", "agent_version": "test"})
+    agent.start()
+    token = "fleet-security-console-token"
+    monkeypatch.setenv("EDGE_AGENT_CONSOLE_TOKEN", token)
+    try:
+        assert agent.wait_connected(10)
+        for kind in ("--viewer", "--operator"):
+            user, pw = secret_of(site.add(capsys, f"console{kind.strip('-')}", kind))
+            pw_file = tmp_path / f"{user}.pw"
+            pw_file.write_text(pw + "\n")
+            console = ConsoleProcess(site.broker.port, "--username", user, "--password-file", str(pw_file))
+            try:
+                def online() -> bool:
+                    request = urllib.request.Request(console.url + "api/devices", headers={"X-Console-Token": token})
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        devices = json.loads(response.read())["devices"]
+                    return any(d.get("device") == "pi-c" and d.get("online") for d in devices)
+                wait_until(online, 20, f"pi-c online in the console ({kind})")
+            finally:
+                text = console.stop()
+            assert pw not in text
+    finally:
+        agent.stop()
+
+
+def test_home_assistant_rights(site: Site, capsys):
+    """``--homeassistant``: a device may publish its own discovery configs (not another device's)
+    and hear HA's status; Home Assistant as a viewer reads discovery and publishes its status only."""
+    user, pw = secret_of(site.add(capsys, "pi-h", "--homeassistant"))
+    dev = Probe(site.broker.port, user, pw, "edge-agent-pi-h")
+    try:
+        assert dev.publish("homeassistant/sensor/edge-agent-pi-h/fps/config").value < 0x80
+        assert dev.publish("homeassistant/sensor/edge-agent-other/fps/config").value == 0x87
+        assert dev.subscribe("homeassistant/status").value == 1
+        assert dev.subscribe("homeassistant/+/edge-agent-pi-h/+/config").value == 1
+        assert dev.subscribe("homeassistant/#").value == 0x87
+    finally:
+        dev.close()
+    user, pw = secret_of(site.add(capsys, "hass", "--viewer", "--homeassistant"))
+    ha = Probe(site.broker.port, user, pw, "hass-core")
+    try:
+        assert ha.subscribe("homeassistant/#").value == 1 and ha.subscribe(f"{PREFIX}/#").value == 1
+        assert ha.publish("homeassistant/status", b"online").value < 0x80
+        assert ha.publish("homeassistant/sensor/edge-agent-pi-h/fps/config").value == 0x87
+        assert ha.publish(f"{PREFIX}/pi-h/cmd/benchmark").value == 0x87
+    finally:
+        ha.close()

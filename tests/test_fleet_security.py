@@ -143,6 +143,8 @@ def test_fleet_commands_files_and_validation(site: Site, capsys):
     printed = load_config_text(site.tmp, out).mqtt.password
     code, out, err = site.fleet(capsys, "add", "pi-1", "--out", str(path))
     assert code == 2 and "not overwritten" in err
+    code, out, err = site.fleet(capsys, "add", "pi-2", "--out", str(site.tmp / "no-such-dir" / "pi-2.cred"))
+    assert code == 2 and "cannot write" in err  # refused before the broker made a password nobody holds
     code, out, err = site.fleet(capsys, "list", "--json")
     kinds = {e["username"]: (e["kind"], e["client_id"]) for e in json.loads(out)}
     assert kinds == {"pi-1": ("device", "edge-agent-pi-1"), "alice": ("operator", ""), "admin": ("admin", "")}

@@ -113,11 +113,30 @@ def _address(text: Optional[str]) -> tuple:
     return text.strip("[]"), None
 
 
+def _reserve(args: argparse.Namespace) -> None:
+    """Create ``--out`` (empty, 0600) before the broker makes a password only this file will hold:
+    a path that cannot be written fails before, not after."""
+    if args.out and args.force and os.path.exists(args.out):
+        if not os.access(args.out, os.W_OK):
+            raise SecurityError(f"{args.out}: cannot write")
+    elif args.out:
+        security.write_secret(args.out, "")
+
+
+def _unreserve(args: argparse.Namespace) -> None:
+    if args.out:
+        try:
+            if os.path.getsize(args.out) == 0:
+                os.unlink(args.out)
+        except OSError:
+            pass
+
+
 def _emit(cred: security.Credential, args: argparse.Namespace, mqtt: Any, out: TextIO) -> None:
     host, port = _address(args.broker)
     text = cred.toml(mqtt, host, port)
     if args.out:
-        security.write_secret(args.out, text, force=args.force)
+        security.write_secret(args.out, text, force=True)  # the file _reserve made
         how = (f"on the device: sudo edge-agent service install --mqtt-credentials {args.out}"
                if cred.kind == DEVICE else f"edge-agent remote devices --config {args.out}")
         print(f"{cred.username}: credentials written to {args.out} (mode 0600); {how}", file=out)
@@ -174,26 +193,32 @@ def cmd_add(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
     if args.kind == DEVICE:
         security.check_device_id(args.name)
-    if args.out and os.path.exists(args.out) and not args.force:
-        raise SecurityError(f"{args.out} exists: not overwritten (--force replaces it)")
     mqtt = mqtt_from_args(args)
-    with Dynsec(mqtt) as ds:
-        ds.init(args.homeassistant if args.kind == VIEWER else None)  # shared roles/groups (idempotent)
-        if args.kind == DEVICE:
-            cred = ds.add_device(args.name, homeassistant=args.homeassistant)
-        else:
-            cred = ds.add_user(args.name, args.kind)
+    _reserve(args)
+    try:
+        with Dynsec(mqtt) as ds:
+            ds.init(args.homeassistant if args.kind == VIEWER else None)  # shared roles/groups (idempotent)
+            if args.kind == DEVICE:
+                cred = ds.add_device(args.name, homeassistant=args.homeassistant)
+            else:
+                cred = ds.add_user(args.name, args.kind)
+    except BaseException:
+        _unreserve(args)
+        raise
     _emit(cred, args, mqtt, out)
     return 0
 
 
 def cmd_rotate(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
-    if args.out and os.path.exists(args.out) and not args.force:
-        raise SecurityError(f"{args.out} exists: not overwritten (--force replaces it)")
     mqtt = mqtt_from_args(args)
-    with Dynsec(mqtt) as ds:
-        cred = ds.rotate(args.name)
+    _reserve(args)
+    try:
+        with Dynsec(mqtt) as ds:
+            cred = ds.rotate(args.name)
+    except BaseException:
+        _unreserve(args)
+        raise
     _emit(cred, args, mqtt, out)
     print(f"{args.name}: the old password is refused from now on; a connected client was disconnected",
           file=sys.stderr)

@@ -231,6 +231,8 @@ class Credential:
         if self.kind == DEVICE:
             lines += ["# on the device: sudo edge-agent service install --mqtt-credentials THIS_FILE",
                       "[agent]", f"device_id = {q(self.device_id)}", ""]
+        elif self.kind == "admin":
+            lines += ["# the dynamic security plugin's admin: edge-agent fleet COMMAND --config THIS_FILE", ""]
         else:
             lines += ["# on a host: edge-agent remote devices --config THIS_FILE", ""]
         lines += ["[mqtt]", f"host = {q(host or mqtt.host)}", f"port = {int(port or mqtt.port)}",

@@ -155,6 +155,82 @@ def test_source_url_password_is_masked_everywhere(device, tmp_path):
         assert SECRET not in shown.stdout + shown.stderr
 
 
+# -- 2: an image in a command is sized from its header before anything decodes it ------------------------
+
+def _black_png(side: int) -> bytes:
+    """A valid grey PNG of side x side black pixels, written row by row (never held decoded):
+    12000x12000 is ~140 KB on the wire, 432 MB once cv2.imdecode makes it BGR."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte 0 + the pixels
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_image_headers_give_the_size_without_decoding():
+    import cv2
+    import numpy as np
+
+    from edge_agent.sources.images import encoded_image_size, image_size_problem
+
+    image = np.zeros((37, 53, 3), np.uint8)
+    for ext in (".png", ".jpg", ".bmp"):
+        assert encoded_image_size(cv2.imencode(ext, image)[1].tobytes()) == (37, 53), ext
+    assert encoded_image_size(_black_png(12000)) == (12000, 12000)
+    assert "12000x12000 pixels" in image_size_problem(_black_png(12000), "sample")
+    assert "not a PNG, JPEG or BMP" in image_size_problem(cv2.imencode(".tiff", image)[1].tobytes(), "sample")
+    assert image_size_problem(cv2.imencode(".png", image)[1].tobytes(), "sample") is None
+
+
+@pytest.mark.broker
+def test_images_in_commands_are_sized_before_decoding(device):
+    """A deployment whose ``sample`` is a 12000x12000 black PNG (~140 KB base64) was accepted, its
+    model transferred and loaded, then the sample decoded: 432 MB BGR plus an RGB copy. It is now
+    ``rejected`` at once, naming the limit (16 MP, 4096x4096), and the agent's peak RSS (VmHWM)
+    grows by less than 200 MB. A remote benchmark's ``frame_size: "8192x8192"`` (a 200 MB frame,
+    and as much again per stage) is refused by the schema the same way."""
+    import base64
+
+    dev = device().start()
+    huge = _black_png(12000)
+    assert len(base64.b64encode(huge)) < 1_000_000
+    before = _peak_rss_mb(dev.pid)
+    t0 = time.monotonic()
+    doc = host.deploy_params(DM05.read_bytes(), "dm05", labels=VOC_LABELS, sample=huge, confirm_frames=1)
+    answer = host.deploy(dev.client, doc, DM05.read_bytes(), devices=[dev.device], timeout=60)[dev.device]
+    took = time.monotonic() - t0
+    grown = _peak_rss_mb(dev.pid) - before
+    print(f"huge sample: {answer.status} after {took:.1f} s; VmHWM {before:.0f} MB -> +{grown:.0f} MB")
+    assert answer.status == "rejected", answer
+    assert "12000x12000" in answer.reason and "4096x4096" in answer.reason, answer
+    assert took < 10 and grown < 200, (took, grown)
+    assert dev.info()["model"]["sha256"] != doc["sha256"]
+
+    dev.send("benchmark", {"request_id": "huge-frame", "frame_size": "8192x8192", "runs": 1})
+    final = dev.final("benchmark", "huge-frame")
+    assert final["status"] == "rejected" and "frame_size" in final["reason"], final
+    assert "4096x4096" in final["reason"], final
+    dev.send("benchmark", {"request_id": "ok-frame", "frame_size": "640x480", "runs": 1})
+    assert dev.final("benchmark", "ok-frame", timeout=60)["status"] == "done"
+    grown = _peak_rss_mb(dev.pid) - before
+    assert grown < 200, grown
+    out = dev.stop()
+    assert "Traceback" not in out, out
+
+
 # -- 5: deploy.url_timeout_s is ONE deadline; reasons carry no local path; no orphan file --------------
 
 class _SlowServer(http.server.BaseHTTPRequestHandler):

@@ -47,6 +47,7 @@ from edge_agent.system import release_memory
 from edge_agent.errors import EdgeAgentError
 from edge_agent.output.throttle import Throttle
 from edge_agent.remote.context import HandlerContext, OneCommandHandler
+from edge_agent.sources.images import MAX_IMAGE_PIXELS, MAX_IMAGE_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,12 @@ DEFAULT_RUNS = 50
 
 
 def _frame_size(text: str) -> Tuple[int, int]:
-    return bench.parse_frame_size(text)
+    """A frame size over the network: the local sides' range, and at most ``MAX_IMAGE_PIXELS``
+    (an 8192x8192 request made a 200 MB frame, and as much again in every stage)."""
+    w, h = bench.parse_frame_size(text)
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"frame size {text!r}: more than {MAX_IMAGE_TEXT}")
+    return w, h
 
 
 def request_schema(limits: Any) -> Schema:
@@ -77,7 +83,8 @@ def request_schema(limits: Any) -> Schema:
                           default=None, nullable=True, doc="null: the running model"),
         "pipeline": BoolField(default=False, doc="time every stage and end to end"),
         "frame_size": StrField(r"[0-9]{1,5}x[0-9]{1,5}",
-                               f"WxH with sides {bench.FRAME_SIDE[0]}..{bench.FRAME_SIDE[1]}",
+                               f"WxH with sides {bench.FRAME_SIDE[0]}..{bench.FRAME_SIDE[1]}, at most "
+                               f"{MAX_IMAGE_PIXELS} pixels (4096x4096)",
                                convert=_frame_size, default=None, nullable=True,
                                doc="frame size (default 640x480)"),
         "input": ChoiceField(("random", "pattern"), default="random", doc="input frames"),

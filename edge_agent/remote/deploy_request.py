@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 from edge_agent.comms.commands import (BoolField, FieldSpec, FloatField, IntField, RequestError, Schema,
                                        StrField)
 from edge_agent.errors import EdgeAgentError
+from edge_agent.sources.images import IMAGE_FORMATS, MAX_IMAGE_TEXT, image_size_problem
 
 
 DEFAULT_CONFIRM_FRAMES = 5
@@ -77,8 +78,8 @@ DEPLOY_SCHEMA: Schema = {
     "chunks": IntField(1, MAX_CHUNKS, doc="inline transfer: chunk count on cmd/deploy/<id>/chunk/<n>"),
     "chunk_size": IntField(1, 1 << 31, doc="bytes of every chunk but the last (default: size, one chunk)"),
     "signature": _b64_field("ed25519 signature of the raw sha256 digest"),
-    "sample": _b64_field("an image file for the sanity invoke"),
-    "golden_mask": _b64_field("PNG of the class ids expected on the sample"),
+    "sample": _b64_field(f"a {IMAGE_FORMATS} image for the sanity invoke, at most {MAX_IMAGE_TEXT}"),
+    "golden_mask": _b64_field(f"PNG of the class ids expected on the sample, at most {MAX_IMAGE_TEXT}"),
     "min_agreement": FloatField(0.0, 1.0, default=0.9),
     "confirm_frames": IntField(0, 100_000, default=DEFAULT_CONFIRM_FRAMES,
                                doc="frames the new model must process before it is confirmed"),
@@ -131,6 +132,11 @@ def deploy_request(rid: str, params: Dict[str, Any], max_size: int) -> DeployReq
         raise RequestError("give exactly one of 'url' (the agent downloads) or 'chunks' (inline transfer)")
     if params["golden_mask"] is not None and params["sample"] is None:
         raise RequestError("golden_mask: needs the 'sample' image it belongs to")
+    for key in ("sample", "golden_mask"):  # sized from the header: never decoded if too large
+        if params[key] is not None:
+            problem = image_size_problem(params[key], key)
+            if problem is not None:
+                raise RequestError(problem)
     req = DeployRequest(id=rid, **{k: v for k, v in params.items() if k not in ("chunks", "chunk_size")})
     if params["chunks"] is not None:
         req.chunks = params["chunks"]

@@ -15,9 +15,13 @@ from edge_agent.inference.postprocess import agreement
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.output.encode import PNG_SIGNATURE, decode_mask_png, png_palette
 from edge_agent.remote.deploy_request import Cancelled, DeployFailed
+from edge_agent.sources.images import image_size_problem
 
 
 def decode_image(data: bytes, what: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    problem = image_size_problem(data, f"the {what}")  # the header first: never a huge decode
+    if problem is not None:
+        raise DeployFailed(problem)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None:
         raise DeployFailed(f"the {what} is not a decodable image")
@@ -27,6 +31,9 @@ def decode_image(data: bytes, what: str, flags: int = cv2.IMREAD_COLOR) -> np.nd
 def decode_golden_mask(data: bytes) -> np.ndarray:
     """Class ids of a golden mask: a palette PNG (what the agent and ``segment`` write: the
     palette index is the id; read as grey it would be the colours' luminance) or a grey image."""
+    problem = image_size_problem(data, "the golden mask")
+    if problem is not None:
+        raise DeployFailed(problem)
     if data[:8] == PNG_SIGNATURE:
         try:
             if png_palette(data) is not None:

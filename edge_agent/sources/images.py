@@ -80,6 +80,46 @@ def jpeg_size(data: np.ndarray) -> Optional[Tuple[int, int]]:
     return None
 
 
+# Images that arrive in commands (a deployment's sample and golden mask) are decoded only after
+# their header says they fit: a 150 KB PNG can announce 12000x12000 pixels (432 MB decoded).
+# 16 MP covers every camera frame the agent handles (4K is 8.3 MP) with room to spare.
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_SIDE = 8192
+IMAGE_FORMATS = "PNG, JPEG or BMP"
+MAX_IMAGE_TEXT = "16 MP (4096x4096 pixels) and 8192 pixels per side"
+
+
+def encoded_image_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(h, w) from the header of a PNG, JPEG or BMP file, without decoding; None for anything else
+    (or a header too short to tell)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:2] == b"\xff\xd8":
+        return jpeg_size(np.frombuffer(data, np.uint8))
+    if data[:2] == b"BM" and len(data) >= 26:
+        header = int.from_bytes(data[14:18], "little")
+        if header == 12:  # BITMAPCOREHEADER: 16-bit sides
+            return int.from_bytes(data[20:22], "little"), int.from_bytes(data[18:20], "little")
+        w = int.from_bytes(data[18:22], "little", signed=True)
+        h = int.from_bytes(data[22:26], "little", signed=True)
+        return abs(h), abs(w)  # a negative height: stored top-down
+    return None
+
+
+def image_size_problem(data: bytes, what: str) -> Optional[str]:
+    """Why ``data`` must not be decoded (one line naming the limit), or None: a PNG, JPEG or BMP
+    whose header announces at most ``MAX_IMAGE_PIXELS`` pixels and sides of at most ``MAX_IMAGE_SIDE``."""
+    size = encoded_image_size(data)
+    if size is None:
+        return f"{what}: not a {IMAGE_FORMATS} image (or its header is truncated)"
+    h, w = size
+    if not (0 < h <= MAX_IMAGE_SIDE and 0 < w <= MAX_IMAGE_SIDE) or h * w > MAX_IMAGE_PIXELS:
+        return f"{what}: {w}x{h} pixels, over the limit for images in commands: {MAX_IMAGE_TEXT}"
+    return None
+
+
 def reduction_for(size: Tuple[int, int], needed: Tuple[int, int]) -> int:
     """The largest DCT scale factor (1, 2, 4, 8) whose decoded image (libjpeg rounds up) is still
     at least ``needed`` (h, w) on both sides."""

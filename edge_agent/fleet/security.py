@@ -94,9 +94,11 @@ def find_plugin() -> Optional[str]:
 def broker_config(plugin: Optional[str] = None, config_file: str = DEFAULT_CONFIG_FILE) -> str:
     """The lines mosquitto.conf needs to load the plugin (Mosquitto 2.0)."""
     return (f"# edge-agent fleet: per-device credentials and ACLs (Mosquitto dynamic security plugin)\n"
-            f"per_listener_settings false\n"
             f"plugin {plugin or find_plugin() or '/usr/lib/<multiarch>/' + PLUGIN_NAME}\n"
-            f"plugin_opt_config_file {config_file}\n")
+            f"plugin_opt_config_file {config_file}\n"
+            "# Mosquitto 2 listens on localhost only until a listener is configured; if none is yet:\n"
+            "#listener 1883\n"
+            "#listener 8883 (with cafile/certfile/keyfile: passwords cross the network)\n")
 
 
 _ADMIN_ACLS = [  # what `mosquitto_ctrl dynsec init` gives its admin: the control API, $SYS, reading

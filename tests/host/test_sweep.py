@@ -2,8 +2,10 @@
 each staged in the device's store without becoming current, benchmarked there, removed; the table,
 the plot, a pick for a target taken from the measured numbers (deployed), a refusal, a resume."""
 
+import base64
 import csv
 import json
+import os
 import time
 
 import pytest
@@ -14,8 +16,9 @@ pytest.importorskip("tensorflow")
 from edge_agent.config import load_config  # noqa: E402
 from edge_agent.fleet.client import FleetClient  # noqa: E402
 from edge_agent.fleet.deploy import list_models  # noqa: E402
+from edge_agent.models import signing  # noqa: E402
 from tests.helpers import OutputLines, start_agent, wait_until, write_config  # noqa: E402
-from tests.host.host_data import DM05_QUANT, LABELS, VOC  # noqa: E402
+from tests.host.host_data import DM05_QUANT, IMAGES, LABELS, VOC  # noqa: E402
 from tools.host.__main__ import main  # noqa: E402
 
 DEVICE = "sweep-1"
@@ -28,11 +31,18 @@ def store(client):
     return answer.final
 
 
+@pytest.mark.skipif(not signing.available(), reason="cryptography not installed")
 def test_sweep_stages_benchmarks_on_the_device_picks_refuses_and_resumes(mosquitto, tmp_path, capsys):
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()  # the device runs only signed models
+    key_file = tmp_path / "sign.key"
+    key_file.write_text(base64.b64encode(key.private_bytes_raw()).decode())
     broker = mosquitto()
     config = write_config(tmp_path / "agent.toml", DEVICE, broker.port,
                           {"kind": "synthetic", "width": 320, "height": 240, "fps": 5.0},
-                          model={"threads": 1}, publish={"stats_interval_s": 60.0})
+                          model={"threads": 1}, publish={"stats_interval_s": 60.0},
+                          deploy={"public_key": signing.public_key_base64(key)})
     agent = OutputLines(start_agent(config))
     client = FleetClient(load_config(str(config), env={}).mqtt).connect()
     try:
@@ -43,7 +53,7 @@ def test_sweep_stages_benchmarks_on_the_device_picks_refuses_and_resumes(mosquit
         args = ["sweep", str(DM05_QUANT), "--out", str(out), "--sizes", "257", "193",
                 "--schemes", "per-channel", "fp16", "--voc", str(VOC), "--num-calib", "2",
                 "--runs", "5", "--warmup", "1", "--threads", "1", "--tf-threads", "1",
-                "--labels", str(LABELS), "--device", DEVICE, "--host", "127.0.0.1",
+                "--labels", str(LABELS), "--sign-key", str(key_file), "--device", DEVICE, "--host", "127.0.0.1",
                 "--port", str(broker.port), "--discover-s", "0.5"]
 
         t0 = time.monotonic()
@@ -106,3 +116,38 @@ def test_sweep_stages_benchmarks_on_the_device_picks_refuses_and_resumes(mosquit
         client.close()
         log = agent.stop()
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_local_sweep_on_image_mask_pairs_and_one_line_errors(tmp_path, capsys):
+    """No device: benchmarked in this process; a pairs folder; calibration from a folder that
+    also holds an evaluation image (left out); bad invocations end in one error line."""
+    pairs = tmp_path / "pairs"
+    (pairs / "images").mkdir(parents=True)
+    (pairs / "masks").mkdir()
+    ids = [line for line in (VOC / "ImageSets" / "Segmentation" / "val.txt").read_text().split() if line][:3]
+    for i in ids:
+        os.symlink(VOC / "JPEGImages" / f"{i}.png", pairs / "images" / f"{i}.png")
+        os.symlink(VOC / "SegmentationClass" / f"{i}.png", pairs / "masks" / f"{i}.png")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    os.symlink(VOC / "JPEGImages" / f"{ids[0]}.png", calib / "same_as_eval.png")
+    for name in ("bird.bmp", "cat.bmp"):
+        os.symlink(IMAGES / name, calib / name)
+    out = tmp_path / "out"
+    args = ["sweep", str(DM05_QUANT), "--out", str(out), "--sizes", "129", "--schemes", "per-channel",
+            "--pairs", str(pairs), "--calib", str(calib), "--num-calib", "2", "--runs", "3",
+            "--warmup", "1", "--threads", "1", "--tf-threads", "1"]
+    assert main([*args, "--target-fps", "1"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads((out / "sweep.json").read_text())
+    (row,) = doc["candidates"]
+    assert row["local_p50_invoke_ms"] > 0 and row["local_p50_end_to_end_ms"] > 0 and row["miou_pct"] > 20
+    assert doc["calib_images"] == ["bird.bmp", "cat.bmp"] and doc["eval_images"] == sorted(ids)
+    assert "1 equal to evaluation images left out" in doc["split"]
+    assert "pick: dm0.5-129-per-channel" in captured.out and (out / "pareto.png").is_file()
+    for extra, message in ((["--deploy", "--target-fps", "1"], "--deploy sends the pick"),
+                           (["--schemes", "int4"], "unknown scheme"),
+                           (["--target-fps", "0"], "--target-fps must be > 0")):
+        assert main([*args, *extra]) == 2  # a repeated --schemes replaces the first
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert len(err) == 1 and message in err[0], err

@@ -416,13 +416,16 @@ def bench_devices(cands: Sequence[Candidate], devices: Sequence[str], client: An
         params = deploy_params(data, f"sweep-{c.label}", labels=st.labels, sign_key=sign_key,
                                activate=False)
         answers = deploy(client, params, data, devices=todo, timeout=timeout)
-        staged, running = [], []
+        staged, running, failed = [], [], []
         for dev, answer in answers.items():
             if not answer.ok:
-                raise SweepError(f"{dev}: staging {c.label} failed: {answer.status}"
-                                 f"{': ' + answer.reason if answer.reason else ''}")
-            (running if answer.final.get("state") == "active" else staged).append(dev)
+                failed.append(f"{dev}: staging {c.label} failed: {answer.status}"
+                              f"{': ' + answer.reason if answer.reason else ''}")
+            else:
+                (running if answer.final.get("state") == "active" else staged).append(dev)
         try:
+            if failed:  # the devices that did stage it are cleaned up below all the same
+                raise SweepError("; ".join(failed))
             for group, model in ((staged, c.sha256), (running, None)):  # running: benchmark as is
                 if not group:
                     continue
@@ -707,9 +710,10 @@ def run(args: Any, out: Any = None, err: Any = None) -> int:
             client = FleetClient(mqtt_from_args(args)).connect()
             devices = client.discover(args.discover_s)
             log(f"discovery: {client.discovery}")
-            offline = [d for d in args.device if d in devices and devices[d].online is False]
-            if offline:
-                raise SweepError(f"device(s) offline: {', '.join(offline)}")
+            absent = [d for d in args.device if d not in devices or not devices[d].online]
+            if absent:
+                raise SweepError(f"device(s) not online under {client.prefix}/: "
+                                 f"{', '.join(absent)} ({client.discovery})")
             bench_devices(cands, args.device, client, cache, st, log, sign_key=sign_key,
                           keep=args.keep, timeout=args.timeout)
         else:

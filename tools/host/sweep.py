@@ -277,6 +277,7 @@ class Settings:
     qat_split: str = "train"
     qat_steps: int = 200
     labels: Optional[List[str]] = None
+    eval_images: Dict[str, str] = field(default_factory=dict)  # sha256 -> id: never trained on
 
 
 Log = Callable[[str], None]
@@ -331,6 +332,11 @@ def _qat(model: Any, calib: List[np.ndarray], st: Settings, log: Log) -> bytes:
         raise ConfigError("the qat scheme trains on labelled data: give --qat-voc DIR (with "
                           "--qat-split, never the evaluation split)")
     dataset = VocDataset(st.qat_voc, st.qat_split)
+    shared = sorted({st.eval_images[h] for h in (sha256_file(s.image_path) for s in dataset.samples)
+                     if h in st.eval_images})
+    if shared:
+        raise ConfigError(f"--qat-voc {st.qat_voc} {st.qat_split}: {len(shared)} training image(s) "
+                          f"are evaluation images ({', '.join(shared[:5])}): train on another split")
     qmodel = qat.fine_tune(model, dataset, qat.QATOptions(steps=st.qat_steps, batch_size=2),
                            log=log)
     return qat.export(qmodel, calib)
@@ -694,6 +700,7 @@ def run(args: Any, out: Any = None, err: Any = None) -> int:
     sources = [read_source(s) for s in args.sources]
     cands = candidates(sources, args.sizes, args.schemes)
     data = load_data(args.voc, args.split, args.pairs, args.calib, args.num_calib)
+    st.eval_images = {sha256_file(s.image): s.id for s in data.eval_samples}
     st.out.mkdir(parents=True, exist_ok=True)
     _set_tf_threads(args.tf_threads)
     log(f"sweep: {len(cands)} candidates ({len(sources)} source(s) x {len(args.sizes)} sizes x "

@@ -102,6 +102,8 @@ class AgentConfig:
     device_id: str = opt("", NAME)  # "" -> hostname, sanitised
     state_dir: str = opt("", PATH)  # "" -> $STATE_DIRECTORY or ~/.local/state/edge-agent
     log_level: str = opt("info", Choice("debug", "info", "warning", "error"))
+    # Groups this device belongs to (published in info): `remote ... --group TAG`, staged rollouts.
+    tags: Tuple[str, ...] = opt((), StrList(Str(r"[A-Za-z0-9_.-]{1,64}", "tag of 1-64 letters, digits, '_', '.' or '-'")))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from edge_agent.config import load_config
 from edge_agent.output.benchmark import parse_frame_size
@@ -15,7 +15,7 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet.bench import (TABLE_COLUMNS, Progress, check_matplotlib, command_params,
                                     plot_latencies, summary_rows, write_csv)
 from edge_agent.fleet.bench import run as run_bench
-from edge_agent.fleet.client import DISCOVERY_S, FleetClient
+from edge_agent.fleet.client import DISCOVERY_S, FleetClient, select_group
 from edge_agent.fleet.deploy import (DEFAULT_CHUNK_SIZE, deploy, deploy_params, list_models,
                                      report_deploy_answers, report_model_answers, rollback)
 from edge_agent.fleet.table import DEVICE_COLUMNS, device_row, format_table
@@ -28,6 +28,7 @@ def add_parser(subparsers: Any) -> None:
     sub = remote.add_subparsers(dest="remote_command", metavar="COMMAND", required=True)
     _add_bench(sub)
     _add_deploy(sub)
+    _add_rollout(sub)
     _add_devices(sub)
 
 
@@ -83,6 +84,15 @@ def _discover(client: FleetClient, seconds: float) -> Dict[str, Any]:
     return devices
 
 
+def _who(args: argparse.Namespace, devices: Dict[str, Any]) -> Optional[List[str]]:
+    """The device ids a command goes to: --device, the online members of --group, or None (--all)."""
+    if getattr(args, "group", None):
+        chosen = select_group(devices, args.group)
+        print(f"group {args.group}: {', '.join(chosen)}", file=sys.stderr)
+        return chosen
+    return args.device
+
+
 def _add_bench(remote: Any) -> None:
     p = remote.add_parser(
         "bench", help="benchmark devices over MQTT (one, several, or --all)",
@@ -90,6 +100,7 @@ def _add_bench(remote: Any) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
     who.add_argument("--all", action="store_true", help="every device online (fleet topic)")
+    who.add_argument("--group", "-g", metavar="TAG", help="the online devices whose agent.tags include TAG")
     p.add_argument("--runs", type=int, default=50, help="measured runs per device (default 50)")
     p.add_argument("--warmup", type=int, default=1, help="warmup runs (default 1)")
     p.add_argument("--min-secs", type=float, default=None, help="run at least this long")
@@ -136,7 +147,7 @@ def cmd_remote_bench(args: argparse.Namespace, out: Optional[TextIO] = None) -> 
                   f"waiting for unannounced devices anyway", file=sys.stderr)
         progress = Progress("none" if args.progress == "none" else args.progress, args.runs, args.warmup)
         try:
-            report = run_bench(client, params, devices=args.device, fleet=args.all, timeout=args.timeout,
+            report = run_bench(client, params, devices=_who(args, devices), fleet=args.all, timeout=args.timeout,
                                on_message=progress)
         finally:
             progress.close()
@@ -158,6 +169,7 @@ def _targets(p: argparse.ArgumentParser) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
     who.add_argument("--all", action="store_true", help="every device online (fleet topic)")
+    who.add_argument("--group", "-g", metavar="TAG", help="the online devices whose agent.tags include TAG")
     p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
                    help="seconds to discover devices (retained states, presence answers) before "
                         "sending (default 1)")
@@ -235,19 +247,98 @@ def cmd_deploy(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         golden_mask=_read(args.golden, "golden mask") if args.golden else None,
         min_agreement=args.min_agreement, confirm_frames=args.confirm_frames)
     with FleetClient(mqtt_from_args(args)) as client:
-        _discover(client, args.discover_s)
-        answers = deploy(client, params, data, devices=args.device, fleet=args.all,
+        found = _discover(client, args.discover_s)
+        answers = deploy(client, params, data, devices=_who(args, found), fleet=args.all,
                          timeout=args.timeout, on_message=_print_progress)
     return report_deploy_answers(answers, out)
 
 
 
 
+def _add_rollout(remote: Any) -> None:
+    p = remote.add_parser(
+        "rollout", help="deploy a model in stages, each judged on its devices; roll back on a failed gate",
+        description="Staged rollout: deploy FILE to the selected devices stage by stage (--stages), let each "
+                    "stage run for --soak-s, compare every device's fps and inference p50 after the swap "
+                    "with before, and stop and roll back every device changed so far when a gate fails. "
+                    "The state is kept in --state (JSON) after every step: --resume continues it; Ctrl-C "
+                    "cancels and rolls back.")
+    p.add_argument("file", metavar="FILE", nargs="?", help="the .tflite model (not with --resume)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--device", "-d", action="append", metavar="ID", help="a device id (repeatable)")
+    who.add_argument("--all", action="store_true", help="every device online")
+    who.add_argument("--group", "-g", metavar="TAG", help="the online devices whose agent.tags include TAG")
+    p.add_argument("--stages", default="1,50%,100%",
+                   help="cumulative devices per stage: counts or percentages (default 1,50%%,100%%)")
+    p.add_argument("--soak-s", type=float, default=60.0, help="seconds each stage runs before its gates (default 60)")
+    p.add_argument("--baseline-s", type=float, default=15.0,
+                   help="seconds of reports before a swap that make the baseline (default 15)")
+    p.add_argument("--fps-ratio", type=float, default=0.8,
+                   help="gate: fps after >= this x before (default 0.8; 0: not checked)")
+    p.add_argument("--p50-ratio", type=float, default=1.2,
+                   help="gate: inference p50 after <= this x before (default 1.2; 0: not checked)")
+    p.add_argument("--state", metavar="FILE.json", default="rollout.json",
+                   help="where the rollout's state is kept (default rollout.json)")
+    p.add_argument("--resume", action="store_true", help="continue the rollout of --state")
+    p.add_argument("--name", help="model name (default: the file name without .tflite)")
+    p.add_argument("--sign-key", metavar="FILE", help="ed25519 private key (PEM or base64 seed) to sign with")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each stage's deployment")
+    p.add_argument("--discover-s", type=float, default=DISCOVERY_S, help="seconds to discover devices (default 1)")
+    add_broker_arguments(p)
+    p.set_defaults(func=cmd_rollout)
+
+
+def cmd_rollout(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    from edge_agent.fleet.rollout import Gates, Rollout, RolloutState
+
+    out = out or sys.stdout
+    state_path = Path(args.state)
+    if args.resume == bool(args.file):
+        raise EdgeAgentError("give FILE for a new rollout, or --resume to continue the one in --state")
+    if not args.resume and not (args.device or args.all or args.group):
+        raise EdgeAgentError("say which devices: --device ID, --group TAG or --all")
+    if not args.resume and state_path.exists():
+        raise EdgeAgentError(f"--state {state_path} exists: --resume it, or choose another --state")
+    data = _read(args.file, "model") if args.file else None
+    sign_key = None
+    if args.sign_key:
+        from edge_agent.models import signing
+
+        sign_key = signing.load_private_key(args.sign_key)
+    with FleetClient(mqtt_from_args(args)) as client:
+        found = _discover(client, args.discover_s)
+        if args.resume:
+            state = RolloutState.load(state_path)
+            model_file = state.model.get("file")
+            if not model_file:
+                raise EdgeAgentError(f"--state {state_path} does not name its model file")
+            data = _read(model_file, "model")
+        else:
+            devices = (_who(args, found) if not args.all else
+                       sorted(d.id for d in found.values() if d.online))
+            if not devices:
+                raise EdgeAgentError("no device online to roll out to")
+            gates = Gates(fps_ratio=args.fps_ratio or None, p50_ratio=args.p50_ratio or None)  # 0: not checked
+            params0 = deploy_params(data, args.name or Path(args.file).stem, chunk_size=args.chunk_size,
+                                    sign_key=sign_key)
+            state = Rollout.plan(devices, args.stages, params0, gates, args.soak_s)
+            state.model["file"] = str(Path(args.file).resolve())
+            state.model["chunk_size"] = args.chunk_size
+        params = deploy_params(data, state.model["name"], chunk_size=state.model.get("chunk_size", args.chunk_size),
+                               sign_key=sign_key)
+        if params["sha256"] != state.model["sha256"]:
+            raise EdgeAgentError(f"{state.model['file']} is not the model of this rollout (sha256 changed)")
+        rollout = Rollout(client, state, state_path, params, data, baseline_s=args.baseline_s,
+                          deploy_timeout_s=args.timeout, out=lambda line: print(line, file=out, flush=True))
+        return rollout.run()
+
+
 def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
     with FleetClient(mqtt_from_args(args)) as client:
-        _discover(client, args.discover_s)
-        answers = rollback(client, args.to, devices=args.device, fleet=args.all, timeout=args.timeout,
+        found = _discover(client, args.discover_s)
+        answers = rollback(client, args.to, devices=_who(args, found), fleet=args.all, timeout=args.timeout,
                            on_message=_print_progress)
     return report_deploy_answers(answers, out)
 
@@ -255,8 +346,8 @@ def cmd_rollback(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
 def cmd_models(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
     with FleetClient(mqtt_from_args(args)) as client:
-        _discover(client, args.discover_s)
-        answers = list_models(client, devices=args.device, fleet=args.all, timeout=args.timeout)
+        found = _discover(client, args.discover_s)
+        answers = list_models(client, devices=_who(args, found), fleet=args.all, timeout=args.timeout)
     return report_model_answers(answers, out)
 
 

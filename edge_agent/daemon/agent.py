@@ -275,6 +275,7 @@ class Agent:
         doc: Dict[str, Any] = {
             "agent_version": __version__,
             "device_id": self.config.agent.device_id,
+            "tags": list(self.config.agent.tags),
             "started_at": round(self._started_at, 3),
             "status": "stopped" if self._stopped else "running" if self.pipeline is not None else "error",
             "error": self.error,

@@ -93,6 +93,22 @@ class _Pending:
 
 
 
+def tags_of(device: Device) -> List[str]:
+    """The groups a device says it is in (``agent.tags``, published in its info)."""
+    tags = (device.info or {}).get("tags") or []
+    return [str(t) for t in tags] if isinstance(tags, list) else []
+
+
+def select_group(devices: Dict[str, Device], tag: str) -> List[str]:
+    """The online devices in group ``tag``; one line naming the known groups when there is none."""
+    members = [d.id for d in devices.values() if d.online and tag in tags_of(d)]
+    if not members:
+        known = sorted({t for d in devices.values() for t in tags_of(d)})
+        raise EdgeAgentError(f"no device online in group {tag!r} (groups seen: {', '.join(known) or 'none'}; "
+                             "a device's groups are its agent.tags)")
+    return sorted(members)
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:20]
 

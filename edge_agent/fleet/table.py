@@ -35,7 +35,7 @@ def format_table(rows: List[Dict[str, Any]], columns: Sequence[Column], digits: 
     return "\n".join(lines)
 
 
-DEVICE_COLUMNS = ("device", "status", "model", "runtime", "threads", "agent", "via")
+DEVICE_COLUMNS = ("device", "status", "groups", "model", "runtime", "threads", "agent", "via")
 
 
 def device_row(device: Any) -> Dict[str, Any]:
@@ -44,6 +44,7 @@ def device_row(device: Any) -> Dict[str, Any]:
     model = info.get("model") or {}
     online = {True: "online", False: "offline", None: "unknown"}[device.online]
     return {"device": device.id, "status": online if info.get("status") in (None, "running") or not device.online
-            else f"online ({info['status']})", "model": model.get("name"),
+            else f"online ({info['status']})", "groups": ",".join(info.get("tags") or []) or None,
+            "model": model.get("name"),
             "runtime": " ".join(str(x) for x in (info.get("runtime"), info.get("runtime_version")) if x) or None,
             "threads": info.get("threads"), "agent": info.get("agent_version"), "via": "+".join(device.via) or None}

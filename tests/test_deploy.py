@@ -112,11 +112,20 @@ def test_signing_keys_and_signatures(tmp_path):
     pub_pem.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
     loaded = signing.load_private_key(str(pem))
-    sig = base64.b64decode(signing.sign_digest(loaded, SHA[DM05]))
+    document = signing.deployment_document(SHA[DM05], "dm05", ["a", "b"], b"sample")
+    sig = base64.b64decode(signing.sign_deployment(loaded, document))
     for spec in (str(pub_pem), signing.public_key_base64(loaded)):
-        signing.verify_digest(signing.load_public_key(spec), SHA[DM05], sig)
-        with pytest.raises(signing.SigningError, match="bad signature"):
-            signing.verify_digest(signing.load_public_key(spec), SHA[DM10], sig)
+        signing.verify_deployment(signing.load_public_key(spec), document, sig)
+        for changed in ({"sha256": SHA[DM10]}, {"name": "other"}, {"labels": ["a", "c"]},
+                        {"sample_sha256": hashlib.sha256(b"other").hexdigest()}):
+            with pytest.raises(signing.SigningError, match="bad signature"):
+                signing.verify_deployment(signing.load_public_key(spec), {**document, **changed}, sig)
+    # the canonical document: sorted keys, no spaces, the scheme named
+    assert signing.canonical(document).startswith(b'{"golden_mask_sha256":null,"labels":["a","b"],"name":"dm05"')
+    # a signature of the raw digest alone (older agents): refused, saying to re-sign
+    old_style = loaded.sign(bytes.fromhex(SHA[DM05]))
+    with pytest.raises(signing.SigningError, match="re-sign the deployment with this version"):
+        signing.verify_deployment(signing.load_public_key(signing.public_key_base64(loaded)), document, old_style)
     with pytest.raises(signing.SigningError, match="32"):
         signing.load_public_key(base64.b64encode(b"short").decode())
     with pytest.raises(signing.SigningError, match="neither a PEM"):
@@ -342,7 +351,7 @@ def test_every_bad_deployment_is_refused_and_the_old_model_keeps_serving(env_fac
         doc = host.deploy_params(data, what.replace(" ", "-"), chunk_size=300_000)
         doc.update(overrides)
         if signer is not None:
-            doc["signature"] = signing.sign_digest(signer, doc["sha256"])
+            doc["signature"] = signing.sign_deployment(signer, signing.deployment_document(doc["sha256"], doc["name"]))
         answer = host.deploy(env.client, doc, data, devices=[env.device], timeout=60)[env.device]
         assert answer.status == status and reason in (answer.reason or ""), (what, answer)
         assert answer.final["running"] == SHA[DM10], what

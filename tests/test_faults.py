@@ -232,8 +232,9 @@ def test_url_timeout_is_an_overall_deadline_and_frees_the_slot(device, trickle_s
 
 # -- item 4: no unsigned model becomes current while a key is configured -----------------------------
 
-def _signature(key, sha: str) -> str:
-    return signing.sign_digest(key, sha)
+def _signature(key, sha: str, name: str = "dm05", labels=None) -> str:
+    """A deployment signature of what the store entry says (sha256, name, labels)."""
+    return signing.sign_deployment(key, signing.deployment_document(sha, name, labels))
 
 
 @needs_crypto
@@ -276,7 +277,8 @@ def test_with_a_key_no_path_makes_an_unsigned_model_current(device):
     answer = dev.deploy(DM05.read_bytes(), name="dm05", labels=VOC_LABELS, confirm_frames=2, sign_key=key)
     assert answer.status == "done" and answer.final["running"] == SHA[DM05], answer
     manifest = store.get(SHA[DM05]).manifest
-    assert base64.b64decode(manifest["signature"]) == base64.b64decode(_signature(key, SHA[DM05]))
+    assert base64.b64decode(manifest["signature"]) == base64.b64decode(_signature(key, SHA[DM05], labels=VOC_LABELS))
+    assert manifest["signed_document"] == signing.deployment_document(SHA[DM05], "dm05", VOC_LABELS)
     # rollback to the configured model (trusted by the config that holds the key), and back by sha
     answer = dev.request("rollback", {"to": SHA[DM10], "confirm_frames": 2}, kind="deploy", timeout=60)
     assert answer.status == "done" and answer.final["running"] == SHA[DM10], answer
@@ -285,7 +287,7 @@ def test_with_a_key_no_path_makes_an_unsigned_model_current(device):
     dev.stop()
 
     # a kept signature that does not verify (made with another key): refused at start-up and rollback
-    store.update_manifest(SHA[DM05], signature=_signature(other, SHA[DM05]))
+    store.update_manifest(SHA[DM05], signature=_signature(other, SHA[DM05], labels=VOC_LABELS))
     dev.start()
     assert store.current() == SHA[DM05] and dev.info()["model"]["sha256"] == SHA[DM10]
     answer = dev.request("rollback", {"to": SHA[DM05]}, kind="deploy")

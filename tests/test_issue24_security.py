@@ -359,6 +359,56 @@ def test_chunk_index_must_be_ascii_digits(device):
     assert len([line for line in out.splitlines() if "bad chunk number" in line]) >= 2, out
 
 
+# -- 3: the signature covers the deployment, not only the bytes -------------------------------------------
+
+@needs_crypto
+@pytest.mark.broker
+def test_a_signed_deployment_replayed_with_other_labels_name_or_sample_is_refused(device):
+    """The signature covered only the sha256: anyone on the broker could replay a signed model with
+    their own ``labels`` (a "person" class renamed), ``name`` or ``sample``. Now it covers a canonical
+    JSON document of sha256, name, labels, sample and golden mask: each replay is ``rejected``
+    saying the signature does not verify; a signature of the raw digest alone (older agents) is
+    refused saying to re-sign; the genuine request deploys and its store entry keeps what was signed."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from edge_agent.models.store import ModelStore
+    from tests.data import BIRD
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    dev = device(deploy={"public_key": signing.public_key_base64(key)})
+    dev.start()
+    data = DM05.read_bytes()
+    genuine = host.deploy_params(data, "dm05", labels=VOC_LABELS, sample=BIRD.read_bytes(), sign_key=key,
+                                 confirm_frames=2)
+    import base64
+
+    other_sample = base64.b64encode(_black_png(64)).decode("ascii")
+    relabelled = list(VOC_LABELS)
+    relabelled[15] = "background"  # "person" no longer reported
+    replays = {
+        "labels": {"labels": relabelled},
+        "no-labels": {"labels": None},
+        "name": {"name": "dm05-approved"},
+        "sample": {"sample": other_sample},
+        "no-sample": {"sample": None},
+        "digest-only": {"signature": base64.b64encode(key.sign(bytes.fromhex(genuine["sha256"]))).decode()},
+    }
+    for what, changes in replays.items():
+        doc = {k: v for k, v in {**genuine, **changes}.items() if v is not None}
+        answer = host.deploy(dev.client, doc, data, devices=[dev.device], timeout=30)[dev.device]
+        assert answer.status == "rejected", (what, answer)
+        expected = "re-sign the deployment with this version" if what == "digest-only" else "bad signature"
+        assert expected in answer.reason and "\n" not in answer.reason, (what, answer.reason)
+        assert dev.info()["model"]["sha256"] != genuine["sha256"], what
+    answer = host.deploy(dev.client, genuine, data, devices=[dev.device], timeout=90)[dev.device]
+    assert answer.status == "done" and answer.final["running"] == genuine["sha256"], answer
+    manifest = ModelStore(dev.state / "models").get(genuine["sha256"]).manifest
+    assert manifest["signed_document"] == signing.deployment_document(
+        genuine["sha256"], "dm05", VOC_LABELS, BIRD.read_bytes())
+    out = dev.stop()
+    assert "Traceback" not in out, out
+
+
 # -- 4: with a key, no unsigned model is loaded: the benchmark included ---------------------------------
 
 def _store_unsigned(state: Path, data_path: Path, name: str, signature: Optional[str] = None) -> str:
@@ -397,7 +447,8 @@ def test_benchmark_never_loads_an_unsigned_model_when_a_key_is_configured(device
     # a kept signature made with another key: refused as well
     from edge_agent.models.store import ModelStore
 
-    ModelStore(dev.state / "models").update_manifest(sha, signature=signing.sign_digest(other, sha))
+    signed = signing.deployment_document(sha, "unsigned-dm05", VOC_LABELS)
+    ModelStore(dev.state / "models").update_manifest(sha, signature=signing.sign_deployment(other, signed))
     dev.send("benchmark", {"request_id": "b-other", "model": "unsigned-dm05", "runs": 2})
     final = dev.final("benchmark", "b-other")
     assert final["status"] == "rejected" and "does not verify" in final["reason"], final

@@ -112,12 +112,13 @@ def test_with_a_key_only_verified_or_configured_models_may_become_current(tmp_pa
     unsigned = store.adopt(str(DM10), {"name": "dm10"})
     assert models.trust_problem(configured) is None
     assert "has no signature" in models.trust_problem(unsigned)
-    store.update_manifest(SHA[DM10], signature=signing.sign_digest(other, SHA[DM10]))
+    signed = signing.deployment_document(SHA[DM10], "dm10")  # what the entry says: sha256 and name
+    store.update_manifest(SHA[DM10], signature=signing.sign_deployment(other, signed))
     assert "does not verify" in models.trust_problem(store.get(SHA[DM10]))
     with pytest.raises(Untrusted, match="does not verify"):
         models.activate(models.build(*models.find("dm10")), "rollback", 1, 10)
     assert store.current() is None and store.pending() is None  # nothing moved
-    store.update_manifest(SHA[DM10], signature=signing.sign_digest(key, SHA[DM10]))
+    store.update_manifest(SHA[DM10], signature=signing.sign_deployment(key, signed))
     assert models.trust_problem(store.get(SHA[DM10])) is None
     # the start-up choice follows the same rule
     store.set_pointers(SHA[DM10], None)

@@ -112,7 +112,11 @@ class ModelManager:
         """None if ``entry`` may become the running model; else why not (one line).
 
         Without a key every model may run. With one, the signature kept in the entry's manifest
-        must verify, unless the entry is the configured model (the config is the root of trust)."""
+        must verify over the document kept with it (``signed_document``: sha256, name, labels,
+        sample; :mod:`edge_agent.models.signing`), and that document must describe the entry
+        (same sha256 and name; the same labels when it names them), unless the entry is the
+        configured model (the config is the root of trust). A signature of the raw digest alone
+        (older agents) is refused, saying to re-sign."""
         if self.key_problem is not None:
             return f"deploy.public_key is unusable: {self.key_problem}"
         if self.public_key is None or entry.sha256 == self.configured_sha():
@@ -121,11 +125,24 @@ class ModelManager:
         if not isinstance(signature, str) or not signature:
             return (f"model {entry.name} ({entry.sha256[:12]}) has no signature, and deploy.public_key "
                     "is configured: only signed models may run")
+        kept = entry.manifest.get("signed_document")
+        document = kept if isinstance(kept, dict) else signing.deployment_document(
+            entry.sha256, entry.name, entry.labels)
         try:
-            signing.verify_digest(self.public_key, entry.sha256, base64.b64decode(signature, validate=True))
+            signing.verify_deployment(self.public_key, document, base64.b64decode(signature, validate=True))
+        except signing.SigningError as exc:
+            if "re-sign" in str(exc):
+                return f"model {entry.name} ({entry.sha256[:12]}): {exc}"
+            return (f"model {entry.name} ({entry.sha256[:12]}): its signature does not verify with "
+                    "deploy.public_key")
         except (EdgeAgentError, ValueError):
             return (f"model {entry.name} ({entry.sha256[:12]}): its signature does not verify with "
                     "deploy.public_key")
+        labels = document.get("labels")
+        if (document.get("sha256") != entry.sha256 or document.get("name") != entry.name
+                or (labels is not None and list(labels) != (entry.labels or []))):
+            return (f"model {entry.name} ({entry.sha256[:12]}): its store entry does not match what was "
+                    "signed (sha256, name or labels changed)")
         return None
 
     def configured_sha(self) -> Optional[str]:

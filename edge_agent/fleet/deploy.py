@@ -44,10 +44,11 @@ def deploy_params(data: bytes, name: str, labels: Optional[List[str]] = None, ur
     else:
         params["chunks"] = max(1, math.ceil(len(data) / chunk_size))
         params["chunk_size"] = chunk_size
-    if sign_key is not None:
+    if sign_key is not None:  # the deployment is signed: the bytes, name, labels, sample and golden mask
         from edge_agent.models import signing
 
-        params["signature"] = signing.sign_digest(sign_key, sha)
+        params["signature"] = signing.sign_deployment(
+            sign_key, signing.deployment_document(sha, name, labels, sample, golden_mask))
     if sample is not None:
         params["sample"] = base64.b64encode(sample).decode("ascii")
     if golden_mask is not None:

@@ -1,8 +1,17 @@
 """ed25519 signatures of deployed models (optional: needs the ``cryptography`` package).
 
-What is signed is the model's raw 32-byte sha256 digest: small enough to check *before* a
-transfer starts (a bad signature costs the device no download), and it binds the signature to
-the exact bytes because the agent verifies the digest of what arrives.
+What is signed is the DEPLOYMENT, not only the bytes: a canonical JSON document
+(:func:`deployment_document`, :func:`canonical`) of everything in ``cmd/deploy`` that changes what
+the model does or how it is checked: the model's sha256, its ``name``, its ``labels``, and the
+sha256 of the ``sample`` image and of the ``golden_mask`` (null when absent). The request carries no
+normalisation (the model's own metadata gives it, inside the signed bytes). Small enough to check
+*before* a transfer starts (a bad signature costs the device no download); it binds the bytes
+because the agent verifies the digest of what arrives, and a replay of a signed model with other
+labels, name or sample no longer verifies. The store keeps the signed document with the signature,
+so every later check (start-up, rollback, benchmark) verifies the same document.
+
+Signatures of the raw digest alone (edge-agent before this scheme) are refused with one line
+saying to re-sign with this version.
 
 Keys are accepted as a PEM file (``openssl genpkey -algorithm ed25519``), or as the raw 32 bytes
 in base64 (inline in the config, or in a file).  Everything raises :class:`SigningError` with
@@ -13,8 +22,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import os
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 from edge_agent.errors import EdgeAgentError
 
@@ -108,16 +119,46 @@ def public_key_base64(private_key: Any) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def sign_digest(private_key: Any, sha256_hex: str) -> str:
-    """base64 signature of the raw digest (what ``cmd/deploy``'s ``signature`` field carries)."""
-    return base64.b64encode(private_key.sign(bytes.fromhex(sha256_hex))).decode("ascii")
+SCHEME = "edge-agent/deploy-signature/2"
+SIGNED_FIELDS = ("sha256", "name", "labels", "sample_sha256", "golden_mask_sha256")
 
 
-def verify_digest(public_key: Any, sha256_hex: str, signature: bytes) -> None:
-    """Raise SigningError unless ``signature`` signs ``sha256_hex`` with ``public_key``."""
+def deployment_document(sha256_hex: str, name: str, labels: Optional[List[str]] = None,
+                        sample: Optional[bytes] = None, golden_mask: Optional[bytes] = None) -> Dict[str, Any]:
+    """The fields a deployment's signature covers (``SIGNED_FIELDS``); images by their sha256."""
+    def digest(data: Optional[bytes]) -> Optional[str]:
+        return hashlib.sha256(data).hexdigest() if data is not None else None
+
+    return {"sha256": sha256_hex.lower(), "name": name, "labels": list(labels) if labels is not None else None,
+            "sample_sha256": digest(sample), "golden_mask_sha256": digest(golden_mask)}
+
+
+def canonical(document: Dict[str, Any]) -> bytes:
+    """The bytes signed: sorted keys, no spaces, UTF-8, with the scheme's name."""
+    fields = {k: document.get(k) for k in SIGNED_FIELDS}
+    return json.dumps({"scheme": SCHEME, **fields}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def sign_deployment(private_key: Any, document: Dict[str, Any]) -> str:
+    """base64 signature of :func:`canonical` (what ``cmd/deploy``'s ``signature`` field carries)."""
+    return base64.b64encode(private_key.sign(canonical(document))).decode("ascii")
+
+
+def verify_deployment(public_key: Any, document: Dict[str, Any], signature: bytes) -> None:
+    """Raise SigningError (one line) unless ``signature`` signs ``document`` with ``public_key``."""
     from cryptography.exceptions import InvalidSignature
 
     try:
-        public_key.verify(bytes(signature), bytes.fromhex(sha256_hex))
+        public_key.verify(bytes(signature), canonical(document))
+        return
     except (InvalidSignature, ValueError, TypeError):
-        raise SigningError("bad signature: it does not verify with deploy.public_key") from None
+        pass
+    try:  # an old-style signature of the raw digest: say so, never accept it
+        public_key.verify(bytes(signature), bytes.fromhex(str(document.get("sha256"))))
+    except (InvalidSignature, ValueError, TypeError):
+        raise SigningError("bad signature: it does not verify with deploy.public_key over the model's "
+                           "sha256, name, labels and sample (changed since signing, or another key)") from None
+    raise SigningError("the signature covers only the model's sha256 (an older edge-agent made it): re-sign "
+                       "the deployment with this version (remote deploy --sign-key), which signs its name, "
+                       "labels and sample too")

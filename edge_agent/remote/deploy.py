@@ -72,6 +72,11 @@ _CHUNK_NUMBER = re.compile(r"[0-9]{1,%d}" % MAX_CHUNK_DIGITS)
 
 # -- the agent side ----------------------------------------------------------------------------------
 
+def signed_document(req: DeployRequest) -> Dict[str, Any]:
+    """What a deployment's signature must cover (:func:`signing.deployment_document`)."""
+    return signing.deployment_document(req.sha256, req.name, req.labels, req.sample, req.golden_mask)
+
+
 @dataclass
 class _Job:
     """One deployment or rollback in progress."""
@@ -264,7 +269,7 @@ class Deployer:
             return
         if not req.signature:
             raise RequestError("unsigned deployment refused: deploy.public_key is configured")
-        signing.verify_digest(self.public_key, req.sha256, req.signature)
+        signing.verify_deployment(self.public_key, signed_document(req), req.signature)
 
     def _start_rollback(self, request: Request) -> None:
         target = self._rollback_target(request.params["to"])
@@ -368,10 +373,12 @@ class Deployer:
             segmenter, report = self._load_and_check(job, store.model_path(req.sha256))
             job.fields.update(report)
             signature = base64.b64encode(req.signature).decode("ascii") if req.signature else None
+            # what the signature covers, kept with it: every later trust check verifies the same document
+            signed = signed_document(req) if signature else None
             store.write_manifest(req.sha256, {  # a re-deployment refreshes it (and its signature)
                 "name": req.name, "labels": segmenter.labels, "input_size": list(segmenter.model.input_size),
                 "source": mask_url_secrets(req.url) if req.url else "mqtt", "request_id": req.id, "deployed_at": round(time.time(), 3),
-                "size": req.size, "signature": signature,
+                "size": req.size, "signature": signature, "signed_document": signed,
                 "signed": bool(req.signature and self.public_key is not None)})
         except BaseException:
             if placed:

@@ -77,7 +77,8 @@ DEPLOY_SCHEMA: Schema = {
     "url": StrField(r"(?i)https?://[^\s]{1,2000}", "an http:// or https:// URL", doc="the agent downloads it"),
     "chunks": IntField(1, MAX_CHUNKS, doc="inline transfer: chunk count on cmd/deploy/<id>/chunk/<n>"),
     "chunk_size": IntField(1, 1 << 31, doc="bytes of every chunk but the last (default: size, one chunk)"),
-    "signature": _b64_field("ed25519 signature of the raw sha256 digest"),
+    "signature": _b64_field("ed25519 signature of the deployment: sha256, name, labels, sample and "
+                            "golden mask (models.signing.canonical)"),
     "sample": _b64_field(f"a {IMAGE_FORMATS} image for the sanity invoke, at most {MAX_IMAGE_TEXT}"),
     "golden_mask": _b64_field(f"PNG of the class ids expected on the sample, at most {MAX_IMAGE_TEXT}"),
     "min_agreement": FloatField(0.0, 1.0, default=0.9),

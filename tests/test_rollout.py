@@ -159,3 +159,36 @@ def test_a_cancelled_rollout_leaves_every_device_on_a_known_model(fleet, tmp_pat
     doc = RolloutState.load(state_path)
     assert doc.status == "cancelled" and doc.rolled_back == {"ro-a": "done"}, (doc.status, doc.rolled_back)
     wait_until(lambda: _running(client) == {"ro-a": SHA05, "ro-b": SHA05}, 30, "every device back on depth 0.5")
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_an_interrupted_rollout_resumes_where_it_stopped(fleet, tmp_path, capsys):
+    """The host dies after stage 1 passed (here: an exception on the stage-2 line); --resume
+    does not redo stage 1 and finishes the rollout."""
+    broker, client, _ = fleet
+    data = DM10.read_bytes()
+    params = deploy_params(data, "dm10", chunk_size=512 * 1024)
+    state_path = tmp_path / "resume.json"
+    state = Rollout.plan(["ro-a", "ro-b"], "1,100%", params, Gates(fps_ratio=None, p50_ratio=None), soak_s=2)
+    state.model["file"], state.model["chunk_size"] = str(DM10), 512 * 1024
+
+    class HostDied(Exception):
+        pass
+
+    def out(line: str) -> None:
+        if line.startswith("stage 2/2: deploying"):
+            raise HostDied
+
+    with pytest.raises(HostDied):
+        Rollout(client, state, state_path, params, data, baseline_s=2.0, deploy_timeout_s=120, out=out).run()
+    saved = RolloutState.load(state_path)
+    assert saved.status == "running" and [s.status for s in saved.stages] == ["passed", "deploying"]
+    assert saved.stages[1].previous == {"ro-b": SHA05}  # kept: a resumed stage rolls back to it
+    assert _running(client) == {"ro-a": SHA10, "ro-b": SHA05}
+    base = ["--host", "127.0.0.1", "--port", str(broker.port), "--discover-s", "1"]
+    assert cli_main(["remote", "rollout", "--resume", "--state", str(state_path), "--baseline-s", "2", *base]) == 0
+    out_text = capsys.readouterr().out
+    assert "stage 1/2" not in out_text and "stage 2/2: deploying dm10 to ro-b" in out_text
+    assert RolloutState.load(state_path).status == "done"
+    wait_until(lambda: _running(client) == {"ro-a": SHA10, "ro-b": SHA10}, 30, "both devices on depth 1.0")

@@ -266,7 +266,8 @@ class Rollout:
 
     def _run_stage(self, index: int, stage: Stage) -> bool:
         st, n = self.state, len(self.state.stages)
-        stage.previous = {d: self._running_sha(d) for d in stage.devices}
+        if not stage.previous:  # resumed mid-stage: keep what they ran before this rollout touched them
+            stage.previous = {d: self._running_sha(d) for d in stage.devices}
         before_until = time.monotonic()
         before = {d: self.metrics.window(d, before_until - self.baseline_s, before_until) for d in stage.devices}
         stage.status = "deploying"

@@ -458,3 +458,55 @@ def test_benchmark_never_loads_an_unsigned_model_when_a_key_is_configured(device
     assert final["status"] == "done", (final, dev.answers("benchmark", "b-ok"))
     out = dev.stop()
     assert "Traceback" not in out, out
+
+
+# -- 7: a reload re-reads the TLS files ---------------------------------------------------------------
+
+@pytest.mark.broker
+def test_sighup_after_replacing_the_client_certificate_uses_the_new_one(mosquitto, tmp_path):
+    """The scenario: a certificate rotation onto a new CA. The broker requires client certificates
+    and trusts CA-1; the agent connects with a CA-1 client certificate. The operator replaces the
+    agent's cert/key FILES (same paths, so the config is unchanged) with a CA-2 certificate and
+    sends SIGHUP; then the broker is restarted trusting CA-2 only (CA-1 retired). The agent used to
+    log "reloading the configuration" but keep its old TLS context (comms were rebuilt only when
+    [mqtt] changed): the broker refused the CA-1 certificate for ever. Now the reload compares the
+    files' contents, rebuilds the connection, and the agent is back online on the CA-2 broker."""
+    import shutil
+
+    from tests.broker import Certs, make_certs
+
+    ca1, ca2 = make_certs(tmp_path / "ca1"), make_certs(tmp_path / "ca2")
+    trusted = tmp_path / "broker-trusts.pem"  # the broker's client CA (cafile), rewritten below
+    trusted.write_bytes(ca1.ca.read_bytes())
+    broker = mosquitto(tls=Certs(trusted, ca1.server_cert, ca1.server_key, ca1.client_cert, ca1.client_key),
+                       require_certificate=True)
+    cert, key = tmp_path / "agent.pem", tmp_path / "agent.key"
+    shutil.copyfile(ca1.client_cert, cert)
+    shutil.copyfile(ca1.client_key, key)
+    base = f"{PREFIX}/tls-1"
+    config = write_config(tmp_path / "tls-1.toml", "tls-1", broker.port,
+                          {"kind": "synthetic", "width": 160, "height": 120, "fps": 5.0},
+                          model={"path": str(DM10), "threads": 2},
+                          mqtt={"tls": True, "ca_file": str(ca1.ca), "cert_file": str(cert), "key_file": str(key)})
+    rec = Recorder("127.0.0.1", broker.port, f"{base}/#", certs=ca1)
+    out = OutputLines(start_agent(config))
+    try:
+        rec.wait_for(f"{base}/availability", b"online", timeout=60)
+        # the rotation: new files under the same paths, SIGHUP
+        shutil.copyfile(ca2.client_cert, cert)
+        shutil.copyfile(ca2.client_key, key)
+        out.proc.send_signal(signal.SIGHUP)
+        out.wait_for("reloading the configuration", timeout=30)
+        out.wait_for("the MQTT TLS files changed", timeout=30)
+        # CA-1 retired: the broker now trusts CA-2 client certificates only
+        rec.close()
+        trusted.write_bytes(ca2.ca.read_bytes())
+        broker.restart()
+        rec = Recorder("127.0.0.1", broker.port, f"{base}/#",
+                       certs=Certs(ca1.ca, ca1.server_cert, ca1.server_key, ca2.client_cert, ca2.client_key))
+        rec.wait_for(f"{base}/availability", b"online", timeout=60)
+        rec.wait_for(f"{base}/mask", count=2, timeout=60)  # and it works: results flow again
+    finally:
+        rec.close()
+        text = out.stop()
+    assert "Traceback" not in text, text

@@ -7,6 +7,7 @@ line naming the setting that resolves it.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import ssl
 from pathlib import Path
@@ -45,6 +46,25 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
     if cfg.tls_insecure:
         ctx.check_hostname = False  # the chain is still verified; only the host name is not
     return ctx
+
+
+def tls_material(cfg: MqttConfig) -> Tuple[Optional[str], ...]:
+    """A fingerprint of the CONTENTS of ``[mqtt]``'s TLS files (sha256 of the CA, certificate and
+    key files; an unreadable file counts by its error): a reload compares it, since replacing the
+    certificate and key under the same paths leaves the config unchanged while the TLS context
+    built from the old files would keep presenting the old certificate."""
+    if not cfg.tls:
+        return ()
+    out = []
+    for name in (cfg.ca_file, cfg.cert_file, cfg.key_file):
+        if not name:
+            out.append(None)
+            continue
+        try:
+            out.append(hashlib.sha256(Path(name).expanduser().read_bytes()).hexdigest())
+        except OSError as exc:
+            out.append(f"unreadable: {exc.strerror}")
+    return tuple(out)
 
 
 def apply_credentials(client: paho.Client, cfg: MqttConfig) -> None:

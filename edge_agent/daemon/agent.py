@@ -86,6 +86,15 @@ def make_comms(config: Config):
     return comms
 
 
+def tls_material(config: Config) -> tuple:
+    """What the comms' TLS context was built from (the files' contents; () without TLS)."""
+    if not config.mqtt.enabled or not config.mqtt.tls:
+        return ()
+    from edge_agent.comms.tls import tls_material as material  # paho only when MQTT is on
+
+    return material(config.mqtt)
+
+
 class Agent:
     def __init__(self, config: Config, install_signals: bool = True, handlers: HandlerTable = HANDLERS,
                  config_path: Optional[str] = None, config_overrides: Sequence[str] = ()) -> None:
@@ -94,6 +103,7 @@ class Agent:
         self.config_overrides = tuple(config_overrides)
         self.install_signals = install_signals
         self.comms = make_comms(config)
+        self._tls_material = tls_material(config)  # the TLS files' contents the comms were built with
         self.pipeline: Optional[Pipeline] = None
         self.models = ModelManager(config, self)
         self.error: Optional[str] = None
@@ -257,8 +267,12 @@ class Agent:
             return
         log.info("reloading the configuration")
         self.stop_pipeline()
+        material = tls_material(new)  # same paths, new files (a renewed certificate) count too
+        if material != self._tls_material and new.mqtt == self.config.mqtt:
+            log.info("the MQTT TLS files changed: reconnecting with them")
         if (new.mqtt != self.config.mqtt or new.agent.device_id != self.config.agent.device_id
-                or new.homeassistant != self.config.homeassistant):
+                or new.homeassistant != self.config.homeassistant or material != self._tls_material):
+            self._tls_material = material
             self.comms.stop()
             self.config = new
             self.comms = make_comms(new)

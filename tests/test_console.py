@@ -94,6 +94,34 @@ def _http(url: str, method: str = "GET", body: Optional[bytes] = None,
 
 
 @pytest.mark.broker
+def test_a_read_only_console_hides_and_refuses_commands(mosquitto, monkeypatch):
+    """--read-only (a viewer's console): the fleet is shown, every command is refused with 403 in
+    one line, the page is told to hide them; signing in still works."""
+    broker = mosquitto()
+    monkeypatch.setenv("EDGE_AGENT_CONSOLE_TOKEN", TOKEN)
+    console = ConsoleProcess(broker.port, "--read-only")
+    try:
+        url, auth = console.url, {"X-Console-Token": TOKEN}
+        assert _http(url + "api/devices", headers=auth)[0] == 200
+        page = _http(url)[1].decode()
+        assert '<meta name="console-read-only" content="true">' in page
+        for path, doc in (("api/bench", {"devices": ["pi-x"], "runs": 3}), ("api/models", {"devices": ["pi-x"]}),
+                          ("api/rollback", {"devices": ["pi-x"]}), ("api/deploy?devices=pi-x", None)):
+            body = json.dumps(doc).encode() if doc is not None else b"not a model"
+            status, answer, _ = _http(url + path, "POST", body, auth)
+            assert status == 403, (path, status, answer)
+            assert json.loads(answer)["error"].startswith("read-only console"), answer
+        assert _http(url + "api/session", "POST", b"", auth)[0] == 200
+    finally:
+        console.stop()
+    plain = ConsoleProcess(broker.port)
+    try:
+        assert '<meta name="console-read-only" content="false">' in _http(plain.url)[1].decode()
+    finally:
+        plain.stop()
+
+
+@pytest.mark.broker
 def test_every_state_change_needs_the_token_header(mosquitto, tmp_path, monkeypatch):
     broker = mosquitto()
     monkeypatch.setenv("EDGE_AGENT_CONSOLE_TOKEN", TOKEN)

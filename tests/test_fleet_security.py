@@ -416,7 +416,8 @@ def test_console_on_viewer_and_operator_credentials(site: Site, capsys, tmp_path
             user, pw = secret_of(site.add(capsys, f"console{kind.strip('-')}", kind))
             pw_file = tmp_path / f"{user}.pw"
             pw_file.write_text(pw + "\n")
-            console = ConsoleProcess(site.broker.port, "--username", user, "--password-file", str(pw_file))
+            console = ConsoleProcess(site.broker.port, "--username", user, "--password-file", str(pw_file),
+                                     *(["--read-only"] if kind == "--viewer" else []))
             try:
                 def online() -> bool:
                     request = urllib.request.Request(console.url + "api/devices", headers={"X-Console-Token": token})

@@ -35,6 +35,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--forget-after-h", type=float, default=limits.forget_after_s / 3600, metavar="HOURS",
                    help=f"forget a device offline and silent this long (default {limits.forget_after_s / 3600:g}); "
                         "at once when its retained availability/info is cleared")
+    p.add_argument("--read-only", action="store_true",
+                   help="a viewer's console (for viewer broker credentials): shows the fleet, hides and "
+                        "refuses benchmarks, deployments and rollbacks (403)")
     p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
                    help="seconds each command waits for retained device states (default 1)")
     p.set_defaults(func=cmd_console)
@@ -50,6 +53,6 @@ def cmd_console(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0 or args.max_event_streams < 1 or args.forget_after_h <= 0:
         raise EdgeAgentError("--max-upload-mb, --max-event-streams and --forget-after-h must be positive")
     settings = Settings(max_upload_mb=args.max_upload_mb, max_event_streams=args.max_event_streams,
-                        forget_after_s=args.forget_after_h * 3600)
+                        forget_after_s=args.forget_after_h * 3600, read_only=args.read_only)
     return serve(mqtt_from_args(args), listen, token, discover_s=args.discover_s, settings=settings,
                  sign_key=sign_key)

@@ -221,12 +221,17 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
                title: str = "edge-agent console") -> Starlette:
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
-    def guard(write: bool = False):
+    def guard(write: bool = False, command: bool = False):
+        """``write``: changes state (token checked); ``command``: sends commands to devices
+        (refused by a read-only console)."""
         def wrap(handler):
             async def endpoint(request: Request) -> Response:
                 refused = access.refusal(request, write)
                 if refused is not None:
                     return refused
+                if command and settings.read_only:
+                    return _error(403, "read-only console (started with --read-only, for viewer credentials): "
+                                       "commands are refused")
                 try:
                     return await handler(request)
                 except EdgeAgentError as exc:  # RequestProblem (400, 413), DeviceBusy (409), ...
@@ -239,7 +244,8 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
         if refused is not None:
             return refused
         embedded = "" if access.configured else access.token
-        html = page.replace("{{TOKEN}}", embedded).replace("{{TITLE}}", title)
+        html = (page.replace("{{TOKEN}}", embedded).replace("{{TITLE}}", title)
+                .replace("{{READ_ONLY}}", "true" if settings.read_only else "false"))
         return HTMLResponse(html, headers={"Cache-Control": "no-store",
                                            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
                                                                       "style-src 'self'; frame-ancestors 'none'",
@@ -335,7 +341,7 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
             return _error(404, f"{job.id} has no benchmark report (yet)")
         return JSONResponse(job.report, headers={"Content-Disposition": f'attachment; filename="{job.id}.json"'})
 
-    @guard(write=True)
+    @guard(write=True, command=True)
     async def bench(request: Request) -> Response:
         doc = await _json_body(request)
         job = jobs.bench(_devices(doc.get("devices"), state.device_ids()), runs=_int(doc, "runs", 50, 1, 100000),
@@ -343,18 +349,18 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
                          pause=_bool(doc, "pause"), model=_str(doc, "model"))
         return JSONResponse(job.doc(), status_code=202)
 
-    @guard(write=True)
+    @guard(write=True, command=True)
     async def models(request: Request) -> Response:
         doc = await _json_body(request)
         return JSONResponse(jobs.models(_devices(doc.get("devices"), state.device_ids())).doc(), status_code=202)
 
-    @guard(write=True)
+    @guard(write=True, command=True)
     async def rollback(request: Request) -> Response:
         doc = await _json_body(request)
         job = jobs.rollback(_devices(doc.get("devices"), state.device_ids()), to=_str(doc, "to"))
         return JSONResponse(job.doc(), status_code=202)
 
-    @guard(write=True)
+    @guard(write=True, command=True)
     async def deploy(request: Request) -> Response:
         q = request.query_params
         targets = _devices(q.get("devices", ""), state.device_ids())

@@ -10,6 +10,9 @@ They bound what any client of the page or of the broker can make the console hol
   one running is answered 409.
 * ``max_event_streams``: concurrent ``GET /api/events`` streams (each open page holds one); one
   more is answered 503.
+* ``read_only``: a viewer's console (``--read-only``, for a viewer's broker credentials: the broker
+  would refuse its commands anyway): the page hides benchmark, deploy and rollback, and every
+  state-changing request is answered 403.
 * ``forget_after_s``: a device not online and not heard from for this long is forgotten, its
   masks and overlays freed (it comes back with its next message). It is forgotten at once when
   its retained availability or info is cleared (an empty retained message).
@@ -32,6 +35,7 @@ class Settings:
     max_upload_mb: float = MAX_UPLOAD_MB
     max_event_streams: int = MAX_EVENT_STREAMS
     forget_after_s: float = FORGET_AFTER_S
+    read_only: bool = False
     upload_dir: Optional[str] = None  # None: tempfile's directory ($TMPDIR, else /tmp)
 
     @property

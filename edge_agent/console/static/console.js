@@ -542,7 +542,21 @@ function wire() {
   });
 }
 
+function applyReadOnly() {
+  // A viewer's console: no command can be sent, so none is offered (the server refuses them too).
+  if ($('meta[name="console-read-only"]').content !== "true") return;
+  for (const name of ["bench", "deploy"]) {
+    const tab = document.querySelector(`button[data-tab="${name}"]`);
+    if (tab) tab.hidden = true;  // their sections stay hidden: no tab switches to them
+  }
+  const note = document.createElement("p");
+  note.className = "read-only-note";
+  note.textContent = "Read-only console (viewer): benchmarks, deployments and rollbacks are not available here.";
+  $("main").prepend(note);
+}
+
 async function main() {
+  applyReadOnly();
   wire();
   if (token && !(await signIn(token))) return;
   if (!token) {

@@ -198,9 +198,9 @@ def _add_sweep(sub) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[513, 449, 385, 321, 257],
                    help="input sizes (default 513 449 385 321 257)")
     p.add_argument("--schemes", nargs="+", default=["per-channel", "per-tensor", "fp16"],
-                   help="per-channel | per-tensor (equalize + analytic bias correction) | "
-                        "per-tensor-s8 (+ 8 subtensors) | fp16 | qat (default: per-channel "
-                        "per-tensor fp16)")
+                   help="per-channel | per-tensor (plain per-tensor weights) | per-tensor-s8 "
+                        "(+ 8 subtensors, the per-tensor cure that holds on held-out images) | "
+                        "fp16 | qat (default: per-channel per-tensor fp16)")
     data = p.add_argument_group("data (calibration images are never evaluated)")
     data.add_argument("--voc", help="VOC-layout dataset to evaluate on")
     data.add_argument("--split", default="val", help="its ImageSets/Segmentation split (default val)")
@@ -292,10 +292,12 @@ def build_parser(prog: str = DEFAULT_PROG, note: Optional[str] = None) -> argpar
     p.add_argument("--input-size", type=int, nargs="+", help="fixed input H [W]")
     _ptq_flags(p)
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization of "
-                   "conv/depthwise pairs first (float outputs unchanged; helps --per-tensor)")
+                   "conv/depthwise pairs first (float outputs unchanged; off by default: its "
+                   "--per-tensor gain is within noise on held-out images)")
     p.add_argument("--bias-correct", nargs="?", const="empirical", metavar="METHOD",
                    help="cancel the mean output shift of weight rounding: empirical (default, "
-                        "layer by layer on the calibration images) | analytic")
+                        "layer by layer on the calibration images) | analytic (off by default: "
+                        "its gain does not hold on held-out images)")
     p.add_argument("--split-subtensors", type=int, default=1, metavar="N",
                    help="split each conv/depthwise block into N channel groups (2..8), each with "
                         "its own per-tensor scales (default 1: off)")

@@ -1,6 +1,7 @@
 """Judge the per-tensor cures on data they were not tuned on (issue #28 item 3).
 
-    .venv-host/bin/python -m tools.host.per_tensor_heldout [OUT_DIR]   (~15 min on 2 cores)
+    .venv-host/bin/python -m tools.host.per_tensor_heldout [OUT_DIR] [--skip-bias]
+    (~15 min on 2 cores; models already in OUT_DIR are reused)
 
 Coral's dm0.5 rebuilt at 513 (default 129x129 ArgMax head), quantized per tensor plain, with
 ``--equalize``, ``--equalize --bias-correct analytic`` and ``--split-subtensors 8`` (and
@@ -39,6 +40,9 @@ VARIANTS = {
     "pt_s8": {"per_channel": False, "subtensors": 8},
 }
 FOLD_VARIANTS = ("pt", "pt_eq", "pt_eq_bca", "pt_s8")
+# (variant, baseline) differences reported besides "vs plain per-tensor"
+PAIRS = (("pt_eq_bca", "pt_eq"), ("pt_s8", "pc"), ("pt_s8", "pt_eq_bca"),
+         ("pt_eq_bca_first_only", "pt_eq"), ("pt_eq_bca_but_first", "pt_eq"))
 
 
 def main(argv=None) -> int:
@@ -51,12 +55,13 @@ def main(argv=None) -> int:
     from tools.host import metrics
     from tools.host.bias_correct import bias_correct, output_shift
     from tools.host.datasets import VocDataset, calibration_images
-    from tools.host.equalize import equalize, is_depthwise
+    from tools.host.equalize import copy_model as tf_keras_clone, equalize, is_depthwise
     from tools.host.ptq import PTQOptions, quantize_keras, write_tflite
     from tools.host.rebuild import rebuild
 
     args = argv if argv is not None else sys.argv[1:]
-    out = Path(args[0] if args else "out/per_tensor_heldout")
+    paths = [a for a in args if not a.startswith("--")]
+    out = Path(paths[0] if paths else "out/per_tensor_heldout")
     out.mkdir(parents=True, exist_ok=True)
     voc = list(VocDataset(DATA / "voc"))
     ids = [s.id for s, _, _ in voc]
@@ -86,6 +91,19 @@ def main(argv=None) -> int:
         for v in FOLD_VARIANTS:
             conf_b[v].update(confusions(build(f"{v}@fold{k + 1}", calib), fold))
 
+    if "--ablate" in args:  # bias correction of the first (clipped) depthwise layer alone / all but it
+        eq = equalize(model)[0]
+        bc = bias_correct(eq, photos, per_channel=False, method="analytic")[0]
+        first = "expanded_conv_depthwise"
+        for name, src, keep in (("pt_eq_bca_first_only", eq, bc), ("pt_eq_bca_but_first", bc, eq)):
+            path = out / f"{name}.tflite"
+            if not path.is_file():
+                m = tf_keras_clone(src)
+                m.get_layer(first).set_weights(keep.get_layer(first).get_weights())
+                write_tflite(quantize_keras(m, PTQOptions(per_channel=False), photos), path)
+            conf_a[name] = confusions(path, ids)
+            VARIANTS[name] = {}
+
     def miou(conf, subset):
         return 100 * metrics.mean_iou(sum(conf[i] for i in subset))
 
@@ -93,10 +111,11 @@ def main(argv=None) -> int:
     boot = rng.integers(0, len(ids), size=(10000, len(ids)))
     result = {"ids": ids, "folds": folds, "A": {}, "B": {}}
     for label, confs, variants in (("A", conf_a, VARIANTS), ("B", conf_b, FOLD_VARIANTS)):
-        base = confs["pt"]
-        print(f"\n== {label}: mIoU on all 7 (delta vs plain per-tensor) ==")
-        for v in variants:
-            c = confs[v]
+        print(f"\n== {label}: mIoU on all 7 (delta vs plain per-tensor, then pairs) ==")
+        comparisons = [(v, "pt") for v in variants] + [
+            (v, b) for v, b in PAIRS if v in variants and b in variants]
+        for v, b in comparisons:
+            c, base = confs[v], confs[b]
             per_image = {i: (100 * metrics.mean_iou(c[i]) - 100 * metrics.mean_iou(base[i]),
                              100 * metrics.pixel_accuracy(c[i])
                              - 100 * metrics.pixel_accuracy(base[i])) for i in ids}
@@ -109,14 +128,17 @@ def main(argv=None) -> int:
                    "p_le_0": float(np.mean(diffs <= 0)), "loo": [min(loo), max(loo)],
                    "per_image": per_image,
                    "pixel_acc": 100 * metrics.pixel_accuracy(sum(c[i] for i in ids))}
-            result[label][v] = row
-            print(f"{v:10s} mIoU {row['miou']:.2f}  delta {row['delta']:+.2f}  bootstrap 95% "
+            result[label][v if b == "pt" else f"{v}-{b}"] = row
+            print(f"{v if b == 'pt' else v + ' - ' + b:10s} mIoU {row['miou']:.2f}  delta {row['delta']:+.2f}  bootstrap 95% "
                   f"[{row['ci95'][0]:+.2f}, {row['ci95'][1]:+.2f}] P(<=0) {row['p_le_0']:.2f}  "
                   f"leave-one-out [{row['loo'][0]:+.2f}, {row['loo'][1]:+.2f}]  pixel acc "
                   f"{row['pixel_acc']:.2f}")
             print("           per image dmIoU/dacc: " + "  ".join(
                 f"{i}: {a:+.2f}/{b:+.2f}" for i, (a, b) in per_image.items()))
 
+    if "--skip-bias" in args:
+        (out / "heldout_eval.json").write_text(json.dumps(result, indent=1))
+        return 0
     # bias statistics: 8 photos vs 8 photos + 7 VOC, per layer; transfer to the VOC images
     eq = equalize(model)[0]
     voc_images = [img for _, img, _ in voc]

@@ -126,6 +126,8 @@ class FleetClient:
         self._pending: Optional[_Pending] = None
         self._presence: Optional[str] = None  # request id of the presence query being collected
         self._subacks: Set[int] = set()
+        self._generation = 0  # connections so far: a subscribe() sees when a reconnect resubscribed
+        self._resub_mid: Optional[int] = None
         self._filters: Set[str] = set()  # re-subscribed after every reconnect
         self._last_state_at = 0.0
         self._listeners: List[Tuple[str, MessageCallback]] = []  # listen(): called on matching messages
@@ -195,8 +197,13 @@ class FleetClient:
         client = self._connected_client(timeout)
         with self._cond:
             self._filters.update(filters)
+            generation = self._generation
             rc, mid = client.subscribe([(f, 1) for f in filters])
-            if rc != paho.MQTT_ERR_SUCCESS or not self._cond.wait_for(lambda: mid in self._subacks, timeout):
+
+            def acked() -> bool:  # ours, or the resubscription after a reconnect that lost ours
+                return mid in self._subacks or (self._generation != generation and self._resub_mid in self._subacks)
+
+            if (rc != paho.MQTT_ERR_SUCCESS and self._generation == generation) or not self._cond.wait_for(acked, timeout):
                 raise FleetError(f"subscribing to {filters} failed")
             self._subacks.discard(mid)
 
@@ -338,11 +345,17 @@ class FleetClient:
 
     # -- paho callbacks (network thread) ------------------------------------------------------------
     def _on_connect(self, client: paho.Client) -> None:
-        """(Re)connected: subscribe again to everything we listen to (clean sessions)."""
+        """(Re)connected: subscribe again to everything we listen to (clean sessions); a
+        :meth:`subscribe` whose SUBACK the broken connection lost waits for this one."""
         with self._cond:
             filters = sorted(self._filters)
+            self._generation += 1
+            self._resub_mid = None
         if filters:
-            client.subscribe([(f, 1) for f in filters])
+            _, mid = client.subscribe([(f, 1) for f in filters])
+            with self._cond:
+                self._resub_mid = mid
+                self._cond.notify_all()
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         with self._cond:

@@ -93,6 +93,15 @@ class _Pending:
 
 
 
+def json_object(payload: bytes) -> Optional[Dict[str, Any]]:
+    """A device's JSON document, or None for anything that is not a JSON object."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def tags_of(device: Device) -> List[str]:
     """The groups a device says it is in (``agent.tags``, published in its info)."""
     tags = (device.info or {}).get("tags") or []
@@ -426,11 +435,8 @@ class FleetClient:
         pending = self._pending
         if pending is None or kind != pending.kind or rid != pending.request_id or dev in pending.answers:
             return
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(doc, dict):
+        doc = json_object(payload)
+        if doc is None:
             return
         if pending.fleet:
             pending.expected.add(dev)  # answered although not discovered: expect its final too

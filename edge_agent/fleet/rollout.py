@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from edge_agent.errors import EdgeAgentError
-from edge_agent.fleet.client import Answer, FleetClient
+from edge_agent.fleet.client import Answer, FleetClient, json_object
 from edge_agent.fleet.deploy import deploy, rollback
 
 STATE_VERSION = 1
@@ -96,11 +96,8 @@ class Metrics:
     def _on_message(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
         device, what = parts[-2], parts[-1]
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(doc, dict):
+        doc = json_object(payload)
+        if doc is None:
             return
         now = self._clock()
         found: List[Tuple[str, float]] = []

@@ -1,6 +1,6 @@
 """Judge the per-tensor cures on data they were not tuned on (issue #28 item 3).
 
-    .venv-host/bin/python -m tools.host.per_tensor_heldout [OUT_DIR] [--skip-bias]
+    .venv-host/bin/python -m tools.host.per_tensor_heldout [OUT_DIR] [--skip-bias] [--ablate]
     (~15 min on 2 cores; models already in OUT_DIR are reused)
 
 Coral's dm0.5 rebuilt at 513 (default 129x129 ArgMax head), quantized per tensor plain, with
@@ -18,6 +18,9 @@ per-channel), then scored image by image on the 7 shared VOC val pairs:
   photos + all 7 VOC images (how stable is it), and per depthwise layer the mean output shift on
   the VOC images without and with the correction computed from the photos (does the correction
   of that layer transfer).
+
+``--ablate`` adds (split A) bias correction of the first, clipped depthwise layer alone and of
+every layer but it; ``--skip-bias`` stops before the bias statistics (``heldout_eval.json``).
 
 Writes ``heldout.json`` and prints the tables. Not a test: a measurement for docs/host-tools.md.
 """
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
         for v in FOLD_VARIANTS:
             conf_b[v].update(confusions(build(f"{v}@fold{k + 1}", calib), fold))
 
-    if "--ablate" in args:  # bias correction of the first (clipped) depthwise layer alone / all but it
+    if "--ablate" in args:  # bias correction of the first (clipped) depthwise only / all but it
         eq = equalize(model)[0]
         bc = bias_correct(eq, photos, per_channel=False, method="analytic")[0]
         first = "expanded_conv_depthwise"
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
                    "per_image": per_image,
                    "pixel_acc": 100 * metrics.pixel_accuracy(sum(c[i] for i in ids))}
             result[label][v if b == "pt" else f"{v}-{b}"] = row
-            print(f"{v if b == 'pt' else v + ' - ' + b:10s} mIoU {row['miou']:.2f}  delta {row['delta']:+.2f}  bootstrap 95% "
+            name = v if b == "pt" else f"{v} - {b}"
+            print(f"{name:10s} mIoU {row['miou']:.2f}  delta {row['delta']:+.2f}  bootstrap 95% "
                   f"[{row['ci95'][0]:+.2f}, {row['ci95'][1]:+.2f}] P(<=0) {row['p_le_0']:.2f}  "
                   f"leave-one-out [{row['loo'][0]:+.2f}, {row['loo'][1]:+.2f}]  pixel acc "
                   f"{row['pixel_acc']:.2f}")

@@ -2,6 +2,8 @@
 # Reproduce the per-tensor table of docs/host-tools.md: rebuild Coral's dm0.5, quantize it with
 # each per-tensor cure, evaluate everything in one run (VOC pairs + the golden bird).
 #   bash tools/host/per_tensor_table.sh [OUT_DIR]   (default out/per_tensor; ~15 min on 2 cores)
+# The recipes were chosen on these 7 VOC pairs; python -m tools.host.per_tensor_heldout re-judges
+# them on held-out splits (docs/host-tools.md: only --split-subtensors 8 holds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv-host/bin/python}

@@ -18,6 +18,7 @@ MQTT control API:
 from __future__ import annotations
 
 import json
+import time
 import logging
 import signal
 import stat
@@ -314,6 +315,18 @@ def test_real_agent_operator_cli_and_rotation(site: Site, capsys, tmp_path: Path
         assert cli_main(["remote", "bench", "-d", "pi-7", "--runs", "3", "--progress", "none",
                          "--timeout", "60", *flags]) == 0
         assert "done" in capsys.readouterr().out
+        # a viewer lists the devices from their retained states (its presence query is refused) ...
+        viewer = site.add(capsys, "viewer-7", "--viewer")
+        assert cli_main(["remote", "devices", "--discover-s", "1", "--config", str(viewer)]) == 0
+        captured = capsys.readouterr()
+        assert "pi-7" in captured.out and "presence query refused by the broker" in captured.err, captured
+        # ... and its command is refused by the broker: said at once, not after the answer timeout
+        started = time.monotonic()
+        assert cli_main(["remote", "bench", "-d", "pi-7", "--runs", "3", "--progress", "none",
+                         "--timeout", "60", "--config", str(viewer)]) == 2
+        err = capsys.readouterr().err
+        assert f"the broker refused the publish on {PREFIX}/pi-7/cmd/benchmark: Not authorized" in err, err
+        assert time.monotonic() - started < 30 and "Traceback" not in err
         # rotation: the broker kicks the agent, its old password is refused
         new = tmp_path / "pi-7.new.cred"
         code, _, err = site.fleet(capsys, "rotate", "pi-7", "--out", str(new))

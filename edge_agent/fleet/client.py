@@ -141,8 +141,10 @@ class FleetClient:
         self._last_state_at = 0.0
         self._listeners: List[Tuple[str, MessageCallback]] = []  # listen(): called on matching messages
         self.discovery = "not run"  # how the last discover() found the devices, for the user
+        self._refused: Dict[int, str] = {}  # mid -> the broker's refusal (MQTT 5 PUBACK >= 0x80)
         self._conn = MqttConnection(mqtt, self.client_id, on_connected=self._on_connect,
                                     on_message=self._on_message, on_subscribe=self._on_subscribe,
+                                    on_publish=self._on_publish,
                                     connack_timeout_s=connack_timeout_s,
                                     failure_level=logging.DEBUG)  # connect() says what failed, once
 
@@ -241,11 +243,15 @@ class FleetClient:
         start = time.monotonic()
         rid = new_request_id()
         answers = f"{self.prefix}/+/{PRESENCE}/{rid}"
+        refused = ""
         if query:
             with self._cond:
                 self._presence = rid
             self.subscribe([answers])
-            self.publish(f"{self.prefix}/{FLEET}/cmd/{PRESENCE}", json.dumps({"request_id": rid}).encode())
+            try:
+                self.publish(f"{self.prefix}/{FLEET}/cmd/{PRESENCE}", json.dumps({"request_id": rid}).encode())
+            except FleetError:  # a viewer may read but not query: the retained states are all we get
+                refused = "presence query refused by the broker (read-only credentials)"
         deadline = start + wait
         quiet = min(QUIET_S, wait)
         try:
@@ -257,7 +263,7 @@ class FleetClient:
                     retained_online = {d.id for d in self._devices.values() if d.online and RETAINED in d.via}
                     answered = {d.id for d in self._devices.values() if PRESENCE in d.via}
                     if (self._devices and now - max(self._last_state_at, start) >= quiet
-                            and (not query or retained_online <= answered)):
+                            and (not query or refused or retained_online <= answered)):
                         break
                     self._cond.wait(min(0.05, deadline - now))
         finally:
@@ -269,7 +275,9 @@ class FleetClient:
         retained = sum(1 for d in devices.values() if RETAINED in d.via)
         answered = sum(1 for d in devices.values() if PRESENCE in d.via)
         how = [f"retained availability/info: {retained}"]
-        if query:
+        if refused:
+            how.append(refused)
+        elif query:
             how.append(f"presence query: {answered} answered")
         self.discovery = f"{len(devices)} device(s) in {time.monotonic() - start:.1f} s ({'; '.join(how)})"
         return devices
@@ -328,10 +336,26 @@ class FleetClient:
         return dict(sorted(pending.answers.items()))
 
     def publish(self, topic: str, payload: bytes) -> None:
-        """QoS 1 publish that returns once the broker acknowledged it (10 s at most)."""
+        """QoS 1 publish that returns once the broker acknowledged it (10 s at most); a refusal
+        (MQTT 5 PUBACK reason >= 0x80, e.g. a viewer's credentials sending a command) is an error
+        at once, not a wait for answers that cannot come."""
         client = self._connected_client(10.0)
         info = client.publish(topic, payload, qos=1)
         info.wait_for_publish(10)
+        with self._cond:
+            refusal = self._refused.pop(info.mid, None)
+        if refusal is not None:
+            raise FleetError(f"the broker refused the publish on {topic}: {refusal} (these credentials "
+                             f"({self.cfg.username or 'anonymous'}) may not publish there: commands need "
+                             "an operator's)")
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        value = getattr(reason, "value", reason)
+        if isinstance(value, int) and value >= 0x80:
+            with self._cond:
+                self._refused[mid] = str(reason) if hasattr(reason, "value") else f"reason code 0x{value:02x}"
+                while len(self._refused) > 256:  # never waited for (fire-and-forget): bounded
+                    self._refused.pop(next(iter(self._refused)))
 
     def _wait(self, pending: _Pending, timeout: float, grace: float) -> None:
         start = time.monotonic()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import http.client
 import http.server
 import json
 import os
 import signal
 import threading
+import urllib.parse
+import urllib.request
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -148,6 +151,47 @@ def http_dir(tmp_path):
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """A forward proxy for plain http (absolute-URI requests), recording what it relayed."""
+
+    def do_GET(self):
+        self.server.seen.append((self.path, self.headers.get("Proxy-Authorization")))
+        target = urllib.parse.urlsplit(self.path)  # upstream directly: never back through a proxy
+        upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+        upstream.request("GET", target.path)
+        body = upstream.getresponse().read()
+        upstream.close()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_fetch_url_goes_through_the_proxy_the_environment_names(http_dir, tmp_path, monkeypatch):
+    root, url = http_dir
+    (root / "m.bin").write_bytes(b"p" * 3000)
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    proxy.seen = []
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"http": f"http://ops:s3cret@127.0.0.1:{proxy.server_address[1]}"})
+    try:
+        out = tmp_path / "via-proxy"
+        with monkeypatch.context() as m:
+            m.setattr(urllib.request, "proxy_bypass", lambda host: False)
+            transfer.fetch_url(f"{url}/m.bin", out, 5000, 5.0, lambda _: None)
+        assert out.read_bytes() == b"p" * 3000
+        assert proxy.seen == [(f"{url}/m.bin", "Basic " + base64.b64encode(b"ops:s3cret").decode())]
+        monkeypatch.setattr(urllib.request, "proxy_bypass", lambda host: host == "127.0.0.1")  # no_proxy
+        transfer.fetch_url(f"{url}/m.bin", tmp_path / "direct", 5000, 5.0, lambda _: None)
+        assert len(proxy.seen) == 1 and (tmp_path / "direct").read_bytes() == b"p" * 3000
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
 
 
 def test_fetch_url_size_cap_and_errors(http_dir, tmp_path):

@@ -5,6 +5,7 @@ sha256 verified. Failures are one line naming their cause (``DeployFailed``).
 
 from __future__ import annotations
 
+import base64
 import errno
 import http.client
 import os
@@ -12,8 +13,9 @@ import socket
 import threading
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Callable, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from edge_agent.config import mask_url_secrets
 from edge_agent.models.store import sha256_file
@@ -181,18 +183,36 @@ class _Deadline:
         self._timer.cancel()
 
 
-def _connection(url: str, timeout_s: float) -> Tuple[http.client.HTTPConnection, str]:
+def _connection(url: str, timeout_s: float) -> Tuple[http.client.HTTPConnection, str, Dict[str, str]]:
+    """The connection for ``url``, the request target and extra headers; through the proxy that
+    ``http_proxy``/``https_proxy`` name unless ``no_proxy`` covers the host (as urllib would)."""
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise DeployFailed(f"cannot download {mask_url_secrets(url)}: only http:// and https:// URLs")
     cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    timeout = max(0.001, timeout_s)
     try:
         port = parts.port
     except ValueError:
         raise DeployFailed(f"cannot download {mask_url_secrets(url)}: bad port") from None
-    return cls(parts.hostname, port, timeout=max(0.001, timeout_s)), target
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname):
+        return cls(parts.hostname, port, timeout=timeout), target, {}
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if not p.hostname:
+        raise DeployFailed(f"{scheme}_proxy {mask_url_secrets(proxy)}: not a proxy URL")
+    auth = {}
+    if p.username is not None:
+        token = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+        auth = {"Proxy-Authorization": "Basic " + base64.b64encode(token.encode()).decode("ascii")}
+    if scheme == "https":  # a CONNECT tunnel through the proxy, TLS to the server itself
+        conn = http.client.HTTPSConnection(p.hostname, p.port or 8080, timeout=timeout)
+        conn.set_tunnel(parts.hostname, port or 443, headers=auth)
+        return conn, target, {}
+    absolute = urllib.parse.urlunsplit((scheme, parts.netloc.rsplit("@", 1)[-1], parts.path or "/", parts.query, ""))
+    return http.client.HTTPConnection(p.hostname, p.port or 8080, timeout=timeout), absolute, auth
 
 
 def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: Callable[[int], None],
@@ -218,10 +238,10 @@ def fetch_url(url: str, path: Path, limit: int, timeout_s: float, on_progress: C
         while True:
             if deadline.left() <= 0:
                 raise DeployFailed(timed_out)
-            conn, target = _connection(current, deadline.left())
+            conn, target, extra = _connection(current, deadline.left())
             conn.connect()
             deadline.watch(conn.sock)
-            conn.request("GET", target, headers={"User-Agent": "edge-agent", "Accept-Encoding": "identity"})
+            conn.request("GET", target, headers={"User-Agent": "edge-agent", "Accept-Encoding": "identity", **extra})
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")

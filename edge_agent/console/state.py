@@ -16,7 +16,6 @@ next message.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from edge_agent.console.settings import FORGET_AFTER_S
-from edge_agent.fleet.client import FleetClient
+from edge_agent.fleet.client import FleetClient, json_object
 
 HISTORY_S = 600.0  # the latency chart: the last 10 minutes, one point a second at most
 ROW_TIMINGS_MIN_S = 1.0  # per-frame timings refresh the fleet row at most once a second
@@ -61,14 +60,6 @@ def stage_means(timings: Optional[Dict[str, Any]]) -> Dict[str, float]:
     if isinstance(timings.get("ms"), dict):
         return {k: v for k, v in timings["ms"].items() if isinstance(v, (int, float))}
     return {}
-
-
-def _json(payload: bytes) -> Optional[Dict[str, Any]]:
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 class FleetState:
@@ -141,12 +132,12 @@ class FleetState:
                 tele.overlay_n += 1
                 change = "frame"
             elif kind == "result":
-                tele.result = _json(payload)
+                tele.result = json_object(payload)
                 change = "frame"
             elif kind == "stats":
-                tele.stats, tele.stats_at = _json(payload), now
+                tele.stats, tele.stats_at = json_object(payload), now
             elif kind == "timings":
-                tele.timings, tele.timings_at = _json(payload), now
+                tele.timings, tele.timings_at = json_object(payload), now
                 self._add_history(tele, now)
                 if now - tele.row_pushed_at < ROW_TIMINGS_MIN_S:
                     return

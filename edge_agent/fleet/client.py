@@ -92,7 +92,6 @@ class _Pending:
     on_message: Optional[AnswerCallback] = None
 
 
-
 def json_object(payload: bytes) -> Optional[Dict[str, Any]]:
     """A device's JSON document, or None for anything that is not a JSON object."""
     try:

@@ -96,10 +96,7 @@ def _model_problems(cfg: Config, load_model: bool) -> List[str]:
     if not load_model:
         return []
     try:
-        seg = Segmenter.from_settings(resolved.path, m.labels or resolved.labels, ModelSettings.from_config(m))
-        close = getattr(seg, "close", None)
-        if callable(close):
-            close()
+        Segmenter.from_settings(resolved.path, m.labels or resolved.labels, ModelSettings.from_config(m))
     except EdgeAgentError as exc:
         return [_keyed("model", str(exc))]
     return []

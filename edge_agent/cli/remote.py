@@ -314,21 +314,21 @@ def cmd_rollout(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
             if not model_file:
                 raise EdgeAgentError(f"--state {state_path} does not name its model file")
             data = _read(model_file, "model")
+            params = deploy_params(data, state.model["name"], chunk_size=state.model.get("chunk_size", args.chunk_size),
+                                   sign_key=sign_key)
+            if params["sha256"] != state.model["sha256"]:
+                raise EdgeAgentError(f"{model_file} is not the model of this rollout (sha256 changed)")
         else:
             devices = (_who(args, found) if not args.all else
                        sorted(d.id for d in found.values() if d.online))
             if not devices:
                 raise EdgeAgentError("no device online to roll out to")
             gates = Gates(fps_ratio=args.fps_ratio or None, p50_ratio=args.p50_ratio or None)  # 0: not checked
-            params0 = deploy_params(data, args.name or Path(args.file).stem, chunk_size=args.chunk_size,
-                                    sign_key=sign_key)
-            state = Rollout.plan(devices, args.stages, params0, gates, args.soak_s)
+            params = deploy_params(data, args.name or Path(args.file).stem, chunk_size=args.chunk_size,
+                                   sign_key=sign_key)
+            state = Rollout.plan(devices, args.stages, params, gates, args.soak_s)
             state.model["file"] = str(Path(args.file).resolve())
             state.model["chunk_size"] = args.chunk_size
-        params = deploy_params(data, state.model["name"], chunk_size=state.model.get("chunk_size", args.chunk_size),
-                               sign_key=sign_key)
-        if params["sha256"] != state.model["sha256"]:
-            raise EdgeAgentError(f"{state.model['file']} is not the model of this rollout (sha256 changed)")
         rollout = Rollout(client, state, state_path, params, data, baseline_s=args.baseline_s,
                           deploy_timeout_s=args.timeout, out=lambda line: print(line, file=out, flush=True))
         return rollout.run()

@@ -156,7 +156,7 @@ def run(args) -> int:
     for path in args.images:
         if os.path.isdir(path):
             raise EdgeAgentError(f"{path}: is a directory; name the images (e.g. {path.rstrip('/')}/*.jpg)")
-    paths = [p for p in dict.fromkeys(args.images)]  # the same image named twice: once
+    paths = list(dict.fromkeys(args.images))  # the same image named twice: once
     frames = [(path, read_image(path)) for path in paths]
     stems = output_stems(paths)
     if Path(args.out).exists() and not Path(args.out).is_dir():

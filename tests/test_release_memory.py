@@ -51,7 +51,19 @@ def test_freed_arena_memory_is_given_back():
     assert before - rss_mb() > 30, (before, rss_mb())
 
 
+ISOLATED = "EDGE_AGENT_TEST_RSS_ISOLATED"
+
+
 def test_rss_is_back_at_one_level_after_each_dropped_model():
+    """Measured in a fresh interpreter: the RSS of a process whose other threads (left by earlier
+    tests of a long session) allocate meanwhile is not this mechanism's level (CI saw one level
+    31 MB up once)."""
+    if os.environ.get(ISOLATED) != "1":
+        here = f"{__file__}::test_rss_is_back_at_one_level_after_each_dropped_model"
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", here],
+                              env={**os.environ, ISOLATED: "1"}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        return
     running = Segmenter(str(DM05))  # the agent's own model stays loaded
     running.segment(np.zeros((480, 640, 3), np.uint8))
     build_and_drop_on_a_worker_thread()  # first-use costs (code pages, runtime globals) stay: not a leak

@@ -32,6 +32,9 @@ _PNG_TUNING = tuple(
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The frame label of binary payloads (docs/asyncapi.yaml, "Frame labels"): the JSON text
+# {"seq": N[, "camera": C]} in a PNG tEXt chunk with this keyword / a JPEG COM segment starting so.
+LABEL_KEY = b"edge-agent-frame"
 _COLOR_GREY, _COLOR_PALETTE = 0, 3
 
 
@@ -46,7 +49,7 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 
 
 def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np.ndarray] = None,
-                    coloured: bool = True) -> bytes:
+                    coloured: bool = True, label: Optional[bytes] = None) -> bytes:
     """A palette PNG whose pixel values ARE the class ids (lossless) and whose palette colours them.
 
     Viewers show a coloured picture; palette-aware decoders (PIL, libpng, browsers' canvas
@@ -56,6 +59,7 @@ def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np
     21-class mask carries 63 bytes of palette. Written here, not with cv2.imencode (which cannot
     write palette PNGs): rows unfiltered + zlib Z_RLE, the tuning above. ``coloured=False`` writes the
     same ids as an 8-bit grey PNG (``publish.mask_format = "grey"``, for consumers decoding with OpenCV).
+    ``label``: the frame label (:func:`frame_label`), written as a ``tEXt`` chunk right after IHDR.
     """
     if mask.dtype != np.uint8 or mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"a mask is a non-empty HxW uint8 array, got {mask.dtype} {mask.shape}")
@@ -70,7 +74,8 @@ def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np
     idat = packer.compress(rows.data) + packer.flush()
     header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_PALETTE if coloured else _COLOR_GREY, 0, 0, 0)
     plte = [_chunk(b"PLTE", colors[:entries].tobytes())] if coloured else []
-    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header), *plte,
+    text = [_chunk(b"tEXt", LABEL_KEY + b"\0" + label)] if label else []
+    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header), *text, *plte,
                      _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
 
 
@@ -144,12 +149,54 @@ def _ids_from_colors(data: bytes, palette: np.ndarray) -> np.ndarray:
     return order[idx].astype(np.uint8)
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int = 80) -> bytes:
+def encode_jpeg(rgb: np.ndarray, quality: int = 80, label: Optional[bytes] = None) -> bytes:
+    """A JPEG; ``label`` (:func:`frame_label`) goes into a COM segment after SOI/APP0."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:  # pragma: no cover
         raise EdgeAgentError("JPEG encoding failed")
-    return buf.tobytes()
+    data = buf.tobytes()
+    if not label:
+        return data
+    pos = 2  # after SOI; JFIF wants its APP0 first
+    if data[2:4] == b"\xff\xe0":
+        pos = 4 + struct.unpack(">H", data[4:6])[0]
+    body = LABEL_KEY + b" " + label
+    return data[:pos] + b"\xff\xfe" + struct.pack(">H", len(body) + 2) + body + data[pos:]
+
+
+def frame_label(seq: int, camera: str = "") -> bytes:
+    """The label of one frame's binary payloads: ``{"seq": N}`` (plus ``"camera"`` when not "")."""
+    doc: Dict[str, Any] = {"seq": int(seq)}
+    if camera:
+        doc["camera"] = camera
+    return to_json(doc)
+
+
+def read_frame_label(data: bytes) -> Optional[Dict[str, Any]]:
+    """The frame label of a mask PNG or overlay JPEG (``{"seq": N, ...}``), None when it has none."""
+    text: Optional[bytes] = None
+    try:
+        if data[:8] == PNG_SIGNATURE:
+            for kind, body in _png_chunks(data):
+                if kind == b"tEXt" and body.startswith(LABEL_KEY + b"\0"):
+                    text = body[len(LABEL_KEY) + 1:]
+                    break
+                if kind == b"IDAT":
+                    break
+        elif data[:2] == b"\xff\xd8":
+            pos = 2
+            while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xDA, 0xD9):
+                size = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+                body = data[pos + 4:pos + 2 + size]
+                if data[pos + 1] == 0xFE and body.startswith(LABEL_KEY + b" "):
+                    text = body[len(LABEL_KEY) + 1:]
+                    break
+                pos += 2 + size
+        doc = json.loads(text) if text else None
+    except (ValueError, struct.error):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("seq"), int) else None
 
 
 def to_json(doc: Dict[str, Any]) -> bytes:

@@ -47,18 +47,21 @@ class EncodeOptions:
 
 
 def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
-           last_mask_seq: Optional[int], labels: Optional[List[str]] = None
+           last_mask_seq: Optional[int], labels: Optional[List[str]] = None, camera: str = ""
            ) -> Tuple[List[Tuple[str, bytes]], Optional[int]]:
     """``encode``: the messages of one frame, and the seq of the newest published mask
-    (``labels`` name the classes in the overlay's legend)."""
+    (``labels`` name the classes in the overlay's legend). Every message carries the frame's seq
+    (and ``camera`` when not ""): the JSON as fields, the mask PNG and overlay JPEG as a frame label
+    (:func:`edge_agent.output.encode.frame_label`), so a consumer never pairs two frames' parts."""
     messages: List[Tuple[str, bytes]] = []
     mask_hw = None
+    label = enc.frame_label(frame.seq, camera) if opts.mask or opts.overlay else None
     if opts.mask:
         # The model-resolution mask is a row-strided view of the label map: the PNG writer copies
         # its rows as they are (no contiguous copy first).
         mask = masks.frame_mask if opts.mask_resolution == "frame" else masks.model_mask
         messages.append((MASK, enc.encode_mask_png(mask, opts.png_compression,
-                                                   coloured=opts.mask_format == "palette")))
+                                                   coloured=opts.mask_format == "palette", label=label)))
         last_mask_seq = frame.seq
         mask_hw = mask.shape[:2]
     if opts.overlay and masks.frame_mask is not None:
@@ -66,7 +69,7 @@ def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
         # its own size rather than failing on the shape.
         shown = post.resize_labels(masks.frame_mask, *frame.image.shape[:2])
         messages.append((OVERLAY, enc.encode_jpeg(overlay(frame.image, shown, labels=labels),
-                                                   opts.overlay_jpeg_quality)))
+                                                   opts.overlay_jpeg_quality, label=label)))
     if opts.result:
         doc = {
             "seq": frame.seq,
@@ -78,6 +81,8 @@ def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
             "classes": {k: round(v, 5) for k, v in masks.fractions.items()},
             "model": model_sha[:12],
         }
+        if camera:
+            doc["camera"] = camera
         messages.insert(0, (RESULT, enc.to_json(doc)))
     return messages, last_mask_seq
 
@@ -120,10 +125,12 @@ class OutputSettings:
 
 class FrameOutput:
     """``postprocess`` + ``encode`` of consecutive frames: owns the mask/overlay rate gates and the
-    seq of the newest published mask. One per stream, used from one thread."""
+    seq of the newest published mask. One per stream (``camera``: its id, "" for the legacy
+    ``[source]``), used from one thread."""
 
-    def __init__(self, settings: Optional[OutputSettings] = None) -> None:
+    def __init__(self, settings: Optional[OutputSettings] = None, camera: str = "") -> None:
         self.settings = s = settings or OutputSettings()
+        self.camera = camera
         self._mask_gate = RateGate(s.mask_every_n, s.mask_max_hz)
         self._overlay_gate = RateGate(1, s.overlay_max_hz)
         self._last_mask_seq: Optional[int] = None
@@ -142,7 +149,7 @@ class FrameOutput:
         masks = postprocess(label_map, geometry, segmenter.labels, need_frame_mask, fractions=s.result)
         t1 = time.monotonic()
         messages, self._last_mask_seq = encode(frame, masks, segmenter.model.file.sha256, opts,
-                                               self._last_mask_seq, segmenter.labels)
+                                               self._last_mask_seq, segmenter.labels, self.camera)
         timings["postprocess"] = (t1 - t0) * 1e3
         timings["encode"] = ms_since(t1)
         return messages

@@ -5,7 +5,9 @@ Routes (JSON unless said otherwise)::
     GET  /                         the page (static/index.html; plain HTML/JS/CSS, no build step)
     GET  /api/devices              the fleet: one row per device (FleetState.row)
     GET  /api/devices/{id}         one row
-    GET  /api/devices/{id}/mask.png | overlay.jpg   the newest image, as the device sent it
+    GET  /api/devices/{id}/mask.png | overlay.jpg   ?seq=N[&camera=C]: that frame's image as the device
+                                   sent it (404 once it is gone); without seq the newest shown
+    GET  /api/devices/{id}/history   ?camera=C: the device page's charts and event timeline
     GET  /api/events               SSE: hello, broker, device, forget, frame and job events (newest wins
                                    per client); at most Settings.max_event_streams at once, else 503
     GET  /api/jobs[/{id}]          benchmark/models/deploy/rollback jobs; /{id}/report.json = --json
@@ -265,11 +267,26 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
     def image(what: str, media: str):
         @guard()
         async def endpoint(request: Request) -> Response:
-            data, n = state.image(request.path_params["device"], what)
+            seq = request.query_params.get("seq")
+            if seq is not None and not seq.isdigit():
+                raise RequestProblem("seq: expected a frame number")
+            data, n = state.image(request.path_params["device"], what, None if seq is None else int(seq),
+                                  request.query_params.get("camera", ""))
             if data is None:
-                return _error(404, f"no {what} received yet")
+                return _error(404, f"no {what} of that frame here" if seq else f"no {what} received yet")
             return Response(data, media_type=media, headers={"Cache-Control": "no-store", "X-Frame-N": str(n)})
         return endpoint
+
+    @guard()
+    async def history(request: Request) -> Response:
+        dev = request.path_params["device"]
+        if dev not in state.device_ids():
+            return _error(404, f"unknown device {dev}")
+        return JSONResponse(state.history(dev, request.query_params.get("camera", "")))
+
+    async def favicon(request: Request) -> Response:
+        return Response((STATIC / "favicon.svg").read_bytes(), media_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400"})
 
     @guard()
     async def events(request: Request) -> Response:
@@ -440,10 +457,12 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
 
     routes = [
         Route("/", index),
+        Route("/favicon.ico", favicon),
         Route("/api/devices", devices),
         Route("/api/devices/{device}", device),
         Route("/api/devices/{device}/mask.png", image("mask", "image/png")),
         Route("/api/devices/{device}/overlay.jpg", image("overlay", "image/jpeg")),
+        Route("/api/devices/{device}/history", history),
         Route("/api/events", events),
         Route("/api/jobs", job_list),
         Route("/api/jobs/{job}", job_doc),

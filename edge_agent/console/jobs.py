@@ -72,8 +72,24 @@ class Job:
         with self._lock:
             progress = {dev: dict(entry) for dev, entry in self.progress.items()}
         return {"id": self.id, "kind": self.kind, "devices": self.devices, "params": self.params,
-                "status": self.status, "error": self.error, "progress": progress, "table": self.table,
+                "status": self.status, "outcome": outcome(self.status, progress, self.table),
+                "error": self.error, "progress": progress, "table": self.table,
                 "samples_ms": samples, "started_at": self.started_at, "finished_at": self.finished_at}
+
+
+def outcome(status: str, progress: Dict[str, Dict[str, Any]], table: Optional[Dict[str, Any]] = None) -> str:
+    """What a job's badge says: running, done (every device done), partly failed, or failed."""
+    if status == "running":
+        return "running"
+    if status != "done":
+        return "failed"
+    finals = [p.get("status") for p in progress.values()]
+    if table and table.get("status"):  # the rows' statuses (a benchmark's or a store listing's)
+        finals = list(table["status"])
+    done = sum(1 for s in finals if s == "done")
+    if finals and done == len(finals):
+        return "done"
+    return "partly failed" if done else "failed"
 
 
 def _progress_entry(doc: Dict[str, Any]) -> Dict[str, Any]:

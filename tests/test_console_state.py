@@ -1,0 +1,195 @@
+"""The console's per-device state without a broker: frame pairing by seq, history, timeline, health.
+
+The messages are what the agent publishes (edge_agent.output.stages.encode, labelled frames); a
+minimal stand-in for the fleet client delivers them (the real one is in tests/test_console.py).
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from edge_agent.console import state as st
+from edge_agent.console.jobs import outcome
+from edge_agent.output import stages
+from edge_agent.output.encode import read_frame_label
+from edge_agent.sources.base import Frame
+
+PREFIX = "edge-agent"
+
+
+class Client:
+    prefix = PREFIX
+
+    def __init__(self) -> None:
+        self.callback = None
+        self.infos: Dict[str, Any] = {}
+
+    def listen(self, filters: List[str], callback) -> None:
+        self.callback = callback
+
+    def devices(self) -> Dict[str, Any]:
+        return {d: SimpleNamespace(online=True, info=i) for d, i in self.infos.items()}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1767225600.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _fleet() -> Tuple[st.FleetState, Client, Clock, List[Tuple[str, str]]]:
+    client, clock, changes = Client(), Clock(), []
+    fleet = st.FleetState(client, on_change=lambda k, d: changes.append((k, d)), clock=clock).start()
+    return fleet, client, clock, changes
+
+
+def _messages(seq: int, classes: Dict[str, float], overlay: bool = False, camera: str = "") -> Dict[str, bytes]:
+    frame = Frame(image=np.zeros((12, 16, 3), np.uint8), seq=seq, timestamp=1767225600.0 + seq, monotonic=0.0,
+                  source="t")
+    mask = np.zeros((12, 16), np.uint8)
+    mask[:, :seq % 16] = 8
+    messages, _ = stages.encode(frame, stages.Masks(mask, mask, classes), "a" * 64,
+                                stages.EncodeOptions(overlay=overlay), None, camera=camera)
+    return dict(messages)
+
+
+def _send(client: Client, dev: str, kind: str, payload: bytes, camera: str = "") -> None:
+    topic = f"{PREFIX}/{dev}/camera/{camera}/{kind}" if camera else f"{PREFIX}/{dev}/{kind}"
+    client.callback(topic, payload)
+
+
+def test_the_shown_frame_is_one_seq_whatever_order_its_parts_arrive_in():
+    fleet, client, clock, changes = _fleet()
+    m0, m1, m2, m3 = (_messages(s, {"background": 0.5, "cat": s / 10}, overlay=s == 1) for s in (0, 1, 2, 3))
+    for kind in ("result", "mask"):
+        _send(client, "cam", kind, m0[kind])
+    assert fleet.frame("cam")["cameras"][""]["shown"]["seq"] == 0
+    _send(client, "cam", "mask", m1["mask"])  # the mask before its result: frame 1 is not complete yet
+    assert fleet.frame("cam")["cameras"][""]["shown"]["seq"] == 0
+    _send(client, "cam", "result", m1["result"])
+    shown = fleet.frame("cam")["cameras"][""]["shown"]
+    assert shown["seq"] == 1 and shown["classes"]["cat"] == 0.1 and ("frame", "cam") in changes
+    _send(client, "cam", "overlay", m1["overlay"])
+    _send(client, "cam", "result", m2["result"])
+    _send(client, "cam", "result", m3["result"])
+    _send(client, "cam", "mask", m3["mask"])
+    _send(client, "cam", "mask", m2["mask"])  # late: seq 3 stays shown
+    frame = fleet.frame("cam")["cameras"][""]
+    assert frame["shown"]["seq"] == 3 and frame["shown"]["classes"]["cat"] == 0.3
+    assert frame["photo"]["seq"] == 1 and frame["photo"]["classes"]["cat"] == 0.1  # the photo's own classes
+    assert read_frame_label(fleet.image("cam", "mask", 3)[0]) == {"seq": 3}
+    assert read_frame_label(fleet.image("cam", "mask", 2)[0]) == {"seq": 2}
+    assert read_frame_label(fleet.image("cam", "overlay", 1)[0]) == {"seq": 1}
+    assert fleet.image("cam", "overlay", 3) == (None, 0)  # frame 3 has no overlay: never another's
+    assert read_frame_label(fleet.image("cam", "mask")[0]) == {"seq": 3}  # without seq: the shown one
+
+
+def test_per_frame_timings_are_waited_for_and_kept_with_their_frame():
+    fleet, client, clock, _ = _fleet()
+    timings = lambda seq, inf: json.dumps({"seq": seq, "ms": {"inference": inf, "end_to_end": inf + 5}}).encode()
+    _send(client, "cam", "timings", timings(1, 10.0))
+    m2 = _messages(2, {"background": 1.0})
+    _send(client, "cam", "result", m2["result"])
+    _send(client, "cam", "mask", m2["mask"])
+    assert fleet.frame("cam")["cameras"][""]["shown"] is None  # frame timings flow: wait for frame 2's
+    _send(client, "cam", "timings", timings(2, 20.0))
+    shown = fleet.frame("cam")["cameras"][""]["shown"]
+    assert shown["seq"] == 2 and shown["ms"] == {"inference": 20.0, "end_to_end": 25.0}
+
+
+def test_parts_are_bounded_and_a_restart_starts_over():
+    fleet, client, clock, _ = _fleet()
+    for seq in range(1, 40):
+        for kind, payload in _messages(seq, {"background": 1.0}).items():
+            _send(client, "cam", kind, payload)
+    tele = fleet._tele["cam"]
+    assert len(tele.cameras[""].frames) == st.FRAMES_KEPT and fleet.frame("cam")["seq"] == 39
+    assert fleet.image("cam", "mask", 5) == (None, 0)
+    _send(client, "cam", "info", json.dumps({"started_at": 5.0}).encode())
+    for kind, payload in _messages(1, {"background": 1.0}).items():
+        _send(client, "cam", kind, payload)
+    assert fleet.frame("cam")["seq"] == 1
+
+
+def test_cameras_are_kept_apart_and_unlabelled_masks_still_show():
+    fleet, client, clock, _ = _fleet()
+    for kind, payload in _messages(7, {"background": 0.4, "person": 0.6}, camera="door").items():
+        _send(client, "cam", kind, payload, camera="door")
+    for kind, payload in _messages(3, {"background": 0.9, "dog": 0.1}).items():
+        _send(client, "cam", kind, payload)
+    cams = fleet.frame("cam")["cameras"]
+    assert cams["door"]["shown"]["seq"] == 7 and cams[""]["shown"]["seq"] == 3
+    assert read_frame_label(fleet.image("cam", "mask", 7, "door")[0]) == {"seq": 7, "camera": "door"}
+    png = b"\x89PNG\r\n\x1a\nnot labelled"
+    _send(client, "old", "mask", png)
+    shown = fleet.frame("old")["cameras"][""]["shown"]
+    assert shown["labelled"] is False and fleet.image("old", "mask") == (png, 1)
+
+
+def test_timeline_opens_extends_and_ends_events():
+    line = st.Timeline(gap_s=4.0)
+    for t in range(0, 10):
+        line.add(100.0 + t, {"background": 0.7, "person": 0.3, "cat": 0.001 if t else 0.2})
+    line.add(120.0, {"background": 1.0})
+    line.add(121.0, {"person": 0.1})
+    events = line.events(122.0)
+    assert [(e["class"], e["start"], e["end"], e["open"]) for e in events] == [
+        ("person", 121.0, 121.0, True), ("person", 100.0, 109.0, False), ("cat", 100.0, 100.0, False)]
+    assert events[1]["peak"] == 0.3 and events[1]["frames"] == 10
+    assert line.events(200.0)[0]["open"] is False
+    bounded = st.Timeline(gap_s=0.5, keep=3)
+    for t in range(20):
+        bounded.add(float(t), {"dog": 0.5} if t % 2 == 0 else {})
+    assert len(bounded.events(100.0)) == 3
+
+
+def test_history_is_one_point_per_step_and_bounded():
+    h = st.History(span_s=60.0, step_s=2.0)
+    for i in range(200):
+        h.add(1000.0 + i * 0.5, {"fps": 10.0 + (i % 4), "inference": None})
+    series = h.series(["fps", "inference"])
+    assert len(series["t"]) <= 31 and series["t"] == sorted(series["t"])
+    assert all(v == 11.5 for v in series["fps"]) and set(series["inference"]) == {None}
+    assert series["t"][-1] - series["t"][0] <= 62.0
+
+
+def test_health_says_what_is_wrong_in_words():
+    assert st.health(False, {"status": "running"}, {"fps": 9}) == ("offline", "connection lost")
+    assert st.health(False, {"status": "stopped"}, {}) == ("offline", "stopped")
+    assert st.health(True, {"status": "error", "error": "model x: cannot prepare this model"}, {}) == (
+        "error", "model x: cannot prepare this model")
+    assert st.health(True, {"status": "running"}, {"last_error": "boom"}, errors_rising=True) == (
+        "error", "inference failing: boom")
+    level, reason = st.health(True, {"status": "running"}, {"source": {"state": "down", "last_error": "refused"}})
+    assert level == "warning" and "refused" in reason
+    assert st.health(True, {"status": "running"}, {"throttled": {"under_voltage": True}}) == ("warning", "under voltage")
+    assert st.health(True, {"status": "running"}, {"fps": 5}) == ("ok", "running")
+
+
+def test_rows_carry_health_tags_last_seen_and_a_short_sparkline():
+    fleet, client, clock, _ = _fleet()
+    client.infos["cam"] = {"status": "running", "tags": ["site-a"], "started_at": clock.t - 60}
+    for i in range(120):
+        clock.t += 5
+        _send(client, "cam", "timings", json.dumps({"interval_s": 5, "fps": 4.0, "stages": {
+            "inference": {"mean": 50.0}, "end_to_end": {"mean": 80.0}}}).encode())
+    row = fleet.row("cam")
+    assert row["level"] == "ok" and row["tags"] == ["site-a"] and row["last_seen"] == clock.t
+    assert len(row["history"]) <= st.HISTORY_S / st.ROW_STEP_S + 1
+    history = fleet.history("cam")
+    assert history["metrics"]["fps"][-1] == 4.0 and len(history["metrics"]["t"]) <= st.HISTORY_S / st.HISTORY_STEP_S + 1
+
+
+def test_job_outcome_summarises_the_devices():
+    progress = lambda *s: {f"d{i}": {"status": x} for i, x in enumerate(s)}
+    assert outcome("running", progress("sent")) == "running"
+    assert outcome("done", progress("done", "done")) == "done"
+    assert outcome("done", progress("done", "rejected")) == "partly failed"
+    assert outcome("done", progress("failed", "rejected")) == "failed"
+    assert outcome("failed", progress("done")) == "failed"

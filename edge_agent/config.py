@@ -213,6 +213,8 @@ class HomeAssistantConfig:
     classes: Tuple[str, ...] = opt((), StrList(Str(r"[^,]+", "class name")))  # empty = every label
     min_fraction: float = opt(0.01, Float(0.0, 1.0))
     state_interval_s: float = opt(1.0, Float(lo=0.1))
+    # the fleet console's URL: the device's "Visit" link in Home Assistant ("" = none)
+    console_url: str = opt("", Str(r"|https?://[^\s/?#]+[^\s]*", "'' or an http:// or https:// URL"))
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,30 @@
-"""The Home Assistant bridge on a real mosquitto, without Home Assistant: what it announces, the
-state it keeps retained, stale entities it clears, and the config checks. (The real Home
-Assistant reading all of it: tests/test_homeassistant_real.py.)"""
+"""The Home Assistant bridge: the curated entity set (pure functions), and on a real mosquitto
+without Home Assistant what it announces, the state it keeps retained, what it clears, and the
+config checks. (The real Home Assistant reading all of it: tests/test_homeassistant_real.py.)"""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any, Dict
 
 import pytest
 
-from edge_agent.comms.homeassistant import (BENCHMARK, METRICS, STATE, Discovery, HomeAssistantBridge,
-                                            class_slugs, device_key)
+from edge_agent.comms.homeassistant import (MAX_ENTITIES, METRICS, STATE, Camera, Discovery, HomeAssistantBridge,
+                                            agent_status, class_slugs, default_classes, device_key, display_name,
+                                            entities)
 from edge_agent.comms.mqtt import MqttComms
 from edge_agent.config import load_config
 from edge_agent.errors import ConfigError
+from edge_agent.inference.labels import read_labels
 from tests.broker import Recorder
+from tests.data import LABELS as PASCAL_LABELS
 
 DEVICE = "cam-7"
 NODE = f"edge-agent-{DEVICE}"
 LABELS = ["background", "person", "dining table", "cat"]
+PASCAL = read_labels(str(PASCAL_LABELS))
 
 
 def config(port: int, *extra: str):
@@ -28,23 +33,25 @@ def config(port: int, *extra: str):
                               "homeassistant.enabled=true", "homeassistant.state_interval_s=0.1", *extra], env={})
 
 
-def info(labels, name="model-a"):
-    return {"agent_version": "0.1.0", "device_id": DEVICE, "host": {"board": "Raspberry Pi 5 Model B"},
-            "model": {"name": name, "labels": labels}}
+def info(labels, name="model-a", status="running", error=None):
+    doc = {"agent_version": "0.1.0", "device_id": DEVICE, "host": {"board": "Raspberry Pi 5 Model B"},
+           "status": status, "error": error}
+    if labels is not None:
+        doc["model"] = {"name": name, "labels": labels}
+    return doc
 
 
 def configs(rec: Recorder):
     """Discovery topic -> last payload seen (b"" = removed)."""
     out = {}
-    for m in rec.messages:
+    for m in list(rec.messages):
         if m.topic.startswith("homeassistant/") and m.topic.endswith("/config"):
             out[m.topic] = bytes(m.payload)
     return out
 
 
 def wait_configs(rec: Recorder, predicate, what: str):
-    import time
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         current = configs(rec)
         if predicate(current):
@@ -53,163 +60,130 @@ def wait_configs(rec: Recorder, predicate, what: str):
     raise AssertionError(f"{what}: {sorted(configs(rec).items())[:6]}")
 
 
-@pytest.mark.broker
-def test_announces_the_device_classes_and_states_then_follows_a_model_change(mosquitto):
-    broker = mosquitto()
-    rec = Recorder("127.0.0.1", broker.port, "#")
-    # A retained config of a class an earlier model announced: cleared once the agent knows its model.
-    rec.publish(f"homeassistant/sensor/{NODE}/class_dog/config", b'{"name": "dog"}', retain=True)
-    bridge = HomeAssistantBridge(MqttComms(config(broker.port).mqtt, DEVICE), config(broker.port))
-    bridge.start()
-    try:
-        assert bridge.wait_connected(10)
-        bridge.set_info(info(LABELS))
-        got = wait_configs(rec, lambda c: f"homeassistant/binary_sensor/{NODE}/class_cat/config" in c
-                           and c.get(f"homeassistant/sensor/{NODE}/class_dog/config") == b"", "announce")
-        table = json.loads(got[f"homeassistant/sensor/{NODE}/class_dining_table/config"])
-        assert table["object_id"] == "cam_7_class_dining_table" and table["name"] == "dining table"
-        assert table["unique_id"] == "edge_agent_cam_7_class_dining_table"  # as before: a plain id keeps its ids
-        assert table["device"] == {"identifiers": [NODE], "name": DEVICE, "manufacturer": "edge-agent",
-                                   "model": "Raspberry Pi 5 Model B", "sw_version": "0.1.0"}
-        assert table["availability_topic"] == f"edge-agent/{DEVICE}/availability"
-        button = json.loads(got[f"homeassistant/button/{NODE}/run_benchmark/config"])
-        assert button["command_topic"] == f"edge-agent/{DEVICE}/cmd/benchmark" and button["retain"] is False
-        image = json.loads(got[f"homeassistant/image/{NODE}/overlay/config"])
-        assert image["image_topic"] == f"edge-agent/{DEVICE}/overlay" and image["content_type"] == "image/jpeg"
-        # Every entity of the device is retained on the broker (a late Home Assistant sees them).
-        late = Recorder("127.0.0.1", broker.port, f"homeassistant/+/{NODE}/+/config")
-        wait_configs(late, lambda c: len([v for v in c.values() if v]) == 9 + 2 * len(LABELS), "retained")
-        late.close()
-
-        # Results -> the retained state topic (classes in %, presence by min_fraction 0.01).
-        bridge.publish("result", json.dumps({"seq": 1, "classes": {"background": 0.995, "cat": 0.005}}).encode())
-        bridge.publish("timings", json.dumps({"fps": 4.5, "dropped": {"capture": 2, "publish": 1},
-                                              "stages": {"inference": {"mean": 31.26}, "end_to_end": {"mean": 40.0}}}))
-        state = json.loads(rec.wait_for(f"edge-agent/{DEVICE}/{STATE}", timeout=10)[-1].payload)
-        import time
-        deadline = time.monotonic() + 10
-        while state.get("fps") != 4.5 and time.monotonic() < deadline:
-            time.sleep(0.15)
-            bridge.publish("result", json.dumps({"seq": 2, "classes": {"background": 0.995, "cat": 0.005}}).encode())
-            state = json.loads(rec.matching(f"edge-agent/{DEVICE}/{STATE}")[-1].payload)
-        assert state["classes"] == {"background": 99.5, "person": 0.0, "dining_table": 0.0, "cat": 0.5}
-        assert state["present"] == {"background": "ON", "person": "OFF", "dining_table": "OFF", "cat": "OFF"}
-        assert (state["fps"], state["dropped"], state["inference_ms"], state["model"]) == (4.5, 3, 31.26, "model-a")
-
-        # A finished benchmark -> its p50 on the retained benchmark topic.
-        bridge.publish("benchmark/ha-1", json.dumps({"status": "done", "request_id": "ha-1", "final": True,
-                                                     "result": {"invoke": {"p50": 12.5, "p90": 14.0, "count": 5},
-                                                                "model": {"name": "model-a"}}}))
-        bench = json.loads(rec.wait_for(f"edge-agent/{DEVICE}/{BENCHMARK}", timeout=10)[-1].payload)
-        assert (bench["p50_ms"], bench["runs"], bench["model"]) == (12.5, 5, "model-a")
-
-        # A model without "cat": its two entities are removed, the others stay.
-        bridge.set_info(info(["background", "person", "dining table"], "model-b"))
-        wait_configs(rec, lambda c: c.get(f"homeassistant/sensor/{NODE}/class_cat/config") == b""
-                     and c.get(f"homeassistant/binary_sensor/{NODE}/class_cat/config") == b"", "cat removed")
-        assert configs(rec)[f"homeassistant/sensor/{NODE}/class_person/config"]
-
-        # Home Assistant restarting (birth message) -> everything announced again.
-        before = bridge.announcements
-        rec.publish("homeassistant/status", b"online")
-        wait_configs(rec, lambda c: bridge.announcements > before, "re-announce")
-    finally:
-        bridge.stop()
-        rec.close()
+def last_state(rec: Recorder, predicate, what: str) -> Dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        states = [json.loads(m.payload) for m in rec.matching(f"edge-agent/{DEVICE}/{STATE}")]
+        if states and predicate(states[-1]):
+            return states[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: {[json.loads(m.payload) for m in rec.matching(f'edge-agent/{DEVICE}/{STATE}')][-1:]}")
 
 
-@pytest.mark.broker
-def test_only_configured_classes_and_unknown_names_said_once(mosquitto, caplog):
-    broker = mosquitto()
-    cfg = config(broker.port, "homeassistant.classes=cat, unicorn")
-    assert cfg.homeassistant.classes == ("cat", "unicorn")
-    rec = Recorder("127.0.0.1", broker.port, "homeassistant/#")
-    bridge = HomeAssistantBridge(MqttComms(cfg.mqtt, DEVICE), cfg)
-    bridge.start()
-    try:
-        assert bridge.wait_connected(10)
-        bridge.set_info(info(LABELS))
-        got = wait_configs(rec, lambda c: len(c) == 9 + 2, "announce")
-        assert {t.split("/")[-2] for t in got if "class_" in t} == {"class_cat"}
-        assert "'unicorn' is not a class of model model-a" in caplog.text
-    finally:
-        bridge.stop()
-        rec.close()
+def topic(component: str, key: str) -> str:
+    return f"homeassistant/{component}/{NODE}/{key}/config"
 
 
-@pytest.mark.broker
-def test_a_model_with_many_classes_is_announced_whole_through_a_small_inflight_window(mosquitto):
-    """150 classes = 309 retained configs through a window of 5 unacknowledged messages: the
-    announcer waits for room instead of losing configs (which Home Assistant would never see)."""
-    broker = mosquitto()
-    cfg = config(broker.port, "mqtt.max_queued_messages=5")
-    labels = [f"thing {i}" for i in range(150)]
-    bridge = HomeAssistantBridge(MqttComms(cfg.mqtt, DEVICE), cfg)
-    bridge.start()
-    try:
-        assert bridge.wait_connected(10)
-        bridge.set_info(info(labels))
-        late = Recorder("127.0.0.1", broker.port, f"homeassistant/+/{NODE}/+/config")
-        got = wait_configs(late, lambda c: len([v for v in c.values() if v]) == 9 + 2 * 150, "309 retained configs")
-        assert f"homeassistant/binary_sensor/{NODE}/class_thing_149/config" in got
-        late.close()
-    finally:
-        bridge.stop()
+# -- the entity set (no broker) ----------------------------------------------------------------------
+
+def names(es):
+    return [(e.component, e.name) for e in es]
 
 
-def test_slugs_are_unique_and_stable():
-    assert class_slugs(["Dining Table", "dining-table", "tv/monitor", "???"]) == [
-        ("Dining Table", "dining_table"), ("dining-table", "dining_table_2"), ("tv/monitor", "tv_monitor"),
-        ("???", "class")]
+def test_default_entity_set_for_pascal_voc():
+    """14 entities on a host without a CPU temperature (this one), 15 with: the status, the problem,
+    three metrics, the overlay, and person/car/cat/dog with distinct names; no background."""
+    es = entities(PASCAL)
+    assert names(es) == [
+        ("sensor", "Status"), ("binary_sensor", "Problem"), ("sensor", "Frame rate"), ("sensor", "Inference time"),
+        ("sensor", "End-to-end time"), ("image", "Overlay"),
+        ("binary_sensor", "Person"), ("sensor", "Person coverage"), ("binary_sensor", "Car"), ("sensor", "Car coverage"),
+        ("binary_sensor", "Cat"), ("sensor", "Cat coverage"), ("binary_sensor", "Dog"), ("sensor", "Dog coverage")]
+    assert len(es) == 14 and not any("cpu" in e.key for e in es)
+    with_temp = entities(PASCAL, has_cpu_temp=True)
+    assert len(with_temp) == MAX_ENTITIES == 15 and ("sensor", "CPU temperature") in names(with_temp)
+    assert not any("background" in e.key or "Background" in e.name for e in es + with_temp)
+    assert len({e.name for e in es}) == len(es)  # no two entities share a name
+    # the keys earlier versions used for these classes: entity ids and history stay
+    assert [e.key for e in es if e.label] == ["class_person"] * 2 + ["class_car"] * 2 + ["class_cat"] * 2 + ["class_dog"] * 2
 
 
-def test_config_refuses_what_home_assistant_cannot_work_with():
-    with pytest.raises(ConfigError, match="homeassistant.enabled: needs mqtt.enabled = true"):
-        load_config(None, ["homeassistant.enabled=true", "mqtt.enabled=false"], env={})
-    with pytest.raises(ConfigError, match="homeassistant.enabled: needs publish.result = true"):
-        load_config(None, ["homeassistant.enabled=true", "publish.result=false"], env={})
-    with pytest.raises(ConfigError, match="homeassistant.discovery_prefix"):
-        load_config(None, ["homeassistant.discovery_prefix=ha/#"], env={})
-    with pytest.raises(ConfigError, match="homeassistant.min_fraction"):
-        load_config(None, ["homeassistant.min_fraction=2"], env={})
+def test_configured_classes_title_cased_and_models_without_the_preferred_ones():
+    es = entities(PASCAL, classes=("diningtable", "potted plant", "tvmonitor", "unicorn"))
+    assert [e.name for e in es if e.kind == "presence"] == ["Dining Table", "Potted Plant", "TV Monitor"]
+    assert [e.name for e in es if e.kind == "coverage"] == ["Dining Table coverage", "Potted Plant coverage",
+                                                             "TV Monitor coverage"]
+    # a road model: none of the preferred classes, the first labels that are not background
+    assert default_classes(["unlabeled", "road", "sidewalk", "building", "wall", "fence"]) == [
+        "road", "sidewalk", "building", "wall"]
+    assert default_classes(["background", "person"]) == ["person"]  # a selfie model
+    assert default_classes(["person, individual, someone", "car, auto"]) == ["person, individual, someone",
+                                                                            "car, auto"]
+    assert entities(None) == entities([])[:6] and len(entities(None)) == 6  # no labels: no class entities
 
 
-@pytest.mark.broker
-def test_service_uninstall_removes_the_entities(mosquitto, tmp_path, monkeypatch, capsys):
-    """The uninstall step, as on a device (the layout's staging check is what --root would skip):
-    the installed config enables Home Assistant, so its retained configs are cleared."""
-    from edge_agent.provision import service
-
-    broker = mosquitto()
-    rec = Recorder("127.0.0.1", broker.port, "homeassistant/#")
-    topics = [f"homeassistant/sensor/{NODE}/fps/config", f"homeassistant/sensor/{NODE}/class_cat/config"]
-    for topic in topics + ["homeassistant/sensor/edge-agent-other/fps/config"]:
-        rec.publish(topic, b'{"name": "x"}', retain=True)
-    lay = service.Layout(tmp_path, "/opt/edge-agent")
-    lay.config.parent.mkdir(parents=True)
-    lay.config.write_text(f'[agent]\ndevice_id = "{DEVICE}"\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
-                          '[homeassistant]\nenabled = true\n')
-    monkeypatch.setattr(service.Layout, "staging", property(lambda self: False))
-    steps = service.homeassistant_removal(lay)
-    assert [s.what for s in steps] == ["remove the Home Assistant entities"]
-    steps[0].run()
-    assert "removed 2 Home Assistant entities" in capsys.readouterr().out
-    late = Recorder("127.0.0.1", broker.port, "homeassistant/#")
-    rec.publish("homeassistant/sentinel", b"after the retained ones")  # the broker keeps the order
-    late.wait_for("homeassistant/sentinel", timeout=10)
-    assert set(configs(late)) == {"homeassistant/sensor/edge-agent-other/fps/config"}  # another device's stay
-    late.close()
-    rec.close()
-    # Home Assistant not enabled, or a staging tree (--root): no step.
-    lay.config.write_text(f'[agent]\ndevice_id = "{DEVICE}"\n')
-    assert service.homeassistant_removal(lay) == []
+@pytest.mark.parametrize("label, name", [
+    ("diningtable", "Dining Table"), ("pottedplant", "Potted Plant"), ("tvmonitor", "TV Monitor"),
+    ("tv/monitor", "TV Monitor"), ("traffic_light", "Traffic Light"), ("traffic light", "Traffic Light"),
+    ("TrafficLight", "Traffic Light"), ("person, individual, someone", "Person"), ("3d object", "3D Object"),
+    ("aeroplane", "Aeroplane"), ("motorbike", "Motorbike"), ("person", "Person"), ("UAV", "UAV")])
+def test_display_names(label, name):
+    assert display_name(label) == name
 
 
-# -- the discovery configs themselves (no broker) ----------------------------------------------------
+def test_two_cameras_get_their_own_prefixed_class_entities_within_the_budget():
+    es = entities(PASCAL, cameras=[Camera("door"), Camera("back_yard", ("cat",))])
+    classes = [e for e in es if e.label]
+    assert [e.name for e in classes] == ["Door Person", "Door Person coverage", "Door Car", "Door Car coverage",
+                                         "Back Yard Cat", "Back Yard Cat coverage"]
+    assert [e.key for e in classes][::2] == ["class_door__person", "class_door__car", "class_back_yard__cat"]
+    assert len(es) <= MAX_ENTITIES and len({(e.component, e.key) for e in es}) == len(es)
+    four = entities(PASCAL, cameras=[Camera(c) for c in ("a", "b", "c", "d")])
+    assert [e.name for e in four if e.kind == "presence"] == ["A Person", "B Person", "C Person", "D Person"]
+    # camera ids that differ only in case are different cameras
+    keys = {e.key for e in entities(PASCAL, cameras=[Camera("Door"), Camera("door")]) if e.label}
+    assert len(keys) == 4
 
-def discovery(device_id: str, labels, *extra: str) -> Discovery:
+
+def test_status_from_info_and_stats():
+    running = info(PASCAL)
+    assert agent_status(running) == ("running", None)
+    assert agent_status(info(None, status="error", error="model.path: cannot prepare this model")) == (
+        "error", "model.path: cannot prepare this model")
+    assert agent_status(info(PASCAL, status="stopped")) == ("stopped", None)
+    down = {"source": {"state": "down", "last_error": "rtsp://cam/1: connection refused"}, "frames": {"inferred": 5}}
+    assert agent_status(running, down) == ("error", "source down: rtsp://cam/1: connection refused")
+    assert agent_status(running, {"cameras": {"door": {"source": {"state": "down", "last_error": "gone"}}}}) == (
+        "error", "camera door: source down: gone")
+    failing = {"inference_errors": 7, "last_error": "invoke failed: custom op", "frames": {"inferred": 0}}
+    assert agent_status(running, failing) == ("error", "inference fails: invoke failed: custom op")
+    # errors that stopped while frames are inferred again: running
+    recovered = {"inference_errors": 7, "last_error": "invoke failed: custom op", "frames": {"inferred": 40}}
+    assert agent_status(running, recovered, failing) == ("running", None)
+    assert agent_status(running, {"last_error": "inference-0 crashed"})[0] == "error"
+    assert agent_status(running, {"source": {"state": "open"}, "frames": {"inferred": 3}}) == ("running", None)
+
+
+def discovery(device_id: str, labels, *extra: str, status="running") -> Discovery:
     cfg = load_config(None, [f"agent.device_id={device_id}", "homeassistant.enabled=true", *extra], env={})
-    return Discovery(cfg, device_id, info(labels))
+    return Discovery(cfg, device_id, info(labels, status=status))
+
+
+def test_configuration_url_and_its_check():
+    d = discovery("cam-7", PASCAL, "homeassistant.console_url=http://console.lan:8080/")
+    assert all(doc["device"]["configuration_url"] == "http://console.lan:8080/" for doc in d.configs().values())
+    assert all("configuration_url" not in doc["device"] for doc in discovery("cam-7", PASCAL).configs().values())
+    for bad in ("console.lan:8080", "ftp://x", "http://", "http:// x"):
+        with pytest.raises(ConfigError, match="homeassistant.console_url: expected '' or an http"):
+            load_config(None, [f"homeassistant.console_url={bad}"], env={})
+
+
+def test_legacy_topics_cover_what_earlier_versions_announced():
+    """An earlier version announced 51 entities for PASCAL (every label twice, background
+    included, dropped frames, model, benchmark): all that are not announced now are cleared."""
+    d = discovery("cam-7", PASCAL)
+    legacy = set(d.legacy_topics())
+    assert f"homeassistant/sensor/{NODE}/class_background/config" in legacy
+    assert f"homeassistant/binary_sensor/{NODE}/class_diningtable/config" in legacy
+    assert {f"homeassistant/sensor/{NODE}/{k}/config" for k in ("dropped_frames", "model", "benchmark_p50",
+                                                                "cpu_temperature")} <= legacy
+    assert f"homeassistant/button/{NODE}/run_benchmark/config" in legacy
+    assert not legacy & set(d.configs())
+    earlier = {topic(c, f"class_{k}") for _, k in class_slugs(PASCAL) for c in ("sensor", "binary_sensor")}
+    earlier |= {topic("sensor", k) for k in ("fps", "inference_time", "end_to_end_time", "cpu_temperature",
+                                             "dropped_frames", "model", "benchmark_p50")}
+    earlier |= {topic("image", "overlay"), topic("button", "run_benchmark")}
+    assert len(earlier) == 51 and legacy == earlier - set(d.configs()) and len(legacy) == 51 - 12
 
 
 def test_unique_ids_are_distinct_for_distinct_device_ids():
@@ -222,11 +196,11 @@ def test_unique_ids_are_distinct_for_distinct_device_ids():
         assert re.fullmatch(r"[a-z0-9_]+-[0-9a-f]{10}", key), key
     ids = ["pi-1", "pi_1", "Pi-1", "PI_1", "pi--1", "pi-1-", "pi__1", "cam", "cam-class", "cam_class", "a-class-b",
            "classy-cam", "cam-classy"]
-    labels = ["background", "fps", "person", "class", "class fps", "3d object"]
+    labels = ["background", "fps", "person", "class", "class fps", "3d object", "status"]
     owner: Dict[Any, str] = {}  # Home Assistant wants unique ids unique per platform (mqtt) and domain
     for dev in ids:
-        configs = discovery(dev, labels).configs()
-        uids = [(topic.split("/")[1], doc["unique_id"]) for topic, doc in configs.items()]
+        configs = discovery(dev, labels, "homeassistant.classes=" + ",".join(labels)).configs()
+        uids = [(t.split("/")[1], doc["unique_id"]) for t, doc in configs.items()]
         assert len(set(uids)) == len(uids), dev
         for uid in uids:
             assert owner.setdefault(uid, dev) == dev, f"{uid}: {owner[uid]} and {dev}"
@@ -239,16 +213,14 @@ def test_unique_ids_are_distinct_for_distinct_device_ids():
 
 
 def test_class_entities_have_their_own_namespace():
-    """A class named like a metric (fps, model, overlay) has its own object id and topic."""
-    d = discovery("cam-7", ["background", "fps", "model", "overlay", "run benchmark"])
+    """A class named like a metric (fps, status) has its own object id and topic."""
+    d = discovery("cam-7", ["background", "fps", "status", "overlay"], "homeassistant.classes=fps,status,overlay")
     configs = d.configs()
-    object_ids = [(topic.split("/")[1], doc["object_id"]) for topic, doc in configs.items()]
+    object_ids = [(t.split("/")[1], doc["object_id"]) for t, doc in configs.items()]
     assert len(set(object_ids)) == len(object_ids), sorted(object_ids)
-    fps = configs["homeassistant/sensor/edge-agent-cam-7/fps/config"]
-    fps_class = configs["homeassistant/sensor/edge-agent-cam-7/class_fps/config"]
-    assert fps["object_id"] == "cam_7_fps" and fps_class["object_id"] == "cam_7_class_fps"
-    model_class = configs["homeassistant/binary_sensor/edge-agent-cam-7/class_model/config"]
-    assert model_class["object_id"] == "cam_7_class_model"
+    assert configs[topic("sensor", "fps")]["object_id"] == "cam_7_fps"
+    assert configs[topic("sensor", "class_fps")]["object_id"] == "cam_7_class_fps"
+    assert configs[topic("sensor", "class_fps")]["name"] == "Fps coverage"
 
 
 # A Jinja expression that is only subscripts with single-quoted string literals: jinja2 is not in
@@ -270,23 +242,210 @@ def render(template: str, value_json: Dict[str, Any]) -> Any:
     return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(value_json=value_json)
 
 
-def test_value_templates_work_for_any_class_name():
+def test_value_templates_find_their_values_for_any_class_name():
     """``value_json.classes.3d_object`` is a Jinja syntax error; brackets work for any slug."""
-    d = discovery("cam-7", ["background", "3d object", "person"])
+    d = discovery("cam-7", ["background", "3d object", "person"], "homeassistant.classes=3d object,person")
     configs = d.configs()
-    state = d.state({"3d object": 0.25, "person": 0.5}, {"fps": 4.5, "inference_ms": 31.2, "end_to_end_ms": 40.0,
-                                                           "cpu_temp_c": 50.0, "dropped": 3})
+    state = d.state({"": {"3d object": 0.25, "person": 0.5}},
+                    {"fps": 4.5, "inference_ms": 31.2, "end_to_end_ms": 40.0, "cpu_temp_c": None}, "running", None)
     state = json.loads(json.dumps(state))  # as Home Assistant gets it
-    sensor = configs["homeassistant/sensor/edge-agent-cam-7/class_3d_object/config"]
-    present = configs["homeassistant/binary_sensor/edge-agent-cam-7/class_3d_object/config"]
+    sensor, present = configs[topic("sensor", "class_3d_object")], configs[topic("binary_sensor", "class_3d_object")]
     assert sensor["value_template"] == "{{ value_json['classes']['3d_object'] }}"
+    assert (sensor["name"], present["name"]) == ("3D Object coverage", "3D Object")
     assert str(render(sensor["value_template"], state)) == "25.0"
     assert render(present["value_template"], state) == "ON"
-    assert str(render(configs["homeassistant/sensor/edge-agent-cam-7/fps/config"]["value_template"], state)) == "4.5"
-    bench = {"p50_ms": 12.5, "p90_ms": 14.0, "runs": 5}
-    for topic, doc in configs.items():
-        if "value_template" in doc:  # every template parses and finds its value
-            render(doc["value_template"], bench if doc["state_topic"].endswith(BENCHMARK) else state)
+    assert render(configs[topic("sensor", "status")]["value_template"], state) == "running"
+    assert render(configs[topic("binary_sensor", "problem")]["value_template"], state) == "OFF"
+    for doc in configs.values():  # every state template finds its value
+        if "value_template" in doc:
+            assert render(doc["value_template"], state) is not None, doc["name"]
     from edge_agent.comms.homeassistant import value_template
     assert value_template("it's", "a\\b") == "{{ value_json['it\\'s']['a\\\\b'] }}"
     assert render(value_template("it's", "a\\b"), {"it's": {"a\\b": 7}}) == 7
+
+
+def test_slugs_are_unique_and_stable():
+    assert class_slugs(["Dining Table", "dining-table", "tv/monitor", "???"]) == [
+        ("Dining Table", "dining_table"), ("dining-table", "dining_table_2"), ("tv/monitor", "tv_monitor"),
+        ("???", "class")]
+
+
+def test_config_refuses_what_home_assistant_cannot_work_with():
+    with pytest.raises(ConfigError, match="homeassistant.enabled: needs mqtt.enabled = true"):
+        load_config(None, ["homeassistant.enabled=true", "mqtt.enabled=false"], env={})
+    with pytest.raises(ConfigError, match="homeassistant.enabled: needs publish.result = true"):
+        load_config(None, ["homeassistant.enabled=true", "publish.result=false"], env={})
+    with pytest.raises(ConfigError, match="homeassistant.discovery_prefix"):
+        load_config(None, ["homeassistant.discovery_prefix=ha/#"], env={})
+    with pytest.raises(ConfigError, match="homeassistant.min_fraction"):
+        load_config(None, ["homeassistant.min_fraction=2"], env={})
+
+
+# -- the bridge on a real mosquitto ------------------------------------------------------------------
+
+@pytest.mark.broker
+def test_announces_clears_the_old_set_and_follows_the_agents_state(mosquitto):
+    broker = mosquitto()
+    rec = Recorder("127.0.0.1", broker.port, "#")
+    # What an earlier version left retained: 2 entities per label, background included, a button.
+    old = [topic(c, f"class_{k}") for k in ("background", "person", "dining_table", "cat", "dog")
+           for c in ("sensor", "binary_sensor")] + [topic("button", "run_benchmark"), topic("sensor", "dropped_frames")]
+    for t in old:
+        rec.publish(t, b'{"name": "old"}', retain=True)
+    cfg = config(broker.port, "homeassistant.console_url=https://console.example:8443")
+    bridge = HomeAssistantBridge(MqttComms(cfg.mqtt, DEVICE), cfg, cpu_temp=lambda: None)
+    bridge.start()
+    try:
+        assert bridge.wait_connected(10)
+        bridge.set_info(info(LABELS))
+        wanted = {topic(c, k) for c, k in [("sensor", "status"), ("binary_sensor", "problem"), ("sensor", "fps"),
+                                           ("sensor", "inference_time"), ("sensor", "end_to_end_time"),
+                                           ("image", "overlay")]}
+        wanted |= {topic(c, f"class_{k}") for k in ("person", "cat") for c in ("sensor", "binary_sensor")}
+        late = Recorder("127.0.0.1", broker.port, f"homeassistant/+/{NODE}/+/config")
+        got = wait_configs(late, lambda c: {t for t, v in c.items() if v} == wanted, "the retained set")
+        late.close()
+        assert len(wanted) == 10  # person, cat: the preferred classes this model has; no CPU temperature here
+        for t in set(old) - wanted:
+            assert configs(rec)[t] == b"", t
+        person = json.loads(got[topic("binary_sensor", "class_person")])
+        assert person["name"] == "Person" and person["device_class"] == "occupancy"
+        assert json.loads(got[topic("sensor", "class_person")])["name"] == "Person coverage"
+        status = json.loads(got[topic("sensor", "status")])
+        assert status["device_class"] == "enum" and status["options"] == ["running", "error", "stopped"]
+        assert status["device"]["configuration_url"] == "https://console.example:8443"
+        assert status["unique_id"] == "edge_agent_cam_7_status"
+
+        # Results and timings -> the retained state topic (classes in %, presence by min_fraction 0.01).
+        bridge.publish("result", json.dumps({"seq": 1, "classes": {"background": 0.995, "cat": 0.005}}).encode())
+        bridge.publish("timings", json.dumps({"fps": 4.5, "dropped": {"capture": 2, "publish": 1},
+                                              "stages": {"inference": {"mean": 31.26}, "end_to_end": {"mean": 40.0}}}))
+
+        def fresh(s):
+            if s.get("fps") != 4.5:
+                bridge.publish("result", json.dumps({"seq": 2, "classes": {"background": 0.995, "cat": 0.005}}))
+            return s.get("fps") == 4.5
+        state = last_state(rec, fresh, "fps 4.5")
+        assert state["classes"] == {"person": 0.0, "cat": 0.5} and state["present"] == {"person": "OFF", "cat": "OFF"}
+        assert (state["status"], state["problem"], state["reason"]) == ("running", "OFF", None)
+        assert (state["inference_ms"], state["details"]["model"], state["details"]["dropped_frames"]) == (31.26, "model-a", 3)
+
+        # The model fails on every frame (stats): error with the reason.
+        bridge.publish("stats", json.dumps({"inference_errors": 4, "last_error": "invoke failed: op 7",
+                                            "frames": {"inferred": 0}, "fps": 0.0}))
+        state = last_state(rec, lambda s: s["status"] == "error", "error from stats")
+        assert (state["reason"], state["problem"]) == ("inference fails: invoke failed: op 7", "ON")
+        assert state["details"]["reason"] == state["reason"]
+
+        # No model at all (info says error): the class entities stay (unavailable), the status says why.
+        bridge.set_info(info(None, status="error", error="model.path: cannot prepare this model"))
+        state = last_state(rec, lambda s: s["reason"] == "model.path: cannot prepare this model", "error from info")
+        assert state["status"] == "error" and state["problem"] == "ON"
+        before, states = bridge.announcements, len(rec.matching(f"edge-agent/{DEVICE}/{STATE}"))
+        rec.publish("homeassistant/status", b"online")  # Home Assistant restarting: everything again
+        # the state follows the announcement's configs and clears (one client: the broker keeps the order)
+        wait_configs(rec, lambda c: bridge.announcements > before
+                     and len(rec.matching(f"edge-agent/{DEVICE}/{STATE}")) > states, "re-announce")
+        assert configs(rec)[topic("sensor", "class_cat")] != b""
+
+        # A model without "cat": its entities are removed.
+        bridge.set_info(info(["background", "person", "dining table"], "model-b"))
+        wait_configs(rec, lambda c: c.get(topic("sensor", "class_cat")) == b""
+                     and c.get(topic("binary_sensor", "class_cat")) == b"", "cat removed")
+        assert configs(rec)[topic("sensor", "class_person")]
+        state = last_state(rec, lambda s: s["status"] == "running", "running again")
+        bridge.set_info(info(["background", "person", "dining table"], "model-b", status="stopped"))
+        last_state(rec, lambda s: s["status"] == "stopped" and s["problem"] == "OFF", "stopped")
+    finally:
+        bridge.stop()
+        rec.close()
+
+
+@pytest.mark.broker
+def test_a_cpu_temperature_entity_only_where_the_host_has_one(mosquitto):
+    broker = mosquitto()
+    rec = Recorder("127.0.0.1", broker.port, "#")
+    cfg = config(broker.port)
+    bridge = HomeAssistantBridge(MqttComms(cfg.mqtt, DEVICE), cfg, cpu_temp=lambda: 48.5)
+    bridge.start()
+    try:
+        assert bridge.wait_connected(10)
+        bridge.set_info(info(read_labels(str(PASCAL_LABELS))))
+        late = Recorder("127.0.0.1", broker.port, f"homeassistant/+/{NODE}/+/config")
+        got = wait_configs(late, lambda c: len([v for v in c.values() if v]) == 15, "15 entities")
+        late.close()
+        assert json.loads(got[topic("sensor", "cpu_temperature")])["name"] == "CPU temperature"
+        assert last_state(rec, lambda s: True, "state")["cpu_temp_c"] == 48.5
+    finally:
+        bridge.stop()
+        rec.close()
+
+
+@pytest.mark.broker
+def test_only_configured_classes_and_unknown_names_said_once(mosquitto, caplog):
+    broker = mosquitto()
+    cfg = config(broker.port, "homeassistant.classes=cat, unicorn")
+    assert cfg.homeassistant.classes == ("cat", "unicorn")
+    rec = Recorder("127.0.0.1", broker.port, "homeassistant/#")
+    bridge = HomeAssistantBridge(MqttComms(cfg.mqtt, DEVICE), cfg, cpu_temp=lambda: None)
+    bridge.start()
+    try:
+        assert bridge.wait_connected(10)
+        bridge.set_info(info(LABELS))
+        got = wait_configs(rec, lambda c: len([v for v in c.values() if v]) == 6 + 2, "announce")
+        assert {t.split("/")[-2] for t, v in got.items() if "class_" in t and v} == {"class_cat"}
+        assert "'unicorn' is not a class of model model-a" in caplog.text
+    finally:
+        bridge.stop()
+        rec.close()
+
+
+@pytest.mark.broker
+def test_a_model_with_many_classes_is_announced_whole_through_a_small_inflight_window(mosquitto):
+    """150 watched classes = 306 retained configs (and 300 legacy clears) through a window of 5
+    unacknowledged messages: the announcer waits for room instead of losing configs."""
+    broker = mosquitto()
+    labels = [f"thing {i}" for i in range(150)]
+    cfg = config(broker.port, "mqtt.max_queued_messages=5", "homeassistant.classes=" + ",".join(labels))
+    bridge = HomeAssistantBridge(MqttComms(cfg.mqtt, DEVICE), cfg, cpu_temp=lambda: None)
+    bridge.start()
+    try:
+        assert bridge.wait_connected(10)
+        bridge.set_info(info(labels))
+        late = Recorder("127.0.0.1", broker.port, f"homeassistant/+/{NODE}/+/config")
+        got = wait_configs(late, lambda c: len([v for v in c.values() if v]) == 6 + 2 * 150, "306 retained configs")
+        assert f"homeassistant/binary_sensor/{NODE}/class_thing_149/config" in got
+        late.close()
+    finally:
+        bridge.stop()
+
+
+@pytest.mark.broker
+def test_service_uninstall_removes_the_entities(mosquitto, tmp_path, monkeypatch, capsys):
+    """The uninstall step, as on a device (the layout's staging check is what --root would skip):
+    the installed config enables Home Assistant, so its retained configs are cleared."""
+    from edge_agent.provision import service
+
+    broker = mosquitto()
+    rec = Recorder("127.0.0.1", broker.port, "homeassistant/#")
+    topics = [f"homeassistant/sensor/{NODE}/fps/config", f"homeassistant/sensor/{NODE}/class_cat/config"]
+    for t in topics + ["homeassistant/sensor/edge-agent-other/fps/config"]:
+        rec.publish(t, b'{"name": "x"}', retain=True)
+    lay = service.Layout(tmp_path, "/opt/edge-agent")
+    lay.config.parent.mkdir(parents=True)
+    lay.config.write_text(f'[agent]\ndevice_id = "{DEVICE}"\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+                          '[homeassistant]\nenabled = true\n')
+    monkeypatch.setattr(service.Layout, "staging", property(lambda self: False))
+    steps = service.homeassistant_removal(lay)
+    assert [s.what for s in steps] == ["remove the Home Assistant entities"]
+    steps[0].run()
+    assert "removed 2 Home Assistant entities" in capsys.readouterr().out
+    late = Recorder("127.0.0.1", broker.port, "homeassistant/#")
+    rec.publish("homeassistant/sentinel", b"after the retained ones")  # the broker keeps the order
+    late.wait_for("homeassistant/sentinel", timeout=10)
+    assert set(configs(late)) == {"homeassistant/sensor/edge-agent-other/fps/config"}  # another device's stay
+    late.close()
+    rec.close()
+    # Home Assistant not enabled, or a staging tree (--root): no step.
+    lay.config.write_text(f'[agent]\ndevice_id = "{DEVICE}"\n')
+    assert service.homeassistant_removal(lay) == []

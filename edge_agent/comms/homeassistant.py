@@ -4,29 +4,19 @@ Opt-in with ``[homeassistant] enabled = true``. :class:`HomeAssistantBridge` wra
 :class:`~edge_agent.comms.mqtt.MqttComms` (same interface, so the agent and pipeline do not
 change) and, from what already flows through it, keeps Home Assistant informed:
 
-* On every (re)connect, and whenever Home Assistant announces ``online`` on
-  ``<discovery_prefix>/status``, it publishes retained discovery configs on
-  ``<discovery_prefix>/<component>/edge-agent-<device_id>/<object_id>/config``: sensors (fps,
-  inference ms, end-to-end ms, CPU temperature, dropped frames, running model, last benchmark
-  p50), per exposed class a sensor (pixel %) and a binary_sensor (present at >=
-  ``min_fraction``), an ``image`` fed by the ``overlay`` JPEG topic, and a button that sends a
-  default ``cmd/benchmark`` request. All share the agent's ``availability`` topic.
+* A curated entity set (:func:`entities`, at most :data:`MAX_ENTITIES` by default): ``Status``
+  (running / error / stopped, the reason as an attribute), ``Problem``, frame rate, inference and
+  end-to-end time, CPU temperature (only where the host has a sensor), the overlay image, and per
+  watched class a presence binary sensor ("Person") and a coverage sensor ("Person coverage").
+  Per camera with an id, the class entities are prefixed with the camera's name ("Door Person").
+* Discovery configs are retained on ``<discovery_prefix>/<component>/edge-agent-<device>/<key>/config``,
+  announced on every (re)connect and whenever Home Assistant publishes ``online`` on
+  ``<discovery_prefix>/status``. Configs under this node that are not announced now (an earlier
+  version's 51 entities, a previous model's classes) are cleared with an empty retained payload.
 * Entity states come from ONE small retained JSON topic, ``<prefix>/<device>/ha/state``,
-  refreshed at most every ``state_interval_s`` from the latest result/timings/stats: Home
-  Assistant does not re-render ~40 templates at the frame rate, and a retained state is there
-  when it subscribes (~5 s after the last discovery message). The last finished benchmark goes
-  to the retained ``<prefix>/<device>/ha/benchmark``.
-* Configs under this device's node id that it no longer announces (classes of a previous model)
-  are cleared when seen; :func:`remove_entities` clears them all (``edge-agent homeassistant
-  --remove``, ``edge-agent service uninstall``).
+  refreshed at most every ``state_interval_s`` and whenever ``info`` changes.
 
-The agent publishes nothing outside its own topics except its own discovery configs; Home
-Assistant, not the agent, publishes the button's command. Object ids of class entities come from
-class names in their own namespace, so entity ids are stable across models and never collide with
-the device-level ones (``sensor.<device>_class_person``, a class ``fps`` is
-``sensor.<device>_class_fps``, not ``sensor.<device>_fps``). Unique ids are distinct for distinct
-device ids (:func:`device_key`), and the state templates use bracket access (a class ``3d_object``:
-``value_json['classes']['3d_object']``, which the dotted form cannot spell).
+docs/homeassistant.md has the long story (entity table, why each design choice).
 """
 
 from __future__ import annotations
@@ -37,7 +27,8 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from edge_agent import __version__
 from edge_agent.config import Config
@@ -46,14 +37,28 @@ from edge_agent.errors import EdgeAgentError
 log = logging.getLogger(__name__)
 
 STATE = "ha/state"
-BENCHMARK = "ha/benchmark"
 MANUFACTURER = "edge-agent"
-# A benchmark with the request's defaults; HA renders the template at each press, so every press
-# has its own request id (the agent ignores a repeated id as an MQTT retransmission).
-BUTTON_COMMAND_TEMPLATE = '{"request_id": "ha-{{ (now().timestamp() * 1000) | int }}"}'
+MAX_ENTITIES = 15  # the default set stays within this per device
+DEFAULT_CLASS_COUNT = 4  # watched classes of one camera when [homeassistant] classes is empty
+# What a user most likely means, in order (matched against the labels, spelling-insensitive).
+PREFERRED_CLASSES = ("person", "car", "cat", "dog", "bird", "bicycle", "motorbike", "motorcycle", "bus", "truck")
+BACKGROUND = {"background", "__background__", "bg", "void", "unlabeled", "unlabelled", "ignore"}
+STATUSES = ("running", "error", "stopped")
 ANNOUNCE_TIMEOUT_S = 30.0  # waiting for room in the in-flight window, per message
 REMOVE_QUIET_S = 0.5  # after the retained configs stop arriving, they are all in
 REMOVE_TIMEOUT_S = 10.0
+
+# Label spellings datasets run together (PASCAL VOC) or abbreviate: the key is the label
+# lower-cased without separators.
+KNOWN_NAMES = {"diningtable": "Dining Table", "pottedplant": "Potted Plant", "tvmonitor": "TV Monitor",
+               "tv": "TV", "aeroplane": "Aeroplane", "motorbike": "Motorbike", "trafficlight": "Traffic Light",
+               "firehydrant": "Fire Hydrant", "stopsign": "Stop Sign", "parkingmeter": "Parking Meter",
+               "teddybear": "Teddy Bear", "hairdrier": "Hair Drier", "cellphone": "Cell Phone"}
+ACRONYMS = {"tv": "TV", "crt": "CRT", "3d": "3D", "pc": "PC", "led": "LED"}
+ICONS = {"person": "mdi:account", "car": "mdi:car", "cat": "mdi:cat", "dog": "mdi:dog", "bird": "mdi:bird",
+         "bicycle": "mdi:bicycle", "motorbike": "mdi:motorbike", "motorcycle": "mdi:motorbike", "bus": "mdi:bus",
+         "truck": "mdi:truck", "horse": "mdi:horse", "boat": "mdi:sail-boat", "aeroplane": "mdi:airplane",
+         "train": "mdi:train"}
 
 
 def jinja_string(text: str) -> str:
@@ -67,33 +72,33 @@ def value_template(*path: str) -> str:
     return "{{ value_json%s }}" % "".join(f"[{jinja_string(key)}]" for key in path)
 
 
-# key -> (component, name, state template, extra config): the device-level entities.
-METRICS: Dict[str, Tuple[str, str, Optional[str], Dict[str, Any]]] = {
-    "fps": ("sensor", "Frame rate", value_template("fps"),
-            {"unit_of_measurement": "fps", "state_class": "measurement", "icon": "mdi:speedometer"}),
-    "inference_time": ("sensor", "Inference time", value_template("inference_ms"),
-                       {"unit_of_measurement": "ms", "device_class": "duration", "state_class": "measurement",
-                        "suggested_display_precision": 1}),
-    "end_to_end_time": ("sensor", "End-to-end time", value_template("end_to_end_ms"),
-                        {"unit_of_measurement": "ms", "device_class": "duration", "state_class": "measurement",
-                         "suggested_display_precision": 1}),
-    "cpu_temperature": ("sensor", "CPU temperature", value_template("cpu_temp_c"),
-                        {"unit_of_measurement": "°C", "device_class": "temperature", "state_class": "measurement",
-                         "entity_category": "diagnostic"}),
-    "dropped_frames": ("sensor", "Dropped frames", value_template("dropped"),
-                       {"state_class": "total_increasing", "icon": "mdi:image-off", "entity_category": "diagnostic"}),
-    "model": ("sensor", "Model", value_template("model"), {"icon": "mdi:brain", "entity_category": "diagnostic"}),
-    "benchmark_p50": ("sensor", "Benchmark p50", value_template("p50_ms"),
-                      {"unit_of_measurement": "ms", "device_class": "duration", "state_class": "measurement",
-                       "entity_category": "diagnostic", "suggested_display_precision": 2}),
-    "overlay": ("image", "Overlay", None, {"content_type": "image/jpeg"}),
-    "run_benchmark": ("button", "Run benchmark", None, {"icon": "mdi:timer-play", "entity_category": "diagnostic"}),
-}
-
-
 def slug(name: str) -> str:
     """A class or device name as an object id part: lower case, [a-z0-9_] (``dining table`` -> ``dining_table``)."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class"
+
+
+def _compact(label: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", label.lower())
+
+
+def display_name(label: str) -> str:
+    """A label as people read it: ``diningtable`` -> ``Dining Table``, ``tv/monitor`` -> ``TV Monitor``,
+    ``traffic_light`` -> ``Traffic Light``, ``person, individual`` (ADE20K synonyms) -> ``Person``."""
+    first = re.split(r"[,;]", label, maxsplit=1)[0].strip() or label.strip() or "?"
+    if _compact(first) in KNOWN_NAMES:
+        return KNOWN_NAMES[_compact(first)]
+    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", first)  # camelCase
+    words = [w for w in re.split(r"[\s_\-./]+", spaced) if w]
+    return " ".join(ACRONYMS.get(w.lower(), w[:1].upper() + w[1:] if w.islower() else w) for w in words) or first
+
+
+def camera_name(camera: str) -> str:
+    """A camera id as the prefix of its entities' names: ``front_door`` -> ``Front Door``."""
+    return display_name(camera) if camera else ""
+
+
+def is_background(label: str) -> bool:
+    return _compact(label) in {_compact(b) for b in BACKGROUND}
 
 
 def node_id(device_id: str) -> str:
@@ -121,6 +126,14 @@ def device_key(device_id: str) -> str:
     return f"{slug(device_id)}-{hashlib.sha256(device_id.encode()).hexdigest()[:DEVICE_HASH_CHARS]}"
 
 
+def camera_key(camera: str) -> str:
+    """A camera id in entity keys: its slug when that spells it back (``door``, ``front_door``),
+    else slug + hash (``Door`` and ``door`` are different cameras)."""
+    if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", camera):
+        return camera
+    return f"{slug(camera)}-{hashlib.sha256(camera.encode()).hexdigest()[:DEVICE_HASH_CHARS]}"
+
+
 def class_slugs(names: Sequence[str]) -> List[Tuple[str, str]]:
     """(class name, unique slug) in label order; a slug taken by an earlier class gets ``_<n>``."""
     out: List[Tuple[str, str]] = []
@@ -135,96 +148,173 @@ def class_slugs(names: Sequence[str]) -> List[Tuple[str, str]]:
     return out
 
 
-def exposed_classes(labels: Optional[Sequence[str]], wanted: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """(classes to expose, configured names the model does not have): ``wanted`` empty = all labels."""
+def default_classes(labels: Sequence[str], count: int = DEFAULT_CLASS_COUNT) -> List[str]:
+    """The classes watched when none are configured: up to ``count`` of :data:`PREFERRED_CLASSES`
+    the labels have (person, car, cat, dog for PASCAL VOC and COCO), else the first labels that
+    are not background."""
+    by_compact = {}
+    for label in labels:
+        by_compact.setdefault(_compact(re.split(r"[,;]", label, maxsplit=1)[0]), label)
+    chosen = [by_compact[c] for c in PREFERRED_CLASSES if c in by_compact]
+    if not chosen:
+        chosen = [label for label in labels if not is_background(label)]
+    return list(dict.fromkeys(chosen))[:max(0, count)]
+
+
+def watched_classes(labels: Optional[Sequence[str]], wanted: Sequence[str],
+                    count: int = DEFAULT_CLASS_COUNT) -> Tuple[List[str], List[str]]:
+    """(classes with entities, configured names the model does not have); ``wanted`` empty =
+    :func:`default_classes`. A configured name matches a label spelling-insensitively
+    (``dining table`` = ``diningtable``)."""
     if not labels:
         return [], list(wanted)
     if not wanted:
-        return list(labels), []
-    known = set(labels)
-    return [c for c in wanted if c in known], [c for c in wanted if c not in known]
+        return default_classes(labels, count), []
+    by_compact = {}
+    for label in labels:
+        by_compact.setdefault(_compact(label), label)
+    found = [by_compact[_compact(w)] for w in wanted if _compact(w) in by_compact]
+    return list(dict.fromkeys(found)), [w for w in wanted if _compact(w) not in by_compact]
 
 
-class Discovery:
-    """The discovery configs of one device: pure data, built from config + the info document."""
-
-    def __init__(self, config: Config, device_id: str, info: Optional[Dict[str, Any]]) -> None:
-        self.ha = config.homeassistant
-        self.device_id = device_id
-        self.node = node_id(device_id)
-        self.base = f"{config.mqtt.topic_prefix}/{device_id}"
-        self.info = info or {}
-        model = self.info.get("model") or {}
-        names, self.unknown = exposed_classes(model.get("labels"), self.ha.classes)
-        self.classes = class_slugs(names)
-
-    def topic(self, component: str, object_id: str) -> str:
-        return f"{self.ha.discovery_prefix}/{component}/{self.node}/{object_id}/config"
-
-    def device(self) -> Dict[str, Any]:
-        host = self.info.get("host") or {}
-        return {"identifiers": [self.node], "name": self.device_id, "manufacturer": MANUFACTURER,
-                "model": host.get("board") or host.get("machine") or "edge-agent",
-                "sw_version": str(self.info.get("agent_version") or __version__)}
-
-    def _common(self, key: str, name: str) -> Dict[str, Any]:
-        """``key`` is unique within the device and names the unique id, the topic and the entity id:
-        a class ``person`` is ``class_person`` (``sensor.<device>_class_person``)."""
-        return {
-            "name": name,
-            "unique_id": f"edge_agent_{device_key(self.device_id)}_{key}",
-            "object_id": f"{slug(self.device_id)}_{key}",
-            "availability_topic": f"{self.base}/availability",
-            "device": self.device(),
-            "origin": {"name": "edge-agent", "sw_version": __version__},
-        }
-
-    def configs(self) -> Dict[str, Dict[str, Any]]:
-        """Discovery topic -> config payload, for every entity of this device."""
-        out: Dict[str, Dict[str, Any]] = {}
-        for key, (component, name, template, extra) in METRICS.items():
-            doc = self._common(key, name)
-            doc.update(extra)
-            if component == "sensor":
-                topic = BENCHMARK if key == "benchmark_p50" else STATE
-                doc.update(state_topic=f"{self.base}/{topic}", value_template=template)
-                if key == "benchmark_p50":
-                    doc["json_attributes_topic"] = f"{self.base}/{BENCHMARK}"
-            elif component == "image":
-                doc["image_topic"] = f"{self.base}/overlay"
-            elif component == "button":
-                doc.update(command_topic=f"{self.base}/cmd/benchmark",  # commands: QoS 1, not retained
-                           command_template=BUTTON_COMMAND_TEMPLATE, retain=False, qos=1)
-            out[self.topic(component, key)] = doc
-        for name, key in self.classes:
-            sensor = self._common(f"class_{key}", name)
-            sensor.update(state_topic=f"{self.base}/{STATE}", unit_of_measurement="%",
-                          state_class="measurement", suggested_display_precision=1,
-                          value_template=value_template("classes", key), icon="mdi:image-filter-center-focus")
-            out[self.topic("sensor", f"class_{key}")] = sensor
-            present = self._common(f"class_{key}", name)
-            present.update(state_topic=f"{self.base}/{STATE}", device_class="occupancy",
-                           value_template=value_template("present", key))
-            out[self.topic("binary_sensor", f"class_{key}")] = present
-        return out
-
-    def state(self, fractions: Dict[str, float], metrics: Dict[str, Any]) -> Dict[str, Any]:
-        """The ``ha/state`` document: metrics, class % and presence (ON/OFF) by class slug."""
-        classes = {key: round(100.0 * fractions.get(name, 0.0), 2) for name, key in self.classes}
-        present = {key: "ON" if fractions.get(name, 0.0) >= self.ha.min_fraction else "OFF"
-                   for name, key in self.classes}
-        model = (self.info.get("model") or {}).get("name")
-        return {**metrics, "model": model, "classes": classes, "present": present}
+@dataclass(frozen=True)
+class Camera:
+    """What the entity builder needs of a camera: its id ("" = the legacy ``[source]``) and its
+    configured classes (empty = ``[homeassistant] classes``)."""
+    id: str = ""
+    classes: Tuple[str, ...] = ()
 
 
-def config_topic_filter(discovery_prefix: str, device_id: str) -> str:
-    """Every discovery config topic of this device."""
-    return f"{discovery_prefix}/+/{node_id(device_id)}/+/config"
+@dataclass(frozen=True)
+class Entity:
+    """One Home Assistant entity: ``key`` names its unique id, discovery topic and object id."""
+    component: str
+    key: str
+    name: str
+    extra: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    camera: Optional[str] = None  # class entities: the camera id
+    label: Optional[str] = None  # class entities: the model's label
+    kind: str = "metric"  # status | problem | metric | image | coverage | presence
+
+
+# key -> (component, name, state key, extra config): the device-level entities ("status" and
+# "problem" follow the agent's state; the others only while it runs).
+METRICS: Dict[str, Tuple[str, str, Optional[str], Dict[str, Any]]] = {
+    "status": ("sensor", "Status", "status",
+               {"device_class": "enum", "options": list(STATUSES), "icon": "mdi:list-status"}),
+    "problem": ("binary_sensor", "Problem", "problem", {"device_class": "problem"}),
+    "fps": ("sensor", "Frame rate", "fps",
+            {"unit_of_measurement": "fps", "state_class": "measurement", "icon": "mdi:speedometer",
+             "suggested_display_precision": 1}),
+    "inference_time": ("sensor", "Inference time", "inference_ms",
+                       {"unit_of_measurement": "ms", "device_class": "duration", "state_class": "measurement",
+                        "suggested_display_precision": 1}),
+    "end_to_end_time": ("sensor", "End-to-end time", "end_to_end_ms",
+                        {"unit_of_measurement": "ms", "device_class": "duration", "state_class": "measurement",
+                         "suggested_display_precision": 1}),
+    "cpu_temperature": ("sensor", "CPU temperature", "cpu_temp_c",
+                        {"unit_of_measurement": "°C", "device_class": "temperature", "state_class": "measurement",
+                         "entity_category": "diagnostic", "suggested_display_precision": 1}),
+    "overlay": ("image", "Overlay", None, {"content_type": "image/jpeg"}),
+}
+# What earlier versions announced and this one does not: cleared at every announcement.
+LEGACY_KEYS = (("sensor", "dropped_frames"), ("sensor", "model"), ("sensor", "benchmark_p50"),
+               ("button", "run_benchmark"), ("sensor", "cpu_temperature"))
+
+
+def class_key(camera: str, class_slug: str) -> str:
+    """``class_person`` (camera "", the keys earlier versions used: entity ids and history stay) or
+    ``class_door__person``: a slug has no ``__``, so camera and class never run into each other."""
+    return f"class_{class_slug}" if not camera else f"class_{camera_key(camera)}__{class_slug}"
+
+
+def entities(labels: Optional[Sequence[str]], classes: Sequence[str] = (), cameras: Sequence[Camera] = (Camera(),),
+             has_cpu_temp: bool = False, overlay: bool = True) -> List[Entity]:
+    """The device's entities, in the order Home Assistant lists them.
+
+    ``labels``: the model's (None: not known, no class entities); ``classes``: ``[homeassistant]
+    classes``; ``cameras``: each camera's id and own classes. With no classes configured each
+    camera watches :func:`default_classes`, as many as keep the device within :data:`MAX_ENTITIES`.
+    """
+    out = [Entity(component, key, name, dict(extra), kind=key if key in ("status", "problem") else
+                  "image" if component == "image" else "metric")
+           for key, (component, name, _, extra) in METRICS.items()
+           if (key != "cpu_temperature" or has_cpu_temp) and (key != "overlay" or overlay)]
+    cameras = list(cameras) or [Camera()]
+    per_camera = max(1, min(DEFAULT_CLASS_COUNT, (MAX_ENTITIES - len(out)) // (2 * len(cameras))))
+    slugs = dict(class_slugs(list(labels or [])))
+    for cam in cameras:
+        watched, _ = watched_classes(labels, cam.classes or classes, per_camera)
+        prefix = f"{camera_name(cam.id)} " if cam.id else ""
+        for label in watched:
+            key = class_key(cam.id, slugs[label])
+            name = prefix + display_name(label)
+            icon = ICONS.get(_compact(label), "mdi:image-filter-center-focus")
+            out.append(Entity("binary_sensor", key, name, {"device_class": "occupancy", "icon": icon},
+                              camera=cam.id, label=label, kind="presence"))
+            out.append(Entity("sensor", key, f"{name} coverage",
+                              {"unit_of_measurement": "%", "state_class": "measurement",
+                               "suggested_display_precision": 1, "icon": icon},
+                              camera=cam.id, label=label, kind="coverage"))
+    return out
+
+
+def cameras_of(config: Config) -> List[Camera]:
+    """The config's cameras as the entity builder sees them (one camera "" without ``[[cameras]]``)."""
+    listing = getattr(config, "camera_list", None)
+    if not callable(listing):
+        return [Camera()]
+    return [Camera(getattr(c, "id", ""), tuple(getattr(c, "classes", ()) or ())) for c in listing()] or [Camera()]
+
+
+# -- the agent's state as Home Assistant shows it ------------------------------------------------
+
+def _source_problem(source: Any, where: str = "") -> Optional[str]:
+    if isinstance(source, dict) and source.get("state") == "down":
+        return f"{where}source down: {source.get('last_error') or 'no frames'}"
+    return None
+
+
+def agent_status(info: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]] = None,
+                 previous: Optional[Dict[str, Any]] = None) -> Tuple[str, Optional[str]]:
+    """(running | error | stopped, the reason or None) from the agent's info and its last two
+    stats documents.
+
+    error when: ``info`` says so (no model, the source cannot open: ``info.error``); a source is
+    down (being reopened); the model failed on every frame since the previous stats; a pipeline
+    thread crashed."""
+    info = info or {}
+    if info.get("status") == "stopped":
+        return "stopped", None
+    if info.get("status") == "error":
+        return "error", str(info.get("error") or "the agent runs no pipeline")
+    stats = stats or {}
+    reasons = [_source_problem(stats.get("source"))]
+    cams = stats.get("cameras")
+    if isinstance(cams, dict):
+        for cam, doc in sorted(cams.items()):
+            if isinstance(doc, dict):
+                src = doc.get("source") if isinstance(doc.get("source"), dict) else doc
+                reasons.append(_source_problem(src, f"camera {cam}: "))
+    errors = stats.get("inference_errors") or 0
+    inferred = (stats.get("frames") or {}).get("inferred", 0) if isinstance(stats.get("frames"), dict) else 0
+    prev = previous or {}
+    prev_errors = prev.get("inference_errors") or 0
+    prev_inferred = (prev.get("frames") or {}).get("inferred", 0) if isinstance(prev.get("frames"), dict) else 0
+    if errors > prev_errors and inferred <= prev_inferred:
+        reasons.append(f"inference fails: {stats.get('last_error') or 'invoke error'}")
+    last = stats.get("last_error")
+    if isinstance(last, str) and last.endswith("crashed"):
+        reasons.append(last)
+    reasons = [r for r in reasons if r]
+    return ("error", "; ".join(reasons)) if reasons else ("running", None)
 
 
 def _loads(payload: Any) -> Optional[Dict[str, Any]]:
     if payload is None:
         return None
+    if isinstance(payload, dict):
+        return payload
     try:
         doc = json.loads(payload)
     except (TypeError, ValueError):
@@ -258,6 +348,127 @@ def metrics_from(timings: Optional[Dict[str, Any]], stats: Optional[Dict[str, An
     return out
 
 
+class Discovery:
+    """The discovery configs and state document of one device: pure data, built from the config,
+    the info document and whether the host has a CPU temperature."""
+
+    def __init__(self, config: Config, device_id: str, info: Optional[Dict[str, Any]],
+                 has_cpu_temp: bool = False) -> None:
+        self.ha = config.homeassistant
+        self.device_id = device_id
+        self.node = node_id(device_id)
+        self.base = f"{config.mqtt.topic_prefix}/{device_id}"
+        self.info = info or {}
+        model = self.info.get("model") or {}
+        self.labels: Optional[List[str]] = list(model.get("labels") or []) or None
+        self.cameras = cameras_of(config)
+        self.unknown: List[str] = []  # configured classes the model does not have
+        for cam in self.cameras if self.labels else ():
+            missing = watched_classes(self.labels, cam.classes or self.ha.classes)[1]
+            self.unknown += [n for n in missing if n not in self.unknown]
+        self.entities = entities(self.labels, self.ha.classes, self.cameras, has_cpu_temp)
+        self.classes = [e for e in self.entities if e.kind == "presence"]
+
+    def topic(self, component: str, key: str) -> str:
+        return f"{self.ha.discovery_prefix}/{component}/{self.node}/{key}/config"
+
+    def device(self) -> Dict[str, Any]:
+        host = self.info.get("host") or {}
+        doc = {"identifiers": [self.node], "name": self.device_id, "manufacturer": MANUFACTURER,
+               "model": host.get("board") or host.get("machine") or "edge-agent",
+               "sw_version": str(self.info.get("agent_version") or __version__)}
+        if self.ha.console_url:
+            doc["configuration_url"] = self.ha.console_url
+        return doc
+
+    def _availability(self, kind: str) -> Dict[str, Any]:
+        """Metrics and classes: while the agent is online AND running (an agent in error shows them
+        "unavailable", its Status says why). Status and Problem: while online, and after a clean
+        stop (its "stopped" stays readable); a dead agent (the Last Will) makes them unavailable."""
+        device = {"topic": f"{self.base}/availability"}
+        state = f"{self.base}/{STATE}"
+        if kind in ("status", "problem"):
+            return {"availability": [device, {"topic": state, "value_template":
+                                              "{{ 'online' if value_json['status'] == 'stopped' else 'offline' }}"}],
+                    "availability_mode": "any"}
+        return {"availability": [device, {"topic": state, "value_template":
+                                          "{{ 'online' if value_json['status'] == 'running' else 'offline' }}"}],
+                "availability_mode": "all"}
+
+    def config(self, entity: Entity) -> Dict[str, Any]:
+        doc: Dict[str, Any] = {
+            "name": entity.name,
+            "unique_id": f"edge_agent_{device_key(self.device_id)}_{entity.key}",
+            "object_id": f"{slug(self.device_id)}_{entity.key.replace('-', '_')}",
+            **self._availability(entity.kind),
+            "device": self.device(),
+            "origin": {"name": "edge-agent", "sw_version": __version__},
+        }
+        doc.update(entity.extra)
+        state = f"{self.base}/{STATE}"
+        state_key = entity.key[len("class_"):]  # class entities' key in the state document
+        if entity.kind == "image":
+            doc["image_topic"] = f"{self.base}/overlay"
+        elif entity.kind == "coverage":
+            doc.update(state_topic=state, value_template=value_template("classes", state_key))
+        elif entity.kind == "presence":
+            doc.update(state_topic=state, value_template=value_template("present", state_key))
+        else:
+            doc.update(state_topic=state, value_template=value_template(METRICS[entity.key][2]))
+            if entity.kind in ("status", "problem"):
+                doc.update(json_attributes_topic=state, json_attributes_template="{{ value_json['details'] | tojson }}")
+        return doc
+
+    def configs(self) -> Dict[str, Dict[str, Any]]:
+        """Discovery topic -> config payload, for every entity of this device."""
+        return {self.topic(e.component, e.key): self.config(e) for e in self.entities}
+
+    def legacy_topics(self) -> List[str]:
+        """Config topics earlier versions announced that this one does not (every label had a
+        sensor and a binary sensor; dropped frames, model, benchmark, ...): cleared at each
+        announcement. Class topics only when the labels are known."""
+        topics = [self.topic(c, k) for c, k in LEGACY_KEYS]
+        if self.labels:
+            for _, key in class_slugs(self.labels):
+                topics += [self.topic("sensor", f"class_{key}"), self.topic("binary_sensor", f"class_{key}")]
+        current = self.configs()
+        return [t for t in dict.fromkeys(topics) if t not in current]
+
+    def keeps(self, topic: str) -> bool:
+        """A retained config not announced now that must stay: class entities while the labels are
+        unknown (an agent in error keeps them, unavailable, instead of dropping their history)."""
+        return self.labels is None and "/class_" in topic
+
+    def state(self, results: Dict[str, Dict[str, float]], metrics: Dict[str, Any], status: str,
+              reason: Optional[str], details: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The ``ha/state`` document: status, metrics, class % and presence (ON/OFF) by class key.
+        ``results``: camera id -> that camera's latest class fractions."""
+        classes: Dict[str, float] = {}
+        present: Dict[str, str] = {}
+        for e in self.classes:
+            fraction = (results.get(e.camera or "") or {}).get(e.label or "", 0.0)
+            key = e.key[len("class_"):]
+            classes[key] = round(100.0 * fraction, 2)
+            present[key] = "ON" if fraction >= self.ha.min_fraction else "OFF"
+        model = self.info.get("model") or {}
+        info_details = {"reason": reason, "model": model.get("name"), "runtime": self.info.get("runtime"),
+                        "delegate": self.info.get("delegate")}
+        return {**metrics, "status": status, "reason": reason, "problem": "ON" if status == "error" else "OFF",
+                "classes": classes, "present": present, "details": {**info_details, **(details or {})}}
+
+
+def config_topic_filter(discovery_prefix: str, device_id: str) -> str:
+    """Every discovery config topic of this device."""
+    return f"{discovery_prefix}/+/{node_id(device_id)}/+/config"
+
+
+def _has_cpu_temp(read: Callable[[], Optional[float]]) -> bool:
+    try:
+        return read() is not None
+    except Exception:  # a sensor that cannot be read is no sensor
+        return False
+
+
 class HomeAssistantBridge:
     """The agent's comms with Home Assistant discovery on top (see the module docstring).
 
@@ -273,8 +484,10 @@ class HomeAssistantBridge:
         if cpu_temp is None:
             from edge_agent.system import cpu_temp_c as cpu_temp
         self._cpu_temp = cpu_temp
+        self._has_cpu_temp = _has_cpu_temp(cpu_temp)
         self._lock = threading.Lock()
-        self._discovery = Discovery(config, self._device_id, None)
+        self._discovery = Discovery(config, self._device_id, None, self._has_cpu_temp)
+        self._info: Dict[str, Any] = {}
         self._announced: Set[str] = set()
         self._retained: Set[str] = set()  # this node's config topics the broker holds (as seen)
         self._to_clear: Set[str] = set()  # seen, not announced: cleared by the announcer
@@ -283,6 +496,8 @@ class HomeAssistantBridge:
         self._wake = threading.Event()
         self._have_info = False
         self._latest: Dict[str, Any] = {}
+        self._results: Dict[str, Any] = {}  # camera id -> its latest result payload
+        self._stats: Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]] = (None, None)  # previous, last
         self._next_state = 0.0
         self.announcements = 0
 
@@ -304,27 +519,37 @@ class HomeAssistantBridge:
         self._comms.stop(*args, **kwargs)
 
     def set_info(self, info: Dict[str, Any]) -> None:
-        """The agent's info document: the model and labels decide the class entities."""
+        """The agent's info document: the model's labels decide the class entities, its status
+        the Status entity (published at once)."""
         self._comms.set_info(info)
-        discovery = Discovery(self.config, self._device_id, info)
+        model = info.get("model") or {}
+        with self._lock:
+            if not model.get("labels") and self._discovery.labels:
+                # no model now (an error): keep the class entities of the last one, unavailable
+                keep = dict(info, model={**model, "labels": self._discovery.labels})
+            else:
+                keep = info
+        discovery = Discovery(self.config, self._device_id, keep, self._has_cpu_temp)
         for name in discovery.unknown:
             log.warning("homeassistant.classes: %r is not a class of model %s (its labels: %s)", name,
-                        (info.get("model") or {}).get("name"), ", ".join((info.get("model") or {}).get("labels") or []))
-        if not discovery.classes and (info.get("model") or {}).get("name"):
-            if not (info.get("model") or {}).get("labels"):
-                log.warning("homeassistant: model %s has no labels: no class entities (set model.labels)",
-                            info["model"]["name"])
+                        model.get("name"), ", ".join(model.get("labels") or []))
+        if model.get("name") and not model.get("labels") and not discovery.labels:
+            log.warning("homeassistant: model %s has no labels: no class entities (set model.labels)", model["name"])
         with self._lock:
             changed = not self._have_info or discovery.configs() != self._discovery.configs()
-            self._discovery, self._have_info = discovery, True
+            if info.get("status") != self._info.get("status"):
+                self._stats = (None, None)  # a new pipeline (or none): its counters start again
+            self._discovery, self._info, self._have_info = discovery, info, True
         if changed and self._comms.connected:
             self.announce()
+        else:
+            self._publish_state(force=True)
 
     # -- announcing ---------------------------------------------------------------------------
     def announce(self) -> None:
         """Have every discovery config (retained) and then the state published, by the announcer
         thread: never on paho's network thread, which must keep reading acknowledgements while
-        hundreds of configs (one model of 150 classes: 309) wait for room in the in-flight window."""
+        the configs wait for room in the in-flight window."""
         with self._lock:
             self._announce_wanted = True
         self._wake.set()
@@ -350,7 +575,9 @@ class HomeAssistantBridge:
                 return 0  # the model (and so the classes) is not known yet: announced with the info
             discovery = self._discovery
             configs = discovery.configs()
-            stale = sorted((self._announced | self._retained | self._to_clear) - set(configs))
+            stale = {t for t in (self._announced | self._retained | self._to_clear) - set(configs)
+                     if not discovery.keeps(t)}
+            stale = sorted(stale | set(discovery.legacy_topics()))
             self._announced, self._to_clear = set(configs), set()
             self.announcements += 1
         messages = [(topic, b"") for topic in stale] + list(configs.items())
@@ -359,8 +586,8 @@ class HomeAssistantBridge:
                 log.warning("Home Assistant discovery interrupted after %d of %d messages (broker away); "
                             "announcing again at the next connection", n, len(messages))
                 return n
-        log.info("Home Assistant discovery: %d entities announced under %s/+/%s (%d classes), %d removed",
-                 len(configs), self.ha.discovery_prefix, discovery.node, len(discovery.classes), len(stale))
+        log.info("Home Assistant discovery: %d entities announced under %s/+/%s (%d classes)",
+                 len(configs), self.ha.discovery_prefix, discovery.node, len(discovery.classes))
         self._publish_state(force=True)
         return len(configs)
 
@@ -382,14 +609,15 @@ class HomeAssistantBridge:
             self.announce()
 
     def _on_config_seen(self, topic: str, payload: bytes, retained: bool) -> None:
-        """A config of this device's node id that is not announced now (a previous model's
-        class) is cleared; our own announcements echo back and are left alone."""
+        """A config of this device's node id that is not announced now (an earlier version's or
+        a previous model's entity) is cleared; our own announcements echo back and are left alone."""
         with self._lock:
             if payload:
                 self._retained.add(topic)
             else:
                 self._retained.discard(topic)
-            stale = self._have_info and bool(payload) and topic not in self._announced
+            stale = (self._have_info and bool(payload) and topic not in self._announced
+                     and not self._discovery.keeps(topic))
         if stale:
             log.info("Home Assistant discovery: removing stale entity %s", topic)
             with self._lock:
@@ -399,13 +627,17 @@ class HomeAssistantBridge:
     # -- state ------------------------------------------------------------------------------
     def publish(self, suffix: str, payload: Any, qos: Optional[int] = None, retain: bool = False) -> bool:
         ok = self._comms.publish(suffix, payload, qos=qos, retain=retain)
-        kind = suffix.split("/", 1)[0]
+        parts = suffix.split("/")
+        camera, kind = (parts[1], parts[2]) if parts[0] == "camera" and len(parts) > 2 else ("", parts[0])
         if kind in ("result", "timings", "stats"):
             with self._lock:
-                self._latest[kind] = payload  # parsed only when the state is due
-            self._publish_state()
-        elif kind == "benchmark" and suffix != "benchmark/_invalid":
-            self._benchmark_answer(payload)
+                if kind == "result":
+                    self._results[camera] = payload  # parsed only when the state is due
+                elif kind == "stats":
+                    self._stats = (self._stats[1], _loads(payload))
+                else:
+                    self._latest[kind] = payload
+            self._publish_state(force=kind == "stats")
         return ok
 
     def _publish_state(self, force: bool = False) -> None:
@@ -414,23 +646,17 @@ class HomeAssistantBridge:
             if not self._have_info or (not force and now < self._next_state):
                 return
             self._next_state = now + self.ha.state_interval_s
-            latest, discovery = dict(self._latest), self._discovery
-        result = _loads(latest.get("result")) or {}
-        metrics = metrics_from(_loads(latest.get("timings")), _loads(latest.get("stats")), self._cpu_temp())
-        doc = discovery.state(result.get("classes") or {}, metrics)
+            latest, results, discovery, info = dict(self._latest), dict(self._results), self._discovery, self._info
+            previous, stats = self._stats
+        status, reason = agent_status(info, stats, previous)
+        fractions = {cam: (_loads(p) or {}).get("classes") or {} for cam, p in results.items()}
+        metrics = metrics_from(_loads(latest.get("timings")), stats, self._cpu_temp())
+        details: Dict[str, Any] = {"dropped_frames": metrics.pop("dropped")}
+        if stats:
+            details.update(uptime_s=stats.get("uptime_s"), inference_errors=stats.get("inference_errors"),
+                           source_state=(stats.get("source") or {}).get("state"))
+        doc = discovery.state(fractions, metrics, status, reason, details)
         self._comms.publish(STATE, doc, qos=1, retain=True)
-
-    def _benchmark_answer(self, payload: Any) -> None:
-        doc = _loads(payload)
-        if not doc or doc.get("status") != "done" or not isinstance(doc.get("result"), dict):
-            return
-        result = doc["result"]
-        invoke = result.get("invoke") or {}
-        model = result.get("model") or {}
-        summary = {"p50_ms": invoke.get("p50"), "p90_ms": invoke.get("p90"), "runs": invoke.get("count"),
-                   "fps": result.get("fps"), "model": model.get("name") if isinstance(model, dict) else model,
-                   "runtime": result.get("runtime"), "request_id": doc.get("request_id"), "ts": doc.get("ts")}
-        self._comms.publish(BENCHMARK, summary, qos=1, retain=True)
 
 
 def remove_entities(config: Config, timeout: float = REMOVE_TIMEOUT_S) -> List[str]:

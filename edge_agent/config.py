@@ -59,6 +59,7 @@ def mask_url_secrets(text: Any) -> Any:
         return text
     return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{MASK}@", text)
 CREDENTIAL_MQTT_PASSWORD = "mqtt_password"
+CAMERAS = "cameras"  # the [[cameras]] array of tables
 FLEET_DEVICE = "all"  # the topic level of fleet-wide commands: no device may have this id
 
 
@@ -121,6 +122,18 @@ class SourceConfig:
                                  "XBGR8888"))
 
 
+CAMERA_ID = Str(r"[A-Za-z0-9_-]{1,32}", "camera id of 1-32 letters, digits, '_' or '-'")
+CLASSES = StrList(Str(r"[^,]+", "class name"))
+
+
+@dataclass(frozen=True)
+class CameraConfig(SourceConfig):
+    """One ``[[cameras]]`` entry: an id, the ``[source]`` keys, and its own watched classes
+    (empty = ``homeassistant.classes``). A legacy ``[source]`` is the one camera with id ""."""
+    id: str = opt("", CAMERA_ID)
+    classes: Tuple[str, ...] = opt((), CLASSES)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = opt("", PATH)
@@ -128,10 +141,11 @@ class ModelConfig:
     mirror: str = opt("", PATH)  # local folder with manifest files: fetch model.name from it (offline)
     labels: str = opt("", PATH)
     runtime: str = opt("auto", Choice(_runtime_choices))  # auto or a registered runtime
-    threads: int = opt(0, Int(0, 256))  # 0 = number of CPUs
+    threads: int = opt(0, Int(0, 256))  # threads per interpreter; 0 = automatic (inference/layout.py)
     # Interpreters running frames side by side, each with `threads` threads: 1 = the lowest latency;
-    # N with threads = cores / N = the most frames per second (docs/performance.md "Throughput").
-    interpreters: int = opt(1, Int(1, 16))
+    # N with threads = cores / N = the most frames per second. 0 = automatic: one per core when frames
+    # come faster than one interpreter serves them, else one on all cores (docs/performance.md).
+    interpreters: int = opt(0, Int(0, 16))
     edgetpu: str = opt("", EDGETPU)
     cpu_fallback: str = opt("", PATH)
     preprocess: str = opt("letterbox", Choice("letterbox", "stretch"))
@@ -227,6 +241,14 @@ class Config:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    # [[cameras]] (an array of tables, not a section: no EDGE_AGENT_/--set for it); empty = [source]
+    cameras: Tuple[CameraConfig, ...] = ()
+
+    def camera_list(self) -> Tuple[CameraConfig, ...]:
+        """The cameras the agent runs: ``[[cameras]]``, or ``[source]`` as the one camera "" ."""
+        if self.cameras:
+            return self.cameras
+        return (CameraConfig(**dataclasses.asdict(self.source)),)
 
     def to_dict(self, mask_secrets: bool = True) -> Dict[str, Dict[str, Any]]:
         """Plain nested dict; non-empty secrets, and passwords inside URLs (``source.uri``,
@@ -245,7 +267,8 @@ class Config:
 
 
 # Section name (no underscores, so EDGE_AGENT_<SECTION>_<KEY> splits unambiguously) -> dataclass.
-SECTIONS: Dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+SECTIONS: Dict[str, type] = {f.name: f.default_factory for f in fields(Config)  # type: ignore[misc]
+                             if f.name != CAMERAS}
 
 
 def _specs(cls: type) -> Dict[str, Field]:
@@ -293,8 +316,9 @@ def load_config(
     collecting = problems is not None
     problems = problems if problems is not None else Problems()
     raw: Dict[str, Dict[str, Any]] = {name: {} for name in SECTIONS}
+    cameras: List[Dict[str, Any]] = []
     if path:
-        _merge_file(raw, _read_toml(path), problems)
+        _merge_file(raw, _read_toml(path), problems, cameras)
     for key in sorted(env):
         with problems.collect():
             target = _env_target(key)
@@ -305,7 +329,11 @@ def load_config(
         with problems.collect():
             section, name, text = _split_set(item)
             raw[section][name] = _parse_text(section, name, text, " (from --set)")
-    cfg = Config(**{section: SECTIONS[section](**values) for section, values in raw.items()})
+    if cameras and raw["source"]:
+        problems.add(f"{CAMERAS}: [[cameras]] and [source] are both set ({', '.join(sorted(raw['source']))}): "
+                     "move the [source] settings into a [[cameras]] entry")
+    cfg = Config(**{section: SECTIONS[section](**values) for section, values in raw.items()},
+                 cameras=tuple(CameraConfig(**values) for values in cameras))
     cfg = _resolve(cfg, env, problems)
     if not collecting:
         problems.raise_if_any()
@@ -327,9 +355,14 @@ def _read_toml(path: str) -> Dict[str, Any]:
                           "save it as UTF-8 without a byte-order mark") from None
 
 
-def _merge_file(raw: Dict[str, Dict[str, Any]], data: Mapping[str, Any], problems: Problems) -> None:
-    """Validate every section/key of the parsed TOML and store the valid ones in ``raw``."""
+def _merge_file(raw: Dict[str, Dict[str, Any]], data: Mapping[str, Any], problems: Problems,
+                cameras: List[Dict[str, Any]]) -> None:
+    """Validate every section/key of the parsed TOML and store the valid ones in ``raw``
+    (``[[cameras]]`` entries in ``cameras``)."""
     for section, table in data.items():
+        if section == CAMERAS:
+            cameras.extend(_cameras(table, problems))
+            continue
         if section not in SECTIONS:
             problems.add(f"{section}: unknown section{_suggest(section, SECTIONS)}")
             continue
@@ -343,6 +376,36 @@ def _merge_file(raw: Dict[str, Dict[str, Any]], data: Mapping[str, Any], problem
                     raw[section][name] = _spec_for(section, name, specs).validate(f"{section}.{name}", value)
                 except Invalid as exc:
                     raise ConfigError(str(exc)) from None
+
+
+def _cameras(tables: Any, problems: Problems) -> List[Dict[str, Any]]:
+    """The valid values of each ``[[cameras]]`` entry (every problem noted, keyed cameras[i].key)."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        problems.add(f"{CAMERAS}: expected an array of tables ([[cameras]] entries), got {tables!r}")
+        return []
+    specs = _specs(CameraConfig)
+    out: List[Dict[str, Any]] = []
+    seen: Dict[str, int] = {}
+    for i, table in enumerate(tables):
+        values: Dict[str, Any] = {}
+        for name, value in table.items():
+            key = f"{CAMERAS}[{i}].{name}"
+            if name not in specs:
+                problems.add(f"{key}: unknown key{_suggest(name, specs)}")
+                continue
+            try:
+                values[name] = specs[name].validate(key, value)
+            except Invalid as exc:
+                problems.add(str(exc))
+        cam_id = values.get("id")
+        if "id" not in table:
+            problems.add(f"{CAMERAS}[{i}].id: required (1-32 letters, digits, '_' or '-'; used in topics)")
+        elif cam_id is not None and cam_id in seen:
+            problems.add(f"{CAMERAS}[{i}].id: {cam_id!r} is already the id of cameras[{seen[cam_id]}]; ids are unique")
+        if cam_id is not None:
+            seen.setdefault(cam_id, i)
+        out.append(values)
+    return out
 
 
 def _env_target(var: str) -> Optional[Tuple[str, str]]:
@@ -509,6 +572,12 @@ def to_toml(cfg: Config, mask_secrets: bool = True) -> str:
         for name, value in data[section].items():
             rendered = json.dumps(value) if value == MASK else specs[name].to_toml(value)
             lines.append(f"{name} = {rendered}")
+        lines.append("")
+    camera_specs = _specs(CameraConfig)
+    for camera in data.get(CAMERAS, []):
+        lines.append(f"[[{CAMERAS}]]")
+        for name, value in camera.items():
+            lines.append(f"{name} = {json.dumps(value) if value == MASK else camera_specs[name].to_toml(value)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -225,8 +225,8 @@ def test_interpreters_reach_the_pipeline_and_are_refused_with_one_edge_tpu():
 
     cfg = load_config(None, ["model.interpreters=2", "model.threads=1"], env=ENV)
     assert PipelineSettings.from_config(cfg).interpreters == 2
-    assert PipelineSettings.from_config(load_config(None, env=ENV)).interpreters == 1
+    assert PipelineSettings.from_config(load_config(None, env=ENV)).interpreters == 0  # automatic
     assert refusal(None, ["model.interpreters=2", "model.edgetpu=usb"], env=ENV) == (
         'model.interpreters: an Edge TPU runs one interpreter at a time; set model.interpreters = 1 '
         '(or model.edgetpu = "" to run on the CPU)')
-    assert refusal(None, ["model.interpreters=0"], env=ENV).startswith("model.interpreters: expected integer 1..16")
+    assert refusal(None, ["model.interpreters=17"], env=ENV).startswith("model.interpreters: expected integer 0..16")

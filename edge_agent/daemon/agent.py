@@ -31,6 +31,7 @@ from edge_agent.daemon import sdnotify
 from edge_agent.daemon.model_manager import ModelManager
 from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
 from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.inference import layout as inference_layout
 from edge_agent.inference.segmenter import Segmenter
 from edge_agent.remote import HANDLERS
 from edge_agent.remote.context import CommandHandler, HandlerContext, HandlerTable, PipelineControl, Route
@@ -98,6 +99,7 @@ def tls_material(config: Config) -> tuple:
 class Agent:
     def __init__(self, config: Config, install_signals: bool = True, handlers: HandlerTable = HANDLERS,
                  config_path: Optional[str] = None, config_overrides: Sequence[str] = ()) -> None:
+        config, self.layout = inference_layout.apply(config)  # model.interpreters/threads 0 = chosen
         self.config = config
         self.config_path = config_path  # what a reload (SIGHUP) reads again
         self.config_overrides = tuple(config_overrides)
@@ -266,6 +268,7 @@ class Agent:
             sdnotify.ready(self.status_text())
             return
         log.info("reloading the configuration")
+        new, self.layout = inference_layout.apply(new)
         self.stop_pipeline()
         material = tls_material(new)  # same paths, new files (a renewed certificate) count too
         if material != self._tls_material and new.mqtt == self.config.mqtt:
@@ -305,7 +308,8 @@ class Agent:
                                               "output_kind", "output_dtype", "labels", "preprocess",
                                               "fallback_reason", "classes", "normalization", "output")}
             doc.update(runtime=i["runtime"], runtime_version=i["runtime_version"],
-                       delegate=i["delegate"], threads=i["threads"], interpreters=self.config.model.interpreters)
+                       delegate=i["delegate"], threads=i["threads"], interpreters=self.config.model.interpreters,
+                       layout=self.layout.to_dict())
         doc = self.models.info(doc)
         for handler in self.handlers.values():
             doc = handler.info(doc)

@@ -519,11 +519,12 @@ def self_cpu_s() -> float:
 
 
 def run_agent_once(port: int, sub: Subscriber, cfg: Path, window_s: float, warmup_s: float,
-                   broker_pid: Optional[int] = None, code: Path = REPO) -> Dict[str, Any]:
+                   broker_pid: Optional[int] = None, code: Path = REPO,
+                   pythonpath: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """One run of ``python -m edge_agent run`` (from the tree ``code``: this one, or an older
-    revision's for a before/after comparison)."""
+    revision's for a before/after comparison; ``pythonpath``: directories before it)."""
     sub.reset()
-    env = dict(os.environ, PYTHONPATH=str(code))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*pythonpath, str(code)]))
     t_start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(code))

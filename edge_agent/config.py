@@ -213,6 +213,16 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class OutboxConfig:
+    """Store-and-forward (docs/daemon.md): results, and masks within their own budget, kept in
+    <state_dir>/outbox.sqlite3 while the broker is away and replayed after the reconnect."""
+    enabled: bool = opt(True, BOOL)
+    max_mb: float = opt(32.0, POS_FLOAT)  # results; beyond, the oldest go first (counted)
+    mask_max_mb: float = opt(64.0, POS_FLOAT)  # masks, a budget of their own; 0 = masks are not kept
+    replay_max_hz: float = opt(50.0, Float(lo=0.1))  # replayed messages per second at most
+
+
+@dataclass(frozen=True)
 class DeployConfig:
     public_key: str = opt("", STR)  # ed25519 public key, base64 or file path
     max_size_mb: int = opt(64, Int(1))
@@ -238,6 +248,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)

@@ -147,7 +147,8 @@ def test_broker_down_at_start_restart_and_lwt(mosquitto, tmp_path):
     broker = mosquitto(start=False)
     config = write_config(tmp_path / "agent.toml", "pi-3", broker.port,
                           {"kind": "synthetic", "width": 320, "height": 240, "fps": 10.0},
-                          publish={"stats_interval_s": 0.5}, mqtt={"keepalive": 5})
+                          publish={"stats_interval_s": 0.5}, mqtt={"keepalive": 5},
+                          outbox={"enabled": False})  # drops counted (the outbox: tests/test_outbox.py)
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     agent = start_agent(config, env=dict(os.environ, NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="1000000"))
     try:

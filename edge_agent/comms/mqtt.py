@@ -5,7 +5,9 @@ name, so the pipeline only says ``comms.publish("mask", png)``.  Design rules, a
 
 * ``publish()`` never blocks and never queues without bound: the pipeline must keep its frame
   rate whatever the broker does.  While disconnected, or with more than ``max_queued_messages``
-  unacknowledged messages in flight, a message is dropped and counted.
+  unacknowledged messages in flight, a message is dropped and counted; results and masks go to
+  the persistent outbox instead when there is one (:mod:`edge_agent.comms.outbox`, ``[outbox]``),
+  which replays them after the reconnect.
 * The broker may be down at start, restart, or refuse us (bad password): paho's network thread
   keeps retrying with exponential backoff (``reconnect_min_s``..``reconnect_max_s``) and we log
   one clear line per failed attempt; nothing raises into the caller.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import paho.mqtt.client as paho
@@ -32,6 +35,8 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.config import FLEET_DEVICE, MqttConfig
 from edge_agent.comms.connection import CONNACK_TIMEOUT_S, MqttConnection
+from edge_agent.comms.outbox import MASKS, REPLAYED_PROPERTY, RESULTS, Outbox, Replayer, Row, mark_replayed
+from edge_agent.output.topics import CAMERA, camera_suffix
 from edge_agent.output.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,16 @@ _QOS_KEYS = {
     "timings": "qos_timings",
     "stats": "qos_stats",
 }
+# Last topic level -> outbox budget: what is history (kept while the broker is away); the rest
+# (availability, info, stats, timings, overlays, replies) is state or expendable.
+_OUTBOX_BUCKETS = {"result": RESULTS, "mask": MASKS}
+REPLAY_INFLIGHT_SHARE = 4  # replay only while fewer than max_queued_messages / 4 are in flight
+
+
+def camera_topic(prefix: str, device_id: str, camera: str, kind: str) -> str:
+    """``{prefix}/{device_id}/{kind}`` for camera "" (a ``[source]`` config), else
+    ``{prefix}/{device_id}/camera/{camera}/{kind}``; kind: mask, result, timings, overlay."""
+    return f"{prefix}/{device_id}/{camera_suffix(camera, kind)}"
 
 
 Payload = Union[bytes, bytearray, memoryview, str, dict, list, None]
@@ -110,10 +125,12 @@ class MqttComms:
     Command callbacks run on paho's network thread and must return quickly.
     """
 
-    def __init__(self, cfg: MqttConfig, device_id: str, connack_timeout_s: float = CONNACK_TIMEOUT_S) -> None:
+    def __init__(self, cfg: MqttConfig, device_id: str, connack_timeout_s: float = CONNACK_TIMEOUT_S,
+                 outbox: Optional[Outbox] = None) -> None:
         """``connack_timeout_s``: an attempt (TCP + TLS + CONNECT) without CONNACK by then is
         abandoned and retried; paho alone would wait for keepalive expiry (minutes on 3.1.1
-        brokers that stay silent on an MQTT 5 CONNECT)."""
+        brokers that stay silent on an MQTT 5 CONNECT). ``outbox``: where results and masks go
+        that the client cannot take (replayed after the reconnect; closed by ``stop()``)."""
         self.cfg = cfg
         self.connack_timeout_s = connack_timeout_s
         if "/" in device_id:
@@ -134,7 +151,9 @@ class MqttComms:
         self._handlers: List[Tuple[str, str, CommandCallback]] = []  # (filter, name, callback)
         self._listeners: List[Tuple[str, ListenerCallback]] = []  # non-command subscriptions
         self._on_connected: List[Callable[[], None]] = []
-        self._inflight: Dict[int, Tuple[str, int]] = {}  # mid -> (topic, bytes) until the broker acks
+        # mid -> (topic, bytes, kept) until the broker acks; kept: what the outbox needs if the
+        # connection drops first ((bucket, ts, payload) of a live result/mask), or the row id of a replay
+        self._inflight: Dict[int, Tuple[str, int, Any]] = {}
         # on_publish fired before publish() recorded the mid: mid -> the broker's refusal, or None
         self._acked_early: Dict[int, Optional[str]] = {}
         self._subscribing: Dict[int, List[str]] = {}  # SUBACK pending: mid -> filters
@@ -149,6 +168,14 @@ class MqttComms:
         # What the broker refused (MQTT 5 PUBACK / SUBACK reason code >= 0x80; 3.1.1: SUBACK 0x80
         # only, a 3.1.1 broker drops a denied publish silently): kind -> reason -> count.
         self._refused: Dict[str, Dict[str, int]] = {"publish": {}, "subscribe": {}}
+        self._outbox = outbox
+        self._replayer: Optional[Replayer] = None
+        if outbox is not None:
+            self._replayer = Replayer(outbox, self._replay, self._replay_ready, outbox.replay_max_hz)
+        # Outbox rows the client retransmits itself after a reconnect (in flight at a disconnect):
+        # mid -> (row id, replayed), valid for that client object only.
+        self._resend: Dict[int, Tuple[int, bool]] = {}
+        self._resend_client: Optional[paho.Client] = None
 
     # ------------------------------------------------------------------ topics
 
@@ -161,7 +188,9 @@ class MqttComms:
         return f"{self._fleet}/{_check_topic_part(suffix, 'topic suffix')}"
 
     def default_qos(self, suffix: str) -> int:
-        key = _QOS_KEYS.get(suffix.split("/", 1)[0])
+        parts = suffix.split("/")
+        kind = parts[2] if parts[0] == CAMERA and len(parts) > 2 else parts[0]  # camera/<id>/<kind>
+        key = _QOS_KEYS.get(kind)
         return int(getattr(self.cfg, key)) if key else 0
 
     # ------------------------------------------------------------------ state
@@ -194,10 +223,18 @@ class MqttComms:
         out["protocol"] = self.protocol
         return out
 
+    def outbox_stats(self) -> Dict[str, Any]:
+        """The backlog for ``stats.outbox`` (:meth:`Outbox.stats`); ``{"enabled": false}`` without one."""
+        if self._outbox is None:
+            return {"enabled": False}
+        return {"enabled": True, **self._outbox.stats()}
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         """Connect in the background; returns at once, a down broker is retried with backoff."""
+        if self._replayer is not None:
+            self._replayer.start()
         self._conn.start()
 
     def stop(self, timeout: float = STOP_FLUSH_TIMEOUT_S) -> None:
@@ -213,10 +250,21 @@ class MqttComms:
             except (RuntimeError, ValueError) as err:
                 log.debug("offline not flushed: %s", err)
 
+        if self._replayer is not None:
+            self._replayer.stop()
         if self._conn.client is None:
+            self._close_outbox()
             return
         self._conn.stop(before_disconnect=offline)
+        self._keep_unacknowledged(hold=False)  # the client and what it would retransmit are gone
+        self._close_outbox()
         log.info("MQTT stopped (%s)", self._summary())
+
+    def _close_outbox(self) -> None:
+        if self._outbox is not None:
+            if len(self._outbox):
+                log.info("outbox: %d messages kept for the next start (%s)", len(self._outbox), self._outbox.path)
+            self._outbox.close()
 
     def __enter__(self) -> "MqttComms":
         self.start()
@@ -230,7 +278,10 @@ class MqttComms:
     def publish(self, suffix: str, payload: Payload, qos: Optional[int] = None, retain: bool = False) -> bool:
         """Publish on ``<prefix>/<device_id>/<suffix>``; False (and counted) if dropped. Never blocks."""
         q = self.default_qos(suffix) if qos is None else qos
-        return self._publish(self.topic(suffix), encode_payload(payload), q, retain, None)
+        bucket = _OUTBOX_BUCKETS.get(suffix.rsplit("/", 1)[-1]) if self._outbox is not None and not retain else None
+        if bucket is not None:
+            q = max(q, 1)  # acknowledged: one lost with the connection is kept, not gone
+        return self._publish(self.topic(suffix), encode_payload(payload), q, retain, None, bucket=bucket)
 
     def reply(self, topic: str, payload: Payload, correlation_data: Optional[bytes] = None,
               qos: int = COMMAND_QOS) -> bool:
@@ -267,31 +318,111 @@ class MqttComms:
         return self._publish(topic, encode_payload(payload), qos, retain, None)
 
     def _publish(self, topic: str, data: bytes, qos: int, retain: bool,
-                 props: Optional[Properties], client: Optional[paho.Client] = None) -> bool:
-        """``client`` is passed only by on_connect, which publishes before announcing "connected"."""
+                 props: Optional[Properties], client: Optional[paho.Client] = None,
+                 bucket: Optional[str] = None, row: Optional[int] = None) -> bool:
+        """``client`` is passed only by on_connect, which publishes before announcing "connected".
+        ``bucket``: a result/mask the outbox keeps if the client cannot take it (or loses it
+        unacknowledged); ``row``: the outbox row this message replays (not counted as dropped
+        when not taken: it stays in the outbox)."""
+        ts = time.time()
         connected = client is not None or self._connected.is_set()
         client = client or self._client
         with self._lock:
             full = len(self._inflight) >= self.cfg.max_queued_messages
-            if client is None or not connected or full:
-                self._counters["dropped"] += 1
+            refuse = client is None or not connected or full
+            if refuse and bucket is None:
+                self._counters["dropped"] += row is None
                 return False
+        if refuse:
+            return self._store(topic, data, qos, ts, bucket)
         info = client.publish(topic, data, qos=qos, retain=retain, properties=props)
+        early = False
+        refusal = None
         with self._lock:
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self._counters["dropped"] += 1
+            taken = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+            if not taken and bucket is None:
+                self._counters["dropped"] += row is None
                 return False
-            refusal = None
-            if info.mid in self._acked_early:
+            if not taken:
+                pass
+            elif info.mid in self._acked_early:
+                early = True
                 refusal = self._acked_early.pop(info.mid)
             else:
-                self._inflight[info.mid] = (topic, len(data))
-            if refusal is None:
+                kept = row if row is not None else (bucket, ts, data) if bucket is not None else None
+                self._inflight[info.mid] = (topic, len(data), kept)
+            if taken and refusal is None:
                 self._counters["published"] += 1
                 self._counters["bytes_published"] += len(data)
+        if not taken:
+            return self._store(topic, data, qos, ts, bucket)
+        if early and row is not None:
+            self._replayed(row, refusal is None)  # acknowledged before it was recorded
         if refusal is not None:
             self._refusal("publish", topic, refusal)
         return True
+
+    # ------------------------------------------------------------------ store-and-forward
+
+    def _store(self, topic: str, data: bytes, qos: int, ts: float, bucket: Optional[str]) -> bool:
+        """Into the outbox (True once committed); counted as dropped when it cannot be kept."""
+        row = self._outbox.put(topic, data, qos, ts, bucket) if self._outbox is not None and bucket else None
+        if row is None:
+            with self._lock:
+                self._counters["dropped"] += 1
+            return False
+        if self._replayer is not None:
+            self._replayer.wake()
+        return True
+
+    def _replay_ready(self) -> bool:
+        with self._lock:
+            few = len(self._inflight) < max(1, self.cfg.max_queued_messages // REPLAY_INFLIGHT_SHARE)
+        return few and self._connected.is_set()
+
+    def _replay(self, row: Row) -> Optional[int]:
+        """Send one outbox row, marked as replayed, QoS >= 1 (the replayer's thread)."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return None
+        props = None
+        if self._conn.is_mqtt5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [REPLAYED_PROPERTY]
+        if not self._publish(row.topic, mark_replayed(row.payload), max(row.qos, 1), False, props, row=row.id):
+            return None
+        return row.id
+
+    def _replayed(self, row: int, delivered: bool) -> None:
+        if self._replayer is not None:
+            self._replayer.acked(row, replayed=delivered)
+
+    def _keep_unacknowledged(self, hold: bool) -> None:
+        """The connection is gone: results/masks still unacknowledged go into the outbox (a
+        replay's row is there already). ``hold``: the same client retransmits them after its
+        reconnect (its acknowledgement deletes the row; the replayer leaves them alone)."""
+        with self._lock:
+            pending = list(self._inflight.items())
+            self._inflight.clear()
+        if self._outbox is None:
+            return
+        resend: Dict[int, Tuple[int, bool]] = {}
+        for mid, (topic, _size, kept) in pending:
+            if isinstance(kept, int):
+                resend[mid] = (kept, True)
+            elif kept is not None:
+                bucket, ts, data = kept
+                row = self._outbox.put(topic, data, 1, ts, bucket)
+                if row is not None:
+                    resend[mid] = (row, False)
+                    if hold and self._replayer is not None:
+                        self._replayer.hold(row)
+        if not hold:
+            if self._replayer is not None:
+                self._replayer.release_all()
+            resend = {}
+        with self._lock:
+            self._resend.update(resend)
 
     def _subscribe(self, client: paho.Client, filters: List[str]) -> None:
         """Subscribe (QoS 1) and remember which filters the SUBACK answers, to count refusals."""
@@ -390,6 +521,13 @@ class MqttComms:
 
     def _on_connect(self, client: paho.Client) -> None:
         """Connected (the connection's hook, before ``connected`` is set): online, info, subscriptions."""
+        if self._outbox is not None and client is not self._resend_client:
+            # a new client object (protocol switch, first connect): nothing is retransmitted, so
+            # what the old one had in flight is the outbox's to replay
+            with self._lock:
+                self._resend.clear()
+                self._resend_client = client
+            self._keep_unacknowledged(hold=False)
         with self._lock:
             self._inflight.clear()
             self._acked_early.clear()
@@ -413,6 +551,8 @@ class MqttComms:
         # Connected from here on (the connection sets the same event after this hook returns):
         # online/info always precede the pipeline's messages, and connect callbacks can publish.
         self._connected.set()
+        if self._replayer is not None:
+            self._replayer.wake()
         for callback in connected_callbacks:
             try:
                 callback()
@@ -420,6 +560,10 @@ class MqttComms:
                 log.exception("connect callback failed")
 
     def _on_disconnect(self, was_connected: bool) -> None:
+        if self._outbox is not None:
+            with self._lock:
+                self._resend_client = self._client
+            self._keep_unacknowledged(hold=True)  # the same client retransmits them after its reconnect
         with self._lock:
             self._session = False
             self._inflight.clear()
@@ -429,13 +573,21 @@ class MqttComms:
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         refusal = _reason(reason) if _refused(reason) else None
+        resent = None
         with self._lock:
             sent = self._inflight.pop(mid, None)
+            if sent is None and client is self._resend_client:
+                resent = self._resend.pop(mid, None)  # retransmitted after a reconnect: in the outbox
             if sent is not None and refusal is not None:
                 self._counters["published"] -= 1  # handed to the client, but the broker refused it
                 self._counters["bytes_published"] -= sent[1]
-            elif sent is None and client is self._client and len(self._acked_early) < 4 * self.cfg.max_queued_messages:
+            elif (sent is None and resent is None and client is self._client
+                  and len(self._acked_early) < 4 * self.cfg.max_queued_messages):
                 self._acked_early[mid] = refusal
+        if sent is not None and isinstance(sent[2], int):
+            self._replayed(sent[2], refusal is None)
+        if resent is not None:
+            self._replayed(resent[0], resent[1] and refusal is None)
         if sent is not None and refusal is not None:
             self._refusal("publish", sent[0], refusal)
 

@@ -29,7 +29,7 @@ from edge_agent.config import Config, mask_url_secrets
 from edge_agent import system
 from edge_agent.daemon import sdnotify
 from edge_agent.daemon.model_manager import ModelManager
-from edge_agent.daemon.pipeline import Pipeline, PipelineSettings
+from edge_agent.daemon.pipeline import CameraSource, Pipeline, PipelineSettings
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.inference import layout as inference_layout
 from edge_agent.inference.segmenter import Segmenter
@@ -203,9 +203,12 @@ class Agent:
     def status_text(self) -> str:
         if self.pipeline is None:
             return f"idle: {self.error or 'no pipeline'}"
-        if _source_state(self.pipeline.source) == "down":
-            return f"waiting for the source: {self.pipeline.source.stats().get('last_error', '')}"
-        return f"{self.pipeline.fps:.1f} fps, dropped {sum(self.pipeline.dropped().values())}"
+        cameras = self.pipeline.cameras
+        down = [(cid, src) for cid, src in cameras if _source_state(src) == "down"]
+        if len(cameras) == 1 and down:
+            return f"waiting for the source: {mask_url_secrets(down[0][1].stats().get('last_error', ''))}"
+        waiting = f", waiting for camera {', '.join(cid for cid, _ in down)}" if down else ""
+        return f"{self.pipeline.fps:.1f} fps, dropped {sum(self.pipeline.dropped().values())}{waiting}"
 
     def start_pipeline(self, segmenter: Optional[Segmenter] = None) -> None:
         """Open the source and run ``segmenter`` (default: the model manager loads the start-up
@@ -218,8 +221,7 @@ class Agent:
             # Not strict: a source that cannot be opened now (camera not plugged in, stream or
             # folder not there yet) is retried with the same backoff as one lost mid-run, and
             # stats say so; only settings that can never work are refused here.
-            source = open_source({**dataclasses.asdict(self.config.source),
-                                  "model_input": segmenter.model.input_size}, strict=False)
+            cameras = self._open_cameras(segmenter)
         except EdgeAgentError as exc:
             self.error = mask_url_secrets(str(exc))  # published in info: no URL password
             log.error("cannot start the pipeline: %s", self.error)
@@ -227,21 +229,42 @@ class Agent:
             self._notify_ready()  # up, serving what it can (MQTT, commands); STATUS says why idle
             return
         settings = PipelineSettings.from_config(self.config)
-        # Cameras and streams run in real time, as the opened source declares (``live``); files,
-        # folders and the test pattern at full speed are processed frame by frame.
-        settings.lossless = self.config.source.fps == 0 and not source.live
-        self.pipeline = Pipeline(source, segmenter, self.comms, settings, on_first_frame=self._notify_ready,
+        settings.lossless = bool(cameras[0].lossless)
+        self.pipeline = Pipeline(cameras, segmenter, self.comms, settings, on_first_frame=self._notify_ready,
                                  extra_stats=lambda: {"mqtt": self.comms.stats()})
         info = self.info()
         self.comms.set_info(info)
         self.pipeline.start()
         # the model's name as info shows it (the store's name: a stored file is <sha256>.tflite)
         interpreters = settings.interpreters
+        names = [f"{c.id}: " * bool(c.id) + mask_url_secrets(getattr(c.source, "name", "?")) for c in cameras]
         log.info("running %s (%s) on %s with %s%s", info["model"]["name"], info["model"]["sha256"][:12],
-                 getattr(source, "name", self.config.source.kind), segmenter.describe_runtime(),
+                 ", ".join(names), segmenter.describe_runtime(),
                  f", {interpreters} interpreters side by side" if interpreters > 1 else "")
-        if _source_state(source) == "down":
+        if all(_source_state(c.source) == "down" for c in cameras):
             self._notify_ready()  # up and retrying the source: STATUS says so, the watchdog is fed
+
+    def _open_cameras(self, segmenter: Segmenter) -> List[CameraSource]:
+        """Every camera's source, opened (not strict: one that cannot be opened now is retried
+        with backoff while the others run). Cameras and streams run in real time, as the opened
+        source declares (``live``); files, folders and the test pattern at fps 0 frame by frame."""
+        opened: List[CameraSource] = []
+        try:
+            for cam in self.config.camera_list():
+                try:
+                    # The model size lets picamera2 size its lores stream so the ISP does the downscale.
+                    source = open_source({**dataclasses.asdict(cam), "model_input": segmenter.model.input_size},
+                                         strict=False)
+                except EdgeAgentError as exc:
+                    if not cam.id:
+                        raise
+                    raise EdgeAgentError(f"camera {cam.id}: {exc}") from None
+                opened.append(CameraSource(cam.id, source, lossless=cam.fps == 0 and not source.live))
+        except BaseException:
+            for done in opened:
+                done.source.close()
+            raise
+        return opened
 
     def stop_pipeline(self, reason: Optional[str] = None) -> None:
         """Stop the pipeline; ``reason`` (why the agent is idle now) goes to ``info.error``."""
@@ -289,6 +312,7 @@ class Agent:
 
     # -- what the agent tells the world ---------------------------------------------------------
     def info(self) -> Dict[str, Any]:
+        cams = self.config.camera_list()
         doc: Dict[str, Any] = {
             "agent_version": __version__,
             "device_id": self.config.agent.device_id,
@@ -296,7 +320,9 @@ class Agent:
             "started_at": round(self._started_at, 3),
             "status": "stopped" if self._stopped else "running" if self.pipeline is not None else "error",
             "error": self.error,
-            "source": {"kind": self.config.source.kind, "uri": mask_url_secrets(self.config.source.uri)},
+            "source": {"kind": cams[0].kind, "uri": mask_url_secrets(cams[0].uri)},
+            "cameras": [{"id": c.id, "kind": c.kind, "uri": mask_url_secrets(c.uri), "width": c.width,
+                         "height": c.height, "fps": c.fps, "classes": list(c.classes)} for c in cams],
             "host": system.host_info(),
             "publish": {"mask_resolution": self.config.publish.mask_resolution,
                         "timings": self.config.publish.timings},

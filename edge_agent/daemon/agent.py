@@ -73,13 +73,17 @@ class NullSink:
     def stats(self) -> Dict[str, Any]:
         return {"enabled": False}
 
+    def outbox_stats(self) -> Dict[str, Any]:
+        return {"enabled": False}
+
 
 def make_comms(config: Config):
     if not config.mqtt.enabled:
         return NullSink()
     from edge_agent.comms.mqtt import MqttComms
+    from edge_agent.comms.outbox import open_outbox
 
-    comms = MqttComms(config.mqtt, config.agent.device_id)
+    comms = MqttComms(config.mqtt, config.agent.device_id, outbox=open_outbox(config))
     if config.homeassistant.enabled:  # HOOK: Home Assistant discovery wraps the comms (all logic there)
         from edge_agent.comms.homeassistant import HomeAssistantBridge
 
@@ -231,7 +235,7 @@ class Agent:
         settings = PipelineSettings.from_config(self.config)
         settings.lossless = bool(cameras[0].lossless)
         self.pipeline = Pipeline(cameras, segmenter, self.comms, settings, on_first_frame=self._notify_ready,
-                                 extra_stats=lambda: {"mqtt": self.comms.stats()})
+                                 extra_stats=lambda: {"mqtt": self.comms.stats(), "outbox": self.comms.outbox_stats()})
         info = self.info()
         self.comms.set_info(info)
         self.pipeline.start()
@@ -297,7 +301,8 @@ class Agent:
         if material != self._tls_material and new.mqtt == self.config.mqtt:
             log.info("the MQTT TLS files changed: reconnecting with them")
         if (new.mqtt != self.config.mqtt or new.agent.device_id != self.config.agent.device_id
-                or new.homeassistant != self.config.homeassistant or material != self._tls_material):
+                or new.homeassistant != self.config.homeassistant or material != self._tls_material
+                or new.outbox != self.config.outbox):
             self._tls_material = material
             self.comms.stop()
             self.config = new

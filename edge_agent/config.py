@@ -234,7 +234,7 @@ class DeployConfig:
 class HomeAssistantConfig:
     enabled: bool = opt(False, BOOL)
     discovery_prefix: str = opt("homeassistant", TOPIC_PREFIX)
-    classes: Tuple[str, ...] = opt((), StrList(Str(r"[^,]+", "class name")))  # empty = every label
+    classes: Tuple[str, ...] = opt((), CLASSES)  # empty = every label
     min_fraction: float = opt(0.01, Float(0.0, 1.0))
     state_interval_s: float = opt(1.0, Float(lo=0.1))
     # the fleet console's URL: the device's "Visit" link in Home Assistant ("" = none)
@@ -274,6 +274,9 @@ class Config:
                     else:
                         values[f.name] = mask_url_secrets(values[f.name])
             out[section] = values
+        if self.cameras:
+            out["cameras"] = [{k: mask_url_secrets(v) if mask_secrets else v
+                               for k, v in dataclasses.asdict(c).items()} for c in self.cameras]
         return out
 
 

@@ -51,7 +51,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         found.add(line)
     found.raise_if_any()  # one ConfigError: every problem, one line each, exit 2
     origin = args.config or "built-in defaults"
-    print(f"config OK ({origin}): device {cfg.agent.device_id}, source {cfg.source.kind}, "
+    sources = (f"cameras {', '.join(f'{c.id} ({c.kind})' for c in cfg.cameras)}" if cfg.cameras
+               else f"source {cfg.source.kind}")
+    print(f"config OK ({origin}): device {cfg.agent.device_id}, {sources}, "
           f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}" + ("" if cfg.mqtt.enabled else " (disabled)"))
     return 0
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 CAPTURE, INFERENCE, POSTPROCESS, PUBLISH = "capture", "inference", "postprocess", "publish"
 
-__all__ = ["Pipeline", "PipelineSettings", "PipelineCounters", "LatestSlot", "Sink"]
+__all__ = ["Pipeline", "PipelineSettings", "PipelineCounters", "LatestSlot", "FrameSlots", "CameraSource", "Sink"]
 
 
 @dataclass
@@ -111,6 +111,68 @@ class LatestSlot:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class FrameSlots:
+    """The cameras' capture hand-offs: one newest-wins slot per camera, taken round-robin over
+    the cameras that have a frame ready (each camera gets its share of the inference workers when
+    they are saturated). Replaced items are counted per camera and handed to ``on_drop``."""
+
+    def __init__(self, n: int, on_drop: Optional[Callable[[Any], None]] = None) -> None:
+        self._cond = threading.Condition()
+        self._items: List[Any] = [None] * n
+        self._closed = [False] * n
+        self._next = 0
+        self._on_drop = on_drop
+        self.dropped = [0] * n
+
+    def put(self, i: int, item: Any) -> bool:
+        with self._cond:
+            old = self._items[i]
+            replaced = old is not None
+            if replaced:
+                self.dropped[i] += 1
+            self._items[i] = item
+            self._cond.notify_all()
+        if replaced and self._on_drop is not None:
+            self._on_drop(old)
+        return replaced
+
+    def _ready(self) -> Optional[int]:
+        n = len(self._items)
+        for k in range(n):
+            i = (self._next + k) % n
+            if self._items[i] is not None:
+                return i
+        return None
+
+    def take(self, timeout: float) -> Tuple[int, Any]:
+        """(camera index, item) of the next camera in turn with a frame; (-1, None) on timeout."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready() is not None or all(self._closed), timeout)
+            i = self._ready()
+            if i is None:
+                return -1, None
+            item, self._items[i] = self._items[i], None
+            self._next = (i + 1) % len(self._items)
+            self._cond.notify_all()
+            return i, item
+
+    def wait_empty(self, i: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._items[i] is None or self._closed[i], timeout)
+
+    def close(self, i: Optional[int] = None) -> None:
+        with self._cond:
+            for k in range(len(self._items)) if i is None else (i,):
+                self._closed[k] = True
+            self._cond.notify_all()
+
+    @property
+    def exhausted(self) -> bool:
+        """Every camera ended and no frame is left."""
+        with self._cond:
+            return all(self._closed) and all(item is None for item in self._items)
 
 
 class BufferPool:
@@ -189,6 +251,36 @@ class _Worker:
 
 
 @dataclass
+class CameraSource:
+    """One camera of a pipeline: its id ("" for a ``[source]`` config), its opened source, and
+    whether it is processed frame by frame (None: ``PipelineSettings.lossless``)."""
+    id: str
+    source: Any
+    lossless: Optional[bool] = None
+
+
+class _Stream:
+    """A camera's runtime state: capture thread, slot index, post slot, output, telemetry and the
+    order of its results (tickets, under the pipeline's order lock)."""
+
+    def __init__(self, index: int, camera: CameraSource, lossless: bool, output: FrameOutput,
+                 post_slot: LatestSlot) -> None:
+        self.index = index
+        self.id = camera.id
+        self.source = camera.source
+        self.lossless = lossless
+        self.output = output
+        self.post_slot = post_slot
+        self.eos = threading.Event()
+        self.tickets = 0
+        self.next_out = 0
+        self.done: Dict[int, Optional["_Inferred"]] = {}
+        self.dropped_publish = 0
+        self.telemetry: Any = None  # its CameraTelemetry, set once the pipeline's Telemetry exists
+        self.suffix = f"-{camera.id}" if camera.id else ""  # thread names
+
+
+@dataclass
 class _Captured:
     frame: Frame
     prepared: Optional[np.ndarray]  # from Pipeline.inputs; back to it after the copy into the tensor
@@ -207,6 +299,7 @@ class _Inferred:
 
 @dataclass
 class _Outgoing:
+    stream: _Stream
     seq: int
     messages: List[Tuple[str, bytes]]
     timings: Dict[str, float]
@@ -214,7 +307,8 @@ class _Outgoing:
 
 
 class Pipeline:
-    """Runs one source through one (swappable) segmenter into one sink."""
+    """Runs one source, or several cameras (a list of :class:`CameraSource`), through one
+    (swappable) segmenter and one pool of inference workers into one sink."""
 
     def __init__(
         self,
@@ -225,20 +319,27 @@ class Pipeline:
         on_first_frame: Optional[Callable[[], None]] = None,
         extra_stats: Callable[[], Dict[str, Any]] = lambda: {},
     ) -> None:
-        self.source = source
         self.sink = sink
         self.settings = settings or PipelineSettings()
+        cameras = source if isinstance(source, (list, tuple)) else [CameraSource("", source)]
+        if not cameras:
+            raise ValueError("a pipeline needs at least one camera")
         self._segmenter = segmenter
         self._pending_segmenter: Optional[Segmenter] = None
         self._swapped = threading.Event()
         self._on_first_frame = on_first_frame
         self._extra_stats = extra_stats
         n = max(1, self.settings.interpreters)
-        self.inputs = BufferPool(keep=3 + n)  # prepared input buffers (capture -> inference)
-        self.label_maps = BufferPool(keep=3 + n)  # label maps (inference -> postprocess)
+        k = len(cameras)
+        self.inputs = BufferPool(keep=1 + 2 * k + n)  # prepared input buffers (capture -> inference)
+        self.label_maps = BufferPool(keep=1 + 2 * k + n)  # label maps (inference -> postprocess)
         self._workers = [_Worker(i) for i in range(n)]
-        self._capture_slot = LatestSlot(on_drop=lambda item: self.inputs.release(item.prepared))
-        self._post_slot = LatestSlot(on_drop=lambda item: self.label_maps.release(item.label_map))
+        self._slots = FrameSlots(k, on_drop=lambda item: self.inputs.release(item.prepared))
+        self._streams = [
+            _Stream(i, cam, self.settings.lossless if cam.lossless is None else cam.lossless,
+                    FrameOutput(self.settings.output, cam.id),
+                    LatestSlot(on_drop=lambda item: self.label_maps.release(item.label_map)))
+            for i, cam in enumerate(cameras)]
         self._out: Deque[Optional[_Outgoing]] = collections.deque()
         self._out_cond = threading.Condition()
         self._stop = threading.Event()
@@ -247,16 +348,16 @@ class Pipeline:
         self._busy_cond = threading.Condition()
         self._adopt_lock = threading.Lock()
         self._take_lock = threading.Lock()  # a frame and its ticket are taken together
-        self._tickets = 0
-        self._order_cond = threading.Condition()  # results reach postprocess in ticket order
-        self._done: Dict[int, Optional[_Inferred]] = {}
-        self._next_out = 0
+        self._held = 0  # frames taken and not yet handed on (all cameras)
+        self._order_cond = threading.Condition()  # each camera's results reach postprocess in ticket order
         self._workers_running = 0
-        self._eos = threading.Event()
+        self._ended = 0  # cameras whose end of stream reached the publish thread
         self._threads: Dict[str, threading.Thread] = {}
-        self._output = FrameOutput(self.settings.output)
         s = self.settings
-        self.telemetry = Telemetry(sink, s.timings, s.timings_interval_s, s.stats_interval_s, self._state)
+        self.telemetry = Telemetry(sink, s.timings, s.timings_interval_s, s.stats_interval_s, self._state,
+                                   cameras=[st.id for st in self._streams])
+        for st in self._streams:
+            st.telemetry = self.telemetry.camera(st.id)
         self._first_done = False
 
     # -- control --------------------------------------------------------------------------------
@@ -265,7 +366,18 @@ class Pipeline:
         return self._segmenter
 
     @property
-    def counters(self) -> PipelineCounters:
+    def source(self) -> Any:
+        """The (first) camera's source."""
+        return self._streams[0].source
+
+    @property
+    def cameras(self) -> List[Tuple[str, Any]]:
+        """(id, source) of every camera."""
+        return [(st.id, st.source) for st in self._streams]
+
+    @property
+    def counters(self) -> Any:
+        """The totals over every camera (live; a :class:`PipelineCounters` for one camera)."""
         return self.telemetry.counters
 
     @property
@@ -276,9 +388,11 @@ class Pipeline:
         self.telemetry.start()
         self._hint_source(self._segmenter)
         self._workers_running = len(self._workers)
-        loops: List[Tuple[str, Callable[[], None]]] = [(CAPTURE, self._capture_loop)]
+        loops: List[Tuple[str, Callable[[], None]]] = [
+            (CAPTURE + st.suffix, functools.partial(self._capture_loop, st)) for st in self._streams]
         loops += [(w.name, functools.partial(self._inference_loop, w)) for w in self._workers]
-        loops += [(POSTPROCESS, self._post_loop), (PUBLISH, self._publish_loop)]
+        loops += [(POSTPROCESS + st.suffix, functools.partial(self._post_loop, st)) for st in self._streams]
+        loops += [(PUBLISH, self._publish_loop)]
         for name, target in loops:
             thread = threading.Thread(target=self._guard(target), name=f"pipeline-{name}", daemon=True)
             self._threads[name] = thread
@@ -295,23 +409,28 @@ class Pipeline:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._capture_slot.close()
-        self._post_slot.close()
+        self._slots.close()
+        for st in self._streams:
+            st.post_slot.close()
         with self._out_cond:
             self._out_cond.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self._threads.values():
             thread.join(max(0.0, deadline - time.monotonic()))
-        try:
-            self.source.close()
-        except Exception as exc:  # closing a vanished camera must not fail shutdown
-            log.warning("closing the source: %s", exc)
+        for st in self._streams:
+            try:
+                st.source.close()
+            except Exception as exc:  # closing a vanished camera must not fail shutdown
+                log.warning("closing the source%s: %s", f" of camera {st.id}" if st.id else "", exc)
+
+    def _all_eos(self) -> bool:
+        return all(st.eos.is_set() for st in self._streams)
 
     @property
     def finished(self) -> bool:
-        """A finite source ended and everything it produced was published."""
-        return self._eos.is_set() and not self._inferring() and not any(
-            self._alive(n) for n in (POSTPROCESS, PUBLISH))
+        """Every (finite) source ended and everything they produced was published."""
+        return self._all_eos() and not self._inferring() and not any(
+            self._alive(n) for n in self._threads if n.startswith(POSTPROCESS) or n == PUBLISH)
 
     def wait_finished(self, timeout: Optional[float] = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -331,8 +450,12 @@ class Pipeline:
 
         Waiting for frames (a camera being reopened) is healthy; a hung interpreter is not.
         """
-        threads_ok = all(self._alive(n) for n in self._threads) or self._eos.is_set()
+        threads_ok = all(self._alive(n) for n in self._threads if not self._ended_capture(n)) or self._all_eos()
         return threads_ok and not self._stop.is_set() and self.stuck_for() < inference_timeout_s
+
+    def _ended_capture(self, name: str) -> bool:
+        """A capture thread whose finite source ended (while other cameras go on)."""
+        return any(name == CAPTURE + st.suffix and st.eos.is_set() for st in self._streams)
 
     def pause(self, timeout: float = 30.0) -> bool:
         """Stop inferring (capture keeps the newest frame) and wait until the interpreter is idle."""
@@ -364,9 +487,11 @@ class Pipeline:
     def _hint_source(self, segmenter: Segmenter) -> None:
         """Tell the source the size ``segmenter`` needs (reduced JPEG/MJPEG decode); full size
         when overlays are published (they are drawn on the frame at its own resolution)."""
-        set_hint = getattr(self.source, "set_decode_hint", None)
-        if callable(set_hint):
-            set_hint(None if self.settings.output.overlay else decode_hint(segmenter))
+        hint = None if self.settings.output.overlay else decode_hint(segmenter)
+        for st in self._streams:
+            set_hint = getattr(st.source, "set_decode_hint", None)
+            if callable(set_hint):
+                set_hint(hint)
 
     # -- threads --------------------------------------------------------------------------------
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
@@ -375,33 +500,36 @@ class Pipeline:
                 target()
             except Exception:  # a bug must be loud, but must not leave a zombie pipeline
                 log.exception("pipeline thread %s crashed", threading.current_thread().name)
-                self.counters.last_error = f"{threading.current_thread().name} crashed"
+                self.telemetry._first.counters.last_error = f"{threading.current_thread().name} crashed"
                 self._stop.set()
         return run
 
-    def _capture_loop(self) -> None:
+    def _capture_loop(self, stream: _Stream) -> None:
+        """One camera's capture thread: read, preprocess, into its slot. A source that fails is
+        the source's to reopen (``ReopeningSource``); other cameras go on meanwhile."""
+        slots, i, source, counters = self._slots, stream.index, stream.source, stream.telemetry.counters
         while not self._stop.is_set():
-            if self.settings.lossless and not self._capture_slot.wait_empty(0.5):
+            if stream.lossless and not slots.wait_empty(i, 0.5):
                 continue
             t0 = time.monotonic()
             try:
-                frame = self.source.read(timeout=0.5)
+                frame = source.read(timeout=0.5)
             except EndOfStream:
-                log.info("source finished")
-                self._eos.set()
-                self._capture_slot.close()
+                log.info("source finished%s", f" (camera {stream.id})" if stream.id else "")
+                stream.eos.set()
+                slots.close(i)
                 return
             if frame is None:
                 continue
             threshold = system.fit_mmap_threshold(frame.height * frame.width * 3)
             if threshold:
                 log.info("allocator: mmap threshold %d KiB for %dx%d frames", threshold >> 10, frame.width, frame.height)
-            item = self._prepare(frame, t0)
+            item = self._prepare(frame, t0, counters)
             if item is not None:
-                self.counters.captured += 1
-                self._capture_slot.put(item)
+                counters.captured += 1
+                slots.put(i, item)
 
-    def _prepare(self, frame: Frame, t0: float) -> Optional[_Captured]:
+    def _prepare(self, frame: Frame, t0: float, counters: PipelineCounters) -> Optional[_Captured]:
         """``preprocess`` on the capture thread, into a fresh buffer (it waits in the capture slot
         while the interpreter runs the previous frame)."""
         t1 = time.monotonic()
@@ -412,7 +540,7 @@ class Pipeline:
                                                 frame_hw=frame.size, out=buf)
         except (ValueError, EdgeAgentError) as exc:
             self.inputs.release(buf)
-            self.counters.last_error = f"bad frame: {exc}"
+            counters.last_error = f"bad frame: {exc}"
             log.warning("frame %s skipped: %s", frame.seq, exc)
             return None
         t2 = time.monotonic()
@@ -448,44 +576,50 @@ class Pipeline:
                         # for the order (a slow worker's frame) never pile up
                         with self._order_cond:
                             room = self._order_cond.wait_for(
-                                lambda: self._tickets - self._next_out < len(self._workers) or self._stop.is_set(), 0.2)
-                        item: Optional[_Captured] = self._capture_slot.get(timeout=0.2) if room else None
-                        ticket = self._tickets
-                        self._tickets += item is not None
+                                lambda: self._held < len(self._workers) or self._stop.is_set(), 0.2)
+                        i, item = self._slots.take(timeout=0.2) if room else (-1, None)
+                        if item is not None:
+                            stream = self._streams[i]
+                            with self._order_cond:
+                                ticket = stream.tickets
+                                stream.tickets += 1
+                                self._held += 1
                     if item is None:
-                        if self._eos.is_set():
+                        if self._slots.exhausted:
                             return
                         continue
                     inferred: Optional[_Inferred] = None
                     try:
-                        inferred = self._run_inference(item, worker)
+                        inferred = self._run_inference(item, worker, stream)
                     finally:
-                        self._hand_on(ticket, inferred)
+                        self._hand_on(stream, ticket, inferred)
                 finally:
                     self._set_busy(-1)
         finally:
             with self._order_cond:
                 self._workers_running -= 1
-                if self._workers_running == 0:  # the last worker out ends the post stage's input
-                    self._post_slot.close()
+                if self._workers_running == 0:  # the last worker out ends the post stages' input
+                    for st in self._streams:
+                        st.post_slot.close()
 
-    def _hand_on(self, ticket: int, inferred: Optional[_Inferred]) -> None:
-        """Pass results to postprocess in the order their frames were taken (None: the frame
-        failed, its turn passes)."""
+    def _hand_on(self, stream: _Stream, ticket: int, inferred: Optional[_Inferred]) -> None:
+        """Pass a camera's results to its postprocess in the order its frames were taken (None:
+        the frame failed, its turn passes)."""
         with self._order_cond:
-            self._done[ticket] = inferred
-            while self._next_out in self._done:
-                item = self._done.pop(self._next_out)
-                self._next_out += 1
+            stream.done[ticket] = inferred
+            while stream.next_out in stream.done:
+                item = stream.done.pop(stream.next_out)
+                stream.next_out += 1
+                self._held -= 1
                 self._order_cond.notify_all()
                 if item is None:
                     continue
-                if self.settings.lossless:
-                    while not self._post_slot.wait_empty(0.5) and not self._stop.is_set():
+                if stream.lossless:
+                    while not stream.post_slot.wait_empty(0.5) and not self._stop.is_set():
                         pass
-                self._post_slot.put(item)
+                stream.post_slot.put(item)
 
-    def _run_inference(self, item: _Captured, worker: _Worker) -> Optional[_Inferred]:
+    def _run_inference(self, item: _Captured, worker: _Worker, stream: _Stream) -> Optional[_Inferred]:
         """``inference``: memcpy into the input tensor, ``invoke()``, label map out."""
         segmenter = self._segmenter
         t0 = time.monotonic()
@@ -505,50 +639,51 @@ class Pipeline:
             label_map = stages.infer(runner.model, item.prepared, worker.mark, out=out)
         except EdgeAgentError as exc:
             self.label_maps.release(out)
-            self.telemetry.inference_failed(str(exc))
+            stream.telemetry.inference_failed(str(exc))
             log.error("%s", exc)
             return None
         finally:
             self.inputs.release(item.prepared)  # copied into the tensor (or failed): reusable
             item.prepared = None
         item.timings["inference"] = stages.ms_since(t0)
-        self.telemetry.inferred()
+        stream.telemetry.inferred()
         return _Inferred(item, label_map, segmenter)
 
-    def _post_loop(self) -> None:
+    def _post_loop(self, stream: _Stream) -> None:
         while not self._stop.is_set():
-            item: Optional[_Inferred] = self._post_slot.get(timeout=0.2)
+            item: Optional[_Inferred] = stream.post_slot.get(timeout=0.2)
             if item is None:
-                if self._eos.is_set() and not self._inferring():
-                    self._enqueue(None)
+                if self._all_eos() and not self._inferring():
+                    self._enqueue(stream, None)
                     return
                 continue
-            self._enqueue(self._postprocess(item))
+            self._enqueue(stream, self._postprocess(stream, item))
 
-    def _postprocess(self, item: _Inferred) -> _Outgoing:
-        """``postprocess`` + ``encode`` (the stage functions, with the stream's rate gates)."""
+    def _postprocess(self, stream: _Stream, item: _Inferred) -> _Outgoing:
+        """``postprocess`` + ``encode`` (the stage functions, with the camera's rate gates)."""
         cap = item.captured
         timings = dict(cap.timings)
         try:
-            messages = self._output(cap.frame, item.label_map, cap.geometry, item.segmenter, timings)
+            messages = stream.output(cap.frame, item.label_map, cap.geometry, item.segmenter, timings)
         finally:
             self.label_maps.release(item.label_map)  # encoded: nothing refers to it any more
-        self.counters.processed += 1
+        stream.telemetry.counters.processed += 1
         if not self._first_done:
             self._first_done = True
             if self._on_first_frame:
                 self._on_first_frame()
-        return _Outgoing(cap.frame.seq, messages, timings, cap.frame.monotonic)
+        return _Outgoing(stream, cap.frame.seq, messages, timings, cap.frame.monotonic)
 
-    def _enqueue(self, item: Optional[_Outgoing]) -> None:
+    def _enqueue(self, stream: _Stream, item: Optional[_Outgoing]) -> None:
         with self._out_cond:
-            if self.settings.lossless:
+            if stream.lossless:
                 self._out_cond.wait_for(
                     lambda: len(self._out) < self.settings.publish_queue or self._stop.is_set())
             if item is not None and len(self._out) >= self.settings.publish_queue:
-                self._out.popleft()
-                self.counters.dropped_publish += 1
-            self._out.append(item)  # None marks the end of a finite source
+                old = self._out.popleft()
+                owner = old.stream if old is not None else stream
+                owner.telemetry.counters.dropped_publish += 1
+            self._out.append(item)  # None marks the end of a camera's finite source
             self._out_cond.notify()
 
     def _publish_loop(self) -> None:
@@ -557,7 +692,10 @@ class Pipeline:
                 self._out_cond.wait_for(lambda: self._out or self._stop.is_set(), 0.25)
                 item = self._out.popleft() if self._out else False
                 self._out_cond.notify_all()
-            if item is None:  # end of stream: flush the interval summaries and finish
+            if item is None:  # a camera's end; after the last: flush the interval summaries and finish
+                self._ended += 1
+                if self._ended < len(self._streams):
+                    continue
                 self.telemetry.flush()
                 return
             if item:
@@ -567,26 +705,48 @@ class Pipeline:
     def _publish_frame(self, item: _Outgoing) -> None:
         t0 = time.monotonic()
         masks, failed = stages.publish(self.sink, item.messages)
-        self.counters.published_masks += masks
-        self.counters.publish_failed += failed
+        counters = item.stream.telemetry.counters
+        counters.published_masks += masks
+        counters.publish_failed += failed
         t1 = time.monotonic()
         item.timings["publish"] = (t1 - t0) * 1e3
         item.timings["end_to_end"] = (t1 - item.capture_monotonic) * 1e3
-        self.telemetry.frame_done(item.seq, item.timings)
+        item.stream.telemetry.frame_done(item.seq, item.timings)
 
     # -- what telemetry asks the runner ---------------------------------------------------------
-    def dropped(self) -> Dict[str, int]:
+    def _camera_dropped(self, stream: _Stream) -> Dict[str, int]:
         return {
-            "capture": self._capture_slot.dropped,
-            "postprocess": self._post_slot.dropped,
-            "publish": self.counters.dropped_publish,
+            "capture": self._slots.dropped[stream.index],
+            "postprocess": stream.post_slot.dropped,
+            "publish": stream.telemetry.counters.dropped_publish,
         }
 
+    def dropped(self) -> Dict[str, int]:
+        """Frames dropped per hand-off, over every camera."""
+        total = {"capture": 0, "postprocess": 0, "publish": 0}
+        for st in self._streams:
+            for key, n in self._camera_dropped(st).items():
+                total[key] += n
+        return total
+
+    def camera_states(self) -> Dict[str, str]:
+        """id -> its source's state (open, down, ...; "" for a source without stats)."""
+        out = {}
+        for st in self._streams:
+            source_stats = getattr(st.source, "stats", None)
+            out[st.id] = source_stats().get("state", "") if callable(source_stats) else ""
+        return out
+
     def _state(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"dropped": self.dropped(), "paused": self._paused.is_set()}
-        source_stats = getattr(self.source, "stats", None)
-        if callable(source_stats):
-            state["source"] = source_stats()
+        state: Dict[str, Any] = {"dropped": self.dropped(), "paused": self._paused.is_set(), "cameras": {}}
+        for st in self._streams:
+            cam: Dict[str, Any] = {"dropped": self._camera_dropped(st)}
+            source_stats = getattr(st.source, "stats", None)
+            if callable(source_stats):
+                cam["source"] = source_stats()
+            state["cameras"][st.id] = cam
+        if len(self._streams) == 1 and "source" in state["cameras"][self._streams[0].id]:
+            state["source"] = state["cameras"][self._streams[0].id]["source"]  # as before cameras
         state.update(self._extra_stats())
         return state
 

@@ -32,8 +32,7 @@ def problems(cfg: Config, load_model: bool = True, skip: Collection[str] = ()) -
     checks only that the model file can be found. ``skip``: sections not to check (their
     keys already failed)."""
     out: List[str] = []
-    if "source" not in skip:
-        out += _source_problems(cfg)
+    out += _source_problems(cfg, skip)
     if "model" not in skip:
         out += _model_problems(cfg, load_model)
     if "deploy" not in skip:
@@ -49,12 +48,20 @@ def _keyed(prefix: str, message: str) -> str:
     return line if (prefix if "." in prefix else prefix + ".") in line else f"{prefix}: {line}"
 
 
-def _source_problems(cfg: Config) -> List[str]:
-    try:
-        source = build_source(dataclasses.asdict(cfg.source))  # refuses settings that never work
-        return [_keyed("source", p) for p in source.preflight()]
-    except EdgeAgentError as exc:
-        return [_keyed("source", str(exc))]
+def _source_problems(cfg: Config, skip: Collection[str] = ()) -> List[str]:
+    """Each camera's (``[source]``'s, or ``cameras[i]``'s, named so)."""
+    out: List[str] = []
+    for i, camera in enumerate(cfg.camera_list()):
+        key = f"cameras[{i}]" if cfg.cameras else "source"
+        if key in skip or (cfg.cameras and "cameras" in skip):
+            continue
+        try:
+            source = build_source(dataclasses.asdict(camera))  # refuses settings that never work
+            found = source.preflight()
+        except EdgeAgentError as exc:
+            found = [str(exc)]
+        out += [_keyed(key, p if key == "source" else p.replace("source.", key + ".")) for p in found]
+    return out
 
 
 def _stored_current(cfg: Config) -> Optional[str]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from edge_agent import system
-from edge_agent.output.stages import Sink
+from edge_agent.output.stages import Sink, camera_suffix
 from edge_agent.output.encode import to_json
 from edge_agent.output.timing import StageWindow
 
@@ -36,34 +36,21 @@ class PipelineCounters:
     last_error: Optional[str] = None
 
 
-class Telemetry:
-    """Counts, measures and publishes; ``state()`` supplies what only the runner knows
-    (dropped frames per hand-off, paused, source stats, extras such as the MQTT counters)."""
+class CameraTelemetry:
+    """One camera's counters, fps and stage window; its timings go to its own topic
+    (``camera_suffix(camera, "timings")``) and carry ``"camera"`` when it is not ""."""
 
-    def __init__(self, sink: Sink, timings: str = "interval", timings_interval_s: float = 5.0,
-                 stats_interval_s: float = 30.0,
-                 state: Callable[[], Dict[str, Any]] = lambda: {}) -> None:
+    def __init__(self, sink: Sink, camera: str = "", timings: str = "interval") -> None:
         self.sink = sink
-        self.timings_mode = timings  # frame | interval
-        self.timings_interval_s = timings_interval_s
-        self.stats_interval_s = stats_interval_s
+        self.camera = camera
+        self.timings_mode = timings
+        self.suffix = camera_suffix(camera, TIMINGS)
         self.counters = PipelineCounters()
-        self._state = state
         self._window = StageWindow()
-        self._cpu = system.CpuMeter()
         self._fps_frames = 0
         self._fps = 0.0
         self._count_lock = threading.Lock()  # inference workers count side by side
-        self.start()
 
-    def start(self) -> None:
-        now = time.monotonic()
-        self._started = now
-        self._next_fps = now + FPS_PERIOD_S
-        self._next_timings = now + self.timings_interval_s
-        self._next_stats = now + self.stats_interval_s
-
-    # -- what the runner reports -----------------------------------------------------------------
     def inferred(self) -> None:
         with self._count_lock:
             self.counters.inferred += 1
@@ -82,14 +69,116 @@ class Telemetry:
         and nothing else here grows per frame (tests/test_telemetry.py proves it)."""
         self._window.add(timings)
         if self.timings_mode == "frame":
-            doc = {"seq": seq, "ms": {k: round(v, 3) for k, v in timings.items()}}
-            self.sink.publish(TIMINGS, to_json(doc))
+            doc: Dict[str, Any] = {"seq": seq, "ms": {k: round(v, 3) for k, v in timings.items()}}
+            if self.camera:
+                doc["camera"] = self.camera
+            self.sink.publish(self.suffix, to_json(doc))
+
+    def update_fps(self, elapsed: float) -> None:
+        with self._count_lock:
+            frames, self._fps_frames = self._fps_frames, 0
+        current = frames / elapsed if elapsed > 0 else 0.0
+        self._fps = current if self._fps == 0 else 0.5 * self._fps + 0.5 * current
+
+    @property
+    def fps(self) -> float:
+        return self._fps
+
+    def publish_timings_interval(self, interval_s: float, dropped: Dict[str, int]) -> None:
+        frames = self._window.frames
+        if not frames:
+            return
+        doc: Dict[str, Any] = {
+            "interval_s": interval_s,
+            "frames": frames,
+            "fps": round(self._fps, 2),
+            "dropped": dropped,
+            "stages": self._window.flush(),
+        }
+        if self.camera:
+            doc["camera"] = self.camera
+        self.sink.publish(self.suffix, to_json(doc))
+
+    def stats(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """This camera's entry of ``stats.cameras`` (``state``: its dropped counts, source stats)."""
+        c = self.counters
+        doc = {"fps": round(self._fps, 2),
+               "frames": {"captured": c.captured, "inferred": c.inferred, "processed": c.processed,
+                          "published_masks": c.published_masks},
+               "dropped": state.get("dropped", {}), "publish_failed": c.publish_failed,
+               "inference_errors": c.inference_errors, "last_error": c.last_error}
+        if "source" in state:
+            doc["source"] = state["source"]
+        return doc
+
+
+class TotalCounters:
+    """The sum of several cameras' :class:`PipelineCounters`, read live (``last_error``: the first
+    camera's that has one)."""
+
+    def __init__(self, parts: List[PipelineCounters]) -> None:
+        self._parts = parts
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in PipelineCounters.__dataclass_fields__:
+            raise AttributeError(name)
+        if name == "last_error":
+            return next((p.last_error for p in self._parts if p.last_error), None)
+        return sum(getattr(p, name) for p in self._parts)
+
+
+class Telemetry:
+    """Counts, measures and publishes for every camera; ``state()`` supplies what only the runner
+    knows: dropped frames per hand-off (totals), paused, extras such as the MQTT counters, the
+    source stats of a one-camera pipeline (``source``), and per camera ``cameras: {id: {dropped,
+    source}}``."""
+
+    def __init__(self, sink: Sink, timings: str = "interval", timings_interval_s: float = 5.0,
+                 stats_interval_s: float = 30.0,
+                 state: Callable[[], Dict[str, Any]] = lambda: {}, cameras: Sequence[str] = ("",)) -> None:
+        self.sink = sink
+        self.timings_mode = timings  # frame | interval
+        self.timings_interval_s = timings_interval_s
+        self.stats_interval_s = stats_interval_s
+        self.cameras = {cid: CameraTelemetry(sink, cid, timings) for cid in cameras}
+        self._first = next(iter(self.cameras.values()))
+        self.counters: Any = (self._first.counters if len(self.cameras) == 1
+                              else TotalCounters([c.counters for c in self.cameras.values()]))
+        self._state = state
+        self._cpu = system.CpuMeter()
+        self.start()
+
+    @property
+    def _window(self) -> StageWindow:
+        return self._first._window
+
+    def camera(self, cid: str) -> CameraTelemetry:
+        return self.cameras[cid]
+
+    def start(self) -> None:
+        now = time.monotonic()
+        self._started = now
+        self._next_fps = now + FPS_PERIOD_S
+        self._next_timings = now + self.timings_interval_s
+        self._next_stats = now + self.stats_interval_s
+
+    # -- what the runner reports (one camera: the first; else through camera(id)) -----------------
+    def inferred(self) -> None:
+        self._first.inferred()
+
+    def inference_failed(self, error: str) -> None:
+        self._first.inference_failed(error)
+
+    def frame_done(self, seq: int, timings: Dict[str, float]) -> None:
+        self._first.frame_done(seq, timings)
 
     # -- the schedule (publish thread) -----------------------------------------------------------
     def tick(self, now: Optional[float] = None) -> None:
         now = time.monotonic() if now is None else now
         if now >= self._next_fps:
-            self._update_fps(now - (self._next_fps - FPS_PERIOD_S))
+            elapsed = now - (self._next_fps - FPS_PERIOD_S)
+            for cam in self.cameras.values():
+                cam.update_fps(elapsed)
             self._next_fps = now + FPS_PERIOD_S
         if self.timings_mode == "interval" and now >= self._next_timings:
             self.publish_timings_interval()
@@ -103,36 +192,25 @@ class Telemetry:
         self.publish_timings_interval()
         self.publish_stats()
 
-    def _update_fps(self, elapsed: float) -> None:
-        with self._count_lock:
-            frames, self._fps_frames = self._fps_frames, 0
-        current = frames / elapsed if elapsed > 0 else 0.0
-        self._fps = current if self._fps == 0 else 0.5 * self._fps + 0.5 * current
-
     @property
     def fps(self) -> float:
-        return self._fps
+        return sum(c.fps for c in self.cameras.values())
 
     # -- the documents ---------------------------------------------------------------------------
     def publish_timings_interval(self) -> None:
-        frames = self._window.frames
-        if not frames:
-            return
-        doc = {
-            "interval_s": self.timings_interval_s,
-            "frames": frames,
-            "fps": round(self._fps, 2),
-            "dropped": self._state().get("dropped", {}),
-            "stages": self._window.flush(),
-        }
-        self.sink.publish(TIMINGS, to_json(doc))
+        state = self._state()
+        per_camera = state.get("cameras", {})
+        for cid, cam in self.cameras.items():
+            dropped = per_camera.get(cid, {}).get("dropped", state.get("dropped", {}))
+            cam.publish_timings_interval(self.timings_interval_s, dropped)
 
     def stats(self) -> Dict[str, Any]:
         c = self.counters
         state = self._state()
+        per_camera = state.get("cameras", {})
         doc = {
             "uptime_s": round(time.monotonic() - self._started, 1),
-            "fps": round(self._fps, 2),
+            "fps": round(self.fps, 2),
             "frames": {"captured": c.captured, "inferred": c.inferred, "processed": c.processed,
                        "published_masks": c.published_masks},
             "dropped": state.get("dropped", {}),
@@ -145,7 +223,8 @@ class Telemetry:
             "throttled": system.throttled(),
             "paused": state.get("paused", False),
         }
-        doc.update({k: v for k, v in state.items() if k not in ("dropped", "paused")})
+        doc.update({k: v for k, v in state.items() if k not in ("dropped", "paused", "cameras")})
+        doc["cameras"] = {cid: cam.stats(per_camera.get(cid, {})) for cid, cam in self.cameras.items()}
         return doc
 
     def publish_stats(self) -> None:

@@ -19,11 +19,12 @@ from edge_agent.inference.stages import (BENCH_STAGES, PIPELINE_STAGES, SEGMENT_
                                          ms_since, postprocess, prepare)
 from edge_agent.output import encode as enc
 from edge_agent.output.throttle import RateGate
+from edge_agent.output.topics import camera_suffix
 from edge_agent.output.visuals import overlay
 
 __all__ = ["BENCH_STAGES", "PIPELINE_STAGES", "SEGMENT_STAGES", "Masks", "infer", "ms_since", "postprocess",
            "prepare", "RESULT", "MASK", "OVERLAY", "Sink", "EncodeOptions", "encode", "publish",
-           "OutputSettings", "FrameOutput", "run_frame"]
+           "OutputSettings", "FrameOutput", "run_frame", "camera_suffix"]
 
 # Topic suffixes of what a frame produces (``<prefix>/<device>/<suffix>``).
 RESULT, MASK, OVERLAY = "result", "mask", "overlay"
@@ -93,7 +94,7 @@ def publish(sink: Sink, messages: List[Tuple[str, bytes]]) -> Tuple[int, int]:
     for suffix, payload in messages:
         if not sink.publish(suffix, payload):
             failed += 1
-        elif suffix == MASK:
+        elif suffix == MASK or suffix.endswith("/" + MASK):  # camera/<id>/mask
             masks += 1
     return masks, failed
 

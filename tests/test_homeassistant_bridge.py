@@ -145,6 +145,7 @@ def test_status_from_info_and_stats():
     assert agent_status(running, down) == ("error", "source down: rtsp://cam/1: connection refused")
     assert agent_status(running, {"cameras": {"door": {"source": {"state": "down", "last_error": "gone"}}}}) == (
         "error", "camera door: source down: gone")
+    assert agent_status(running, {**down, "cameras": {"": down}}) == agent_status(running, down)  # said once
     failing = {"inference_errors": 7, "last_error": "invoke failed: custom op", "frames": {"inferred": 0}}
     assert agent_status(running, failing) == ("error", "inference fails: invoke failed: custom op")
     # errors that stopped while frames are inferred again: running

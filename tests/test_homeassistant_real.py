@@ -1,14 +1,16 @@
-"""The agent against a REAL Home Assistant: discovery, class sensors, overlay image, benchmark button.
+"""The agent against a REAL Home Assistant: the curated entity set, its names, a status that says
+why an agent is unwell, no "unknown" entity for a healthy one, the overlay image, removal.
 
 Home Assistant core 2025.4.4 runs from its own venv (installed once by tools/homeassistant-venv.sh,
-cached), with its MQTT integration pointed at a real mosquitto; the real agent process runs on
-real images with a real model. Everything is checked through Home Assistant's own REST API.
+cached), with its MQTT integration pointed at a real mosquitto; real agent processes run on real
+images with a real model. Everything is checked through Home Assistant's own REST API.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,10 +20,11 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_agent.system import cpu_temp_c
 from tests.broker import MosquittoServer, Recorder, mosquitto_available
-from tests.data import IMAGES, MODELS
+from tests.data import DM05, IMAGES, INVOKE_ERROR, MODELS
 from tests.homeassistant import NO_PYTHON_EXIT, HomeAssistantServer, ha_venv, install_home_assistant
-from tests.helpers import start_agent, stop_agent, write_config
+from tests.helpers import write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.homeassistant, pytest.mark.broker]
 
@@ -29,11 +32,40 @@ DEVICE = "pi-ha"
 OBJ = "pi_ha"  # the device id as HA object ids spell it
 BASE = f"edge-agent/{DEVICE}"
 NODE = f"edge-agent-{DEVICE}"
-CLASSES = ("bird", "cat", "person")
-METRIC_SENSORS = ("fps", "inference_time", "end_to_end_time", "cpu_temperature", "dropped_frames", "model",
-                  "benchmark_p50")
-ENTITIES = ([f"sensor.{OBJ}_{k}" for k in METRIC_SENSORS] + [f"image.{OBJ}_overlay", f"button.{OBJ}_run_benchmark"]
-            + [f"sensor.{OBJ}_class_{c}" for c in CLASSES] + [f"binary_sensor.{OBJ}_class_{c}" for c in CLASSES])
+CONSOLE = "http://console.example:8080/"
+HAS_CPU_TEMP = cpu_temp_c() is not None
+# entity id -> the name Home Assistant shows (after the device's name): the default set for PASCAL VOC
+NAMES = {
+    f"sensor.{OBJ}_status": "Status", f"binary_sensor.{OBJ}_problem": "Problem",
+    f"sensor.{OBJ}_fps": "Frame rate", f"sensor.{OBJ}_inference_time": "Inference time",
+    f"sensor.{OBJ}_end_to_end_time": "End-to-end time", f"image.{OBJ}_overlay": "Overlay",
+    **({f"sensor.{OBJ}_cpu_temperature": "CPU temperature"} if HAS_CPU_TEMP else {}),
+    **{f"binary_sensor.{OBJ}_class_{c}": c.title() for c in ("person", "car", "cat", "dog")},
+    **{f"sensor.{OBJ}_class_{c}": f"{c.title()} coverage" for c in ("person", "car", "cat", "dog")},
+}
+ENTITIES = sorted(NAMES)
+# What an earlier version announced (and left retained): removed when this one starts.
+LEGACY = {f"sensor.{OBJ}_class_background": ("sensor", "class_background"),
+          f"binary_sensor.{OBJ}_class_background": ("binary_sensor", "class_background"),
+          f"sensor.{OBJ}_dropped_frames": ("sensor", "dropped_frames"),
+          f"button.{OBJ}_run_benchmark": ("button", "run_benchmark")}
+
+
+def launch(config: Path, log: Path) -> subprocess.Popen:
+    """The agent, its output to a file (an undrained pipe would block it)."""
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -48,15 +80,27 @@ def ha_python_venv() -> Path:
     return venv
 
 
+def legacy_config(component: str, key: str) -> bytes:
+    """A discovery config as an earlier version published it."""
+    return json.dumps({"name": key, "unique_id": f"edge_agent_{OBJ}_{key}", "object_id": f"{OBJ}_{key}",
+                       "state_topic": f"{BASE}/ha/state", "availability_topic": f"{BASE}/availability",
+                       **({"command_topic": f"{BASE}/cmd/benchmark"} if component == "button" else
+                          {"value_template": "{{ value_json['x'] }}"}),
+                       "device": {"identifiers": [NODE], "name": DEVICE}}).encode()
+
+
 @pytest.fixture(scope="module")
 def world(ha_python_venv, tmp_path_factory):
-    """mosquitto + Home Assistant + the agent (bird and cat frames, 2 s each, looping)."""
+    """mosquitto + Home Assistant (holding an earlier version's entities) + the agent on bird and
+    cat frames, 2 s each, looping; [homeassistant] with its defaults and a console URL."""
     if not mosquitto_available():
         pytest.skip("mosquitto is not installed")
     tmp = tmp_path_factory.mktemp("ha-world")
     (tmp / "mosquitto").mkdir()
     broker = MosquittoServer(tmp / "mosquitto").start()
     rec = Recorder("127.0.0.1", broker.port, "#")
+    for component, key in LEGACY.values():
+        rec.publish(f"homeassistant/{component}/{NODE}/{key}/config", legacy_config(component, key), retain=True)
     ha = HomeAssistantServer(ha_python_venv, tmp / "ha", "127.0.0.1", broker.port)
     frames = tmp / "frames"
     frames.mkdir()
@@ -66,20 +110,20 @@ def world(ha_python_venv, tmp_path_factory):
         tmp / "agent.toml", DEVICE, broker.port,
         {"kind": "folder", "uri": str(frames), "loop": True, "fps": 0.5},
         publish={"timings_interval_s": 1.0, "stats_interval_s": 2.0, "overlay_max_hz": 2.0},
-        benchmark={"max_runs": 5},
-        homeassistant={"enabled": True, "classes": list(CLASSES), "state_interval_s": 0.2})
+        homeassistant={"enabled": True, "state_interval_s": 0.2, "console_url": CONSOLE})
     agent = None
     try:
         ha.start()
         print(f"Home Assistant API up after {ha.start_seconds:.1f} s")
         rec.wait_for("homeassistant/status", b"online", timeout=60)  # HA's MQTT client is connected
-        agent = start_agent(config)
-        yield {"ha": ha, "rec": rec, "agent": agent, "config": config, "broker": broker}
+        ha.wait_for(lambda: all(e in ha.states() for e in LEGACY), 60, "the earlier version's entities")
+        agent = launch(config, tmp / "agent.log")
+        yield {"ha": ha, "rec": rec, "agent": agent, "config": config, "broker": broker, "tmp": tmp}
     finally:
         if agent is not None:
-            out = stop_agent(agent)
+            stop(agent)
             if os.environ.get("EDGE_AGENT_TEST_VERBOSE"):
-                print(out)
+                print((tmp / "agent.log").read_text(errors="replace"))
         ha.stop()
         rec.close()
         broker.close()
@@ -89,30 +133,6 @@ def _results(rec: Recorder):
     return [json.loads(m.payload) for m in rec.matching(f"{BASE}/result")]
 
 
-def test_device_and_its_entities_appear_in_home_assistant(world):
-    ha = world["ha"]
-    t0 = time.monotonic()
-    states = ha.wait_for(lambda: (lambda s: s if all(e in s for e in ENTITIES) else None)(ha.states()),
-                         60, f"entities {ENTITIES}")
-    print(f"entities visible {time.monotonic() - t0:.1f} s after the agent started")
-    device = ha.template("{{ device_id('sensor.%s_fps') }}" % OBJ)
-    assert device and device != "None"
-    attrs = json.loads(ha.template(
-        "{{ {'name': device_attr('%s', 'name'), 'manufacturer': device_attr('%s', 'manufacturer'), "
-        "'sw_version': device_attr('%s', 'sw_version'), 'model': device_attr('%s', 'model')} | to_json }}"
-        % ((device,) * 4)))
-    assert attrs["name"] == DEVICE and attrs["manufacturer"] == "edge-agent"
-    assert attrs["sw_version"] and attrs["model"]
-    on_device = set(json.loads(ha.template("{{ device_entities('%s') | to_json }}" % device)))
-    assert set(ENTITIES) <= on_device, sorted(set(ENTITIES) - on_device)
-    # The running model and live numbers arrive through the retained ha/state topic.
-    ha.wait_for(lambda: (ha.state(f"sensor.{OBJ}_model") or {}).get("state") == "deeplabv3_mnv2_dm05_pascal_quant",
-                30, "model sensor")
-    ha.wait_for(lambda: _number(ha.state(f"sensor.{OBJ}_inference_time")) > 0, 30, "inference time")
-    assert states[f"sensor.{OBJ}_inference_time"]["attributes"]["unit_of_measurement"] == "ms"
-    assert states[f"binary_sensor.{OBJ}_class_cat"]["attributes"].get("device_class") == "occupancy"
-
-
 def _number(state) -> float:
     try:
         return float(state["state"])
@@ -120,9 +140,60 @@ def _number(state) -> float:
         return -1.0
 
 
-def test_class_sensor_follows_the_agents_frames(world):
-    """The cat sensor shows the cat frame's fraction (as the agent computed it) and 0 on the bird
-    frame; the binary sensor is on and off with it."""
+def device_of(ha: HomeAssistantServer, entity_id: str) -> str:
+    device = ha.template("{{ device_id('%s') }}" % entity_id)
+    assert device and device != "None", entity_id
+    return device
+
+
+def test_the_default_entity_set_and_its_names(world):
+    """One device with the curated set (no background, no CPU temperature on a host without one,
+    at most 15), distinct names, a link to the console; the earlier version's entities are gone."""
+    ha = world["ha"]
+    t0 = time.monotonic()
+    ha.wait_for(lambda: all(e in ha.states() for e in ENTITIES), 60, f"entities {ENTITIES}")
+    print(f"entities visible {time.monotonic() - t0:.1f} s after the agent started")
+    ha.wait_for(lambda: not any(e in ha.states() for e in LEGACY), 30, "the earlier version's entities removed")
+    device = device_of(ha, f"sensor.{OBJ}_status")
+    on_device = sorted(json.loads(ha.template("{{ device_entities('%s') | to_json }}" % device)))
+    assert on_device == ENTITIES and len(on_device) <= 15
+    print(f"{len(on_device)} entities: " + ", ".join(f"{NAMES[e]} ({e})" for e in on_device))
+    attrs = json.loads(ha.template(
+        "{{ {'name': device_attr('%s', 'name'), 'manufacturer': device_attr('%s', 'manufacturer'), "
+        "'configuration_url': device_attr('%s', 'configuration_url'), 'model': device_attr('%s', 'model')} | to_json }}"
+        % ((device,) * 4)))
+    assert attrs == {"name": DEVICE, "manufacturer": "edge-agent", "configuration_url": CONSOLE,
+                     "model": attrs["model"]} and attrs["model"]
+    states = ha.states()
+    for entity_id, name in NAMES.items():
+        assert states[entity_id]["attributes"]["friendly_name"] == f"{DEVICE} {name}", entity_id
+    assert not any("background" in e for e in states if OBJ in e)
+    assert states[f"sensor.{OBJ}_status"]["attributes"]["options"] == ["running", "error", "stopped"]
+    assert states[f"binary_sensor.{OBJ}_problem"]["attributes"]["device_class"] == "problem"
+    assert states[f"binary_sensor.{OBJ}_class_cat"]["attributes"]["device_class"] == "occupancy"
+    assert states[f"sensor.{OBJ}_class_cat"]["attributes"]["unit_of_measurement"] == "%"
+    assert states[f"sensor.{OBJ}_inference_time"]["attributes"]["unit_of_measurement"] == "ms"
+
+
+def test_a_healthy_agent_has_no_unknown_entity(world):
+    ha = world["ha"]
+
+    def settled():
+        states = ha.states()
+        shown = {e: (states.get(e) or {}).get("state") for e in ENTITIES}
+        return shown if all(s not in (None, "unknown", "unavailable") for s in shown.values()) else None
+
+    shown = ha.wait_for(settled, 60, "every entity with a value")
+    print(f"states: {shown}")
+    assert shown[f"sensor.{OBJ}_status"] == "running" and shown[f"binary_sensor.{OBJ}_problem"] == "off"
+    status = ha.state(f"sensor.{OBJ}_status")["attributes"]
+    assert status["reason"] is None and status["model"] == "deeplabv3_mnv2_dm05_pascal_quant"
+    assert _number(ha.state(f"sensor.{OBJ}_inference_time")) > 0 and _number(ha.state(f"sensor.{OBJ}_fps")) > 0
+
+
+def test_class_entities_follow_the_agents_frames(world):
+    """"Cat coverage" shows the cat frame's fraction (as the agent computed it) and 0 on the bird
+    frame; "Cat" is on and off with it."""
     ha, rec = world["ha"], world["rec"]
     seen = set()
 
@@ -132,7 +203,7 @@ def test_class_sensor_follows_the_agents_frames(world):
             seen.add((float(cat["state"]), present["state"]))
         return any(v == 0.0 and p == "off" for v, p in seen) and any(v > 0 and p == "on" for v, p in seen)
 
-    ha.wait_for(both_seen, 60, "cat sensor at 0/off and >0/on", interval=0.1)
+    ha.wait_for(both_seen, 60, "cat coverage at 0/off and >0/on", interval=0.1)
     agent_cat = {round(100 * r["classes"]["cat"], 2) for r in _results(rec) if "cat" in r["classes"]}
     print(f"HA cat states seen: {sorted(seen)}; agent cat %: {sorted(agent_cat)}")
     shown = {v for v, p in seen if v > 0}
@@ -151,26 +222,64 @@ def test_image_entity_serves_the_overlay_jpeg(world):
     assert picture is not None and picture.shape in sizes
 
 
-def test_button_runs_a_benchmark_on_the_device(world):
-    ha, rec = world["ha"], world["rec"]
-    before = len(rec.matching(f"{BASE}/cmd/benchmark"))
-    ha.call("button", "press", {"entity_id": f"button.{OBJ}_run_benchmark"})
-    command = rec.wait_for(f"{BASE}/cmd/benchmark", count=before + 1, timeout=20)[-1]
-    assert not command.retain
-    request = json.loads(command.payload)
-    assert request["request_id"].startswith("ha-") and set(request) == {"request_id"}
-    final = None
-    deadline = time.monotonic() + 120
-    while final is None and time.monotonic() < deadline:
-        answers = [json.loads(m.payload) for m in rec.matching(f"{BASE}/benchmark/{request['request_id']}")]
-        final = next((a for a in answers if a["final"]), None)
-        time.sleep(0.2)
-    assert final is not None and final["status"] == "done", (
-        final, request, [(m.topic, bytes(m.payload)[:200]) for m in rec.messages if "/benchmark" in m.topic])
-    p50 = final["result"]["invoke"]["p50"]
-    assert final["result"]["invoke"]["count"] == 5  # the device's max_runs caps the default 50
-    ha.wait_for(lambda: abs(_number(ha.state(f"sensor.{OBJ}_benchmark_p50")) - p50) < 0.01, 20,
-                f"benchmark p50 {p50}")
+def test_status_turns_to_error_with_the_reason_then_stopped(world):
+    """A healthy agent reloads into a model that cannot be invoked: Status = error with the reason,
+    Problem on, its class entities unavailable (kept, not removed); back on a good model it runs
+    again; a clean stop shows "stopped"."""
+    ha, broker, tmp = world["ha"], world["broker"], world["tmp"]
+    device, obj = "pi-ha-err", "pi_ha_err"
+    frames = tmp / "cat-only"
+    frames.mkdir()
+    (frames / "cat.bmp").symlink_to(IMAGES / "cat.bmp")
+    source = {"kind": "folder", "uri": str(frames), "loop": True, "fps": 1.0}
+    sections = {"publish": {"timings_interval_s": 1.0, "stats_interval_s": 2.0},
+                "homeassistant": {"enabled": True, "state_interval_s": 0.2}}
+    config = write_config(tmp / "err.toml", device, broker.port, source, **sections)
+    agent = launch(config, tmp / "err.log")
+    try:
+        ha.wait_for(lambda: (ha.state(f"sensor.{obj}_status") or {}).get("state") == "running"
+                    and _number(ha.state(f"sensor.{obj}_class_cat")) > 0, 60, "a running agent")
+        write_config(config, device, broker.port, source, model={"path": str(INVOKE_ERROR)}, **sections)
+        agent.send_signal(signal.SIGHUP)
+        status = ha.wait_for(lambda: (lambda s: s if s and s["state"] == "error" else None)(
+            ha.state(f"sensor.{obj}_status")), 60, "status error")
+        reason = status["attributes"]["reason"]
+        print(f"status: error, reason: {reason!r}")
+        assert "model_invoking_error.tflite" in reason and "cannot prepare this model" in reason
+        problem = ha.state(f"binary_sensor.{obj}_problem")
+        assert problem["state"] == "on" and problem["attributes"]["reason"] == reason
+        assert ha.state(f"sensor.{obj}_class_cat")["state"] == "unavailable"
+        assert ha.state(f"sensor.{obj}_fps")["state"] == "unavailable"
+
+        write_config(config, device, broker.port, source, model={"path": str(DM05)}, **sections)
+        agent.send_signal(signal.SIGHUP)
+        ha.wait_for(lambda: (ha.state(f"sensor.{obj}_status") or {}).get("state") == "running"
+                    and (ha.state(f"binary_sensor.{obj}_problem") or {}).get("state") == "off"
+                    and _number(ha.state(f"sensor.{obj}_class_cat")) > 0, 60, "running again")
+        stop(agent)
+        assert agent.returncode == 0
+        ha.wait_for(lambda: (ha.state(f"sensor.{obj}_status") or {}).get("state") == "stopped", 30, "stopped")
+        assert ha.state(f"sensor.{obj}_fps")["state"] == "unavailable"  # offline
+    finally:
+        stop(agent)
+
+
+def test_an_agent_that_starts_in_error_says_why(world):
+    """Started on a source that does not exist: Status error with the reason, Problem on."""
+    ha, broker, tmp = world["ha"], world["broker"], world["tmp"]
+    device, obj = "pi-ha-nosrc", "pi_ha_nosrc"
+    missing = tmp / "no-such-folder"
+    config = write_config(tmp / "nosrc.toml", device, broker.port, {"kind": "folder", "uri": str(missing)},
+                          publish={"stats_interval_s": 1.0}, homeassistant={"enabled": True})
+    agent = launch(config, tmp / "nosrc.log")
+    try:
+        status = ha.wait_for(lambda: (lambda s: s if s and s["state"] == "error" else None)(
+            ha.state(f"sensor.{obj}_status")), 60, "status error")
+        print(f"status: error, reason: {status['attributes']['reason']!r}")
+        assert str(missing) in status["attributes"]["reason"]
+        assert ha.state(f"binary_sensor.{obj}_problem")["state"] == "on"
+    finally:
+        stop(agent)
 
 
 def test_the_demo_with_home_assistant_enabled_appears_too(world, tmp_path):
@@ -180,16 +289,17 @@ def test_the_demo_with_home_assistant_enabled_appears_too(world, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "grace_hopper.bmp").symlink_to(IMAGES / "grace_hopper.bmp")
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent", "demo", "--images", str(images), "--mirror", str(MODELS),
-         "--model", "deeplabv3_mnv2_dm05_pascal_quant", "--out", str(tmp_path / "out"),
-         "--set", "homeassistant.enabled=true", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
-         "--set", "source.loop=true", "--set", "source.fps=2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with (tmp_path / "demo.log").open("wb") as log:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "demo", "--images", str(images), "--mirror", str(MODELS),
+             "--model", "deeplabv3_mnv2_dm05_pascal_quant", "--out", str(tmp_path / "out"),
+             "--set", "homeassistant.enabled=true", "--set", "mqtt.host=127.0.0.1", "--set", f"mqtt.port={broker.port}",
+             "--set", "source.loop=true", "--set", "source.fps=2"],
+            stdout=log, stderr=subprocess.STDOUT)
     try:
         ha.wait_for(lambda: _number(ha.state("sensor.demo_class_person")) > 10
                     and (ha.state("binary_sensor.demo_class_person") or {}).get("state") == "on", 60, "the demo's person")
-        assert (ha.state("sensor.demo_model") or {}).get("state") == "deeplabv3_mnv2_dm05_pascal_quant"
+        assert ha.state("sensor.demo_status")["attributes"]["model"] == "deeplabv3_mnv2_dm05_pascal_quant"
     finally:
         demo.terminate()
         demo.wait(30)
@@ -201,15 +311,16 @@ def test_the_demo_with_home_assistant_enabled_appears_too(world, tmp_path):
 
 def test_reannounce_on_home_assistant_online_then_remove(world):
     ha, rec, config = world["ha"], world["rec"], world["config"]
-    fps_config = f"homeassistant/sensor/{NODE}/fps/config"
-    before = len(rec.matching(fps_config))
+    status_config = f"homeassistant/sensor/{NODE}/status/config"
+    before = len(rec.matching(status_config))
     rec.publish("homeassistant/status", b"online")  # what HA sends when it (re)starts
-    rec.wait_for(fps_config, count=before + 1, timeout=10)
+    rec.wait_for(status_config, count=before + 1, timeout=10)
 
     listing = subprocess.run([sys.executable, "-m", "edge_agent", "homeassistant", "--config", str(config)],
                              capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0, listing.stderr
-    assert f"sensor.{OBJ}_fps" in listing.stdout and f"binary_sensor.{OBJ}_class_cat" in listing.stdout
+    assert f"sensor.{OBJ}_status" in listing.stdout and f"binary_sensor.{OBJ}_class_cat" in listing.stdout
+    assert "background" not in listing.stdout
 
     removed = subprocess.run([sys.executable, "-m", "edge_agent", "homeassistant", "--remove",
                               "--config", str(config)], capture_output=True, text=True, timeout=60)

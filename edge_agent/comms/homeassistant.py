@@ -293,7 +293,7 @@ def agent_status(info: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]]
     cams = stats.get("cameras")
     if isinstance(cams, dict):
         for cam, doc in sorted(cams.items()):
-            if isinstance(doc, dict):
+            if isinstance(doc, dict) and cam:  # camera "" is the legacy [source]: the top-level one
                 src = doc.get("source") if isinstance(doc.get("source"), dict) else doc
                 reasons.append(_source_problem(src, f"camera {cam}: "))
     errors = stats.get("inference_errors") or 0
@@ -306,7 +306,7 @@ def agent_status(info: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]]
     last = stats.get("last_error")
     if isinstance(last, str) and last.endswith("crashed"):
         reasons.append(last)
-    reasons = [r for r in reasons if r]
+    reasons = list(dict.fromkeys(r for r in reasons if r))
     return ("error", "; ".join(reasons)) if reasons else ("running", None)
 
 

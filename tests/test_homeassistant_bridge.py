@@ -152,6 +152,12 @@ def test_status_from_info_and_stats():
     recovered = {"inference_errors": 7, "last_error": "invoke failed: custom op", "frames": {"inferred": 40}}
     assert agent_status(running, recovered, failing) == ("running", None)
     assert agent_status(running, {"last_error": "inference-0 crashed"})[0] == "error"
+    # a result since those stats: that camera's source is back, its model works
+    assert agent_status(running, down, live={""}) == ("running", None)
+    assert agent_status(running, failing, live={""}) == ("running", None)
+    two = {"cameras": {"door": down, "yard": down}}
+    assert agent_status(running, two, live={"door"}) == ("error", "camera yard: source down: rtsp://cam/1: "
+                                                                  "connection refused")
     assert agent_status(running, {"source": {"state": "open"}, "frames": {"inferred": 3}}) == ("running", None)
 
 

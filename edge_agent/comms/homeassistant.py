@@ -276,24 +276,26 @@ def _source_problem(source: Any, where: str = "") -> Optional[str]:
 
 
 def agent_status(info: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]] = None,
-                 previous: Optional[Dict[str, Any]] = None) -> Tuple[str, Optional[str]]:
+                 previous: Optional[Dict[str, Any]] = None, live: Iterable[str] = ()) -> Tuple[str, Optional[str]]:
     """(running | error | stopped, the reason or None) from the agent's info and its last two
-    stats documents.
+    stats documents; ``live``: the cameras that published a result since those stats (they are
+    not down, and their model works, whatever the stats said).
 
     error when: ``info`` says so (no model, the source cannot open: ``info.error``); a source is
     down (being reopened); the model failed on every frame since the previous stats; a pipeline
     thread crashed."""
+    live = set(live)
     info = info or {}
     if info.get("status") == "stopped":
         return "stopped", None
     if info.get("status") == "error":
         return "error", str(info.get("error") or "the agent runs no pipeline")
     stats = stats or {}
-    reasons = [_source_problem(stats.get("source"))]
+    reasons = [None if "" in live else _source_problem(stats.get("source"))]
     cams = stats.get("cameras")
     if isinstance(cams, dict):
         for cam, doc in sorted(cams.items()):
-            if isinstance(doc, dict) and cam:  # camera "" is the legacy [source]: the top-level one
+            if isinstance(doc, dict) and cam and cam not in live:  # "": the legacy [source], top-level
                 src = doc.get("source") if isinstance(doc.get("source"), dict) else doc
                 reasons.append(_source_problem(src, f"camera {cam}: "))
     errors = stats.get("inference_errors") or 0
@@ -301,7 +303,7 @@ def agent_status(info: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]]
     prev = previous or {}
     prev_errors = prev.get("inference_errors") or 0
     prev_inferred = (prev.get("frames") or {}).get("inferred", 0) if isinstance(prev.get("frames"), dict) else 0
-    if errors > prev_errors and inferred <= prev_inferred:
+    if errors > prev_errors and inferred <= prev_inferred and not live:
         reasons.append(f"inference fails: {stats.get('last_error') or 'invoke error'}")
     last = stats.get("last_error")
     if isinstance(last, str) and last.endswith("crashed"):
@@ -497,6 +499,7 @@ class HomeAssistantBridge:
         self._have_info = False
         self._latest: Dict[str, Any] = {}
         self._results: Dict[str, Any] = {}  # camera id -> its latest result payload
+        self._live: Set[str] = set()  # cameras with a result since the last stats
         self._stats: Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]] = (None, None)  # previous, last
         self._next_state = 0.0
         self.announcements = 0
@@ -633,8 +636,9 @@ class HomeAssistantBridge:
             with self._lock:
                 if kind == "result":
                     self._results[camera] = payload  # parsed only when the state is due
+                    self._live.add(camera)
                 elif kind == "stats":
-                    self._stats = (self._stats[1], _loads(payload))
+                    self._stats, self._live = (self._stats[1], _loads(payload)), set()
                 else:
                     self._latest[kind] = payload
             self._publish_state(force=kind == "stats")
@@ -648,7 +652,8 @@ class HomeAssistantBridge:
             self._next_state = now + self.ha.state_interval_s
             latest, results, discovery, info = dict(self._latest), dict(self._results), self._discovery, self._info
             previous, stats = self._stats
-        status, reason = agent_status(info, stats, previous)
+            live = set(self._live)
+        status, reason = agent_status(info, stats, previous, live)
         fractions = {cam: (_loads(p) or {}).get("classes") or {} for cam, p in results.items()}
         metrics = metrics_from(_loads(latest.get("timings")), stats, self._cpu_temp())
         details: Dict[str, Any] = {"dropped_frames": metrics.pop("dropped")}

@@ -13,7 +13,9 @@
   ``sitecustomize`` shim) and the new one, both with 2x1 (interpreters x threads), then the new
   decode with the out-of-the-box config (``interpreters = 0, threads = 0``: automatic) and with
   the previous default (1 interpreter on all cores). Ratio = masks/s x ``invoke()`` alone on all
-  cores, measured before and after each run (the same measure as bench/perf.py's throughput).
+  cores, measured before and after each run (the same measure as bench/perf.py's throughput);
+  CPU ratio = ``invoke()``'s process CPU alone over the agent's CPU per mask, which a loaded
+  machine disturbs far less than wall time.
 
 Ratios in one run only; nothing here is a timed test. Prints Markdown.
 """
@@ -136,17 +138,20 @@ def measure_agent(rounds: int, window_s: float, sources_wanted: List[str], model
                                                      lines, interpreters=interpreters)
                             chosen = layout.for_config(load_config(str(cfg), env={}))
                             load = os.getloadavg()[0]
-                            inv, _ = standalone_invoke_cpu(path, cores, 8)
+                            inv, cpu_a = standalone_invoke_cpu(path, cores, 8)
                             res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0, broker_pid=broker_pid,
                                                  pythonpath=(str(shim),) if decoder == "opencv" else ())
-                            inv_b, _ = standalone_invoke_cpu(path, cores, 8)
+                            inv_b, cpu_b = standalone_invoke_cpu(path, cores, 8)
                             invoke_ms = median(inv + inv_b)
                             ratio = round(res["fps"] * invoke_ms / 1e3, 3)
+                            # load-robust proxy (bench/perf.py): invoke's CPU over the agent's CPU per mask
+                            per_mask = res["agent_cpu_ms_per_mask"]
+                            cpu_ratio = round((cpu_a + cpu_b) / 2 / per_mask, 3) if per_mask else None
                             log(f"  {name} {label} round {r}: {res['fps']:.2f} masks/s, invoke {invoke_ms:.2f} ms, "
-                                f"ratio {ratio}, layout {chosen.interpreters}x{chosen.threads}, load {load:.2f}"
+                                f"ratio {ratio}, CPU ratio {cpu_ratio}, layout {chosen.interpreters}x{chosen.threads}, load {load:.2f}"
                                 + (f", stderr {res['stderr_tail']}" if res["stderr_tail"] else ""))
                             runs.setdefault((name, label), []).append(
-                                dict(ratio=ratio, fps=res["fps"], invoke_ms=invoke_ms, load=load,
+                                dict(ratio=ratio, cpu_ratio=cpu_ratio, fps=res["fps"], invoke_ms=invoke_ms, load=load,
                                      layout=f"{chosen.interpreters}x{chosen.threads}", reason=chosen.reason,
                                      rss=res["peak_rss_mb"]))
             finally:
@@ -157,6 +162,7 @@ def measure_agent(rounds: int, window_s: float, sources_wanted: List[str], model
     for (name, label), rs in runs.items():
         rows.append({"source": name, "config": label, "layout": rs[-1]["layout"], "reason": rs[-1]["reason"],
                      "ratio": round(median([x["ratio"] for x in rs]), 3), "ratios": [x["ratio"] for x in rs],
+                     "cpu_ratio": median([x["cpu_ratio"] for x in rs if x["cpu_ratio"]] or [0.0]),
                      "fps": round(median([x["fps"] for x in rs]), 2),
                      "invoke_ms": round(median([x["invoke_ms"] for x in rs]), 2),
                      "peak_rss_mb": median([x["rss"] for x in rs if x["rss"]]) if any(x["rss"] for x in rs) else None,
@@ -184,11 +190,11 @@ def main(argv=None) -> int:
     if "agent" in parts:
         log("agent: subprocess + mosquitto ...")
         rows = measure_agent(args.rounds, args.window, args.sources.split(","), args.model)
-        print("| source | config | layout | **ratio** (rounds) | masks/s | invoke ms | peak RSS MB | load |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print("| source | config | layout | **ratio** (rounds) | CPU ratio | masks/s | invoke ms | peak RSS MB | load |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['source']} | {row['config']} | {row['layout']} | **{row['ratio']}** "
-                  f"({', '.join(str(x) for x in row['ratios'])}) | {row['fps']} | {row['invoke_ms']} | "
+                  f"({', '.join(str(x) for x in row['ratios'])}) | {row['cpu_ratio']} | {row['fps']} | {row['invoke_ms']} | "
                   f"{row['peak_rss_mb']} | {', '.join(str(x) for x in row['load'])} |")
         for row in rows:
             if row["config"].startswith("defaults"):

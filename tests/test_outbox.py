@@ -297,3 +297,130 @@ def test_small_budget_with_a_real_broker_delivers_the_newest_and_counts_the_rest
         comms.stop()
     assert [d["seq"] for d, _ in payloads(rec, f"{base}/result")] == list(range(20, 30))
     rec.close()
+
+
+# -- the agent end to end --------------------------------------------------------------------------
+
+def stored_results(db: Path) -> List[dict]:
+    """The results in the agent's outbox now (read as another process would: WAL readers)."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = conn.execute("SELECT payload FROM outbox WHERE bucket = 'results' ORDER BY ts, id").fetchall()
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    finally:
+        conn.close()
+    return [json.loads(p) for (p,) in rows]
+
+
+class Consumer:
+    """A consumer that must not miss results: MQTT 5, persistent session, QoS 1 (docs/daemon.md)."""
+
+    def __init__(self, port: int, topics: List[str], client_id: str) -> None:
+        import paho.mqtt.client as paho
+
+        self.messages: List[Tuple[str, dict, Dict[str, str]]] = []
+        self.cond = threading.Condition()
+        subscribed = threading.Event()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.05, 0.2)
+        self.client.connect_async("127.0.0.1", port, 30, clean_start=False, properties=_session_expiry())
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        props = dict(getattr(msg.properties, "UserProperty", []) or []) if msg.properties is not None else {}
+        with self.cond:
+            self.messages.append((msg.topic, json.loads(msg.payload), props))
+            self.cond.notify_all()
+
+    def on(self, topic: str) -> List[Tuple[dict, Dict[str, str]]]:
+        with self.cond:
+            return [(doc, props) for t, doc, props in self.messages if t == topic]
+
+    def wait(self, predicate, timeout: float, what: str) -> None:
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def contiguous(seqs) -> bool:
+    seqs = sorted(set(seqs))
+    return bool(seqs) and seqs == list(range(seqs[0], seqs[-1] + 1))
+
+
+@pytest.mark.broker
+def test_agent_killed_during_an_outage_loses_no_result(mosquitto, tmp_path):
+    """Broker stopped; the agent SIGKILLed during the outage and started again while the broker is
+    still down; then the broker returns. Every result of both runs reaches a persistent consumer:
+    none missing, a duplicate only ever repeats its seq, the replay in capture order and marked,
+    live results flowing while the backlog is replayed."""
+    broker = mosquitto(extra=["persistence true", f"persistence_location {tmp_path}/",
+                              "max_queued_messages 100000"])
+    device = "sf-agent"
+    base = f"{PREFIX}/{device}"
+    config = write_config(tmp_path / "agent.toml", device, broker.port,
+                          {"kind": "synthetic", "width": 160, "height": 120, "fps": 4.0},
+                          publish={"stats_interval_s": 0.5},
+                          outbox={"replay_max_hz": 5.0})  # a slow replay: live results visibly interleave
+    db = tmp_path / "state" / "outbox.sqlite3"
+    consumer = Consumer(broker.port, [f"{base}/result", f"{base}/stats"], "sf-consumer")
+    logs = [open(tmp_path / f"agent-{i}.log", "wb") for i in (1, 2)]
+    agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                             stdout=logs[0], stderr=subprocess.STDOUT)
+    try:
+        consumer.wait(lambda: len(consumer.on(f"{base}/result")) >= 3, 60, "live results")
+        broker.stop()
+        wait_until(lambda: len(stored_results(db)) >= 8, timeout=60, what="results kept in the outbox")
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        killed_at = max(d["capture_ts"] for d in stored_results(db))
+        run1_kept = {d["capture_ts"]: d["seq"] for d in stored_results(db)}
+        agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                                 stdout=logs[1], stderr=subprocess.STDOUT)
+        wait_until(lambda: sum(d["capture_ts"] > killed_at for d in stored_results(db)) >= 8, timeout=60,
+                   what="the restarted agent keeping results while the broker is still down")
+        broker.start()
+
+        def drained() -> bool:
+            stats = [d for d, _ in consumer.on(f"{base}/stats")]
+            return bool(stats) and stats[-1]["outbox"]["messages"] == 0 and stats[-1]["outbox"]["replayed"] > 0
+        consumer.wait(drained, 120, "the outbox to drain (stats.outbox.messages == 0)")
+        live_after = len(consumer.on(f"{base}/result"))
+        consumer.wait(lambda: len(consumer.on(f"{base}/result")) >= live_after + 2, 30, "live results after the replay")
+        stop_agent(agent)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        consumer.close()
+        for f in logs:
+            f.close()
+    results = consumer.on(f"{base}/result")
+    by_ts: Dict[float, set] = {}
+    for doc, _ in results:
+        by_ts.setdefault(doc["capture_ts"], set()).add(doc["seq"])
+    assert all(len(seqs) == 1 for seqs in by_ts.values())  # a duplicate only ever repeats its seq
+    assert set(run1_kept) <= set(by_ts), "a result kept before the SIGKILL was not delivered"
+    run1 = [d["seq"] for d, _ in results if d["capture_ts"] <= killed_at]
+    run2 = [d["seq"] for d, _ in results if d["capture_ts"] > killed_at]
+    # none missing: the first run from its first live result to the SIGKILL, the second from its start
+    assert contiguous(run1) and max(run1) == max(run1_kept.values()), sorted(set(run1))
+    assert contiguous(run2), sorted(set(run2))
+    replayed = [(d["capture_ts"], p) for d, p in results if d.get("replayed")]
+    assert len(replayed) >= len(run1_kept)
+    assert [ts for ts, _ in replayed] == sorted(ts for ts, _ in replayed)  # in capture order
+    assert all(p.get("replayed") == "true" for _, p in replayed)
+    live = [i for i, (d, _) in enumerate(results) if not d.get("replayed") and d["capture_ts"] > killed_at]
+    last_replay = max(i for i, (d, _) in enumerate(results) if d.get("replayed"))
+    assert live and live[0] < last_replay  # live results flowed while the backlog was replayed
+    stats = [d for d, _ in consumer.on(f"{base}/stats")][-1]
+    assert stats["outbox"]["recovered"] >= len(run1_kept) and stats["outbox"]["dropped"] == 0

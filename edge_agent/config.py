@@ -234,7 +234,7 @@ class DeployConfig:
 class HomeAssistantConfig:
     enabled: bool = opt(False, BOOL)
     discovery_prefix: str = opt("homeassistant", TOPIC_PREFIX)
-    classes: Tuple[str, ...] = opt((), CLASSES)  # empty = every label
+    classes: Tuple[str, ...] = opt((), CLASSES)  # empty = person, car, cat, dog, ... the labels have (README)
     min_fraction: float = opt(0.01, Float(0.0, 1.0))
     state_interval_s: float = opt(1.0, Float(lo=0.1))
     # the fleet console's URL: the device's "Visit" link in Home Assistant ("" = none)

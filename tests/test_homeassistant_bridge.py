@@ -130,9 +130,27 @@ def test_two_cameras_get_their_own_prefixed_class_entities_within_the_budget():
     assert len(es) <= MAX_ENTITIES and len({(e.component, e.key) for e in es}) == len(es)
     four = entities(PASCAL, cameras=[Camera(c) for c in ("a", "b", "c", "d")])
     assert [e.name for e in four if e.kind == "presence"] == ["A Person", "B Person", "C Person", "D Person"]
+    assert [e.name for e in es if e.kind == "image"] == ["Door Overlay"]  # the first camera's
     # camera ids that differ only in case are different cameras
     keys = {e.key for e in entities(PASCAL, cameras=[Camera("Door"), Camera("door")]) if e.label}
     assert len(keys) == 4
+
+
+def test_two_cameras_from_the_config_their_topics_and_states(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\ndevice_id = "cam-7"\n[homeassistant]\nenabled = true\nclasses = ["person"]\n'
+                    '[[cameras]]\nid = "door"\nkind = "synthetic"\n'
+                    '[[cameras]]\nid = "yard"\nkind = "synthetic"\nclasses = ["cat", "dog"]\n')
+    cfg = load_config(str(path), env={})
+    d = Discovery(cfg, "cam-7", info(PASCAL))
+    configs = d.configs()
+    assert len(configs) == 6 + 2 * 3
+    assert configs[topic("image", "overlay")]["image_topic"] == "edge-agent/cam-7/camera/door/overlay"
+    assert configs[topic("binary_sensor", "class_door__person")]["name"] == "Door Person"
+    assert configs[topic("sensor", "class_yard__dog")]["name"] == "Yard Dog coverage"
+    state = d.state({"door": {"person": 0.2, "cat": 0.5}, "yard": {"cat": 0.3}}, {}, "running", None)
+    assert state["classes"] == {"door__person": 20.0, "yard__cat": 30.0, "yard__dog": 0.0}
+    assert render(configs[topic("binary_sensor", "class_yard__cat")]["value_template"], state) == "ON"
 
 
 def test_status_from_info_and_stats():

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 from edge_agent import __version__
 from edge_agent.config import Config
 from edge_agent.errors import EdgeAgentError
+from edge_agent.output.topics import camera_suffix, split_camera_suffix
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +236,17 @@ def entities(labels: Optional[Sequence[str]], classes: Sequence[str] = (), camer
     ``labels``: the model's (None: not known, no class entities); ``classes``: ``[homeassistant]
     classes``; ``cameras``: each camera's id and own classes. With no classes configured each
     camera watches :func:`default_classes`, as many as keep the device within :data:`MAX_ENTITIES`.
+    One overlay image: the first camera's ("Door Overlay" when it has an id).
     """
+    cameras = list(cameras) or [Camera()]
     out = [Entity(component, key, name, dict(extra), kind=key if key in ("status", "problem") else
-                  "image" if component == "image" else "metric")
+                  "image" if component == "image" else "metric",
+                  camera=cameras[0].id if component == "image" else None)
            for key, (component, name, _, extra) in METRICS.items()
            if (key != "cpu_temperature" or has_cpu_temp) and (key != "overlay" or overlay)]
-    cameras = list(cameras) or [Camera()]
+    if cameras[0].id:
+        out = [Entity(e.component, e.key, f"{camera_name(e.camera)} {e.name}", e.extra, e.camera, kind=e.kind)
+               if e.kind == "image" else e for e in out]
     per_camera = max(1, min(DEFAULT_CLASS_COUNT, (MAX_ENTITIES - len(out)) // (2 * len(cameras))))
     slugs = dict(class_slugs(list(labels or [])))
     for cam in cameras:
@@ -410,7 +416,7 @@ class Discovery:
         state = f"{self.base}/{STATE}"
         state_key = entity.key[len("class_"):]  # class entities' key in the state document
         if entity.kind == "image":
-            doc["image_topic"] = f"{self.base}/overlay"
+            doc["image_topic"] = f"{self.base}/{camera_suffix(entity.camera or '', 'overlay')}"
         elif entity.kind == "coverage":
             doc.update(state_topic=state, value_template=value_template("classes", state_key))
         elif entity.kind == "presence":
@@ -630,8 +636,8 @@ class HomeAssistantBridge:
     # -- state ------------------------------------------------------------------------------
     def publish(self, suffix: str, payload: Any, qos: Optional[int] = None, retain: bool = False) -> bool:
         ok = self._comms.publish(suffix, payload, qos=qos, retain=retain)
-        parts = suffix.split("/")
-        camera, kind = (parts[1], parts[2]) if parts[0] == "camera" and len(parts) > 2 else ("", parts[0])
+        camera, kind = split_camera_suffix(suffix)
+        kind = kind.split("/", 1)[0]
         if kind in ("result", "timings", "stats"):
             with self._lock:
                 if kind == "result":

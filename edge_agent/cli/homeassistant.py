@@ -30,11 +30,12 @@ def run(args: argparse.Namespace) -> int:
     configs = homeassistant.retained_configs(config)
     for topic, payload in configs.items():
         try:
-            name = json.loads(payload).get("object_id", "?")
+            doc = json.loads(payload)
+            object_id, name = doc.get("object_id", "?"), doc.get("name", "?")
         except (ValueError, AttributeError):
-            name = "?"
+            object_id = name = "?"
         component = topic.split("/")[-4]
-        print(f"{component}.{name:40s} {topic}")
+        print(f"{component}.{object_id:40s} {name:28s} {topic}")
     if not configs:
         print(homeassistant.removal_note([], config).replace("(nothing to remove)", "(not announced)"))
     return 0

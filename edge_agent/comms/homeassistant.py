@@ -16,7 +16,7 @@ change) and, from what already flows through it, keeps Home Assistant informed:
 * Entity states come from ONE small retained JSON topic, ``<prefix>/<device>/ha/state``,
   refreshed at most every ``state_interval_s`` and whenever ``info`` changes.
 
-docs/homeassistant.md has the long story (entity table, why each design choice).
+README "Home Assistant" has the entity table and the story for users.
 """
 
 from __future__ import annotations

@@ -124,7 +124,9 @@ class Outbox:
                 "SELECT bucket, COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox GROUP BY bucket"):
             if bucket in self._count:
                 self._count[bucket], self._bytes[bucket] = int(count), int(size)
-        self.counters = {"stored": 0, "dropped": 0, "replayed": 0, "errors": 0}
+        self.counters = {"stored": 0, "dropped": 0, "errors": 0}
+        self._replayed = 0
+        self._counter_lock = threading.Lock()
         self.last_error: Optional[str] = None
         self.recovered = sum(self._count.values())  # what a previous run left behind
         # budgets lowered since then: the oldest beyond them go now
@@ -250,6 +252,12 @@ class Outbox:
                     self._bytes[bucket] -= int(size)
             return len(gone)
 
+    def count_replayed(self) -> None:
+        """One more replayed message acknowledged (never waits for a database operation: called
+        on the MQTT network thread)."""
+        with self._counter_lock:
+            self._replayed += 1
+
     def _failed(self, exc: Exception) -> None:
         self.counters["errors"] += 1
         first = self.last_error is None
@@ -290,6 +298,7 @@ class Outbox:
                 "masks": self._count[MASKS],
                 "oldest_s": None if oldest is None else round(max(0.0, now - float(oldest)), 1),
                 **self.counters,
+                "replayed": self._replayed,
                 "recovered": self.recovered,
                 "last_error": self.last_error,
             }
@@ -371,8 +380,7 @@ class Replayer:
         with self._lock:
             self._acked.append(row_id)
         if replayed:
-            with self.outbox._lock:
-                self.outbox.counters["replayed"] += 1
+            self.outbox.count_replayed()
 
     def release(self, row_id: int) -> None:
         """Not taken after all (refused by the client): may be sent again."""

@@ -191,7 +191,7 @@ prepare_root() {
   say "arm64 root ($SUITE): SUITE=$SUITE $CHROOT_SCRIPT $R"
   # venv A (/venv) is the chroot script's own venv: ai-edge-litert + the device deps + pytest;
   # setuptools>=70.1 (has bdist_wheel) so the checkout installs editable without build isolation
-  SUITE=$SUITE ARM_PKGS="numpy ai-edge-litert opencv-python-headless paho-mqtt pytest setuptools>=70.1" \
+  SUITE=$SUITE ARM_PKGS="numpy ai-edge-litert opencv-python-headless paho-mqtt simplejpeg pytest setuptools>=70.1" \
     bash "$CHROOT_SCRIPT" "$R"
   # the dpkg -x shortcut skips maintainer scripts: no /etc/passwd, which getpass/pwd expect
   [ -e "$R/etc/passwd" ] || cp "$R/usr/share/base-passwd/passwd.master" "$R/etc/passwd"
@@ -253,7 +253,7 @@ install_project() {  # editable, no deps (each venv pins its own); metadata is b
   fi
   run_in "$venv/bin/python" -c "import edge_agent, sys; print('edge_agent', edge_agent.__version__, 'from', edge_agent.__file__)"
   run_in "$venv/bin/pip" list --disable-pip-version-check 2>/dev/null \
-    | grep -iE "^(numpy|ai-edge-litert|tflite-runtime|opencv-python-headless|paho-mqtt|pytest|edge-agent) " \
+    | grep -iE "^(numpy|ai-edge-litert|tflite-runtime|opencv-python-headless|paho-mqtt|simplejpeg|pytest|edge-agent) " \
     | awk '{printf "  %s %s\n", $1, $2}'
 }
 

@@ -15,7 +15,7 @@ const el = (tag, props = {}, ...kids) => {
   return node;
 };
 
-const state = { devices: new Map(), jobs: new Map(), selected: null, tab: "fleet",
+const state = { devices: new Map(), jobs: new Map(), selected: null, camera: null, tab: "fleet",
                 benchJob: null, deployJob: null, modelsJob: null };
 // For bench/console_latency.py: when each mask was drawn (ms since the epoch).
 window.consoleMetrics = { drawn: [] };
@@ -89,9 +89,10 @@ function connect() {
   source.addEventListener("broker", (e) => renderBroker(JSON.parse(e.data)));
   source.addEventListener("device", (e) => {
     const row = JSON.parse(e.data);
+    const known = state.devices.has(row.device);
     state.devices.set(row.device, row);
     renderFleetRow(row);
-    renderDevicePickers();
+    if (!known || !state.selected) renderDevicePickers();
     if (row.device === state.selected) renderDeviceSide(row);
   });
   source.addEventListener("forget", (e) => {
@@ -102,14 +103,13 @@ function connect() {
       $(box).querySelector(`input[value="${CSS.escape(device)}"]`)?.parentElement.remove();
     if (state.selected === device) state.selected = null;
     renderDevicePickers();
-    const all = [...state.devices.values()];
-    $("#fleet-summary").textContent = `${all.filter((d) => d.online).length} of ${all.length} device(s) online`;
+    scheduleFleet();
   });
   source.addEventListener("frame", (e) => {
     const frame = JSON.parse(e.data);
     const row = state.devices.get(frame.device);
     if (row) row.frame = frame;
-    if (frame.device === state.selected) { renderClasses(frame); requestImages(frame); }
+    if (frame.device === state.selected) showFrame(frame);
   });
   source.addEventListener("job", (e) => {
     const job = JSON.parse(e.data);
@@ -133,9 +133,48 @@ function setLink(up) {
   link.className = "badge " + (up ? "on" : "off");
 }
 
-// -- fleet ----------------------------------------------------------------------------------------
+// -- formatting -----------------------------------------------------------------------------------
 const fmt = (v, digits = 1) => (v === null || v === undefined) ? "–" :
   (typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(digits)) : String(v));
+
+function humanSize(bytes) {
+  if (typeof bytes !== "number") return bytes ?? "–";
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function ago(epochS) {
+  if (!epochS) return "never";
+  const s = Math.max(0, Date.now() / 1000 - epochS);
+  if (s < 60) return `${Math.round(s)} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor(s % 3600 / 60)} min ago`;
+  return `${Math.floor(s / 86400)} d ago`;
+}
+
+function duration(s) {
+  if (typeof s !== "number") return "–";
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor(s % 3600 / 60)} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor(s % 86400 / 3600)} h`;
+}
+
+const clock = (epochS) => new Date(epochS * 1000).toLocaleTimeString([], { hour12: false });
+
+// A name breaks only at its underscores, dots and dashes (never mid-word).
+function breakable(text) {
+  const span = el("span");
+  String(text ?? "–").split(/(?<=[_.\-])/).forEach((part, i) => { if (i) span.append(el("wbr")); span.append(part); });
+  return span;
+}
+
+// "last seen … ago" texts refresh every second
+setInterval(() => {
+  for (const node of document.querySelectorAll("[data-since]")) node.textContent = node.dataset.prefix + ago(Number(node.dataset.since));
+}, 1000);
+const seen = (epochS, prefix = "last seen ") => el("span", { data: { since: String(epochS || 0), prefix } }, prefix + ago(epochS));
 
 function throttleText(flags) {
   if (!flags) return "–";
@@ -148,134 +187,326 @@ function onlineText(row) {
   return row.online === true ? "online" : row.online === false ? "offline" : "unknown";
 }
 
+// The state badge: error red, warning amber, ok green, offline grey; the reason as text beside it.
+function levelOf(row) { return row.level || (row.online === false ? "offline" : row.online ? "ok" : "unknown"); }
+function stateBadge(row) {
+  const level = levelOf(row);
+  const text = level === "ok" ? "online" : level;
+  return el("span", { class: `badge ${level}`, data: { level } }, text);
+}
+function stateReason(row) {
+  const level = levelOf(row);
+  if (level === "offline") return el("span", { class: "reason offline" }, seen(row.last_seen), row.reason === "stopped" ? " (stopped)" : "");
+  if (level === "ok" && row.reason === "running") return el("span");
+  return el("span", { class: `reason ${level}` }, row.reason || "");
+}
+
+// -- fleet: filtered, paged (a fleet of 1,000 renders one page) -------------------------------------
+const PAGE_SIZE = 50;
+const fleet = { page: 0, timer: null };
+
+function matches(row, text, level) {
+  if (level && levelOf(row) !== level) return false;
+  if (!text) return true;
+  const hay = [row.device, row.model, ...(row.tags || [])].join(" ").toLowerCase();
+  return text.toLowerCase().split(/\s+/).every((word) => hay.includes(word));
+}
+
+function scheduleFleet() {
+  if (fleet.timer) return;
+  fleet.timer = setTimeout(() => { fleet.timer = null; renderFleet(); }, 200);
+}
+
 function renderFleetRow(row) {
+  // a device's row changed: redraw the visible page soon (batched: many devices report at once)
+  scheduleFleet();
+}
+
+function renderFleet() {
+  const all = [...state.devices.values()].sort((a, b) => a.device.localeCompare(b.device));
+  const counts = { error: 0, warning: 0, ok: 0, offline: 0, unknown: 0 };
+  for (const row of all) counts[levelOf(row)] = (counts[levelOf(row)] || 0) + 1;
+  const summary = $("#fleet-summary");
+  summary.replaceChildren(`${all.filter((d) => d.online).length} of ${all.length} device(s) online: `,
+    ...["error", "warning", "ok", "offline"].filter((k) => counts[k]).map((k) =>
+      el("span", { class: "count" }, el("span", { class: `badge ${k}` }, `${counts[k]} ${k}`))));
+  const shown = all.filter((r) => matches(r, $("#fleet-filter").value.trim(), $("#fleet-state").value));
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
+  fleet.page = Math.min(fleet.page, pages - 1);
+  const page = shown.slice(fleet.page * PAGE_SIZE, (fleet.page + 1) * PAGE_SIZE);
+  $("#fleet-page").textContent = shown.length > PAGE_SIZE || fleet.page
+    ? `${fleet.page * PAGE_SIZE + 1}–${fleet.page * PAGE_SIZE + page.length} of ${shown.length}`
+    : `${shown.length} shown`;
+  $("#fleet-prev").disabled = fleet.page === 0;
+  $("#fleet-next").disabled = fleet.page >= pages - 1;
   const body = $("#fleet tbody");
-  let tr = body.querySelector(`tr[data-device="${CSS.escape(row.device)}"]`);
-  const cells = [
-    null, null, row.model, row.runtime, row.delegate, fmt(row.threads), fmt(row.fps),
-    fmt(row.inference_ms), fmt(row.end_to_end_ms), null, fmt(row.cpu_temp_c),
-    throttleText(row.throttled), fmt(row.dropped), fmt(row.reconnects)];
-  if (!tr) {
-    tr = el("tr", { data: { device: row.device } });
-    cells.forEach(() => tr.append(el("td")));
-    tr.cells[0].append(el("a", { onclick: () => selectDevice(row.device, true) }, row.device));
-    tr.cells[9].append(el("canvas", { class: "spark", width: 150, height: 36 }));
-    const rows = [...body.rows, tr].sort((a, b) => a.dataset.device.localeCompare(b.dataset.device));
-    body.append(...rows);
-  }
-  const online = onlineText(row);
+  const existing = new Map([...body.rows].map((tr) => [tr.dataset.device, tr]));
+  const rows = page.map((row) => fillRow(existing.get(row.device) || newRow(row.device), row));
+  body.replaceChildren(...rows);
+}
+
+function newRow(device) {
+  const tr = el("tr", { data: { device } });
+  for (let i = 0; i < 15; i++) tr.append(el("td", { class: [4, 5, 6, 10, 11, 12, 13, 14].includes(i) ? "opt" : "" }));
+  tr.cells[0].append(el("a", { onclick: () => selectDevice(device, true) }, device));
+  tr.cells[10].append(el("canvas", { class: "spark", width: 150, height: 40 }));
+  return tr;
+}
+
+function fillRow(tr, row) {
+  const level = levelOf(row);
   tr.dataset.online = String(row.online);
-  tr.className = row.online === false ? "offline" : "";
-  tr.cells[1].replaceChildren(el("span", { class: "badge " + (row.online ? "on" : row.online === false ? "off" : "unknown") },
-                                 row.status === "error" && row.online ? "error" : online));
-  if (row.error) tr.cells[1].title = row.error;
-  cells.forEach((text, i) => {
-    if (text === null) return;
-    tr.cells[i].textContent = text ?? "–";
-    if (i >= 5) tr.cells[i].className = "num";
-  });
-  drawSpark(tr.cells[9].firstChild, row.history || []);
-  const all = [...state.devices.values()];
-  $("#fleet-summary").textContent =
-    `${all.filter((d) => d.online).length} of ${all.length} device(s) online`;
+  tr.dataset.level = level;
+  tr.className = `level-${level}` + (row.online === false ? " offline" : "");
+  tr.cells[1].replaceChildren(stateBadge(row), stateReason(row));
+  tr.cells[2].replaceChildren(...(row.tags || []).map((t) => el("span", { class: "tag" }, t)));
+  tr.cells[3].replaceChildren(breakable(row.model));
+  tr.cells[3].className = "name";
+  const live = row.online !== false;  // offline: no stale numbers, "last seen" says how old they would be
+  const cells = { 4: row.runtime, 5: row.delegate, 6: fmt(row.threads), 7: fmt(row.fps), 8: fmt(row.inference_ms),
+                  9: fmt(row.end_to_end_ms), 11: fmt(row.cpu_temp_c), 12: throttleText(row.throttled),
+                  13: fmt(row.dropped), 14: fmt(row.reconnects) };
+  for (const [i, text] of Object.entries(cells)) {
+    const stale = !live && Number(i) >= 7;
+    tr.cells[i].textContent = stale ? "–" : (text ?? "–");
+    tr.cells[i].className = (Number(i) >= 6 ? "num" : "") + ([4, 5, 6, 11, 12, 13, 14].includes(Number(i)) ? " opt" : "");
+  }
+  if (!live) {
+    tr.cells[7].className = "seen";
+    tr.cells[7].replaceChildren(seen(row.last_seen));
+  }
+  drawSpark(tr.cells[10].firstChild, live ? row.history || [] : []);
+  return tr;
 }
 
 function drawSpark(canvas, history) {
   const ctx = canvas.getContext("2d");
-  const w = canvas.width, h = canvas.height;
+  const w = canvas.width, h = canvas.height, left = 26;
   ctx.clearRect(0, 0, w, h);
   if (!history.length) return;
-  const now = Date.now() / 1000, span = Math.min(600, Math.max(60, now - history[0][0]));  // 1..10 min
+  const now = Date.now() / 1000, span = 600;
   const values = history.flatMap((p) => [p[1], p[2]]).filter((v) => typeof v === "number");
-  const top = Math.max(1, ...values) * 1.1;
-  ctx.fillStyle = "#8892a0"; ctx.font = "9px sans-serif";
+  if (!values.length) return;
+  const sorted = [...values].sort((a, b) => a - b);  // the scale ignores the slowest 5 % (start-up outliers)
+  const top = Math.max(1, sorted[Math.floor(0.95 * (sorted.length - 1))]) * 1.2;
+  ctx.save(); ctx.beginPath(); ctx.rect(0, 0, w, h); ctx.clip();
+  ctx.fillStyle = "#5f6b7c"; ctx.font = "9px sans-serif";
   ctx.fillText(top.toFixed(0), 1, 9);
+  ctx.fillText("0", 1, h - 2);
+  ctx.fillText("-10 min", left, h - 1);
+  ctx.fillText("now", w - 18, h - 1);
+  const plotH = h - 12;
+  ctx.strokeStyle = "#d9dee6"; ctx.beginPath(); ctx.moveTo(left - 2, 1); ctx.lineTo(left - 2, plotH); ctx.lineTo(w, plotH); ctx.stroke();
   for (const [index, color] of [[1, "#2b6cb0"], [2, "#d97706"]]) {
     ctx.strokeStyle = color; ctx.lineWidth = 1.3; ctx.beginPath();
     let started = false;
     for (const p of history) {
       if (typeof p[index] !== "number") continue;
-      const x = w - (now - p[0]) / span * w, y = h - 2 - p[index] / top * (h - 4);
+      const x = left + (w - left) * (1 - (now - p[0]) / span), y = Math.max(1, plotH - 1 - p[index] / top * (plotH - 3));
       if (started) ctx.lineTo(x, y); else { ctx.moveTo(x, y); started = true; }
     }
     ctx.stroke();
   }
+  ctx.restore();
 }
 
 // -- device view ----------------------------------------------------------------------------------
+const PASCAL_RGB = (id) => `rgb(${PALETTE[id].join(",")})`;
+
+function classColour(row, name) {
+  const id = (row.labels || []).indexOf(name);
+  return id >= 0 ? PASCAL_RGB(id) : "#8892a0";
+}
+
 function selectDevice(device, show) {
   state.selected = device;
-  lastDrawn = { mask: -1, overlay: -1 };
-  images.mask = images.overlay = null;
+  state.camera = null;
+  drawn = { key: null };
   if (show) showTab("device");
   $("#device-select").value = device;
-  const row = state.devices.get(device);
   const ctx = $("#device-canvas").getContext("2d");
   ctx.clearRect(0, 0, ctx.canvas.width, ctx.canvas.height);
-  if (row) { renderDeviceSide(row); renderClasses(row.frame); requestImages(row.frame); }
+  delete $("#device-canvas").dataset.seq;
+  for (const t of ["#device-classes", "#device-stages"]) { $(t + " tbody").replaceChildren(); delete $(t).dataset.seq; }
+  $("#device-legend").replaceChildren();
+  $("#device-frame").textContent = "";
+  $("#device-events").replaceChildren();
+  charts.device = null;
+  const row = state.devices.get(device);
+  if (row) { renderDeviceSide(row); showFrame(row.frame); }
+  refreshHistory();
+}
+
+function fact(name, value) {
+  return el("div", {}, el("dt", {}, name), el("dd", {}, value));
 }
 
 function renderDeviceSide(row) {
+  const level = levelOf(row);
   const badge = $("#device-state");
-  badge.textContent = onlineText(row);
-  badge.className = "badge " + (row.online ? "on" : "off");
-  const body = $("#device-stages tbody");
-  body.replaceChildren(...Object.entries(row.stages || {}).map(([stage, ms]) =>
-    el("tr", {}, el("td", {}, stage), el("td", { class: "num" }, fmt(ms, 2)))));
+  badge.textContent = level === "ok" ? "online" : level;
+  badge.className = `badge ${level}`;
+  badge.dataset.level = level;
+  const alert = $("#device-alert");
+  alert.hidden = !["error", "warning", "offline"].includes(level);
+  alert.className = `alert ${level}`;
+  if (level === "offline") alert.replaceChildren(`Offline (${row.reason || "connection lost"}): `, seen(row.last_seen, "last seen "),
+                                                 ". What is shown below is from then.");
+  else alert.textContent = `${level === "error" ? "Error" : "Warning"}: ${row.reason || ""}`;
+  const uptime = row.online && row.started_at ? duration(Date.now() / 1000 - row.started_at) : "–";
+  const source = [row.source, row.source_state].filter(Boolean).join(", ") + (row.source_error ? ` (${row.source_error})` : "");
+  $("#device-facts").replaceChildren(
+    fact("model", breakable(row.model || (row.status === "error" ? "none loaded" : "–"))),
+    fact("runtime", row.runtime || "–"), fact("delegate", `${row.delegate || "–"}${row.threads ? `, ${row.threads} threads` : ""}`),
+    fact("uptime", uptime), fact("last seen", seen(row.last_seen, "")),
+    fact("source", source || "–"), fact("fps", fmt(row.fps)),
+    fact("groups", (row.tags || []).join(", ") || "–"),
+    fact("CPU", `${fmt(row.cpu_percent, 0)} %` + (row.cpu_temp_c != null ? `, ${fmt(row.cpu_temp_c)} °C` : "")));
+  const cams = Object.keys((row.frame || {}).cameras || {});
+  $("#camera-pick").hidden = cams.length < 2;
+  const select = $("#camera-select");
+  if ([...select.options].map((o) => o.value).join() !== cams.join())
+    select.replaceChildren(...cams.map((c) => el("option", { value: c }, c || "(default)")));
+  if (state.camera === null && cams.length) state.camera = cams[0];
+  select.value = state.camera ?? "";
+  if (!drawn.ms) renderStages(row, null, null);  // interval timings (no frame drawn with its own)
 }
 
-function renderClasses(frame) {
-  if (!frame) return;
-  const row = state.devices.get(frame.device) || {};
-  const labels = row.labels || [];
-  const entries = Object.entries(frame.classes || {}).sort((a, b) => b[1] - a[1]);
-  $("#device-classes tbody").replaceChildren(...entries.map(([name, fraction]) => {
-    const id = labels.indexOf(name);
+// What the stages are, where the name alone misleads.
+const STAGE_WHAT = {
+  capture: "waiting for the next frame (fps pacing) and reading it: not part of end to end",
+  queue: "waiting for the interpreter",
+  end_to_end: "frame read → results published",
+};
+
+function renderStages(row, ms, seq) {
+  const stages = ms || row.stages || {};
+  const table = $("#device-stages");
+  if (seq !== null && seq !== undefined && ms) table.dataset.seq = String(seq); else delete table.dataset.seq;
+  $("#device-stages-note").textContent = ms ? `(ms, frame ${seq})`
+    : row.stages_per === "interval" ? `(ms, mean over the last ${fmt(row.timings_interval_s, 0)} s)` : "(ms)";
+  const order = ["preprocess", "queue", "inference", "postprocess", "encode", "publish", "end_to_end", "capture"];
+  const names = Object.keys(stages).sort((a, b) => (order.indexOf(a) + 99) % 99 - (order.indexOf(b) + 99) % 99);
+  table.querySelector("tbody").replaceChildren(...names.map((stage) =>
+    el("tr", { class: stage === "end_to_end" ? "total" : "" }, el("td", {}, stage), el("td", { class: "num" }, fmt(stages[stage], 1)),
+       el("td", { class: "what" }, STAGE_WHAT[stage] || ""))));
+}
+
+function renderClasses(row, classes, seq) {
+  const entries = Object.entries(classes || {}).sort((a, b) => b[1] - a[1]);
+  const table = $("#device-classes");
+  if (seq !== null && seq !== undefined) table.dataset.seq = String(seq); else delete table.dataset.seq;
+  table.querySelector("tbody").replaceChildren(...entries.map(([name, fraction]) => {
+    const colour = classColour(row, name);
     const swatch = el("span", { class: "swatch" });
-    if (id >= 0) swatch.style.background = `rgb(${PALETTE[id].join(",")})`;
+    swatch.style.background = colour;
     const bar = el("span", { class: "bar" });
     bar.style.width = `${Math.max(1, fraction * 120)}px`;
+    bar.style.background = colour;
     return el("tr", {}, el("td", {}, swatch, name), el("td", { class: "num" }, (fraction * 100).toFixed(1) + " %"),
               el("td", {}, bar));
   }));
-  $("#device-frame").textContent = frame.seq !== null && frame.seq !== undefined ? `frame ${frame.seq}` : "";
+  $("#device-legend").replaceChildren(...entries.filter(([n]) => n !== "background").map(([name]) => {
+    const swatch = el("span", { class: "swatch" });
+    swatch.style.background = classColour(row, name);
+    return el("span", {}, swatch, name);
+  }));
 }
 
+// Frame truth: the picture, its class table, its timings and the caption are ONE frame's (one seq).
+let drawn = { key: null };
 let inFlight = false;
 let wanted = null;
-let lastDrawn = { mask: -1, overlay: -1 };
-const images = { mask: null, overlay: null };
 
-function requestImages(frame) {
-  if (!frame || state.tab !== "device") return;  // images are fetched only while they are seen
-  if (frame.mask === lastDrawn.mask && frame.overlay === lastDrawn.overlay) return;
-  wanted = frame;
-  if (!inFlight) fetchImages();
+function pickFrame(frame) {
+  const cams = (frame && frame.cameras) || {};
+  const cam = cams[state.camera ?? ""] || cams[Object.keys(cams)[0]];
+  if (!cam) return null;
+  const photoView = $("#device-view").value === "photo";
+  const part = photoView ? (cam.photo || cam.shown) : (cam.shown || cam.photo);
+  if (!part) return null;
+  const what = part.overlay && (photoView || !part.mask) ? "overlay" : "mask";
+  return Object.assign({ what, device: frame.device, camera: state.camera ?? "" }, part);
 }
 
-async function fetchImages() {
+function showFrame(frame) {
+  if (!frame || state.tab !== "device") return;  // images are fetched only while they are seen
+  const part = pickFrame(frame);
+  if (!part) return;
+  const key = `${part.device}/${part.camera}/${part.what}/${part.labelled ? part.seq : "n" + part.n}`;
+  if (key === drawn.key) return;
+  wanted = Object.assign(part, { key });
+  if (!inFlight) fetchFrames();
+}
+
+// The frame label inside a mask PNG (tEXt "edge-agent-frame") or an overlay JPEG (COM segment).
+async function readLabel(blob) {
+  const bytes = new Uint8Array(await blob.slice(0, 4096).arrayBuffer());
+  const text = (from, to) => new TextDecoder().decode(bytes.slice(from, to));
+  const parse = (s) => { try { return JSON.parse(s); } catch (e) { return null; } };
+  const view = new DataView(bytes.buffer);
+  if (bytes[0] === 0x89 && bytes[1] === 0x50) {
+    for (let pos = 8; pos + 8 <= bytes.length;) {
+      const len = view.getUint32(pos), kind = text(pos + 4, pos + 8);
+      if (kind === "tEXt") {
+        const body = text(pos + 8, pos + 8 + len);
+        if (body.startsWith("edge-agent-frame\0")) return parse(body.slice(17));
+      }
+      if (kind === "IDAT") return null;
+      pos += 12 + len;
+    }
+  } else if (bytes[0] === 0xff && bytes[1] === 0xd8) {
+    for (let pos = 2; pos + 4 <= bytes.length && bytes[pos] === 0xff && bytes[pos + 1] !== 0xda;) {
+      const len = view.getUint16(pos + 2);
+      if (bytes[pos + 1] === 0xfe) {
+        const body = text(pos + 4, pos + 2 + len);
+        if (body.startsWith("edge-agent-frame ")) return parse(body.slice(17));
+      }
+      pos += 2 + len;
+    }
+  }
+  return null;
+}
+
+async function fetchFrames() {
   inFlight = true;
   try {
     while (wanted) {
-      const frame = wanted;
+      const part = wanted;
       wanted = null;
-      const device = encodeURIComponent(frame.device);
-      const jobs = [];
-      if (frame.mask > 0 && frame.mask !== lastDrawn.mask)
-        jobs.push(api(`/api/devices/${device}/mask.png?n=${frame.mask}`).then(colourMask).then((c) => { images.mask = c; }));
-      if (frame.overlay > 0 && frame.overlay !== lastDrawn.overlay)
-        jobs.push(api(`/api/devices/${device}/overlay.jpg?n=${frame.overlay}`)
-          .then((b) => createImageBitmap(b)).then((bmp) => { images.overlay = bmp; }));
-      await Promise.all(jobs);
-      if (frame.device !== state.selected) continue;
-      draw();
-      const newMask = frame.mask !== lastDrawn.mask;
-      lastDrawn = { mask: frame.mask, overlay: frame.overlay };
-      $("#device-canvas").dataset.maskN = String(frame.mask);
-      if (newMask) {
-        const drawn = window.consoleMetrics.drawn;
-        drawn.push({ device: frame.device, n: frame.mask, t: performance.timeOrigin + performance.now() });
-        if (drawn.length > 5000) drawn.splice(0, drawn.length - 5000);
+      const device = encodeURIComponent(part.device);
+      const query = part.labelled ? `seq=${part.seq}&camera=${encodeURIComponent(part.camera)}` : `n=${part.n}`;
+      let blob;
+      try {
+        blob = await api(`/api/devices/${device}/${part.what === "mask" ? "mask.png" : "overlay.jpg"}?${query}`);
+      } catch (err) {
+        continue;  // that frame is gone already: the next one comes
+      }
+      const label = await readLabel(blob);
+      if (part.labelled && (!label || label.seq !== part.seq)) {
+        console.warn("frame label mismatch: asked", part.seq, "got", label);
+        continue;  // never show one frame's picture with another's data
+      }
+      const picture = part.what === "mask" ? await colourMask(blob) : await createImageBitmap(blob);
+      if (part.device !== state.selected) continue;
+      const row = state.devices.get(part.device) || {};
+      draw(picture, part.what === "mask");
+      const canvas = $("#device-canvas");
+      canvas.dataset.seq = label ? String(label.seq) : "";
+      canvas.dataset.what = part.what;
+      if (part.what === "mask") canvas.dataset.maskN = String(part.n);
+      renderClasses(row, part.classes, part.labelled ? part.seq : null);
+      drawn = { key: part.key, ms: !!part.ms };
+      renderStages(row, part.ms, part.seq);
+      const when = part.capture_ts ? ` · captured ${clock(part.capture_ts)}` : "";
+      $("#device-frame").textContent = part.labelled
+        ? `frame ${part.seq}${when} · ${part.what === "mask" ? "mask" : "photo with its mask"}` +
+          (part.what === "mask" && $("#device-view").value === "photo" ? " (this device publishes no photo: publish.overlay)" : "")
+        : "newest mask (this device does not label its frames)";
+      if (part.what === "mask") {
+        const list = window.consoleMetrics.drawn;
+        list.push({ device: part.device, n: part.n, seq: part.seq, t: performance.timeOrigin + performance.now() });
+        if (list.length > 5000) list.splice(0, list.length - 5000);
       }
     }
   } catch (err) {
@@ -286,7 +517,7 @@ async function fetchImages() {
 }
 
 // A class-id PNG (grey, colour type 0) is coloured here with the PASCAL colormap; a palette PNG
-// (colour type 3) already carries its colours. Class 0 (or black) stays transparent over the overlay.
+// (colour type 3) already carries its colours. Class 0 (or black) is drawn black.
 async function colourMask(blob) {
   const head = new Uint8Array(await blob.slice(0, 26).arrayBuffer());
   const paletted = head.length >= 26 && head[25] === 3;
@@ -294,42 +525,97 @@ async function colourMask(blob) {
   const canvas = new OffscreenCanvas(bmp.width, bmp.height);
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.drawImage(bmp, 0, 0);
+  if (paletted) return canvas;
   const image = ctx.getImageData(0, 0, bmp.width, bmp.height);
   const px = image.data;
   for (let i = 0; i < px.length; i += 4) {
-    if (paletted) {
-      px[i + 3] = (px[i] | px[i + 1] | px[i + 2]) ? 255 : 0;
-    } else {
-      const id = px[i], rgb = PALETTE[id];
-      px[i] = rgb[0]; px[i + 1] = rgb[1]; px[i + 2] = rgb[2]; px[i + 3] = id ? 255 : 0;
-    }
+    const rgb = PALETTE[px[i]];
+    px[i] = rgb[0]; px[i + 1] = rgb[1]; px[i + 2] = rgb[2]; px[i + 3] = 255;
   }
   ctx.putImageData(image, 0, 0);
   return canvas;
 }
 
-function draw() {
+// One picture, drawn as it is: the device's photo (its mask blended in once) or the mask alone.
+function draw(picture, isMask) {
   const canvas = $("#device-canvas");
-  const view = $("#device-view").value;
-  const base = view !== "mask" && images.overlay ? images.overlay : null;
-  const mask = view !== "overlay" ? images.mask : null;
-  const size = base || mask;
-  if (!size) return;
-  if (canvas.width !== size.width || canvas.height !== size.height) {
-    canvas.width = size.width; canvas.height = size.height;
+  if (canvas.width !== picture.width || canvas.height !== picture.height) {
+    canvas.width = picture.width; canvas.height = picture.height;
   }
-  canvas.classList.toggle("pixelated", !base);  // a mask alone: one block per class-id pixel, no blur
+  canvas.classList.toggle("pixelated", isMask);  // a mask: one block per class-id pixel, no blur
   const ctx = canvas.getContext("2d");
-  ctx.fillStyle = "#000";
-  ctx.fillRect(0, 0, canvas.width, canvas.height);
-  if (base) ctx.drawImage(base, 0, 0, canvas.width, canvas.height);
-  if (mask) {
-    ctx.globalAlpha = base ? 0.55 : 1.0;
-    ctx.imageSmoothingEnabled = false;  // class boundaries stay crisp (no invented in-between colours)
-    ctx.drawImage(mask, 0, 0, canvas.width, canvas.height);
-    ctx.imageSmoothingEnabled = true;
-    ctx.globalAlpha = 1.0;
+  ctx.imageSmoothingEnabled = !isMask;
+  ctx.drawImage(picture, 0, 0, canvas.width, canvas.height);
+  ctx.imageSmoothingEnabled = true;
+}
+
+// -- device charts (uPlot, shipped in static/vendor) and the event timeline -------------------------
+const charts = { device: null, fps: null, latency: null, coverage: null, timer: null };
+
+function chartWidth(holder) { return Math.max(260, holder.clientWidth - 4); }
+
+function makeChart(holder, series, data, yLabel) {
+  holder.replaceChildren();
+  if (typeof uPlot === "undefined") { holder.append(el("p", { class: "none" }, "charts unavailable")); return null; }
+  const opts = {
+    width: chartWidth(holder), height: 180,
+    scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(hi * 1.1, 1)] } },
+    axes: [{ stroke: "#5f6b7c", grid: { stroke: "#eef1f5" } },
+           { stroke: "#5f6b7c", grid: { stroke: "#eef1f5" }, label: yLabel, size: 52, labelSize: 18 }],
+    series: [{ label: "time" }, ...series.map((s) => Object.assign({ width: 1.6, spanGaps: true,
+                                                                    value: (u, v) => v == null ? "–" : v.toFixed(1) }, s))],
+    legend: { live: true },
+  };
+  return new uPlot(opts, data, holder);
+}
+
+function setChart(name, holder, series, data, yLabel) {
+  const key = series.map((s) => s.label).join("|");
+  if (!data[0].length) {
+    charts[name] = null;
+    holder.replaceChildren(el("p", { class: "none" }, "no data yet (the last 10 minutes are kept while the console runs)"));
+    return;
   }
+  if (!charts[name] || charts[name]._key !== key || charts[name]._device !== state.selected) {
+    charts[name] = makeChart(holder, series, data, yLabel);
+    if (charts[name]) { charts[name]._key = key; charts[name]._device = state.selected; }
+  } else {
+    charts[name].setData(data);
+  }
+}
+
+async function refreshHistory() {
+  clearTimeout(charts.timer);
+  charts.timer = setTimeout(refreshHistory, 3000);
+  if (state.tab !== "device" || !state.selected) return;
+  let doc;
+  try {
+    doc = await api(`/api/devices/${encodeURIComponent(state.selected)}/history?camera=${encodeURIComponent(state.camera ?? "")}`);
+  } catch (err) { return; }
+  if (doc.device !== state.selected) return;
+  const m = doc.metrics;
+  setChart("fps", $("#chart-fps"), [{ label: "fps", stroke: "#1f7a45" }], [m.t, m.fps || m.t.map(() => null)], "frames/s");
+  setChart("latency", $("#chart-latency"), [{ label: "inference ms", stroke: "#2b6cb0" }, { label: "end to end ms", stroke: "#d97706" }],
+           [m.t, m.inference || m.t.map(() => null), m.end_to_end || m.t.map(() => null)], "ms");
+  const row = state.devices.get(state.selected) || {};
+  const classes = Object.keys(doc.coverage).filter((k) => k !== "t");
+  setChart("coverage", $("#chart-coverage"), classes.map((c) => ({ label: `${c} %`, stroke: classColour(row, c) })),
+           [doc.coverage.t, ...classes.map((c) => doc.coverage[c].map((v) => v == null ? 0 : v * 100))], "% of frame");
+  renderEvents(doc.events);
+}
+
+function renderEvents(events) {
+  const list = $("#device-events");
+  const row = state.devices.get(state.selected) || {};
+  if (!events.length) { list.replaceChildren(el("li", { class: "none" }, "no class seen yet")); return; }
+  list.replaceChildren(...events.map((e) => {
+    const swatch = el("span", { class: "swatch" });
+    swatch.style.background = classColour(row, e.class);
+    const span = duration(e.end - e.start);
+    const text = e.open ? ` since ${clock(e.start)} (${span} so far, ongoing)` : ` from ${clock(e.start)} to ${clock(e.end)} (${span})`;
+    return el("li", { class: e.open ? "open" : "", data: { cls: e.class } }, swatch, el("b", {}, e.class), text,
+              el("span", { class: "dim" }, ` · up to ${(e.peak * 100).toFixed(1)} % of the frame, ${e.frames} frames`));
+  }));
 }
 
 // -- device pickers (benchmark, deploy) -----------------------------------------------------------
@@ -358,14 +644,38 @@ function renderDevicePickers() {
 const chosen = (box) => [...$(box).querySelectorAll("input:checked")].map((i) => i.value);
 
 // -- jobs (benchmark, models, deploy, rollback) ---------------------------------------------------
-function renderTable(table, spec) {
+function renderTable(table, spec, kind) {
   if (!spec) { table.replaceChildren(); return; }
+  const sizeCol = spec.columns.indexOf("size");
+  const nameCol = spec.columns.indexOf("name");
   const head = el("thead", {}, el("tr", {}, ...spec.columns.map((c) => el("th", {}, c))));
   const rows = spec.cells.map((cells, r) => {
-    const tr = el("tr", { class: spec.status[r] && spec.status[r] !== "done" ? "failed" : "" },
-                  ...cells.map((c) => el("td", {}, c)));
-    if (spec.reasons[r] && spec.status[r] !== "done") tr.title = spec.reasons[r];
-    return tr;
+    cells = [...cells];
+    let note = "";
+    if (kind === "models" && nameCol >= 0 && cells[nameCol] === "(empty store)") {
+      // the store holds deployed models only: say what runs (the configured model)
+      const row = state.devices.get(cells[0]) || {};
+      if (row.model) {
+        cells[spec.columns.indexOf("role")] = "running";
+        cells[nameCol] = row.model;
+        if (spec.columns.indexOf("sha256") >= 0 && row.model_sha256) cells[spec.columns.indexOf("sha256")] = row.model_sha256.slice(0, 12);
+        if (sizeCol >= 0) cells[sizeCol] = row.model_size;
+        note = "configured model (not deployed: the store is empty)";
+      }
+    }
+    if (sizeCol >= 0 && /^\d+$/.test(String(cells[sizeCol] ?? ""))) cells[sizeCol] = humanSize(Number(cells[sizeCol]));
+    else if (sizeCol >= 0 && typeof cells[sizeCol] === "number") cells[sizeCol] = humanSize(cells[sizeCol]);
+    const failed = spec.status[r] && spec.status[r] !== "done";
+    const tds = cells.map((c, i) => {
+      const td = el("td", { class: i === nameCol ? "name" : "" }, i === nameCol ? breakable(c) : c);
+      if (i === 1 && spec.status[r]) {
+        td.replaceChildren(el("span", { class: `badge ${failed ? "failed" : "done"}` }, c));
+        if (failed && spec.reasons[r]) td.append(el("span", { class: "reason error" }, spec.reasons[r]));
+      }
+      return td;
+    });
+    if (note) tds[nameCol].append(el("span", { class: "reason ok" }, note));
+    return el("tr", { class: failed ? "failed" : "" }, ...tds);
   });
   table.replaceChildren(head, el("tbody", {}, ...rows));
 }
@@ -376,21 +686,25 @@ function renderProgress(holder, job) {
     let bar = null;
     if (p.phase) { text = `${p.phase} ${p.done}/${p.total}`; bar = el("progress", { max: p.total || 1, value: p.done || 0 }); }
     else if (p.stage) {
-      text = p.stage + (p.received !== undefined ? ` ${p.received}/${p.total} bytes` : "");
+      text = p.stage + (p.received !== undefined ? ` ${humanSize(p.received)} of ${humanSize(p.total)}` : "");
       if (p.received !== undefined) bar = el("progress", { max: p.total || 1, value: p.received });
     }
     if (p.state) text += ` (${p.state})`;
     if (p.reason && p.status !== "done") text += `: ${p.reason}`;
-    return el("div", { data: { device, status: p.status } }, el("b", {}, device + " "), bar || "", " " + text);
+    return el("div", { data: { device, status: p.status }, class: ["failed", "rejected", "timeout", "offline"].includes(p.status) ? "error" : "" },
+              el("b", {}, device + " "), bar || "", " " + text);
   }));
 }
 
+// The job's badge says how its devices came out: done / partly failed / failed (red), running.
 function setStatus(prefix, job) {
   const badge = $(`#${prefix}-status`);
-  badge.textContent = `${job.kind} ${job.status}`;
-  badge.className = "badge " + job.status;
+  const outcome = job.outcome || job.status;
+  badge.textContent = `${job.kind} ${outcome}`;
+  badge.className = "badge " + outcome.replace(" ", "-");
   badge.dataset.job = job.id;
   badge.dataset.status = job.status;
+  badge.dataset.outcome = outcome;
   $(`#${prefix}-error`).textContent = job.error || "";
 }
 
@@ -398,64 +712,56 @@ function renderJob(job) {
   if (job.id === state.benchJob) {
     setStatus("bench", job);
     renderProgress($("#bench-progress"), job);
-    renderTable($("#bench-table"), job.table);
+    renderTable($("#bench-table"), job.table, "bench");
     $("#bench-start").disabled = job.status === "running";
     if (job.status !== "running" && job.samples_ms) {
       const link = $("#bench-report");
       link.href = `/api/jobs/${job.id}/report.json`;
       link.hidden = false;
-      drawDistribution($("#bench-chart"), job.samples_ms);
+      drawDistribution(job.samples_ms);
     }
   } else if (job.id === state.deployJob) {
     setStatus("deploy", job);
     renderProgress($("#deploy-progress"), job);
-    renderTable($("#deploy-table"), job.table);
+    renderTable($("#deploy-table"), job.table, "deploy");
     if (job.status !== "running") {
       for (const b of ["#deploy-start", "#rollback-start"]) $(b).disabled = false;
       refreshModels();
     }
   } else if (job.id === state.modelsJob) {
-    renderTable($("#models-table"), job.table);
+    renderTable($("#models-table"), job.table, "models");
   }
 }
 
-// Latency distribution: a histogram per device over the same bins (ms on x).
-function drawDistribution(canvas, samples) {
+// Latency distribution: per device, the share of runs (%) in each of the same bins (ms on x).
+function drawDistribution(samples) {
   const series = Object.entries(samples).filter(([, s]) => s.length);
-  canvas.hidden = !series.length;
-  if (!series.length) return;
-  const ctx = canvas.getContext("2d");
-  const w = canvas.width, h = canvas.height, left = 40, bottom = 28;
-  ctx.clearRect(0, 0, w, h);
+  const figure = $("#bench-figure");
+  figure.hidden = !series.length;
+  if (!series.length || typeof uPlot === "undefined") return;
   const all = series.flatMap(([, s]) => s);
   const lo = Math.min(...all), hi = Math.max(...all);
-  const bins = 40, width = (hi - lo) / bins || 1;
-  const colours = ["#2b6cb0", "#d97706", "#1f8a4c", "#9b2c2c", "#6b46c1", "#2c7a7b"];
-  const counts = series.map(([, s]) => {
-    const c = new Array(bins).fill(0);
-    for (const v of s) c[Math.min(bins - 1, Math.floor((v - lo) / width))] += 1 / s.length;
+  const bins = 30, width = (hi - lo) / bins || 1;
+  const xs = Array.from({ length: bins + 1 }, (_, b) => lo + b * width);
+  const colours = ["#2b6cb0", "#d97706", "#1f7a45", "#9b2c2c", "#6b46c1", "#2c7a7b"];
+  const data = [xs, ...series.map(([, s]) => {
+    const c = new Array(bins + 1).fill(0);
+    for (const v of s) c[Math.min(bins - 1, Math.floor((v - lo) / width))] += 100 / s.length;
     return c;
-  });
-  const top = Math.max(...counts.flat()) * 1.1;
-  ctx.strokeStyle = "#8892a0"; ctx.fillStyle = "#4a5568"; ctx.font = "11px sans-serif";
-  ctx.beginPath(); ctx.moveTo(left, 5); ctx.lineTo(left, h - bottom); ctx.lineTo(w - 5, h - bottom); ctx.stroke();
-  for (let k = 0; k <= 4; k++) {
-    const v = lo + (hi - lo) * k / 4, x = left + (w - left - 10) * k / 4;
-    ctx.fillText(v.toFixed(1) + " ms", x - 12, h - 10);
-  }
-  ctx.fillText("share of runs", 2, 14);
-  counts.forEach((c, i) => {
-    ctx.strokeStyle = colours[i % colours.length]; ctx.lineWidth = 2; ctx.beginPath();
-    c.forEach((v, b) => {
-      const x0 = left + (w - left - 10) * b / bins, x1 = left + (w - left - 10) * (b + 1) / bins;
-      const y = h - bottom - v / top * (h - bottom - 10);
-      if (b === 0) ctx.moveTo(x0, h - bottom);
-      ctx.lineTo(x0, y); ctx.lineTo(x1, y);
-    });
-    ctx.lineTo(w - 10, h - bottom); ctx.stroke();
-    ctx.fillStyle = colours[i % colours.length];
-    ctx.fillText(series[i][0], w - 160, 16 + 14 * i);
-  });
+  })];
+  const holder = $("#bench-chart");
+  holder.replaceChildren();
+  charts.bench = new uPlot({
+    width: chartWidth(holder), height: 240,
+    scales: { x: { time: false, range: (u, a, b) => [a, b + (b - a) * 0.02] }, y: { range: (u, a, b) => [0, Math.max(b * 1.1, 1)] } },
+    axes: [{ stroke: "#5f6b7c", grid: { stroke: "#eef1f5" }, label: "inference time (ms)", labelSize: 20,
+             values: (u, vals) => vals.map((v) => v.toFixed(1)) },
+           { stroke: "#5f6b7c", grid: { stroke: "#eef1f5" }, label: "share of runs (%)", size: 50, labelSize: 20 }],
+    series: [{ label: "ms", value: (u, v) => v == null ? "–" : `${v.toFixed(1)}–${(v + width).toFixed(1)}` },
+             ...series.map(([dev], i) => ({ label: dev, stroke: colours[i % colours.length], width: 2,
+                                            paths: uPlot.paths.stepped({ align: 1 }),
+                                            value: (u, v) => v == null ? "–" : `${v.toFixed(1)} %` }))],
+  }, data, holder);
 }
 
 async function startJob(prefix, promise) {
@@ -489,12 +795,11 @@ function showTab(name) {
   for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
   for (const s of document.querySelectorAll("section.tab")) s.hidden = s.id !== `tab-${name}`;
   const row = state.devices.get(state.selected);
-  if (name === "device" && row) requestImages(row.frame);
+  if (name === "device" && row) { showFrame(row.frame); refreshHistory(); }
 }
 
 function renderAll() {
-  $("#fleet tbody").replaceChildren();
-  for (const row of state.devices.values()) renderFleetRow(row);
+  renderFleet();
   renderDevicePickers();
   if (state.selected) selectDevice(state.selected, false);
   for (const job of state.jobs.values()) renderJob(job);
@@ -503,7 +808,28 @@ function renderAll() {
 function wire() {
   for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => showTab(b.dataset.tab));
   $("#device-select").addEventListener("change", (e) => selectDevice(e.target.value, false));
-  $("#device-view").addEventListener("change", draw);
+  $("#device-view").addEventListener("change", () => {
+    drawn.key = null;
+    const row = state.devices.get(state.selected);
+    if (row) showFrame(row.frame);
+  });
+  $("#camera-select").addEventListener("change", (e) => {
+    state.camera = e.target.value;
+    drawn.key = null;
+    const row = state.devices.get(state.selected);
+    if (row) showFrame(row.frame);
+    refreshHistory();
+  });
+  $("#fleet-filter").addEventListener("input", () => { fleet.page = 0; scheduleFleet(); });
+  $("#fleet-state").addEventListener("change", () => { fleet.page = 0; scheduleFleet(); });
+  $("#fleet-prev").addEventListener("click", () => { fleet.page = Math.max(0, fleet.page - 1); renderFleet(); });
+  $("#fleet-next").addEventListener("click", () => { fleet.page += 1; renderFleet(); });
+  window.addEventListener("resize", () => {
+    for (const name of ["fps", "latency", "coverage", "bench"]) {
+      const chart = charts[name];
+      if (chart) chart.setSize({ width: chartWidth(chart.root.parentElement), height: 180 });
+    }
+  });
   $("#bench-form").addEventListener("submit", (e) => {
     e.preventDefault();
     $("#bench-start").disabled = true;

@@ -1,0 +1,221 @@
+"""The console as a person sees it (issue 25), in Debian's headless chromium against real agents and
+a real mosquitto: the picture, mask, class table and timings shown are ONE frame's (checked against
+the agent's own result of that seq), a device whose model cannot run says why in the page text, a
+deployment the device refuses gets a failed badge, a killed agent shows "last seen", and the page
+works at phone width. Screenshots (desktop and 375 px) go to the test's tmp dir and to
+out/console-screenshots/ (kept after the run, for people to look at).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from tests.broker import Recorder
+from tests.data import INVOKE_ERROR, VOC
+from tests.helpers import ConsoleProcess, chromium, stop_agent, wait_until, write_config
+from tests.test_console import _click, _check, _table, need_browser
+
+PREFIX = "edge-agent"
+OUT = Path(__file__).resolve().parent.parent / "out" / "console-screenshots"
+
+
+def _agent(tmp_path: Path, dev: str, port: int, tags: List[str] = (), **sections) -> subprocess.Popen:
+    """A real agent whose output goes to a file (an undrained pipe would block it)."""
+    (tmp_path / dev).mkdir()
+    config = write_config(tmp_path / dev / "agent.toml", dev, port,
+                          {"kind": "folder", "uri": str(VOC / "JPEGImages"), "fps": 3.0, "loop": True}, **sections)
+    if tags:
+        config.write_text(config.read_text().replace("[agent]\n", f"[agent]\ntags = {json.dumps(list(tags))}\n", 1))
+    log = open(tmp_path / dev / "agent.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _shot(driver, tmp_path: Path, name: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for folder in (tmp_path, OUT):
+        driver.save_screenshot(str(folder / f"{name}.png"))
+
+
+def _shown(driver) -> Dict[str, object]:
+    """What the device view shows now: the seq inside the drawn image's bytes, the class table's
+    and the timings' seq, and the class table's cells."""
+    return driver.execute_script("""
+        const q = (s) => document.querySelector(s);
+        return {image: q('#device-canvas').dataset.seq || null, what: q('#device-canvas').dataset.what || null,
+                classes: q('#device-classes').dataset.seq || null, stages: q('#device-stages').dataset.seq || null,
+                rows: [...q('#device-classes').querySelectorAll('tbody tr')].map(tr => [tr.cells[0].textContent,
+                                                                                    tr.cells[1].textContent])};""")
+
+
+def _too_wide(driver) -> List[str]:
+    """Elements reaching beyond the window's right edge (horizontal scrolling of the page)."""
+    return driver.execute_script("""
+        const w = document.documentElement.clientWidth;
+        if (document.documentElement.scrollWidth <= w) return [];
+        return [...document.querySelectorAll('body *')].filter(e => e.offsetParent !== null
+                 && e.getBoundingClientRect().right > w + 1 && !e.closest('.scroll'))
+               .map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right));""")
+
+
+def _sample_frames(driver, results: Dict[int, dict], view: str, samples: int) -> List[int]:
+    driver.execute_script(f"const s = document.querySelector('#device-view'); s.value = '{view}'; "
+                          "s.dispatchEvent(new Event('change'))")
+    seen: List[int] = []
+    want = "overlay" if view == "photo" else "mask"
+    while len(seen) < samples:
+        shown = wait_until(lambda: (lambda s: s if s["image"] and s["what"] == want and (not seen or int(s["image"]) != seen[-1])
+                                    else None)(_shown(driver)), 30, f"a new {view} frame")
+        seq = int(shown["image"])
+        # one frame: the seq inside the picture's bytes = the class table's = the timings'
+        assert shown["classes"] == shown["image"] and shown["stages"] == shown["image"], shown
+        # ... and the class table is the agent's own result of that seq
+        result = wait_until(lambda: results.get(seq), 10, f"the result of frame {seq}")
+        expected = sorted((name, f"{100 * f:.1f} %") for name, f in result["classes"].items())
+        assert sorted(tuple(r) for r in shown["rows"]) == expected, (seq, shown["rows"], result["classes"])
+        seen.append(seq)
+    return seen
+
+
+@pytest.mark.broker
+@pytest.mark.browser
+@pytest.mark.slow
+def test_frame_truth_errors_first_and_phone_width(mosquitto, tmp_path):
+    need_browser()
+    broker = mosquitto()
+    results: Dict[int, dict] = {}
+    rec = Recorder("127.0.0.1", broker.port, f"{PREFIX}/+/availability")
+
+    def on_result(client, userdata, msg):  # the agent's own results, by seq
+        if msg.topic == f"{PREFIX}/cam-ok/result":
+            doc = json.loads(msg.payload)
+            results[doc["seq"]] = doc
+    watcher = Recorder("127.0.0.1", broker.port, f"{PREFIX}/cam-ok/result")
+    watcher.client.on_message = on_result
+    agents = {
+        "cam-ok": _agent(tmp_path, "cam-ok", broker.port, tags=["site-a", "entrance"],
+                         publish={"overlay": True, "overlay_max_hz": 2.0, "timings": "frame",
+                                  "stats_interval_s": 2.0}),
+        "cam-bad": _agent(tmp_path, "cam-bad", broker.port, model={"path": str(INVOKE_ERROR)},
+                          publish={"stats_interval_s": 2.0}),
+    }
+    console = ConsoleProcess(broker.port)
+    driver = None
+    try:
+        driver = chromium(tmp_path / "chromium-profile", width=1400, height=1000)
+        driver.get(console.url)
+        text = lambda: driver.execute_script("return document.body.innerText")
+
+        # -- fleet: the broken device is red with its reason as text; tags shown
+        levels = lambda: driver.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('#fleet tbody tr')]"
+            ".map(tr => [tr.dataset.device, tr.dataset.level]))")
+        wait_until(lambda: levels() == {"cam-ok": "ok", "cam-bad": "error"}, 90, "cam-ok ok and cam-bad in error")
+        assert "cannot prepare this model" in text()
+        badge = driver.execute_script("const b = document.querySelector('#fleet tr[data-device=\"cam-bad\"] .badge');"
+                                      "return [b.textContent, getComputedStyle(b).backgroundColor]")
+        assert badge[0] == "error" and badge[1] == "rgb(251, 213, 208)", badge  # red, never green
+        fleet = {row[0]: row for row in _table(driver, "#fleet")}
+        assert fleet["cam-ok"][2] == "site-aentrance" and fleet["cam-ok"][3] == "deeplabv3_mnv2_dm05_pascal_quant"
+        wait_until(lambda: {r[0]: r for r in _table(driver, "#fleet")}["cam-ok"][7] != "–", 30, "live fps in the fleet table")
+        # filtering by tag and state
+        driver.execute_script("const f = document.querySelector('#fleet-filter'); f.value = 'entrance';"
+                              "f.dispatchEvent(new Event('input'))")
+        wait_until(lambda: list(levels()) == ["cam-ok"], 5, "the tag filter")
+        driver.execute_script("const f = document.querySelector('#fleet-filter'); f.value = '';"
+                              "f.dispatchEvent(new Event('input'));"
+                              "const s = document.querySelector('#fleet-state'); s.value = 'error';"
+                              "s.dispatchEvent(new Event('change'))")
+        wait_until(lambda: list(levels()) == ["cam-bad"], 5, "the state filter")
+        driver.execute_script("const s = document.querySelector('#fleet-state'); s.value = '';"
+                              "s.dispatchEvent(new Event('change'))")
+        wait_until(lambda: len(levels()) == 2, 5, "both again")
+        _shot(driver, tmp_path, "1-fleet-desktop")
+
+        # -- the broken device's view says so, in words
+        _click(driver, '#fleet tr[data-device="cam-bad"] a')
+        wait_until(lambda: driver.execute_script("return !document.querySelector('#device-alert').hidden"), 10,
+                   "the error banner")
+        alert = driver.execute_script("return document.querySelector('#device-alert').innerText")
+        assert alert.startswith("Error: ") and "cannot prepare this model" in alert, alert
+        _shot(driver, tmp_path, "2-device-error")
+
+        # -- frame truth, over 20 samples of the photo view and 10 of the mask view
+        driver.execute_script("const s = document.querySelector('#device-select'); s.value = 'cam-ok';"
+                              "s.dispatchEvent(new Event('change'))")
+        photos = _sample_frames(driver, results, "photo", 20)
+        masks = _sample_frames(driver, results, "mask", 10)
+        assert photos == sorted(photos) and masks == sorted(masks)
+        driver.execute_script("const s = document.querySelector('#device-view'); s.value = 'photo';"
+                              "s.dispatchEvent(new Event('change'))")
+        # charts with time axes, an event timeline, facts
+        wait_until(lambda: driver.execute_script(
+            "return ['#chart-fps', '#chart-latency', '#chart-coverage'].every(s => document.querySelector(s + ' .u-axis'))"),
+            30, "the three charts")
+        wait_until(lambda: driver.execute_script("return document.querySelectorAll('#device-events li[data-cls]').length"),
+                   30, "an event in the timeline")
+        assert "waiting for the next frame" in text()  # the capture stage is not presented as work
+        facts = driver.execute_script("return document.querySelector('#device-facts').innerText")
+        for word in ("uptime", "last seen", "runtime", "delegate", "folder"):
+            assert word in facts.lower(), facts
+        _shot(driver, tmp_path, "3-device-desktop")
+        driver.execute_script("document.querySelector('.charts').scrollIntoView()")
+        _shot(driver, tmp_path, "3b-device-charts")
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.set_window_size(375, 900)
+        wait_until(lambda: driver.execute_script("return document.documentElement.clientWidth") <= 375, 5, "375 px")
+        _shot(driver, tmp_path, "4-device-375px")
+        assert _too_wide(driver) == [], "the device page is wider than a phone"
+        _click(driver, '#tabs button[data-tab="fleet"]')
+        _shot(driver, tmp_path, "5-fleet-375px")
+        assert _too_wide(driver) == [], "the fleet page is wider than a phone"
+        driver.set_window_size(1400, 1000)
+
+        # -- a deployment the device refuses: a failed badge (red), the reason as text
+        _click(driver, '#tabs button[data-tab="deploy"]')
+        _check(driver, "#deploy-devices", ["cam-ok"])
+        driver.find_element("css selector", "#deploy-file").send_keys(str(INVOKE_ERROR))
+        _click(driver, "#deploy-start")
+        outcome = lambda: driver.execute_script("return document.querySelector('#deploy-status').dataset.outcome || null")
+        wait_until(lambda: outcome() in ("done", "failed", "partly failed"), 120, "the deployment's end")
+        assert outcome() == "failed"
+        assert driver.execute_script("return document.querySelector('#deploy-status').className") == "badge failed"
+        assert driver.execute_script("return document.querySelector('#deploy-status').textContent") == "deploy failed"
+        wait_until(lambda: _table(driver, "#models-table"), 20, "the store listing after the deployment")
+        models = _table(driver, "#models-table")
+        assert any(r[2] == "running" and r[3].startswith("deeplabv3") and r[5].endswith(("KB", "MB")) for r in models), models
+        _shot(driver, tmp_path, "6-deploy-failed")
+
+        # -- cam-ok killed: "last seen … ago" instead of its last numbers
+        _click(driver, '#tabs button[data-tab="fleet"]')
+        agents["cam-ok"].send_signal(signal.SIGKILL)
+        rec.wait_for(f"{PREFIX}/cam-ok/availability", b"offline", timeout=30)
+        wait_until(lambda: levels().get("cam-ok") == "offline", 10, "cam-ok offline in the page")
+        row = driver.execute_script("return document.querySelector('#fleet tr[data-device=\"cam-ok\"]').innerText")
+        assert "last seen" in row and " ago" in row, row
+        _shot(driver, tmp_path, "7-fleet-offline")
+        _click(driver, '#fleet tr[data-device="cam-ok"] a')
+        alert = wait_until(lambda: driver.execute_script(
+            "const a = document.querySelector('#device-alert'); return a.hidden ? null : a.innerText"), 10, "offline banner")
+        assert alert.startswith("Offline") and "last seen" in alert
+
+        # -- no 404s: favicon and the shipped chart library
+        for path in ("favicon.ico", "static/favicon.svg", "static/vendor/uPlot.iife.min.js", "static/vendor/uPlot.min.css"):
+            assert urllib.request.urlopen(console.url + path).status == 200
+    finally:
+        if driver is not None:
+            driver.quit()
+        output = console.stop()
+        for proc in agents.values():
+            stop_agent(proc)
+        rec.close()
+        watcher.close()
+    assert "Traceback" not in output, output

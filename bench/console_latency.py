@@ -154,6 +154,8 @@ def main(argv: Any = None) -> int:
         wait_until(lambda: driver.execute_script(
             f"return !!document.querySelector('#fleet tr[data-device=\"{shown}\"] a')"), 30, "the fleet row")
         driver.execute_script(f"document.querySelector('#fleet tr[data-device=\"{shown}\"] a').click()")
+        driver.execute_script("const s = document.querySelector('#device-view'); s.value = 'mask';"
+                              "s.dispatchEvent(new Event('change'))")  # masks (every frame), not the 1 Hz photo
         mask_n = "return document.querySelector('#device-canvas').dataset.maskN"
         wait_until(lambda: driver.execute_script(mask_n) != "0", 30, "the first mask drawn")
         # the page's clock against ours (error bound: half the round trip)

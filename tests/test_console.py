@@ -594,14 +594,16 @@ def test_console_in_a_real_browser(mosquitto, tmp_path):
         wait_until(lambda: all(r["fps"] and r["inference_ms"] for r in
                                json.loads(urllib.request.urlopen(console.url + "api/devices").read())["devices"]),
                    30, "fps and latency of both devices")
-        wait_until(lambda: all(row[6] != "–" and row[7] != "–" for row in _table(driver, "#fleet")), 10,
+        wait_until(lambda: all(row[7] != "–" and row[8] != "–" for row in _table(driver, "#fleet")), 10,
                    "fps and latency shown")
         fleet = {row[0]: row for row in _table(driver, "#fleet")}
-        assert fleet["pi-a"][2] == "deeplabv3_mnv2_dm05_pascal_quant" and fleet["pi-a"][4] == "cpu"
+        assert fleet["pi-a"][3] == "deeplabv3_mnv2_dm05_pascal_quant" and fleet["pi-a"][5] == "cpu"
         driver.save_screenshot(str(tmp_path / "1-fleet.png"))
 
-        # -- device: the coloured mask over the overlay, updating
+        # -- device: the coloured mask, updating
         _click(driver, '#fleet tr[data-device="pi-a"] a')
+        driver.execute_script("const s = document.querySelector('#device-view'); s.value = 'mask'; "
+                              "s.dispatchEvent(new Event('change'))")
         mask_n = lambda: int(driver.execute_script("return document.querySelector('#device-canvas').dataset.maskN"))
         first = wait_until(mask_n, 30, "a first mask drawn")
         wait_until(lambda: mask_n() > first, 30, "the image updating")
@@ -635,7 +637,7 @@ def test_console_in_a_real_browser(mosquitto, tmp_path):
         assert set(cli["devices"]) == set(report["devices"])
         for dev in devices:
             assert set(cli["devices"][dev]["result"]) == set(report["devices"][dev]["result"])
-        assert driver.execute_script("return !document.querySelector('#bench-chart').hidden")
+        assert driver.execute_script("return !document.querySelector('#bench-figure').hidden")
         driver.save_screenshot(str(tmp_path / "3-bench.png"))
 
         # -- deploy dm1.0 to pi-a from a file chosen in the page; its store then shows it current
@@ -653,14 +655,14 @@ def test_console_in_a_real_browser(mosquitto, tmp_path):
         assert deployed[0][:4] == ["pi-a", "done", "active", "dm10-from-console"], deployed
         wait_until(lambda: any(r[2] == "current" and r[3] == "dm10-from-console"
                                for r in _table(driver, "#models-table")), 20, "the store showing it current")
-        wait_until(lambda: _table(driver, "#fleet")[0][2] == "dm10-from-console", 20, "the fleet row's new model")
+        wait_until(lambda: _table(driver, "#fleet")[0][3] == "dm10-from-console", 20, "the fleet row's new model")
         driver.save_screenshot(str(tmp_path / "4-deploy.png"))
         # ... and rolled back from the page: the configured dm05 runs again
         _click(driver, "#rollback-start")
         wait_until(lambda: driver.execute_script(
             "return document.querySelector('#deploy-status').textContent") == "rollback done", 120, "the rollback")
         assert _table(driver, "#deploy-table")[0][:3] == ["pi-a", "done", "rolled_back"]
-        wait_until(lambda: _table(driver, "#fleet")[0][2] == "deeplabv3_mnv2_dm05_pascal_quant", 20,
+        wait_until(lambda: _table(driver, "#fleet")[0][3] == "deeplabv3_mnv2_dm05_pascal_quant", 20,
                    "the fleet row back on dm05")
 
         # -- pi-b SIGKILLed: offline in the page within a second of its Last Will

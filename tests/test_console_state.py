@@ -157,6 +157,10 @@ def test_history_is_one_point_per_step_and_bounded():
     assert len(series["t"]) <= 31 and series["t"] == sorted(series["t"])
     assert all(v == 11.5 for v in series["fps"]) and set(series["inference"]) == {None}
     assert series["t"][-1] - series["t"][0] <= 62.0
+    dense = st.History(step_s=2.0, dense=True)  # coverage: a frame without the class counts as 0
+    for t, classes in ((0.0, {"cat": 0.4}), (0.5, {}), (1.0, {"cat": 0.2}), (1.5, {})):
+        dense.add(t, classes)
+    assert dense.series()["cat"] == [0.15]
 
 
 def test_health_says_what_is_wrong_in_words():
@@ -193,3 +197,15 @@ def test_job_outcome_summarises_the_devices():
     assert outcome("done", progress("done", "rejected")) == "partly failed"
     assert outcome("done", progress("failed", "rejected")) == "failed"
     assert outcome("failed", progress("done")) == "failed"
+
+
+def test_the_page_works_offline_with_its_shipped_chart_library():
+    """No CDN: every script and stylesheet the page loads is served from the package (vendor: uPlot, MIT)."""
+    import re
+    from edge_agent.console.app import STATIC
+    html = (STATIC / "index.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert refs and all(r.startswith("/static/") for r in refs), refs
+    for ref in refs:
+        assert (STATIC / ref[len("/static/"):]).is_file(), ref
+    assert "MIT" in (STATIC / "vendor" / "uPlot.LICENSE").read_text()

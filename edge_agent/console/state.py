@@ -135,8 +135,10 @@ class Timeline:
 class History:
     """Points of at most ``HISTORY_S``, one per ``step_s`` (the mean of what arrived in that step)."""
 
-    def __init__(self, span_s: float = HISTORY_S, step_s: float = HISTORY_STEP_S) -> None:
+    def __init__(self, span_s: float = HISTORY_S, step_s: float = HISTORY_STEP_S, dense: bool = False) -> None:
         self.span_s, self.step_s = span_s, step_s
+        self.dense = dense  # a key missing from an add() counts as 0 (coverage: a class absent from a frame)
+        self._adds = 0
         self.points: Deque[Tuple[float, Dict[str, float]]] = deque()
         self._bucket: Optional[float] = None
         self._sums: Dict[str, float] = {}
@@ -147,6 +149,7 @@ class History:
         if self._bucket is not None and bucket != self._bucket:
             self._flush()
         self._bucket = bucket
+        self._adds += 1
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self._sums[key] = self._sums.get(key, 0.0) + value
@@ -156,14 +159,17 @@ class History:
 
     def _flush(self) -> None:
         if self._bucket is not None and self._counts:
-            self.points.append((self._bucket, {k: self._sums[k] / self._counts[k] for k in self._counts}))
-        self._sums, self._counts = {}, {}
+            self.points.append((self._bucket, self._means()))
+        self._sums, self._counts, self._adds = {}, {}, 0
+
+    def _means(self) -> Dict[str, float]:
+        return {k: self._sums[k] / (self._adds if self.dense else self._counts[k]) for k in self._counts}
 
     def series(self, keys: Optional[List[str]] = None) -> Dict[str, Any]:
         """``{"t": [...], key: [... or None]}``, the step in progress included (uPlot's data shape)."""
         points = list(self.points)
         if self._bucket is not None and self._counts:
-            points.append((self._bucket, {k: self._sums[k] / self._counts[k] for k in self._counts}))
+            points.append((self._bucket, self._means()))
         if keys is None:
             keys = sorted({k for _, values in points for k in values})
         out: Dict[str, Any] = {"t": [round(t, 1) for t, _ in points]}
@@ -204,7 +210,7 @@ class Camera:
     last_result_at: float = 0.0
     results_seen: bool = False
     frame_timings_at: float = float("-inf")
-    coverage: History = field(default_factory=History)
+    coverage: History = field(default_factory=lambda: History(dense=True))
     timeline: Timeline = field(default_factory=Timeline)
 
 

@@ -301,7 +301,7 @@ class FakeModel:
                 "classes": len(self.labels), "normalization": {"preset": "raw", "source": "simulated"},
                 "output": {"name": "simulated", "kind": "labels", "layout": "nhwc",
                            "classes": len(self.labels), "size": [h, w]},
-                "runtime": "simulated", "runtime_version": "0", "delegate": None, "threads": 1,
+                "runtime": "litert", "runtime_version": "0+simulated", "delegate": None, "threads": 1,
                 "fallback_reason": None}
 
     # the benchmark runner's calls (edge_agent.output.benchmark.run_benchmark)
@@ -415,8 +415,9 @@ class SimPipeline:
         return {"capture": 0, "postprocess": 0, "publish": self.counters.dropped_publish}
 
     def _state(self) -> Dict[str, Any]:
-        return {"dropped": self.dropped(), "paused": self._paused, "mqtt": self.sink.stats(),
-                "outbox": self.sink.outbox_stats()}
+        dropped = self.dropped()
+        return {"dropped": dropped, "paused": self._paused, "cameras": {"": {"dropped": dropped}},
+                "mqtt": self.sink.stats(), "outbox": self.sink.outbox_stats()}
 
     def stats(self) -> Dict[str, Any]:
         return self.telemetry.stats()

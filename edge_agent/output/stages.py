@@ -85,6 +85,8 @@ def encode(frame: Any, masks: Masks, model_sha: str, opts: EncodeOptions,
         if camera:
             doc["camera"] = camera
         messages.insert(0, (RESULT, enc.to_json(doc)))
+    if camera:  # a camera of [[cameras]]: its own topics, camera/<id>/<kind>
+        messages = [(camera_suffix(camera, kind), payload) for kind, payload in messages]
     return messages, last_mask_seq
 
 

@@ -44,6 +44,11 @@ install_system_packages() {
   command -v mosquitto_passwd >/dev/null 2>&1 || [ -x /usr/bin/mosquitto_passwd ] || missing+=(mosquitto)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  # a real RTSP camera for tests/test_cameras.py: GStreamer's RTSP server (tests/rtsp_server.py, system python3)
+  /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" >/dev/null 2>&1 \
+    || missing+=(gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-base)
+  dpkg -s gstreamer1.0-plugins-good >/dev/null 2>&1 || missing+=(gstreamer1.0-plugins-good)
+  dpkg -s gstreamer1.0-plugins-ugly >/dev/null 2>&1 || missing+=(gstreamer1.0-plugins-ugly)  # x264enc
   if [[ " $SUITES " == *" browser "* ]]; then
     [ -x /usr/bin/chromium ] || missing+=(chromium)
     [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)

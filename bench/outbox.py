@@ -155,6 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             t_warm = time.time()
             time.sleep(args.warmup_s)
             t_outage = time.time()
+            with consumer.lock:
+                stats_before = dict(consumer.stats or {})
             broker.stop()
             print(f"broker stopped for {args.outage_s:.0f} s", flush=True)
             time.sleep(args.outage_s / 2)
@@ -214,8 +216,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             expect = seqs[-1] - seqs[0] + 1
             produced += expect
             delivered += len(seqs)
-            note = (f", frames dropped by the pipeline {run2_drops.get(cam)}" if run == "2"
-                    else ", no pipeline counters (SIGKILL)")
+            if run == "2":
+                note = f", frames dropped by the pipeline {run2_drops.get(cam)}"
+            else:  # the killed run: the pipeline's drops are known up to the last stats before the outage
+                last_live = max((doc["seq"] for _, c, doc in results if c == cam and not doc.get("replayed")
+                                 and doc["capture_ts"] <= t_outage), default=seqs[0])
+                before = sum(1 for q in range(seqs[0], last_live + 1) if q not in set(seqs))
+                drops = sum(((stats_before.get("cameras") or {}).get(cam, {}).get("dropped") or {}).values())
+                note = (f" (before the outage {before}, the pipeline had dropped {drops} by its last stats;"
+                        f" during it {expect - len(seqs) - before})")
             rows.append(f"  camera {cam or '-'} run {run}: seq {seqs[0]}..{seqs[-1]}: "
                         f"{expect} seqs, delivered {len(seqs)}, gaps {expect - len(seqs)}{note}")
     order_ok = True

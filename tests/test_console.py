@@ -475,6 +475,19 @@ def _table(driver, selector: str) -> List[List[str]]:
         ".map(tr => [...tr.cells].map(td => td.textContent))")
 
 
+def _columns(driver, selector: str) -> List[Dict[str, str]]:
+    """The table's rows as {header text: cell text} (lookups by column name, not position)."""
+    return driver.execute_script(
+        f"const heads = [...document.querySelectorAll('{selector} thead th')].map(th => th.textContent.trim());"
+        f"return [...document.querySelectorAll('{selector} tbody tr')]"
+        ".map(tr => Object.fromEntries([...tr.cells].map((td, i) => [heads[i], td.textContent])))")
+
+
+def _fleet(driver) -> Dict[str, Dict[str, str]]:
+    """The fleet table: device -> {column header: cell text}."""
+    return {row["device"]: row for row in _columns(driver, "#fleet")}
+
+
 def _click(driver, selector: str) -> None:
     driver.execute_script(f"document.querySelector('{selector}').click()")
 
@@ -537,6 +550,13 @@ def test_class_id_and_palette_masks_are_both_coloured(mosquitto, tmp_path):
         driver = chromium(tmp_path / "chromium-profile")
         driver.get(console.url)
         wait_until(lambda: _rows(driver) == {"cam-1": "true"}, 30, "the device")
+        # the fleet row's health cell: the temperature, and only the troubles there are
+        device.publish(f"{base}/stats", json.dumps({"fps": 2.0, "cpu_temp_c": 51.4, "dropped": {"stale": 3},
+                                                    "mqtt": {"reconnects": 0},
+                                                    "throttled": {"throttling_occurred": True}}).encode())
+        health = wait_until(lambda: (lambda h: h if h != "–" else None)(_fleet(driver)["cam-1"]["health"]), 10,
+                            "the health cell")
+        assert health == "51 °Cthrottled earlier3 dropped", health  # no "0 reconnects"
         _click(driver, '#fleet tr[data-device="cam-1"] a')
         driver.execute_script("const s = document.querySelector('#device-view'); s.value = 'mask'; "
                               "s.dispatchEvent(new Event('change'))")
@@ -594,10 +614,11 @@ def test_console_in_a_real_browser(mosquitto, tmp_path):
         wait_until(lambda: all(r["fps"] and r["inference_ms"] for r in
                                json.loads(urllib.request.urlopen(console.url + "api/devices").read())["devices"]),
                    30, "fps and latency of both devices")
-        wait_until(lambda: all(row[7] != "–" and row[8] != "–" for row in _table(driver, "#fleet")), 10,
+        wait_until(lambda: all(row["fps"] != "–" and row["inference ms"] != "–" for row in _fleet(driver).values()), 10,
                    "fps and latency shown")
-        fleet = {row[0]: row for row in _table(driver, "#fleet")}
-        assert fleet["pi-a"][3] == "deeplabv3_mnv2_dm05_pascal_quant" and fleet["pi-a"][5] == "cpu"
+        fleet = _fleet(driver)
+        assert fleet["pi-a"]["model"] == "deeplabv3_mnv2_dm05_pascal_quant"
+        assert fleet["pi-a"]["runtime"].startswith("litert") and "cpu" in fleet["pi-a"]["runtime"], fleet  # delegate
         driver.save_screenshot(str(tmp_path / "1-fleet.png"))
 
         # -- device: the coloured mask, updating
@@ -655,14 +676,14 @@ def test_console_in_a_real_browser(mosquitto, tmp_path):
         assert deployed[0][:4] == ["pi-a", "done", "active", "dm10-from-console"], deployed
         wait_until(lambda: any(r[2] == "current" and r[3] == "dm10-from-console"
                                for r in _table(driver, "#models-table")), 20, "the store showing it current")
-        wait_until(lambda: _table(driver, "#fleet")[0][3] == "dm10-from-console", 20, "the fleet row's new model")
+        wait_until(lambda: _fleet(driver)["pi-a"]["model"] == "dm10-from-console", 20, "the fleet row's new model")
         driver.save_screenshot(str(tmp_path / "4-deploy.png"))
         # ... and rolled back from the page: the configured dm05 runs again
         _click(driver, "#rollback-start")
         wait_until(lambda: driver.execute_script(
             "return document.querySelector('#deploy-status').textContent") == "rollback done", 120, "the rollback")
         assert _table(driver, "#deploy-table")[0][:3] == ["pi-a", "done", "rolled_back"]
-        wait_until(lambda: _table(driver, "#fleet")[0][3] == "deeplabv3_mnv2_dm05_pascal_quant", 20,
+        wait_until(lambda: _fleet(driver)["pi-a"]["model"] == "deeplabv3_mnv2_dm05_pascal_quant", 20,
                    "the fleet row back on dm05")
 
         # -- pi-b SIGKILLed: offline in the page within a second of its Last Will

@@ -245,37 +245,57 @@ function renderFleet() {
   body.replaceChildren(...rows);
 }
 
+// The fleet table's columns (index.html's headers carry the same data-col names).
+const COLUMNS = ["device", "state", "groups", "model", "runtime", "fps", "inference", "end_to_end", "latency", "health"];
+const OPTIONAL = new Set(["runtime", "latency", "health"]);  // hidden at phone width
+const NUMERIC = new Set(["fps", "inference", "end_to_end"]);
+
 function newRow(device) {
   const tr = el("tr", { data: { device } });
-  for (let i = 0; i < 15; i++) tr.append(el("td", { class: [4, 5, 6, 10, 11, 12, 13, 14].includes(i) ? "opt" : "" }));
-  tr.cells[0].append(el("a", { onclick: () => selectDevice(device, true) }, device));
-  tr.cells[10].append(el("canvas", { class: "spark", width: 150, height: 40 }));
+  for (const col of COLUMNS)
+    tr.append(el("td", { class: [OPTIONAL.has(col) ? "opt" : "", NUMERIC.has(col) ? "num" : ""].join(" ").trim(),
+                         data: { col } }));
+  const cell = (col) => tr.cells[COLUMNS.indexOf(col)];
+  cell("device").append(el("a", { onclick: () => selectDevice(device, true) }, device));
+  cell("latency").append(el("canvas", { class: "spark", width: 150, height: 40 }));
   return tr;
+}
+
+// One compact cell for what is usually fine: the CPU temperature, and throttling, dropped frames
+// and reconnects only when there are any (the title has them all).
+function healthCell(td, row, live) {
+  const items = [];
+  const hot = typeof row.cpu_temp_c === "number" && row.cpu_temp_c >= 80;
+  if (typeof row.cpu_temp_c === "number") items.push([`${fmt(row.cpu_temp_c, 0)} °C`, hot ? "warn" : ""]);
+  const throttle = throttleText(row.throttled);
+  if (!["–", "no"].includes(throttle)) items.push([throttle === "earlier" ? "throttled earlier" : throttle, throttle === "earlier" ? "" : "warn"]);
+  if (row.dropped) items.push([`${row.dropped} dropped`, ""]);
+  if (row.reconnects) items.push([`${row.reconnects} reconnect${row.reconnects === 1 ? "" : "s"}`, ""]);
+  td.title = `CPU ${fmt(row.cpu_temp_c)} °C · throttling ${throttle} · dropped frames ${fmt(row.dropped)} · MQTT reconnects ${fmt(row.reconnects)}`;
+  if (!live) td.replaceChildren("–");
+  else if (!items.length) td.replaceChildren(el("span", { class: "dim" }, row.stats_at ? "ok" : "–"));
+  else td.replaceChildren(...items.map(([text, cls]) => el("span", { class: `item ${cls}`.trim() }, text)));
 }
 
 function fillRow(tr, row) {
   const level = levelOf(row);
+  const cell = (col) => tr.cells[COLUMNS.indexOf(col)];
   tr.dataset.online = String(row.online);
   tr.dataset.level = level;
   tr.className = `level-${level}` + (row.online === false ? " offline" : "");
-  tr.cells[1].replaceChildren(stateBadge(row), stateReason(row));
-  tr.cells[2].replaceChildren(...(row.tags || []).map((t) => el("span", { class: "tag" }, t)));
-  tr.cells[3].replaceChildren(breakable(row.model));
-  tr.cells[3].className = "name";
-  const live = row.online !== false;  // offline: no stale numbers, "last seen" says how old they would be
-  const cells = { 4: row.runtime, 5: row.delegate, 6: fmt(row.threads), 7: fmt(row.fps), 8: fmt(row.inference_ms),
-                  9: fmt(row.end_to_end_ms), 11: fmt(row.cpu_temp_c), 12: throttleText(row.throttled),
-                  13: fmt(row.dropped), 14: fmt(row.reconnects) };
-  for (const [i, text] of Object.entries(cells)) {
-    const stale = !live && Number(i) >= 7;
-    tr.cells[i].textContent = stale ? "–" : (text ?? "–");
-    tr.cells[i].className = (Number(i) >= 6 ? "num" : "") + ([4, 5, 6, 11, 12, 13, 14].includes(Number(i)) ? " opt" : "");
-  }
-  if (!live) {
-    tr.cells[7].className = "seen";
-    tr.cells[7].replaceChildren(seen(row.last_seen));
-  }
-  drawSpark(tr.cells[10].firstChild, live ? row.history || [] : []);
+  cell("state").replaceChildren(stateBadge(row), stateReason(row));
+  cell("groups").replaceChildren(...(row.tags || []).map((t) => el("span", { class: "tag" }, t)));
+  cell("model").replaceChildren(breakable(row.model));
+  cell("model").className = "name";
+  // runtime, then "delegate · threads" under it (what the device runs stays the same offline)
+  const how = [row.delegate, row.threads ? `${row.threads} threads` : null].filter(Boolean).join(" · ");
+  cell("runtime").replaceChildren(row.runtime || "–", ...(how ? [el("span", { class: "sub" }, how)] : []));
+  // offline: no stale numbers (the state cell says "last seen … ago")
+  const live = row.online !== false;
+  for (const [col, value] of [["fps", row.fps], ["inference", row.inference_ms], ["end_to_end", row.end_to_end_ms]])
+    cell(col).textContent = live ? fmt(value) : "–";
+  healthCell(cell("health"), row, live);
+  drawSpark(cell("latency").firstChild, live ? row.history || [] : []);
   return tr;
 }
 
@@ -287,8 +307,9 @@ function drawSpark(canvas, history) {
   const now = Date.now() / 1000, span = 600;
   const values = history.flatMap((p) => [p[1], p[2]]).filter((v) => typeof v === "number");
   if (!values.length) return;
-  const sorted = [...values].sort((a, b) => a - b);  // the scale ignores the slowest 5 % (start-up outliers)
-  const top = Math.max(1, sorted[Math.floor(0.95 * (sorted.length - 1))]) * 1.2;
+  // the scale ignores the slowest 5 % (start-up outliers) once there are enough points to tell
+  const sorted = [...values].sort((a, b) => a - b);
+  const top = Math.max(1, sorted[sorted.length >= 20 ? Math.floor(0.95 * (sorted.length - 1)) : sorted.length - 1]) * 1.2;
   ctx.save(); ctx.beginPath(); ctx.rect(0, 0, w, h); ctx.clip();
   ctx.fillStyle = "#5f6b7c"; ctx.font = "9px sans-serif";
   ctx.fillText(top.toFixed(0), 1, 9);
@@ -298,14 +319,16 @@ function drawSpark(canvas, history) {
   const plotH = h - 12;
   ctx.strokeStyle = "#d9dee6"; ctx.beginPath(); ctx.moveTo(left - 2, 1); ctx.lineTo(left - 2, plotH); ctx.lineTo(w, plotH); ctx.stroke();
   for (const [index, color] of [[1, "#2b6cb0"], [2, "#d97706"]]) {
-    ctx.strokeStyle = color; ctx.lineWidth = 1.3; ctx.beginPath();
-    let started = false;
-    for (const p of history) {
-      if (typeof p[index] !== "number") continue;
-      const x = left + (w - left) * (1 - (now - p[0]) / span), y = Math.max(1, plotH - 1 - p[index] / top * (plotH - 3));
-      if (started) ctx.lineTo(x, y); else { ctx.moveTo(x, y); started = true; }
-    }
+    const points = history.filter((p) => typeof p[index] === "number").map((p) =>
+      [Math.min(w - 2, left + (w - left) * (1 - (now - p[0]) / span)), Math.max(1, plotH - 1 - p[index] / top * (plotH - 3))]);
+    if (!points.length) continue;
+    ctx.strokeStyle = ctx.fillStyle = color; ctx.lineWidth = 1.3; ctx.beginPath();
+    points.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
     ctx.stroke();
+    // the newest point as a dot: a device heard for less than one step (30 s) has a single point,
+    // which a line alone would not show
+    const [x, y] = points[points.length - 1];
+    ctx.beginPath(); ctx.arc(x, y, 2, 0, 2 * Math.PI); ctx.fill();
   }
   ctx.restore();
 }

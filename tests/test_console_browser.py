@@ -9,6 +9,7 @@ out/console-screenshots/ (kept after the run, for people to look at).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -181,6 +182,14 @@ def test_frame_truth_errors_first_and_phone_width(mosquitto, tmp_path):
         wait_until(lambda: driver.execute_script(
             "return ['#chart-fps', '#chart-latency', '#chart-coverage'].every(s => document.querySelector(s + ' .u-axis'))"),
             30, "the three charts")
+        # their time labels are 24 h like the rest of the page (uPlot's default is am/pm): the axis
+        # ticks as drawn, and the legend's time under the cursor
+        ticks = driver.execute_script("return charts.fps.axes[0]._values")
+        assert ticks and all(re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?", t) for t in ticks if t), ticks
+        legend = driver.execute_script(
+            "const u = charts.latency; u.setCursor({left: u.bbox.width / devicePixelRatio / 2, top: 10});"
+            "return u.root.querySelector('.u-legend .u-series:first-child .u-value').textContent")
+        assert re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d", legend), legend
         wait_until(lambda: driver.execute_script("return document.querySelectorAll('#device-events li[data-cls]').length"),
                    30, "an event in the timeline")
         assert "waiting for the next frame" in text()  # the capture stage is not presented as work

@@ -161,7 +161,11 @@ function duration(s) {
   return `${Math.floor(s / 86400)} d ${Math.floor(s % 86400 / 3600)} h`;
 }
 
-const clock = (epochS) => new Date(epochS * 1000).toLocaleTimeString([], { hour12: false });
+// 24 h local time, "16:49:03" (or "16:49" without seconds), whatever the browser's locale
+function clock(epochS, seconds = true) {
+  const d = new Date(epochS * 1000);
+  return [d.getHours(), d.getMinutes(), ...(seconds ? [d.getSeconds()] : [])].map((n) => String(n).padStart(2, "0")).join(":");
+}
 
 // A name breaks only at its underscores, dots and dashes (never mid-word).
 function breakable(text) {
@@ -583,9 +587,12 @@ function makeChart(holder, series, data, yLabel) {
   const opts = {
     width: chartWidth(holder), height: 180,
     scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(hi * 1.1, 1)] } },
-    axes: [{ stroke: "#5f6b7c", grid: { stroke: "#eef1f5" } },
+    // 24 h clock like the rest of the page (uPlot's default labels are am/pm): seconds only when
+    // the ticks are less than a minute apart
+    axes: [{ stroke: "#5f6b7c", grid: { stroke: "#eef1f5" },
+             values: (u, splits, axis, space, incr) => splits.map((v) => v == null ? "" : clock(v, incr < 60)) },
            { stroke: "#5f6b7c", grid: { stroke: "#eef1f5" }, label: yLabel, size: 52, labelSize: 18 }],
-    series: [{ label: "time" }, ...series.map((s) => Object.assign({ width: 1.6, spanGaps: true,
+    series: [{ label: "time", value: (u, v) => v == null ? "–" : clock(v) }, ...series.map((s) => Object.assign({ width: 1.6, spanGaps: true,
                                                                     value: (u, v) => v == null ? "–" : v.toFixed(1) }, s))],
     legend: { live: true },
   };

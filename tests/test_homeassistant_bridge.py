@@ -12,9 +12,9 @@ from typing import Any, Dict
 import pytest
 
 from edge_agent.comms.homeassistant import (MAX_ENTITIES, METRICS, STATE, Camera, Discovery, HomeAssistantBridge,
-                                            agent_status, class_slugs, default_classes, device_key, display_name,
-                                            entities)
+                                            agent_status, class_slugs, device_key, display_name, entities)
 from edge_agent.comms.mqtt import MqttComms
+from edge_agent.models.classes import default_classes
 from edge_agent.config import load_config
 from edge_agent.errors import ConfigError
 from edge_agent.inference.labels import read_labels

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 from edge_agent import __version__
 from edge_agent.config import Config
 from edge_agent.errors import EdgeAgentError
+from edge_agent.models.classes import DEFAULT_CLASS_COUNT, compact as _compact, watched_classes
 from edge_agent.output.topics import camera_suffix, split_camera_suffix
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 STATE = "ha/state"
 MANUFACTURER = "edge-agent"
 MAX_ENTITIES = 15  # the default set stays within this per device
-DEFAULT_CLASS_COUNT = 4  # watched classes of one camera when [homeassistant] classes is empty
-# What a user most likely means, in order (matched against the labels, spelling-insensitive).
-PREFERRED_CLASSES = ("person", "car", "cat", "dog", "bird", "bicycle", "motorbike", "motorcycle", "bus", "truck")
-BACKGROUND = {"background", "__background__", "bg", "void", "unlabeled", "unlabelled", "ignore"}
 STATUSES = ("running", "error", "stopped")
 ANNOUNCE_TIMEOUT_S = 30.0  # waiting for room in the in-flight window, per message
 REMOVE_QUIET_S = 0.5  # after the retained configs stop arriving, they are all in
@@ -78,10 +75,6 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class"
 
 
-def _compact(label: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", label.lower())
-
-
 def display_name(label: str) -> str:
     """A label as people read it: ``diningtable`` -> ``Dining Table``, ``tv/monitor`` -> ``TV Monitor``,
     ``traffic_light`` -> ``Traffic Light``, ``person, individual`` (ADE20K synonyms) -> ``Person``."""
@@ -96,10 +89,6 @@ def display_name(label: str) -> str:
 def camera_name(camera: str) -> str:
     """A camera id as the prefix of its entities' names: ``front_door`` -> ``Front Door``."""
     return display_name(camera) if camera else ""
-
-
-def is_background(label: str) -> bool:
-    return _compact(label) in {_compact(b) for b in BACKGROUND}
 
 
 def node_id(device_id: str) -> str:
@@ -147,35 +136,6 @@ def class_slugs(names: Sequence[str]) -> List[Tuple[str, str]]:
         taken.add(candidate)
         out.append((name, candidate))
     return out
-
-
-def default_classes(labels: Sequence[str], count: int = DEFAULT_CLASS_COUNT) -> List[str]:
-    """The classes watched when none are configured: up to ``count`` of :data:`PREFERRED_CLASSES`
-    the labels have (person, car, cat, dog for PASCAL VOC and COCO), else the first labels that
-    are not background."""
-    by_compact = {}
-    for label in labels:
-        by_compact.setdefault(_compact(re.split(r"[,;]", label, maxsplit=1)[0]), label)
-    chosen = [by_compact[c] for c in PREFERRED_CLASSES if c in by_compact]
-    if not chosen:
-        chosen = [label for label in labels if not is_background(label)]
-    return list(dict.fromkeys(chosen))[:max(0, count)]
-
-
-def watched_classes(labels: Optional[Sequence[str]], wanted: Sequence[str],
-                    count: int = DEFAULT_CLASS_COUNT) -> Tuple[List[str], List[str]]:
-    """(classes with entities, configured names the model does not have); ``wanted`` empty =
-    :func:`default_classes`. A configured name matches a label spelling-insensitively
-    (``dining table`` = ``diningtable``)."""
-    if not labels:
-        return [], list(wanted)
-    if not wanted:
-        return default_classes(labels, count), []
-    by_compact = {}
-    for label in labels:
-        by_compact.setdefault(_compact(label), label)
-    found = [by_compact[_compact(w)] for w in wanted if _compact(w) in by_compact]
-    return list(dict.fromkeys(found)), [w for w in wanted if _compact(w) not in by_compact]
 
 
 @dataclass(frozen=True)
@@ -235,7 +195,7 @@ def entities(labels: Optional[Sequence[str]], classes: Sequence[str] = (), camer
 
     ``labels``: the model's (None: not known, no class entities); ``classes``: ``[homeassistant]
     classes``; ``cameras``: each camera's id and own classes. With no classes configured each
-    camera watches :func:`default_classes`, as many as keep the device within :data:`MAX_ENTITIES`.
+    camera watches :func:`~edge_agent.models.classes.default_classes`, as many as keep the device within :data:`MAX_ENTITIES`.
     One overlay image: the first camera's ("Door Overlay" when it has an id).
     """
     cameras = list(cameras) or [Camera()]

@@ -33,6 +33,7 @@ from edge_agent.daemon.pipeline import CameraSource, Pipeline, PipelineSettings
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.inference import layout as inference_layout
 from edge_agent.inference.segmenter import Segmenter
+from edge_agent.models.classes import watched_classes
 from edge_agent.remote import HANDLERS
 from edge_agent.remote.context import CommandHandler, HandlerContext, HandlerTable, PipelineControl, Route
 from edge_agent.sources import open_source
@@ -341,6 +342,10 @@ class Agent:
             doc.update(runtime=i["runtime"], runtime_version=i["runtime_version"],
                        delegate=i["delegate"], threads=i["threads"], interpreters=self.config.model.interpreters,
                        layout=self.layout.to_dict())
+        # per camera the classes it watches: its own, else [homeassistant] classes, else the default
+        labels = (doc.get("model") or {}).get("labels")
+        for cam, entry in zip(cams, doc["cameras"]):
+            entry["watched"] = watched_classes(labels, cam.classes or self.config.homeassistant.classes)[0]
         doc = self.models.info(doc)
         for handler in self.handlers.values():
             doc = handler.info(doc)

@@ -26,6 +26,7 @@ from tests.test_console import _click, _check, _fleet, _table, need_browser
 
 PREFIX = "edge-agent"
 OUT = Path(__file__).resolve().parent.parent / "out" / "console-screenshots"
+WATCHED = ["aeroplane", "bird", "person"]
 
 
 def _agent(tmp_path: Path, dev: str, port: int, tags: List[str] = (), **sections) -> subprocess.Popen:
@@ -104,7 +105,9 @@ def test_frame_truth_errors_first_and_phone_width(mosquitto, tmp_path):
     agents = {
         "cam-ok": _agent(tmp_path, "cam-ok", broker.port, tags=["site-a", "entrance"],
                          publish={"overlay": True, "overlay_max_hz": 2.0, "timings": "frame",
-                                  "stats_interval_s": 2.0}),
+                                  "stats_interval_s": 2.0},
+                         # the watched classes (the VOC photos hold aeroplanes and birds, no person)
+                         homeassistant={"classes": WATCHED}),
         "cam-bad": _agent(tmp_path, "cam-bad", broker.port, model={"path": str(INVOKE_ERROR)},
                           publish={"stats_interval_s": 2.0}),
     }
@@ -192,6 +195,14 @@ def test_frame_truth_errors_first_and_phone_width(mosquitto, tmp_path):
         assert re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d", legend), legend
         wait_until(lambda: driver.execute_script("return document.querySelectorAll('#device-events li[data-cls]').length"),
                    30, "an event in the timeline")
+        # the coverage chart and the timeline are of the watched classes (info.cameras[0].watched), though
+        # the photos show others too (sheep, bus, ...) and no person
+        series = driver.execute_script("return charts.coverage.series.slice(1).map(s => s.label)")
+        assert series == [f"{c} %" for c in WATCHED], series
+        events = driver.execute_script("return [...document.querySelectorAll('#device-events li[data-cls]')]"
+                                       ".map(li => li.dataset.cls)")
+        assert set(events) <= set(WATCHED) - {"person"}, events
+        assert "Coverage of the watched classes" in text()
         assert "waiting for the next frame" in text()  # the capture stage is not presented as work
         facts = driver.execute_script("return document.querySelector('#device-facts').innerText")
         for word in ("uptime", "last seen", "runtime", "delegate", "folder"):

@@ -119,8 +119,9 @@ def test_parts_are_bounded_and_a_restart_starts_over():
 
 def test_cameras_are_kept_apart_and_unlabelled_masks_still_show():
     fleet, client, clock, _ = _fleet()
-    for kind, payload in _messages(7, {"background": 0.4, "person": 0.6}, camera="door").items():
-        _send(client, "cam", kind, payload, camera="door")
+    for topic, payload in _messages(7, {"background": 0.4, "person": 0.6}, camera="door").items():
+        assert topic.startswith("camera/door/")  # the agent's own per-camera topic suffix
+        _send(client, "cam", topic.rsplit("/", 1)[-1], payload, camera="door")
     for kind, payload in _messages(3, {"background": 0.9, "dog": 0.1}).items():
         _send(client, "cam", kind, payload)
     cams = fleet.frame("cam")["cameras"]
@@ -209,3 +210,24 @@ def test_the_page_works_offline_with_its_shipped_chart_library():
     for ref in refs:
         assert (STATIC / ref[len("/static/"):]).is_file(), ref
     assert "MIT" in (STATIC / "vendor" / "uPlot.LICENSE").read_text()
+
+
+def test_coverage_and_events_follow_the_watched_classes():
+    """info.cameras[i].watched (the agent's rule) picks the coverage series and the events; an agent
+    that does not say gets the classes seen most."""
+    fleet, client, clock, _ = _fleet()
+    seen = {"background": 0.5, "bird": 0.3, "sheep": 0.15, "person": 0.05}
+    for dev in ("new", "old"):
+        cameras = [{"id": "", "kind": "folder", "watched": ["person", "car"]}] if dev == "new" else [{"id": ""}]
+        client.infos[dev] = info = {"status": "running", "started_at": 1.0, "cameras": cameras}
+        _send(client, dev, "info", json.dumps(info).encode())
+        for seq in range(1, 4):
+            clock.t += 1
+            _send(client, dev, "result", _messages(seq, seen)["result"])
+    new, old = fleet.history("new"), fleet.history("old")
+    assert new["watched"] == ["person", "car"] and old["watched"] is None
+    assert [k for k in new["coverage"] if k != "t"] == ["person", "car"]
+    assert new["coverage"]["person"][-1] == 0.05 and new["coverage"]["car"][-1] is None  # never seen: no value
+    assert [e["class"] for e in new["events"]] == ["person"]
+    assert sorted(k for k in old["coverage"] if k != "t") == ["bird", "person", "sheep"]
+    assert sorted(e["class"] for e in old["events"]) == ["bird", "person", "sheep"]

@@ -12,7 +12,9 @@ this module keeps the rest, bounded per device:
   each (overlays come at most once a second, masks every frame). Unlabelled masks (older agents)
   are shown as the newest one;
 * a history of :data:`HISTORY_S` (fps, inference and end-to-end latency, the classes' coverage,
-  one point per :data:`HISTORY_STEP_S`) and an event timeline of the classes seen (:class:`Timeline`).
+  one point per :data:`HISTORY_STEP_S`) and an event timeline of the classes seen (:class:`Timeline`):
+  of the classes each camera watches (``info.cameras[i].watched``: the agent's rule, the one Home
+  Assistant follows), else of the classes seen most (older agents, labels not known).
 
 ``on_change(kind, device)`` tells the web layer what changed (``device``: the fleet row;
 ``frame``: a new complete frame; ``forget``: the device is gone), from paho's thread.
@@ -94,6 +96,17 @@ def health(online: Optional[bool], info: Dict[str, Any], stats: Dict[str, Any],
     return "ok", "running"
 
 
+def watched_of(info: Dict[str, Any]) -> Dict[str, List[str]]:
+    """camera id -> the classes it watches, from ``info.cameras[i].watched`` (an agent that says so;
+    an empty list, e.g. no model loaded, is not a choice and counts as not said)."""
+    out: Dict[str, List[str]] = {}
+    for cam in info.get("cameras") if isinstance(info.get("cameras"), list) else []:
+        watched = cam.get("watched") if isinstance(cam, dict) else None
+        if isinstance(watched, list) and watched and isinstance(cam.get("id", ""), str):
+            out[cam.get("id", "")] = [str(c) for c in watched]
+    return out
+
+
 class Timeline:
     """Events from results: "person from 16:49:03 to 16:49:40" (``t``: the frames' capture times).
 
@@ -107,10 +120,13 @@ class Timeline:
         self.open: Dict[str, Dict[str, Any]] = {}
         self.ended: Deque[Dict[str, Any]] = deque(maxlen=keep)
 
-    def add(self, t: float, classes: Dict[str, float]) -> None:
+    def add(self, t: float, classes: Dict[str, float], only: Optional[List[str]] = None) -> None:
+        """``only``: the classes that make events (None: any but background)."""
         self._close(t)
         for name, fraction in classes.items():
             if name == BACKGROUND or not isinstance(fraction, (int, float)) or fraction < self.min_fraction:
+                continue
+            if only is not None and name not in only:
                 continue
             event = self.open.get(name)
             if event is None:
@@ -231,6 +247,7 @@ class Telemetry:
     row_pushed_at: float = 0.0
     heard_at: float = 0.0  # the device's last message (any topic): forgetting counts from it
     started_at: Optional[float] = None  # info.started_at: a new one (a restart) resets the frames
+    watched: Dict[str, List[str]] = field(default_factory=dict)  # camera -> info.cameras[i].watched
 
     def camera(self, cam: str) -> Camera:
         found = self.cameras.get(cam)
@@ -307,10 +324,11 @@ class FleetState:
             tele = self._tele.setdefault(device, Telemetry())
             tele.heard_at = now
             if kind in ("mask", "overlay", "result") or (kind == "timings" and b'"seq"' in payload):
-                if self._on_frame_part(tele, tele.camera(cam), kind, payload, now):
+                if self._on_frame_part(tele, cam, kind, payload, now):
                     changes.append("frame")
             if kind == "info":
                 info = json_object(payload) or {}
+                tele.watched = watched_of(info)
                 if info.get("started_at") != tele.started_at:
                     tele.started_at = info.get("started_at")
                     for camera in tele.cameras.values():  # a restarted agent counts seqs from the start
@@ -338,8 +356,9 @@ class FleetState:
         for change in changes:
             self.on_change(change, device)
 
-    def _on_frame_part(self, tele: Telemetry, cam: Camera, kind: str, payload: bytes, now: float) -> bool:
-        """File one part of a frame; True when a new complete frame is there to show."""
+    def _on_frame_part(self, tele: Telemetry, cam_id: str, kind: str, payload: bytes, now: float) -> bool:
+        """File one part of a frame of camera ``cam_id``; True when a new complete frame is there to show."""
+        cam = tele.camera(cam_id)
         if kind in ("mask", "overlay"):
             label = read_frame_label(payload)
             if kind == "mask":
@@ -363,7 +382,7 @@ class FleetState:
                 cam.last_result = doc
                 classes = doc.get("classes") if isinstance(doc.get("classes"), dict) else {}
                 t = doc.get("capture_ts") if isinstance(doc.get("capture_ts"), (int, float)) else now
-                cam.timeline.add(t, classes)
+                cam.timeline.add(t, classes, tele.watched.get(cam_id))
                 cam.coverage.add(now, {k: v for k, v in classes.items() if k != BACKGROUND})
                 cam.last_result_at = now
             else:
@@ -516,21 +535,27 @@ class FleetState:
             return (part.mask, part.mask_n) if what == "mask" else (part.overlay, part.overlay_n)
 
     def history(self, device: str, camera: str = "") -> Dict[str, Any]:
-        """The device page's charts and timeline: metrics, coverage (classes by peak), events."""
+        """The device page's charts and timeline: metrics, and the coverage and events of the
+        camera's watched classes (``watched``; None: not said, then the 6 classes seen most)."""
         now = self.clock()
         with self._lock:
             tele = self._tele.get(device)
             if tele is None:
-                return {"device": device, "metrics": {"t": []}, "coverage": {"t": []}, "events": []}
+                return {"device": device, "metrics": {"t": []}, "coverage": {"t": []}, "events": [], "watched": None}
             cam = tele.cameras.get(camera) or Camera()
             metrics = tele.metrics.series(["fps", "inference", "end_to_end"])
-            coverage = cam.coverage.series()
+            watched = tele.watched.get(camera)
+            coverage = cam.coverage.series(watched)
             last = cam.last_result or {}
             # the device's clock now (events carry capture times): its last frame's, plus the time since
             device_now = (last["capture_ts"] + now - cam.last_result_at
                           if isinstance(last.get("capture_ts"), (int, float)) else now)
             events = cam.timeline.events(device_now)
-        peaks = {k: max((v for v in vs if v is not None), default=0.0) for k, vs in coverage.items() if k != "t"}
-        keep = sorted(peaks, key=lambda k: -peaks[k])[:6]
-        return {"device": device, "camera": camera, "now": now, "metrics": metrics,
+        if watched:  # the classes the camera watches (in the agent's order), their events only
+            keep = watched
+            events = [e for e in events if e["class"] in watched]
+        else:  # an agent that does not say: the classes seen most
+            peaks = {k: max((v for v in vs if v is not None), default=0.0) for k, vs in coverage.items() if k != "t"}
+            keep = sorted(peaks, key=lambda k: -peaks[k])[:6]
+        return {"device": device, "camera": camera, "now": now, "metrics": metrics, "watched": watched,
                 "coverage": {"t": coverage["t"], **{k: coverage[k] for k in keep}}, "events": events}

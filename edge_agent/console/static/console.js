@@ -629,6 +629,13 @@ async function refreshHistory() {
            [m.t, m.inference || m.t.map(() => null), m.end_to_end || m.t.map(() => null)], "ms");
   const row = state.devices.get(state.selected) || {};
   const classes = Object.keys(doc.coverage).filter((k) => k !== "t");
+  // the classes the camera watches (the agent says which: info.cameras[].watched), else those seen most
+  const watched = doc.watched && doc.watched.length ? doc.watched : null;
+  $("#coverage-caption").textContent = watched ? "Coverage of the watched classes (% of the frame)"
+                                               : "Coverage of the classes seen most (% of the frame)";
+  $("#events-note").textContent = watched ? `(watched classes: ${watched.join(", ")}; from the results; newest first)`
+                                          : "(classes seen, from the results; newest first)";
+  $("#device-events").dataset.watched = watched ? watched.join(",") : "";
   setChart("coverage", $("#chart-coverage"), classes.map((c) => ({ label: `${c} %`, stroke: classColour(row, c) })),
            [doc.coverage.t, ...classes.map((c) => doc.coverage[c].map((v) => v == null ? 0 : v * 100))], "% of frame");
   renderEvents(doc.events);
@@ -637,7 +644,10 @@ async function refreshHistory() {
 function renderEvents(events) {
   const list = $("#device-events");
   const row = state.devices.get(state.selected) || {};
-  if (!events.length) { list.replaceChildren(el("li", { class: "none" }, "no class seen yet")); return; }
+  if (!events.length) {
+    list.replaceChildren(el("li", { class: "none" }, list.dataset.watched ? "none of the watched classes seen yet" : "no class seen yet"));
+    return;
+  }
   list.replaceChildren(...events.map((e) => {
     const swatch = el("span", { class: "swatch" });
     swatch.style.background = classColour(row, e.class);

@@ -16,9 +16,14 @@ therefore changes the fps and p50 a device reports, and a rollout gate can fail 
 
 What is not real: no camera and no interpreter (frames are clock ticks of ONE thread for every
 device, ``result`` messages carry an empty class list), ``bench --pipeline`` requests fail (no
-label maps), and a device runs as fast as ``min(source fps, 1000 / cost)``.
-Threads: paho's network thread per device plus the handlers' outbox and worker threads (numbers
-in docs/performance.md, "Simulated fleet"); thread stacks are made small for that.
+label maps), and a device runs as fast as ``min(source fps, 1000 / cost)``. A benchmark request
+is received, validated, queued and answered by the agent's own :class:`RemoteBench` code; only its
+runs are virtual (:class:`SimBench`: each invoke advances a clock by the model's cost, no frames
+are built, no sleep) and they run on ONE small pool shared by every device.
+Threads: one network thread for every client (:class:`NetLoop`), one clock thread, the shared
+benchmark pool; the command answers of every device are sent from the network loop
+(:class:`LoopOutbox`), not from an outbox thread per device and command (numbers in
+docs/performance.md, "Simulated fleet").
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import numpy as np  # noqa: E402
 
 import paho.mqtt.client as paho  # noqa: E402
 
+from edge_agent.comms.commands import OUTBOX_LIMIT, CommandChannel, Outbox, Request  # noqa: E402
 from edge_agent.comms.connection import MqttConnection  # noqa: E402
 from edge_agent.config import Config, load_config  # noqa: E402
 from edge_agent.daemon.agent import Agent  # noqa: E402
@@ -59,8 +65,10 @@ from edge_agent.errors import EdgeAgentError  # noqa: E402
 from edge_agent.inference.labels import labels_for  # noqa: E402
 from edge_agent.inference.preprocess import Geometry  # noqa: E402
 from edge_agent.models import catalog  # noqa: E402
+from edge_agent.output import benchmark as bench  # noqa: E402
 from edge_agent.output import stages  # noqa: E402
 from edge_agent.remote import HANDLERS  # noqa: E402
+from edge_agent.remote.bench import RemoteBench, _Progress  # noqa: E402
 
 log = logging.getLogger("fleet_sim")
 
@@ -69,6 +77,7 @@ INPUT_SIZE = (257, 257)
 TICK_S = 0.1  # the clock thread's period
 MAX_FRAMES_PER_TICK = 50  # a device far behind skips frames instead of bursting
 THREAD_STACK = 512 * 1024
+BENCH_WORKERS = 2  # every device's benchmark runs share these (2 cores here)
 VOC = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
        "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tv"]
 
@@ -127,6 +136,7 @@ class NetLoop:
         self._clients: Dict[paho.Client, "LoopConnection"] = {}
         self._delays: Dict[paho.Client, float] = {}
         self._stop = threading.Event()
+        self.reconnects = 0  # connection attempts that opened a socket (first connects included)
         self.thread = threading.Thread(target=self._run, name="fleet-sim-net", daemon=True)
         self.thread.start()
 
@@ -163,9 +173,11 @@ class NetLoop:
             return
         try:
             client.reconnect()
-        except OSError:
+        except Exception:  # OSError mostly; anything else must not end this device's reconnects
             conn._on_connect_fail(client, None)  # paho's own loop does this on a failed attempt
             self._retry(client, conn)
+        else:
+            self.reconnects += 1
 
     def _retry(self, client: paho.Client, conn: "LoopConnection") -> None:
         lo, hi = float(conn.cfg.reconnect_min_s), float(conn.cfg.reconnect_max_s)
@@ -279,6 +291,151 @@ class LoopConnection(MqttConnection):
         self.net.call_later(self.connack_timeout_s, self._connack_timeout, client, self._attempt)
 
 
+class LoopOutbox(Outbox):
+    """A command channel's answers, in order, sent from the shared :class:`NetLoop` (the agent's
+    :class:`Outbox` keeps a thread per channel: 4 per device, 4,000 threads for a fleet-wide
+    benchmark). Same policy: ``accepted`` and final answers retried until their deadline,
+    progress tried once; a retry waits on the loop's timers, never in a thread."""
+
+    def __init__(self, old: Outbox, net: NetLoop) -> None:
+        super().__init__(old._comms, old._name)
+        self.net = net
+        self._pumping = False
+
+    def put(self, item: Any) -> None:
+        with self._cond:
+            if len(self._queue) >= OUTBOX_LIMIT:
+                self.dropped += 1
+                log.warning("%s: outbox full, answer dropped", self._name)
+                return
+            self._queue.append(item)
+            if self._pumping:
+                return
+            self._pumping = True
+        self.net.call_later(0.0, self._pump, 0.02)
+
+    def _pump(self, delay: float) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._pumping = False
+                    self._cond.notify_all()
+                    return
+                item = self._queue[0]
+            if not self._try(item):
+                self.net.call_later(delay, self._pump, min(delay * 2, 0.5))
+                return
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
+
+    def _try(self, item: Any) -> bool:
+        """One attempt (Outbox._send's body): True when sent or given up."""
+        comms = self._comms()
+        sent_topic = getattr(item, "sent_topic", item.suffix is None)
+        sent_response = getattr(item, "sent_response", False)
+        try:
+            sent_topic = sent_topic or comms.publish(item.suffix, item.payload, qos=1)
+            if item.response is not None and not sent_response:
+                sent_response = comms.reply(item.response[0], item.payload, item.response[1])
+            else:
+                sent_response = True
+        except ValueError as exc:
+            log.warning("%s: cannot answer on %s: %s", self._name, item.suffix, exc)
+            return True
+        item.sent_topic, item.sent_response = sent_topic, sent_response
+        if sent_topic and sent_response:
+            return True
+        if time.monotonic() >= item.deadline:
+            self.dropped += 1
+            log.warning("%s: answer on %s dropped (broker unavailable)", self._name, item.suffix)
+            return True
+        return False
+
+
+class SimBench(RemoteBench):
+    """The agent's :class:`RemoteBench` (parsing, validation, model lookup, queue, accepted/
+    progress/done answers, cancel on stop); its runs are virtual and run on the fleet's shared
+    pool instead of a worker thread per device."""
+
+    def __init__(self, ctx: Any, pool: ThreadPoolExecutor) -> None:
+        super().__init__(ctx)
+        self.pool = pool
+
+    def _start_workers(self, slots: int) -> None:  # under self._cond, for each accepted request
+        self.pool.submit(self._work_one)
+
+    def _work_one(self) -> None:
+        """One queued request, if this device has a free slot (RemoteBench._work's body)."""
+        with self._cond:
+            if not self._queue or self._running >= int(self.limits.max_concurrent):
+                return
+            request = self._queue.popleft()
+            self._running += 1
+        try:
+            self.run(request)
+        except EdgeAgentError as exc:
+            request.fail(str(exc))
+        except Exception as exc:
+            log.exception("benchmark %s crashed", request.id)
+            request.fail(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if not request.finished:
+                request.fail("internal error: the benchmark ended without a result")
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+                if self._queue:
+                    self.pool.submit(self._work_one)
+
+    def run(self, request: Request) -> None:
+        """RemoteBench.run with virtual runs: the result document is the agent's
+        (:func:`edge_agent.output.benchmark.run_benchmark`); no frame is built, nothing sleeps."""
+        p = request.params
+        path, labels = p.get("_model") or self.ctx.models.running_model()
+        settings = bench.BenchSettings(
+            runs=p["runs"], warmup=p["warmup"], min_secs=p["min_secs"], max_secs=p["max_secs"],
+            max_count=int(self.limits.max_runs), pipeline=p["pipeline"], frame_size=p["frame_size"],
+            input=p["input"], samples=p["samples"])
+        if settings.pipeline:
+            raise EdgeAgentError("the simulator has no pipeline to benchmark (pipeline: false only)")
+        progress = _Progress(request)
+        progress("init", 0, 1)
+        segmenter = self.ctx.models.build(path, labels, **({"threads": p["threads"]} if p["threads"] else {}))
+        clock = VirtualClock()
+        segmenter.model.clock = clock
+        w, h = settings.frame_size or (640, 480)
+        frame = np.broadcast_to(np.uint8(0), (h, w, 3))  # a shape, no pixels
+        context = {"device_id": self.ctx.config().agent.device_id, "live_pipeline": self._live_state(False)}
+        result = bench.run_benchmark(segmenter, settings, init_ms=1.0, progress=progress, context=context,
+                                     frames=[frame], now=clock, cancelled=lambda: self._stopping is not None)
+        if result["stopped"] == "cancelled":
+            request.fail(f"cancelled: {self._stopping}", result=result)
+        else:
+            request.done(result=result)
+
+
+class VirtualClock:
+    """``now()`` for a virtual benchmark: advanced by each fake invoke's cost."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def loop_outboxes(handlers: Iterable[Any], net: NetLoop) -> None:
+    """Every command channel of these handlers answers from the shared loop (:class:`LoopOutbox`)."""
+    for handler in handlers:
+        for value in vars(handler).values():
+            if isinstance(value, CommandChannel) and not isinstance(value.outbox, LoopOutbox):
+                value.outbox = LoopOutbox(value.outbox, net)
+
+
 # --------------------------------------------------------------------------- the fake model
 
 
@@ -292,6 +449,7 @@ class FakeModel:
         self.labels = labels
         self.output = SimpleNamespace(classes=len(labels), kind="labels")
         self.cost_ms = cost_ms
+        self.clock: Optional[VirtualClock] = None  # set for a virtual benchmark
 
     def describe(self) -> Dict[str, Any]:
         h, w = self.input_size
@@ -313,7 +471,10 @@ class FakeModel:
         pass
 
     def invoke(self) -> None:
-        time.sleep(self.cost_ms / 1e3)
+        if self.clock is not None:
+            self.clock.advance(self.cost_ms * random.uniform(0.95, 1.05) / 1e3)
+        else:
+            time.sleep(self.cost_ms / 1e3)
 
 
 class FakeSegmenter:
@@ -375,6 +536,12 @@ class SimPipeline:
         self._rand = random.Random(agent.config.agent.device_id)
         self._last_mask_seq: Optional[int] = None
         self.encode_options = stages.EncodeOptions(mask=False, overlay=False, result=agent.config.publish.result)
+        # A random phase per device for frames, timings and stats: devices start within a second
+        # or two, and in phase 1,000 stats documents would go out in the same tick.
+        self._next += self._rand.uniform(0, self.interval_s())
+        t = self.telemetry
+        t._next_timings += self._rand.uniform(0, t.timings_interval_s)
+        t._next_stats += self._rand.uniform(0, t.stats_interval_s)
 
     @property
     def counters(self) -> Any:
@@ -466,7 +633,8 @@ class SimAgent(Agent):
 
     def __init__(self, config: Config, sim: "FleetSim") -> None:
         self.sim = sim
-        super().__init__(config, install_signals=False, handlers=HANDLERS)
+        super().__init__(config, install_signals=False,
+                         handlers={**HANDLERS, "benchmark": lambda ctx: SimBench(ctx, sim.bench_pool)})
         self.models = SimModels(config, self, sim)
         conn = self.comms._conn  # the agent's MqttConnection, before it starts: its I/O on the shared loop
         conn.__class__ = LoopConnection
@@ -488,6 +656,7 @@ class SimAgent(Agent):
         """Agent.run's start sequence, without its main loop (the simulator's clock drives us)."""
         self.models.open_store()
         self.start_handlers()
+        loop_outboxes(self.handlers.values(), self.sim.net)
         self.comms.start()
         self.start_pipeline()
 
@@ -522,6 +691,7 @@ class FleetSim:
             base_model.write_bytes(fake_model_bytes("sim-base"))
         self.base_model = base_model
         self.net = NetLoop()
+        self.bench_pool = ThreadPoolExecutor(BENCH_WORKERS, thread_name_prefix="fleet-sim-bench")
         base = load_config(None, [
             f"mqtt.host={host}", f"mqtt.port={port}", "mqtt.reconnect_min_s=0.5", "mqtt.reconnect_max_s=10",
             f"model.path={base_model}", f"model.labels={labels_file}", "source.kind=synthetic",
@@ -588,6 +758,7 @@ class FleetSim:
             self._clock.join(10)
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda d: d.stop(), self.devices))
+        self.bench_pool.shutdown(wait=False, cancel_futures=True)
         self.net.close()
 
     def mqtt_totals(self) -> Dict[str, int]:

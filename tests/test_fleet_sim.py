@@ -23,7 +23,7 @@ from edge_agent.fleet.client import FleetClient
 from edge_agent.fleet.deploy import deploy, deploy_params
 from tests.broker import Recorder
 from tests.helpers import wait_until
-from tests.test_published_payloads import PREFIX, check_message, final_info_then_offline, validator
+from tests.asyncapi_check import PREFIX, check_message, final_info_then_offline, validator
 
 PRESENCE = validator("presence")
 

@@ -20,7 +20,7 @@ from typing import Dict, List
 import pytest
 
 from tests.broker import Recorder
-from tests.data import INVOKE_ERROR, VOC
+from tests.data import IMAGES, INVOKE_ERROR, VOC
 from tests.helpers import ConsoleProcess, chromium, stop_agent, wait_until, write_config
 from tests.test_console import _click, _check, _fleet, _table, need_browser
 
@@ -53,6 +53,7 @@ def _shown(driver) -> Dict[str, object]:
     return driver.execute_script("""
         const q = (s) => document.querySelector(s);
         return {image: q('#device-canvas').dataset.seq || null, what: q('#device-canvas').dataset.what || null,
+                camera: q('#device-canvas').dataset.camera ?? null,
                 classes: q('#device-classes').dataset.seq || null, stages: q('#device-stages').dataset.seq || null,
                 rows: [...q('#device-classes').querySelectorAll('tbody tr')].map(tr => [tr.cells[0].textContent,
                                                                                     tr.cells[1].textContent])};""")
@@ -259,5 +260,80 @@ def test_frame_truth_errors_first_and_phone_width(mosquitto, tmp_path):
         for proc in agents.values():
             stop_agent(proc)
         rec.close()
+        watcher.close()
+    assert "Traceback" not in output, output
+
+
+CAMERAS = {"door": (VOC / "JPEGImages", ["aeroplane", "bird"]), "yard": (IMAGES, [])}
+
+
+@pytest.mark.broker
+@pytest.mark.browser
+@pytest.mark.slow
+def test_camera_picker_shows_each_cameras_own_frames(mosquitto, tmp_path):
+    """A real agent with two [[cameras]] (folders of real photos): the device page offers a camera
+    picker, and each camera shows its own frames (the camera and seq inside the picture's bytes match
+    the class table, the timings and that camera's own result), its watched classes in the chart."""
+    need_browser()
+    broker = mosquitto()
+    results: Dict[str, Dict[int, dict]] = {cam: {} for cam in CAMERAS}
+
+    def on_result(client, userdata, msg):
+        doc = json.loads(msg.payload)
+        results[msg.topic.split("/")[-2]][doc["seq"]] = doc
+    watcher = Recorder("127.0.0.1", broker.port, f"{PREFIX}/multi/camera/+/result")
+    watcher.client.on_message = on_result
+    (tmp_path / "multi").mkdir()
+    config = write_config(tmp_path / "multi" / "agent.toml", "multi", broker.port, {},
+                          publish={"overlay": True, "overlay_max_hz": 2.0, "timings": "frame", "stats_interval_s": 2.0})
+    config.write_text(config.read_text() + "".join(
+        f'\n[[cameras]]\nid = "{cam}"\nkind = "folder"\nuri = "{folder}"\nfps = 2.0\nloop = true\nclasses = {json.dumps(classes)}\n'
+        for cam, (folder, classes) in CAMERAS.items()))
+    log = open(tmp_path / "multi" / "agent.log", "wb")
+    agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                             stdout=log, stderr=subprocess.STDOUT)
+    console = ConsoleProcess(broker.port)
+    driver = None
+    try:
+        driver = chromium(tmp_path / "chromium-profile", width=1400, height=1000)
+        driver.get(console.url)
+        wait_until(lambda: _fleet(driver).get("multi", {}).get("fps", "–") != "–", 90, "the two-camera agent running")
+        _click(driver, '#fleet tr[data-device="multi"] a')
+        options = wait_until(lambda: driver.execute_script(
+            "const p = document.querySelector('#camera-pick');"
+            "return p.hidden ? null : [...document.querySelectorAll('#camera-select option')].map(o => o.value)"),
+            30, "the camera picker")
+        assert options == sorted(CAMERAS), options
+        for cam in ("yard", "door"):  # the second camera first: the picker is what switches
+            driver.execute_script(f"const s = document.querySelector('#camera-select'); s.value = '{cam}';"
+                                  "s.dispatchEvent(new Event('change'))")
+            seen: List[int] = []
+            while len(seen) < 4:
+                shown = wait_until(lambda: (lambda s: s if s["camera"] == cam and s["image"] and s["what"] == "overlay"
+                                            and (not seen or int(s["image"]) != seen[-1]) else None)(_shown(driver)),
+                                   30, f"a new {cam} frame")
+                seq = int(shown["image"])
+                assert shown["classes"] == shown["image"] and shown["stages"] == shown["image"], shown
+                result = wait_until(lambda: results[cam].get(seq), 10, f"the result of {cam} frame {seq}")
+                assert result["camera"] == cam
+                expected = sorted((name, f"{100 * f:.1f} %") for name, f in result["classes"].items())
+                assert sorted(tuple(r) for r in shown["rows"]) == expected, (cam, seq, shown["rows"], result["classes"])
+                seen.append(seq)
+            # the facts name the camera shown: its source and fps, the device's total beside it
+            facts = wait_until(lambda: (lambda f: f if f"source ({cam})" in f and f"fps ({cam})" in f else None)(
+                driver.execute_script("return document.querySelector('#device-facts').innerText")), 15, f"{cam}'s facts")
+            assert "folder" in facts and "(device " in facts, facts
+            # the camera's own watched classes in its coverage chart (door: its classes; yard: the default)
+            watched = CAMERAS[cam][1] or ["person", "car", "cat", "dog"]
+            wait_until(lambda: driver.execute_script(
+                "return charts.coverage && charts.coverage.series.slice(1).map(s => s.label).join()")
+                == ",".join(f"{c} %" for c in watched), 15, f"{cam}'s watched classes in the coverage chart")
+            driver.execute_script("window.scrollTo(0, 0)")
+            _shot(driver, tmp_path, f"8-device-camera-{cam}")
+    finally:
+        if driver is not None:
+            driver.quit()
+        output = console.stop()
+        stop_agent(agent)
         watcher.close()
     assert "Traceback" not in output, output

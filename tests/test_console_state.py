@@ -231,3 +231,21 @@ def test_coverage_and_events_follow_the_watched_classes():
     assert [e["class"] for e in new["events"]] == ["person"]
     assert sorted(k for k in old["coverage"] if k != "t") == ["bird", "person", "sheep"]
     assert sorted(e["class"] for e in old["events"]) == ["bird", "person", "sheep"]
+
+
+def test_several_cameras_health_and_facts():
+    """A camera whose source is down makes the device a warning that names it; each camera's fps and
+    source state reach the row (the device page's facts for the camera shown)."""
+    cams = {"door": {"fps": 2.0, "source": {"state": "open"}},
+            "yard": {"fps": 0.0, "source": {"state": "down", "last_error": "connection refused"}}}
+    assert st.health(True, {"status": "running"}, {"fps": 2.0, "cameras": cams}) == (
+        "warning", "camera yard: source down, reopening: connection refused")
+    fleet, client, clock, _ = _fleet()
+    client.infos["cam"] = {"status": "running", "cameras": [{"id": "door"}, {"id": "yard"}]}
+    _send(client, "cam", "stats", json.dumps({"fps": 2.0, "cameras": cams}).encode())
+    row = fleet.row("cam")
+    assert row["level"] == "warning" and row["camera_stats"] == {
+        "door": {"fps": 2.0, "source_state": "open", "source_error": None},
+        "yard": {"fps": 0.0, "source_state": "down", "source_error": "connection refused"}}
+    _send(client, "cam", "stats", json.dumps({"fps": 2.0, "cameras": {"": cams["door"]}}).encode())
+    assert fleet.row("cam")["camera_stats"] is None  # one camera: the device's own facts

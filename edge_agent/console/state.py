@@ -66,6 +66,25 @@ def stage_means(timings: Optional[Dict[str, Any]]) -> Dict[str, float]:
     return {}
 
 
+def _cameras(stats: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``stats.cameras`` (camera id -> its counters), the well-formed entries only."""
+    cams = stats.get("cameras") if isinstance(stats.get("cameras"), dict) else {}
+    return {c: v for c, v in cams.items() if isinstance(v, dict)}
+
+
+def _camera_facts(stats: Dict[str, Any]) -> Optional[Dict[str, Dict[str, Any]]]:
+    """With several cameras, each one's fps and source state (None with one camera)."""
+    cams = _cameras(stats)
+    if len(cams) < 2:
+        return None
+    out = {}
+    for cam, v in cams.items():
+        source = v.get("source") if isinstance(v.get("source"), dict) else {}
+        out[cam] = {"fps": v.get("fps"), "source_state": source.get("state"),
+                    "source_error": source.get("last_error") or None}
+    return out
+
+
 def health(online: Optional[bool], info: Dict[str, Any], stats: Dict[str, Any],
            errors_rising: bool = False) -> Tuple[str, str]:
     """(level, reason): ``error`` / ``warning`` / ``ok`` / ``offline`` / ``unknown`` and why, in words."""
@@ -77,11 +96,13 @@ def health(online: Optional[bool], info: Dict[str, Any], stats: Dict[str, Any],
         return "error", info.get("error") or "no pipeline runs"
     if errors_rising:
         return "error", f"inference failing: {stats.get('last_error') or 'errors rising'}"
-    source = stats.get("source") if isinstance(stats.get("source"), dict) else {}
-    if source.get("state") == "down":
-        return "warning", f"source down, reopening: {source.get('last_error') or 'no frames'}"
-    if source.get("state") == "ended":
-        return "warning", "source ended"
+    sources = [("", stats.get("source"))] + [(f"camera {c}: ", v.get("source")) for c, v in _cameras(stats).items() if c]
+    for where, source in sources:
+        source = source if isinstance(source, dict) else {}
+        if source.get("state") == "down":
+            return "warning", f"{where}source down, reopening: {source.get('last_error') or 'no frames'}"
+        if source.get("state") == "ended":
+            return "warning", f"{where}source ended"
     if stats.get("paused"):
         return "warning", "paused (a benchmark is running)"
     flags = stats.get("throttled") if isinstance(stats.get("throttled"), dict) else {}
@@ -468,6 +489,8 @@ class FleetState:
             "source": (info.get("source") or {}).get("kind"),
             "source_state": source.get("state"), "source_error": source.get("last_error") or None,
             "cameras": info.get("cameras") if isinstance(info.get("cameras"), list) else None,
+            # several cameras: each one's fps and source state (the device page's facts for the one shown)
+            "camera_stats": _camera_facts(stats),
             "timings_mode": (info.get("publish") or {}).get("timings"),
             "started_at": info.get("started_at"), "uptime_s": stats.get("uptime_s"),
             "last_seen": round(heard_at, 3) if heard_at else None,

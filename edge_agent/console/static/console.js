@@ -187,6 +187,8 @@ function throttleText(flags) {
   return (flags.throttling_occurred || flags.under_voltage_occurred) ? "earlier" : "no";
 }
 
+const threads = (n) => `${n} thread${n === 1 ? "" : "s"}`;
+
 function onlineText(row) {
   return row.online === true ? "online" : row.online === false ? "offline" : "unknown";
 }
@@ -292,7 +294,7 @@ function fillRow(tr, row) {
   cell("model").replaceChildren(breakable(row.model));
   cell("model").className = "name";
   // runtime, then "delegate · threads" under it (what the device runs stays the same offline)
-  const how = [row.delegate, row.threads ? `${row.threads} threads` : null].filter(Boolean).join(" · ");
+  const how = [row.delegate, row.threads ? threads(row.threads) : null].filter(Boolean).join(" · ");
   cell("runtime").replaceChildren(row.runtime || "–", ...(how ? [el("span", { class: "sub" }, how)] : []));
   // offline: no stale numbers (the state cell says "last seen … ago")
   const live = row.online !== false;
@@ -381,21 +383,28 @@ function renderDeviceSide(row) {
                                                  ". What is shown below is from then.");
   else alert.textContent = `${level === "error" ? "Error" : "Warning"}: ${row.reason || ""}`;
   const uptime = row.online && row.started_at ? duration(Date.now() / 1000 - row.started_at) : "–";
-  const source = [row.source, row.source_state].filter(Boolean).join(", ") + (row.source_error ? ` (${row.source_error})` : "");
-  $("#device-facts").replaceChildren(
-    fact("model", breakable(row.model || (row.status === "error" ? "none loaded" : "–"))),
-    fact("runtime", row.runtime || "–"), fact("delegate", `${row.delegate || "–"}${row.threads ? `, ${row.threads} threads` : ""}`),
-    fact("uptime", uptime), fact("last seen", seen(row.last_seen, "")),
-    fact("source", source || "–"), fact("fps", fmt(row.fps)),
-    fact("groups", (row.tags || []).join(", ") || "–"),
-    fact("CPU", `${fmt(row.cpu_percent, 0)} %` + (row.cpu_temp_c != null ? `, ${fmt(row.cpu_temp_c)} °C` : "")));
-  const cams = Object.keys((row.frame || {}).cameras || {});
+  // the cameras: the agent's (info.cameras, config order), and any other a frame came from
+  const cams = [...new Set([...(row.cameras || []).map((c) => c.id), ...Object.keys((row.frame || {}).cameras || {})])];
   $("#camera-pick").hidden = cams.length < 2;
   const select = $("#camera-select");
   if ([...select.options].map((o) => o.value).join() !== cams.join())
     select.replaceChildren(...cams.map((c) => el("option", { value: c }, c || "(default)")));
   if (state.camera === null && cams.length) state.camera = cams[0];
   select.value = state.camera ?? "";
+  // several cameras: the source and fps of the camera shown (the device's total fps beside it)
+  const camStats = (row.camera_stats || {})[state.camera ?? ""];
+  const camInfo = (row.cameras || []).find((c) => c.id === (state.camera ?? ""));
+  const source = camStats
+    ? [camInfo && camInfo.kind, camStats.source_state].filter(Boolean).join(", ") + (camStats.source_error ? ` (${camStats.source_error})` : "")
+    : [row.source, row.source_state].filter(Boolean).join(", ") + (row.source_error ? ` (${row.source_error})` : "");
+  $("#device-facts").replaceChildren(
+    fact("model", breakable(row.model || (row.status === "error" ? "none loaded" : "–"))),
+    fact("runtime", row.runtime || "–"), fact("delegate", `${row.delegate || "–"}${row.threads ? `, ${threads(row.threads)}` : ""}`),
+    fact("uptime", uptime), fact("last seen", seen(row.last_seen, "")),
+    fact(camStats ? `source (${state.camera})` : "source", source || "–"),
+    fact(camStats ? `fps (${state.camera})` : "fps", camStats ? `${fmt(camStats.fps)} (device ${fmt(row.fps)})` : fmt(row.fps)),
+    fact("groups", (row.tags || []).join(", ") || "–"),
+    fact("CPU", `${fmt(row.cpu_percent, 0)} %` + (row.cpu_temp_c != null ? `, ${fmt(row.cpu_temp_c)} °C` : "")));
   if (!drawn.ms) renderStages(row, null, null);  // interval timings (no frame drawn with its own)
 }
 
@@ -447,13 +456,15 @@ let wanted = null;
 
 function pickFrame(frame) {
   const cams = (frame && frame.cameras) || {};
-  const cam = cams[state.camera ?? ""] || cams[Object.keys(cams)[0]];
+  // the chosen camera's frame (none yet: nothing, never another camera's); not chosen yet: the first
+  const name = state.camera === null ? Object.keys(cams)[0] : state.camera;
+  const cam = cams[name];
   if (!cam) return null;
   const photoView = $("#device-view").value === "photo";
   const part = photoView ? (cam.photo || cam.shown) : (cam.shown || cam.photo);
   if (!part) return null;
   const what = part.overlay && (photoView || !part.mask) ? "overlay" : "mask";
-  return Object.assign({ what, device: frame.device, camera: state.camera ?? "" }, part);
+  return Object.assign({ what, device: frame.device, camera: name }, part);
 }
 
 function showFrame(frame) {
@@ -510,16 +521,17 @@ async function fetchFrames() {
         continue;  // that frame is gone already: the next one comes
       }
       const label = await readLabel(blob);
-      if (part.labelled && (!label || label.seq !== part.seq)) {
-        console.warn("frame label mismatch: asked", part.seq, "got", label);
+      if (part.labelled && (!label || label.seq !== part.seq || (label.camera || "") !== part.camera)) {
+        console.warn("frame label mismatch: asked", part.camera, part.seq, "got", label);
         continue;  // never show one frame's picture with another's data
       }
       const picture = part.what === "mask" ? await colourMask(blob) : await createImageBitmap(blob);
-      if (part.device !== state.selected) continue;
+      if (part.device !== state.selected || (state.camera !== null && part.camera !== state.camera)) continue;
       const row = state.devices.get(part.device) || {};
       draw(picture, part.what === "mask");
       const canvas = $("#device-canvas");
       canvas.dataset.seq = label ? String(label.seq) : "";
+      canvas.dataset.camera = (label && label.camera) || "";  // the camera the picture's own label names
       canvas.dataset.what = part.what;
       if (part.what === "mask") canvas.dataset.maskN = String(part.n);
       renderClasses(row, part.classes, part.labelled ? part.seq : null);
@@ -527,7 +539,7 @@ async function fetchFrames() {
       renderStages(row, part.ms, part.seq);
       const when = part.capture_ts ? ` · captured ${clock(part.capture_ts)}` : "";
       $("#device-frame").textContent = part.labelled
-        ? `frame ${part.seq}${when} · ${part.what === "mask" ? "mask" : "photo with its mask"}` +
+        ? `${part.camera ? `camera ${part.camera} · ` : ""}frame ${part.seq}${when} · ${part.what === "mask" ? "mask" : "photo with its mask"}` +
           (part.what === "mask" && $("#device-view").value === "photo" ? " (this device publishes no photo: publish.overlay)" : "")
         : "newest mask (this device does not label its frames)";
       if (part.what === "mask") {
@@ -857,7 +869,7 @@ function wire() {
     state.camera = e.target.value;
     drawn.key = null;
     const row = state.devices.get(state.selected);
-    if (row) showFrame(row.frame);
+    if (row) { renderDeviceSide(row); showFrame(row.frame); }
     refreshHistory();
   });
   $("#fleet-filter").addEventListener("input", () => { fleet.page = 0; scheduleFleet(); });

@@ -253,14 +253,16 @@ function renderFleet() {
 
 // The fleet table's columns (index.html's headers carry the same data-col names).
 const COLUMNS = ["device", "state", "groups", "model", "runtime", "fps", "inference", "end_to_end", "latency", "health"];
-const OPTIONAL = new Set(["runtime", "latency", "health"]);  // hidden at phone width
+const OPTIONAL = new Set(["runtime", "latency"]);  // hidden at phone width
 const NUMERIC = new Set(["fps", "inference", "end_to_end"]);
 
 function newRow(device) {
   const tr = el("tr", { data: { device } });
-  for (const col of COLUMNS)
+  const heads = [...document.querySelectorAll("#fleet thead th")].map((th) => th.textContent);
+  // data-label: the column's name inside the cell, for the phone layout (one card a device)
+  COLUMNS.forEach((col, i) =>
     tr.append(el("td", { class: [OPTIONAL.has(col) ? "opt" : "", NUMERIC.has(col) ? "num" : ""].join(" ").trim(),
-                         data: { col } }));
+                         data: { col, label: heads[i] || col } })));
   const cell = (col) => tr.cells[COLUMNS.indexOf(col)];
   cell("device").append(el("a", { onclick: () => selectDevice(device, true) }, device));
   cell("latency").append(el("canvas", { class: "spark", width: 150, height: 40 }));

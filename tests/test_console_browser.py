@@ -330,6 +330,10 @@ def test_camera_picker_shows_each_cameras_own_frames(mosquitto, tmp_path):
                 == ",".join(f"{c} %" for c in watched), 15, f"{cam}'s watched classes in the coverage chart")
             driver.execute_script("window.scrollTo(0, 0)")
             _shot(driver, tmp_path, f"8-device-camera-{cam}")
+        driver.set_window_size(375, 900)
+        wait_until(lambda: driver.execute_script("return document.documentElement.clientWidth") <= 375, 5, "375 px")
+        _shot(driver, tmp_path, "8-device-cameras-375px")
+        assert _too_wide(driver) == [], "the device page with a camera picker is wider than a phone"
     finally:
         if driver is not None:
             driver.quit()

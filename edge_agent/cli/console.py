@@ -38,6 +38,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--read-only", action="store_true",
                    help="a viewer's console (for viewer broker credentials): shows the fleet, hides and "
                         "refuses benchmarks, deployments and rollbacks (403)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where rollouts keep their state files and models (default "
+                        "$XDG_STATE_HOME/edge-agent/console, i.e. ~/.local/state/edge-agent/console)")
     p.add_argument("--discover-s", type=float, default=DISCOVERY_S,
                    help="seconds each command waits for retained device states (default 1)")
     p.set_defaults(func=cmd_console)
@@ -53,6 +56,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0 or args.max_event_streams < 1 or args.forget_after_h <= 0:
         raise EdgeAgentError("--max-upload-mb, --max-event-streams and --forget-after-h must be positive")
     settings = Settings(max_upload_mb=args.max_upload_mb, max_event_streams=args.max_event_streams,
-                        forget_after_s=args.forget_after_h * 3600, read_only=args.read_only)
+                        forget_after_s=args.forget_after_h * 3600, read_only=args.read_only,
+                        state_dir=args.state_dir)
     return serve(mqtt_from_args(args), listen, token, discover_s=args.discover_s, settings=settings,
                  sign_key=sign_key)

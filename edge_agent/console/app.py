@@ -46,6 +46,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from edge_agent.console.jobs import Jobs
+from edge_agent.console.rollouts import routes as rollout_routes
 from edge_agent.console.settings import Settings
 from edge_agent.console.state import FleetState
 from edge_agent.errors import EdgeAgentError
@@ -220,7 +221,8 @@ class _EventStream(StreamingResponse):
 
 
 def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings: Settings = Settings(),
-               title: str = "edge-agent console") -> Starlette:
+               title: str = "edge-agent console", rollouts: Any = None) -> Starlette:
+    """``rollouts``: a :class:`edge_agent.console.rollouts.Rollouts` (its /api/rollouts routes)."""
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
     def guard(write: bool = False, command: bool = False):
@@ -472,6 +474,7 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
         Route("/api/rollback", rollback, methods=["POST"]),
         Route("/api/deploy", deploy, methods=["POST"]),
         Route("/api/session", session, methods=["POST"]),
+        *(rollout_routes(rollouts, state, settings, guard) if rollouts is not None else []),
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -100,6 +100,7 @@ def serve(mqtt: Any, listen: Listen, token: Optional[str], discover_s: float = 1
         raise EdgeAgentError(f"the console needs its extra ({exc.name} is missing): "
                              "pip install 'edge-agent[console]'") from None
     from edge_agent.console.jobs import Jobs
+    from edge_agent.console.rollouts import Rollouts
     from edge_agent.console.state import FleetState
 
     check_listen(listen, token)
@@ -111,7 +112,8 @@ def serve(mqtt: Any, listen: Listen, token: Optional[str], discover_s: float = 1
         state = FleetState(client, on_change=hub.notify, forget_after_s=settings.forget_after_s).start()
         jobs = Jobs(mqtt, on_change=lambda job_id: hub.notify("job", job_id), discover_s=discover_s,
                     sign_key=sign_key)
-        app = create_app(state, jobs, hub, Access.make(token, listen.loopback), settings=settings)
+        rollouts = Rollouts(mqtt, settings.rollouts_dir, jobs, discover_s=discover_s, sign_key=sign_key)
+        app = create_app(state, jobs, hub, Access.make(token, listen.loopback), settings=settings, rollouts=rollouts)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2)
         port = sock.getsockname()[1]

@@ -13,6 +13,9 @@ They bound what any client of the page or of the broker can make the console hol
 * ``read_only``: a viewer's console (``--read-only``, for a viewer's broker credentials: the broker
   would refuse its commands anyway): the page hides benchmark, deploy and rollback, and every
   state-changing request is answered 403.
+* ``state_dir``: where the console keeps what outlives it: the rollouts' state files and their models
+  (``<state_dir>/rollouts``); default ``$XDG_STATE_HOME/edge-agent/console`` (``~/.local/state/...``).
+  One rollout runs at a time; the page lists the newest 50.
 * ``forget_after_s``: a device not online and not heard from for this long is forgotten, its
   masks and overlays freed (it comes back with its next message). It is forgotten at once when
   its retained availability or info is cleared (an empty retained message).
@@ -20,7 +23,9 @@ They bound what any client of the page or of the broker can make the console hol
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from edge_agent.config import DeployConfig
@@ -37,6 +42,13 @@ class Settings:
     forget_after_s: float = FORGET_AFTER_S
     read_only: bool = False
     upload_dir: Optional[str] = None  # None: tempfile's directory ($TMPDIR, else /tmp)
+    state_dir: Optional[str] = None  # None: $XDG_STATE_HOME/edge-agent/console (~/.local/state/...)
+
+    @property
+    def rollouts_dir(self) -> Path:
+        base = self.state_dir or os.path.join(
+            os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "edge-agent", "console")
+        return Path(base) / "rollouts"
 
     @property
     def max_upload_bytes(self) -> int:

@@ -18,8 +18,8 @@ A failed gate stops the rollout and rolls back every device of the stages done s
 included) to the model it ran before, with a report of which device failed which gate and by how
 much. The state (stages, devices, previous models, gate results, status) is written to a JSON
 file after every step: ``--resume`` continues a rollout that was interrupted (stages that passed
-are not redone); Ctrl-C cancels it and rolls back the devices it had changed, so every device
-ends on a known model.
+are not redone); Ctrl-C (or :meth:`Rollout.cancel`: the console's Cancel) cancels it and rolls
+back the devices it had changed, so every device ends on a known model.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ STATE_VERSION = 1
 
 class RolloutError(EdgeAgentError):
     """A rollout cannot start or continue (bad stages, nothing to roll out, a state file that does not fit)."""
+
+
+class Cancelled(Exception):
+    """:meth:`Rollout.cancel` was called: taken like Ctrl-C (roll back what was changed)."""
 
 
 @dataclass
@@ -123,10 +127,11 @@ class Metrics:
             out[key] = round(statistics.median(values), 3) if values else None
         return out
 
-    def wait_for_samples(self, devices: Sequence[str], since: float, timeout: float) -> None:
-        """Until every device has at least one fps sample after ``since`` (or ``timeout``)."""
+    def wait_for_samples(self, devices: Sequence[str], since: float, timeout: float,
+                         stop: Optional[threading.Event] = None) -> None:
+        """Until every device has at least one fps sample after ``since`` (or ``timeout``, or ``stop``)."""
         deadline = self._clock() + timeout
-        while self._clock() < deadline:
+        while self._clock() < deadline and not (stop is not None and stop.is_set()):
             if all(self.window(d, since)["fps"] is not None for d in devices):
                 return
             time.sleep(0.1)
@@ -207,6 +212,16 @@ class Rollout:
         self.out = out
         self.metrics = Metrics(client, state.devices)
         self._started = time.monotonic()
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """From any thread: stop at the next step (a running deployment is waited for) and roll
+        back the devices changed so far, as Ctrl-C does."""
+        self._cancel.set()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._cancel.wait(max(0.0, seconds)):
+            raise Cancelled
 
     @classmethod
     def plan(cls, devices: Sequence[str], stages: str, params: Dict[str, Any], gates: Gates,
@@ -232,13 +247,14 @@ class Rollout:
         st = self.state
         if st.status != "running":
             raise RolloutError(f"this rollout is {st.status}: nothing to resume")
-        # A baseline needs metrics from before the first swap: listen for baseline_s first.
-        self.metrics.wait_for_samples(st.devices, self._started, timeout=self.baseline_s * 3)
-        time.sleep(max(0.0, self.baseline_s - (time.monotonic() - self._started)))
         try:
+            # A baseline needs metrics from before the first swap: listen for baseline_s first.
+            self.metrics.wait_for_samples(st.devices, self._started, timeout=self.baseline_s * 3, stop=self._cancel)
+            self._sleep(self.baseline_s - (time.monotonic() - self._started))
             for index, stage in enumerate(st.stages):
                 if stage.status == "passed":
                     continue
+                self._sleep(0)
                 if not self._run_stage(index, stage):
                     self._roll_back(index)
                     st.status = "failed"
@@ -252,7 +268,7 @@ class Rollout:
             st.save(self.path)
             self.out(st.report[-1])
             return 0
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Cancelled):
             done = max((i for i, s in enumerate(st.stages) if s.status != "pending"), default=-1)
             st.report.append("cancelled: rolling back the devices this rollout changed")
             self.out(st.report[-1])
@@ -275,10 +291,11 @@ class Rollout:
         swapped = time.monotonic()
         stage.status = "soaking"
         st.save(self.path)
+        self._sleep(0)
         ok_devices = [d for d in stage.devices if answers.get(d) is not None and answers[d].ok]
         if ok_devices:
             self.out(f"stage {index + 1}/{n}: soaking {st.soak_s:g} s")
-            time.sleep(st.soak_s)
+            self._sleep(st.soak_s)
         for d in stage.devices:
             after = self.metrics.window(d, swapped)
             stage.results[d] = check_gates(self.gates, before[d], after, answers.get(d), self._status(d))

@@ -127,6 +127,8 @@ def test_a_cancelled_rollout_rolls_back_and_frees_its_devices(mosquitto, tmp_pat
         assert any(line.startswith("cancel asked") for line in doc["lines"])
         # the stage had started: fk-c is rolled back to what it ran (it never answers: a red cell on the page)
         assert doc["stages"][0]["previous"] == {"fk-c": SHA_OLD}
+        assert doc["stages"][0]["status"] == "cancelled"  # shown where it stopped (the file keeps which step)
+        assert json.loads((rollouts / f"{rid}.json").read_text())["stages"][0]["status"] in ("deploying", "soaking")
         assert list(doc["rolled_back"]) == ["fk-c"] and doc["rolled_back"]["fk-c"].startswith("timeout"), doc
         assert not (rollouts / f"{rid}.tflite").exists()  # finished: nothing will resume it
         again = _http(url + f"api/rollouts/{rid}/cancel", "POST", b"", {"X-Console-Token": token})
@@ -142,6 +144,7 @@ def test_a_cancelled_rollout_rolls_back_and_frees_its_devices(mosquitto, tmp_pat
         (rollouts / f"{other}.json").write_text(json.dumps(stopped))
         (rollouts / "rollout-junk.json").write_text("{")
         (rollouts / "rollout-20240101-000001-abcdef.json").write_text("[]")
+        (rollouts / "rollout-20240101-000002-abcdef.json").write_text('{"stages": [1]}')
         listed = _get(url, "api/rollouts")["rollouts"]
         assert [r["id"] for r in listed] == [rid, other], listed
         assert listed[1]["outcome"] == "interrupted" and listed[1]["started_at"] == 1704067200.0

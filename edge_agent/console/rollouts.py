@@ -101,7 +101,11 @@ class Rollouts:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return doc if isinstance(doc, dict) and isinstance(doc.get("stages"), list) else None
+        stages = doc.get("stages") if isinstance(doc, dict) else None
+        if not isinstance(stages, list) or not all(isinstance(s, dict) and isinstance(s.get("devices"), list)
+                                                   for s in stages):
+            return None
+        return doc
 
     def running_id(self) -> Optional[str]:
         with self._lock:
@@ -122,9 +126,12 @@ class Rollouts:
         if status == "running" and live is None:
             status = "interrupted"  # no thread of this console runs it: the console stopped, or it broke
         rolled_back = raw.get("rolled_back") or {}
+        stages = raw["stages"]
+        if status == "cancelled":  # the stage it stopped in says so (the state file keeps where it was)
+            stages = [dict(s, status="cancelled") if s.get("status") in ("deploying", "soaking") else s for s in stages]
         doc = {"id": rollout_id, "status": status, "outcome": outcome(status, rolled_back),
                "cancelling": cancelling, "model": raw.get("model") or {}, "devices": raw.get("devices") or [],
-               "stages": raw.get("stages"), "gates": raw.get("gates") or {}, "soak_s": raw.get("soak_s"),
+               "stages": stages, "gates": raw.get("gates") or {}, "soak_s": raw.get("soak_s"),
                "report": raw.get("report") or [], "rolled_back": rolled_back,
                "started_at": _started_at(rollout_id), "updated_at": raw.get("updated_at"),
                "lines": lines, "error": self._errors.get(rollout_id)}

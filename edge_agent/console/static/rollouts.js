@@ -48,13 +48,19 @@
       <p id="rollout-error-text" class="error"></p>
       <p id="rollout-resume" class="dim" hidden></p>
       <ul id="rollout-report" class="rollout-report"></ul>
-      <div id="rollout-stages"></div>
+      <div id="rollout-stage-tables"></div>
       <details><summary>Progress lines</summary><pre id="rollout-lines" class="rollout-lines"></pre></details>
     </div>`;
   q("main").append(section);
   if (readOnly) q("#rollout-form").hidden = true;
 
-  const when = (t) => t ? new Date(t * 1000).toLocaleString("en-GB", { hour12: false }) : "";
+  const two = (n) => String(n).padStart(2, "0");
+  const when = (t) => {  // 2026-12-07 21:48:42, local time, whatever the browser's locale
+    if (!t) return "";
+    const d = new Date(t * 1000);
+    return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ` +
+           `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
+  };
   const short = (sha) => sha ? String(sha).slice(0, 12) : "";
   const num = (v) => (v === null || v === undefined) ? "–" : String(Math.round(v * 100) / 100);
   const badgeClass = (outcome) => String(outcome || "").replace(/ /g, "-");
@@ -131,8 +137,8 @@
     }));
   }
 
-  function gateCell(result) {
-    if (!result) return mk("td", { class: "dim" }, "pending");
+  function gateCell(result, stageStatus) {
+    if (!result) return mk("td", { class: "dim" }, stageStatus === "cancelled" ? "not checked" : "pending");
     if (result.ok) return mk("td", { class: "gate-ok" }, "passed");
     return mk("td", { class: "gate-failed" }, ...result.failed.map((line) => mk("span", { class: "gate-line" }, line)));
   }
@@ -158,9 +164,9 @@
     resume.hidden = !doc.resume;
     resume.textContent = doc.resume ? `Interrupted (not run by this console): resume it with ${doc.resume}` : "";
     q("#rollout-report").replaceChildren(...doc.report.map((line) =>
-      mk("li", { class: / failed |^cancelled/.test(line) ? "failed" : "" }, line)));
+      mk("li", { class: / failed /.test(line) ? "failed" : "" }, line)));
     const n = doc.stages.length;
-    q("#rollout-stages").replaceChildren(...doc.stages.map((stage, i) => {
+    q("#rollout-stage-tables").replaceChildren(...doc.stages.map((stage, i) => {
       const head = mk("h4", {}, `Stage ${i + 1}/${n} · ${stage.devices.length} device(s) `);
       const b = mk("span", { class: `badge ${badgeClass(stage.status)}` }, stage.status);
       head.append(b);
@@ -168,7 +174,7 @@
         const result = (stage.results || {})[dev];
         const back = doc.rolled_back[dev];
         return mk("tr", { data: { device: dev }, className: result && !result.ok ? "failed" : "" },
-          mk("td", {}, dev), gateCell(result), compare(result, "fps", ""), compare(result, "p50_ms", " ms"),
+          mk("td", {}, dev), gateCell(result, stage.status), compare(result, "fps", ""), compare(result, "p50_ms", " ms"),
           mk("td", { class: back === undefined ? "dim" : (back === "done" ? "" : "gate-failed") },
              back === undefined ? "" : (back === "done" ? "rolled back" : `rollback ${back}`)),
           mk("td", { class: "dim" }, short((stage.previous || {})[dev])));

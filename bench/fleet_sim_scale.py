@@ -9,12 +9,17 @@ One run measures, one after the other (the host CLI and the console are real pro
 * devices    ``edge-agent remote devices --json``: all listed (target < 10 s);
 * bench      ``edge-agent remote bench --all``: an answer from every device;
 * rollout    ``edge-agent remote rollout --all --stages 1,10,50%,100%``: a model 10x slower; one
-             stage-2 device is model-bound (the others paced), so its fps gate fails at stage 2 and
-             the 10 devices of stages 1+2 are rolled back (checked on the devices themselves);
+             stage-2 device is model-bound (the others paced; the 10 devices of stages 1+2 at 2
+             fps), so its fps gate fails at stage 2 and the 10 devices of stages 1+2 are rolled
+             back (checked on the devices themselves);
 * console    ``edge-agent console``: ``/api/devices`` time and size, the console's CPU over 20 s and
              its peak RSS (target < 300 MB), and the fleet page rendered in headless chromium
              (navigation -> fleet table filled; target < 1 s);
-* messages   every ``result`` a device handed to its client, counted again by a subscriber.
+* messages   every ``result`` a device handed to its client, counted again by a subscriber in its
+             own process (``--count-results``: the simulator's GIL does not slow it down).
+
+Between steps: how many devices are still connected and how many connection attempts the
+simulator made (1,000 at the start; more means connections were lost and re-made).
 
 Prints one line per step and writes the numbers as JSON with --json. Results: docs/performance.md
 ("Simulated fleet of 1,000").
@@ -49,27 +54,67 @@ from edge_agent.comms.broker import MosquittoBroker, free_port  # noqa: E402
 
 PREFIX = "edge-agent"
 NEW_MODEL_MS, BASE_MS = 400.0, 40.0
+GATED_FPS = 2.0
+
+
+def count_results(port: int, out: Path) -> int:
+    """``--count-results``: a plain paho subscriber (QoS 1) counting result messages; writes the
+    count to ``out`` twice a second and prints ``ready`` once subscribed. Ends on SIGTERM."""
+    import signal
+    count = [0]
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{PREFIX}/+/result", 1)
+    client.on_subscribe = lambda c, u, mid, codes, p: print("ready", flush=True)
+
+    def on_message(c: Any, u: Any, msg: Any) -> None:
+        count[0] += 1
+    client.on_message = on_message
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    client.connect("127.0.0.1", port, 60)
+    client.loop_start()
+    while not stop.wait(0.5):
+        out.write_text(str(count[0]))
+    client.disconnect()
+    client.loop_stop()
+    out.write_text(str(count[0]))
+    return 0
 
 
 class Counter:
-    """Counts every result message per device (a plain paho subscriber, QoS 1)."""
+    """The result counter in its own process (see :func:`count_results`)."""
 
-    def __init__(self, port: int) -> None:
-        self.results = 0
-        self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{PREFIX}/+/result", 1)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port, 60)
-        self.client.loop_start()
+    def __init__(self, port: int, out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, __file__, "--count-results", str(port), str(out)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
 
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        with self.lock:
-            self.results += 1
+    @property
+    def results(self) -> int:
+        try:
+            return int(self.out.read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def settle(self, expected: int, timeout: float = 60.0) -> int:
+        """The count once it reaches ``expected`` or stops growing for 5 s."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = self.results
+            if n >= expected:
+                return n
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since > 5.0:
+                break
+            time.sleep(0.5)
+        return self.results
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 def cpu_s(pid: int) -> float:
@@ -111,7 +156,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--fps", type=float, default=0.2, help="each device's frame rate (default 0.2)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--count-results", nargs=2, metavar=("PORT", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.count_results:
+        return count_results(int(args.count_results[0]), Path(args.count_results[1]))
     work = Path(tempfile.mkdtemp(prefix="edge-agent-fleet-sim-scale-"))
     (work / "broker").mkdir()
     broker = MosquittoBroker(workdir=str(work / "broker")).start()
@@ -120,9 +168,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     new_sha = hashlib.sha256(new_model).hexdigest()
     (work / "new.tflite").write_bytes(new_model)
     slow_device = "sim-0005"  # in stage 2 (devices 2..10): model-bound, the others are paced
-    costs = Costs({new_sha: NEW_MODEL_MS}, default_ms=BASE_MS, fps=args.fps, device_fps={slow_device: 0.0})
-    counter = Counter(broker.port)
-    report: Dict[str, Any] = {"devices": args.devices, "fps": args.fps, "cpus": os.cpu_count(), "steps": {}}
+    # The devices of stages 1+2 run at 2 fps: fps is measured per second, and at 0.2 fps a
+    # window holds 0 or 1 frame, so a paced device's fps gate would fail on noise alone.
+    gated = {f"sim-{i:04d}": GATED_FPS for i in range(min(10, args.devices))}
+    costs = Costs({new_sha: NEW_MODEL_MS}, default_ms=BASE_MS, fps=args.fps,
+                  device_fps={**gated, slow_device: 0.0})
+    counter = Counter(broker.port, work / "results.count")
+    report: Dict[str, Any] = {"devices": args.devices, "fps": args.fps, "cpus": os.cpu_count(),
+                              "loadavg_start": os.getloadavg(), "steps": {}}
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start", flush=True)
     common = ["--host", "127.0.0.1", "--port", str(broker.port)]
     failed = False
     console: Optional[subprocess.Popen] = None
@@ -131,8 +185,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         nonlocal failed
         failed |= not ok
         report["steps"][name] = {"seconds": round(seconds, 2), "ok": ok, "detail": detail, **extra,
-                                 "broker_peak_rss_mb": round((kib_status(broker.pid, "VmHWM") or 0) / 1024, 1)}
-        print(f"{name:9s} {seconds:7.2f} s  {'ok ' if ok else 'FAIL'}  {detail}", flush=True)
+                                 "broker_peak_rss_mb": round((kib_status(broker.pid, "VmHWM") or 0) / 1024, 1),
+                                 "connected_after": sim.connected(), "connection_attempts": sim.net.reconnects,
+                                 "loadavg": os.getloadavg()[0]}
+        print(f"{name:9s} {seconds:7.2f} s  {'ok ' if ok else 'FAIL'}  {detail}  "
+              f"[{sim.connected()} connected, {sim.net.reconnects} connection attempts, "
+              f"load {os.getloadavg()[0]:.1f}]", flush=True)
 
     sim = FleetSim(args.devices, work / "sim", port=broker.port, costs=costs)
     try:
@@ -226,16 +284,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             console.wait(30)
         t = time.monotonic()
         sim.stop()
-        time.sleep(2.0)  # the last results on their way to the counter
-        counter.close()
         sent = sim.frame_messages
-        with counter.lock:
-            got = counter.results
+        got = counter.settle(sent)  # the last results on their way to the counter
+        counter.close()
         totals = sim.mqtt_totals()
         step("messages", time.monotonic() - t, got == sent,
              f"{got} results received of {sent} the devices' clients took ({sent - got} lost); the clients "
              f"dropped {totals.get('dropped', 0)} messages in all (none taken: broker away or in-flight full); "
-             f"simulator clock ticks late: {sim.late_ticks} of {sim.ticks} (the machine is the limit when many)")
+             f"simulator clock ticks late: {sim.late_ticks} of {sim.ticks} (the machine is the limit when many); "
+             f"load average {os.getloadavg()[0]:.2f}")
         broker.close()
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

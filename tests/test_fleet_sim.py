@@ -124,3 +124,27 @@ def test_a_rollout_over_simulated_devices_fails_at_stage_2_and_rolls_back_stages
         assert all(not d.models.store.has(SLOW_SHA) for d in untouched)  # stage 3 never got the model
     finally:
         sim.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_fleet_wide_benchmark_of_300_simulated_devices_gets_every_answer(mosquitto, tmp_path):
+    """300 devices answer at once (accepted, progress, done: ~1,800 messages in a burst, more than
+    mosquitto queues for one QoS 1 subscriber by default): every device's final answer arrives."""
+    broker = mosquitto()
+    sim = FleetSim(300, tmp_path / "sim", port=broker.port, costs=Costs(fps=0.2)).start()
+    client = FleetClient(MqttConfig(host="127.0.0.1", port=broker.port))
+    seen = []
+    try:
+        assert sim.wait_connected(60) == 300
+        client.connect()
+        assert sum(1 for d in client.discover(2.0).values() if d.online) == 300
+        answers = client.request("benchmark", command_params(runs=5, warmup=1), fleet=True, timeout=60,
+                                 on_message=lambda dev, doc: seen.append((dev, doc["status"])))
+        assert sorted(d for d, a in answers.items() if a.status == "done") == sim.ids, \
+            {a.status: a.reason for a in answers.values() if a.status != "done"}
+        assert all(len(a.final["result"]["samples_ms"]) == 5 for a in answers.values())
+        assert {dev for dev, status in seen if status == "accepted"} == set(sim.ids)
+    finally:
+        client.close()
+        sim.stop()

@@ -44,6 +44,11 @@ CONNECT_TIMEOUT_S = 20.0  # room for two hang-ups before the 3.1.1 fallback on a
 CONNACK_TIMEOUT_S = 5.0
 GIVE_UP_AFTER = 3  # failed attempts (refused, TLS, nothing listening) before connect() raises
 QUIET_S = 0.3  # discovery ends once nothing new arrived for this long (and every known device answered)
+# What the broker sends us comes from many devices at once (1,000 answers to one fleet-wide
+# request within a second). At QoS 1 mosquitto keeps 20 in flight and queues 1,000 more per
+# client by default and DROPS the rest; at QoS 0 it writes them to our socket. Our sessions are
+# clean either way: a lost connection loses what was in flight at either QoS.
+SUBSCRIBE_QOS = 0
 PRESENCE = "presence"
 RETAINED = "retained"
 OFFLINE = "offline"
@@ -202,13 +207,13 @@ class FleetClient:
         return client
 
     def subscribe(self, filters: List[str], timeout: float = 10.0) -> None:
-        """Subscribe (QoS 1) and wait for the broker's SUBACK: nothing sent before is missed after.
-        The filters are subscribed again after a reconnect."""
+        """Subscribe (``SUBSCRIBE_QOS``) and wait for the broker's SUBACK: nothing sent before is
+        missed after. The filters are subscribed again after a reconnect."""
         client = self._connected_client(timeout)
         with self._cond:
             self._filters.update(filters)
             generation = self._generation
-            rc, mid = client.subscribe([(f, 1) for f in filters])
+            rc, mid = client.subscribe([(f, SUBSCRIBE_QOS) for f in filters])
 
             def acked() -> bool:  # ours, or the resubscription after a reconnect that lost ours
                 return mid in self._subacks or (self._generation != generation and self._resub_mid in self._subacks)
@@ -384,7 +389,7 @@ class FleetClient:
             self._generation += 1
             self._resub_mid = None
         if filters:
-            _, mid = client.subscribe([(f, 1) for f in filters])
+            _, mid = client.subscribe([(f, SUBSCRIBE_QOS) for f in filters])
             with self._cond:
                 self._resub_mid = mid
                 self._cond.notify_all()

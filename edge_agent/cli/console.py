@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
                         "at once when its retained availability/info is cleared")
     p.add_argument("--read-only", action="store_true",
                    help="a viewer's console (for viewer broker credentials): shows the fleet, hides and "
-                        "refuses benchmarks, deployments and rollbacks (403)")
+                        "refuses benchmarks, deployments, rollbacks and rollouts (403)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="where rollouts keep their state files and models (default "
                         "$XDG_STATE_HOME/edge-agent/console, i.e. ~/.local/state/edge-agent/console)")

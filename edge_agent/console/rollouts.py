@@ -84,6 +84,7 @@ class Rollouts:
         self._live: Optional[_Live] = None
         self._errors: Dict[str, str] = {}  # rollout id -> why its thread stopped (this process)
         self._ended: "collections.OrderedDict[str, List[str]]" = collections.OrderedDict()  # their lines
+        self._cache: "collections.OrderedDict[str, Any]" = collections.OrderedDict()  # file -> (stat, doc)
 
     # -- files -----------------------------------------------------------------------------------
     def state_path(self, rollout_id: str) -> Path:
@@ -95,16 +96,24 @@ class Rollouts:
         return self.state_path(rollout_id).with_suffix(".tflite")
 
     def _read(self, path: Path) -> Optional[Dict[str, Any]]:
+        """The state file's document (parsed again only when the file changed), None if unusable."""
         try:
-            if path.stat().st_size > MAX_STATE_BYTES:
-                return None
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            st = path.stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._cache.get(path.name)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            doc = json.loads(path.read_text(encoding="utf-8")) if st.st_size <= MAX_STATE_BYTES else None
         except (OSError, ValueError):
             return None
         stages = doc.get("stages") if isinstance(doc, dict) else None
         if not isinstance(stages, list) or not all(isinstance(s, dict) and isinstance(s.get("devices"), list)
                                                    for s in stages):
-            return None
+            doc = None
+        with self._lock:
+            self._cache[path.name] = (key, doc)
+            while len(self._cache) > 2 * KEEP_LISTED:
+                self._cache.popitem(last=False)
         return doc
 
     def running_id(self) -> Optional[str]:

@@ -11,8 +11,8 @@ They bound what any client of the page or of the broker can make the console hol
 * ``max_event_streams``: concurrent ``GET /api/events`` streams (each open page holds one); one
   more is answered 503.
 * ``read_only``: a viewer's console (``--read-only``, for a viewer's broker credentials: the broker
-  would refuse its commands anyway): the page hides benchmark, deploy and rollback, and every
-  state-changing request is answered 403.
+  would refuse its commands anyway): the page hides benchmark, deploy, rollback and the rollout
+  controls, and every state-changing request is answered 403.
 * ``state_dir``: where the console keeps what outlives it: the rollouts' state files and their models
   (``<state_dir>/rollouts``); default ``$XDG_STATE_HOME/edge-agent/console`` (``~/.local/state/...``).
   One rollout runs at a time; the page lists the newest 50.

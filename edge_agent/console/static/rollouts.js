@@ -194,7 +194,9 @@
     ro.busy = true;
     try {
       const list = await api("/api/rollouts");
-      if (!ro.selected) ro.selected = list.running || (list.rollouts[0] || {}).id || null;
+      if (!ro.selected) {  // the running one (once its state file is written), else the newest
+        ro.selected = (list.rollouts.find((r) => r.id === list.running) || list.rollouts[0] || {}).id || null;
+      }
       renderList(list);
       if (ro.selected) renderDetail(await api(`/api/rollouts/${encodeURIComponent(ro.selected)}`));
       refreshDevices(false);

@@ -219,6 +219,8 @@ def test_frame_truth_errors_first_and_phone_width(mosquitto, tmp_path):
         facts = driver.execute_script("return document.querySelector('#device-facts').innerText")
         for word in ("uptime", "last seen", "runtime", "delegate", "folder"):
             assert word in facts.lower(), facts
+        # store-and-forward is on by default: its backlog is a fact (empty, or what waits), never "off"
+        assert re.search(r"offline backlog\s+(empty|\d+ waiting)", facts), facts
         _shot(driver, tmp_path, "3-device-desktop")
         driver.execute_script("document.querySelector('.charts').scrollIntoView()")
         _shot(driver, tmp_path, "3b-device-charts")

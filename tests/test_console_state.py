@@ -249,3 +249,16 @@ def test_several_cameras_health_and_facts():
         "yard": {"fps": 0.0, "source_state": "down", "source_error": "connection refused"}}
     _send(client, "cam", "stats", json.dumps({"fps": 2.0, "cameras": {"": cams["door"]}}).encode())
     assert fleet.row("cam")["camera_stats"] is None  # one camera: the device's own facts
+
+
+def test_the_offline_backlog_reaches_the_row():
+    """stats.outbox (store-and-forward) is in the row while enabled: what waits, replayed, dropped."""
+    fleet, client, clock, _ = _fleet()
+    client.infos["cam"] = {"status": "running"}
+    _send(client, "cam", "stats", json.dumps({"fps": 2.0, "outbox": {
+        "enabled": True, "messages": 1143, "bytes": 2_400_000, "masks": 571, "oldest_s": 61.5,
+        "stored": 1200, "dropped": 3, "replayed": 57, "errors": 0}}).encode())
+    assert fleet.row("cam")["outbox"] == {"messages": 1143, "bytes": 2_400_000, "oldest_s": 61.5,
+                                          "dropped": 3, "replayed": 57}
+    _send(client, "cam", "stats", json.dumps({"fps": 2.0, "outbox": {"enabled": False}}).encode())
+    assert fleet.row("cam")["outbox"] is None

@@ -85,6 +85,14 @@ def _camera_facts(stats: Dict[str, Any]) -> Optional[Dict[str, Dict[str, Any]]]:
     return out
 
 
+def _outbox(stats: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The store-and-forward backlog (``stats.outbox``): what waits for the broker, and what was lost."""
+    box = stats.get("outbox")
+    if not isinstance(box, dict) or not box.get("enabled"):
+        return None
+    return {k: box.get(k) for k in ("messages", "bytes", "oldest_s", "dropped", "replayed")}
+
+
 def health(online: Optional[bool], info: Dict[str, Any], stats: Dict[str, Any],
            errors_rising: bool = False) -> Tuple[str, str]:
     """(level, reason): ``error`` / ``warning`` / ``ok`` / ``offline`` / ``unknown`` and why, in words."""
@@ -503,6 +511,7 @@ class FleetState:
             "cpu_percent": stats.get("cpu_percent"), "rss_mb": stats.get("rss_mb"),
             "dropped": sum(v for v in (dropped or {}).values() if isinstance(v, int)) if dropped else None,
             "reconnects": mqtt.get("reconnects"),
+            "outbox": _outbox(stats),
             "paused": stats.get("paused"), "stats_at": stats_at,
             "history": [[t, a, b] for t, a, b in zip(spark["t"], spark["inference"], spark["end_to_end"])],
             "frame": frame,

@@ -144,6 +144,14 @@ function humanSize(bytes) {
   return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
 
+// The store-and-forward backlog in words: what waits for the broker, what was replayed and lost.
+function outboxText(box) {
+  const parts = [box.messages ? `${box.messages} waiting (${humanSize(box.bytes)}, oldest ${duration(box.oldest_s || 0)})` : "empty"];
+  if (box.replayed) parts.push(`${box.replayed} replayed`);
+  if (box.dropped) parts.push(`${box.dropped} dropped over budget`);
+  return parts.join(", ");
+}
+
 function ago(epochS) {
   if (!epochS) return "never";
   const s = Math.max(0, Date.now() / 1000 - epochS);
@@ -279,7 +287,11 @@ function healthCell(td, row, live) {
   if (!["–", "no"].includes(throttle)) items.push([throttle === "earlier" ? "throttled earlier" : throttle, throttle === "earlier" ? "" : "warn"]);
   if (row.dropped) items.push([`${row.dropped} dropped`, ""]);
   if (row.reconnects) items.push([`${row.reconnects} reconnect${row.reconnects === 1 ? "" : "s"}`, ""]);
-  td.title = `CPU ${fmt(row.cpu_temp_c)} °C · throttling ${throttle} · dropped frames ${fmt(row.dropped)} · MQTT reconnects ${fmt(row.reconnects)}`;
+  const box = row.outbox;
+  if (box && box.messages) items.push([`${box.messages} queued`, "warn"]);
+  if (box && box.dropped) items.push([`${box.dropped} lost offline`, "warn"]);
+  td.title = `CPU ${fmt(row.cpu_temp_c)} °C · throttling ${throttle} · dropped frames ${fmt(row.dropped)} · MQTT reconnects ${fmt(row.reconnects)}` +
+    (box ? ` · outbox ${outboxText(box)}` : "");
   if (!live) td.replaceChildren("–");
   else if (!items.length) td.replaceChildren(el("span", { class: "dim" }, row.stats_at ? "ok" : "–"));
   else td.replaceChildren(...items.map(([text, cls]) => el("span", { class: `item ${cls}`.trim() }, text)));
@@ -406,6 +418,7 @@ function renderDeviceSide(row) {
     fact(camStats ? `source (${state.camera})` : "source", source || "–"),
     fact(camStats ? `fps (${state.camera})` : "fps", camStats ? `${fmt(camStats.fps)} (device ${fmt(row.fps)})` : fmt(row.fps)),
     fact("groups", (row.tags || []).join(", ") || "–"),
+    fact("offline backlog", row.outbox ? outboxText(row.outbox) : "off"),
     fact("CPU", `${fmt(row.cpu_percent, 0)} %` + (row.cpu_temp_c != null ? `, ${fmt(row.cpu_temp_c)} °C` : "")));
   if (!drawn.ms) renderStages(row, null, null);  // interval timings (no frame drawn with its own)
 }

@@ -33,8 +33,8 @@
         <input id="rollout-stages" size="12" value="1,50%,100%"></label>
       <label title="seconds each stage runs before its gates are checked">Soak s <input id="rollout-soak" type="number" min="0" value="60" class="num"></label>
       <label title="seconds of reports before a swap that make each device's baseline">Baseline s <input id="rollout-baseline" type="number" min="1" value="15" class="num"></label>
-      <label title="gate: fps after >= this x before (0: not checked)">fps ≥ <input id="rollout-fps" type="number" min="0" step="0.05" value="0.8" class="num">× before</label>
-      <label title="gate: inference p50 after <= this x before (0: not checked)">p50 ≤ <input id="rollout-p50" type="number" min="0" step="0.05" value="1.2" class="num">× before</label>
+      <label title="gate: fps after >= this x before (0: not checked)">fps ≥ <input id="rollout-fps" type="number" min="0" step="0.05" value="0.8" class="num">× before <span class="dim">(0 = off)</span></label>
+      <label title="gate: inference p50 after <= this x before (0: not checked)">p50 ≤ <input id="rollout-p50" type="number" min="0" step="0.05" value="1.2" class="num">× before <span class="dim">(0 = off)</span></label>
       <button id="rollout-start" type="submit">Start rollout</button>
       <span id="rollout-error" class="error"></span>
     </form>

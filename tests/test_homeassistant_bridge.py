@@ -12,7 +12,8 @@ from typing import Any, Dict
 import pytest
 
 from edge_agent.comms.homeassistant import (MAX_ENTITIES, METRICS, STATE, Camera, Discovery, HomeAssistantBridge,
-                                            agent_status, class_slugs, device_key, display_name, entities)
+                                            agent_health, agent_status, class_slugs, device_key, display_name,
+                                            entities, max_entities)
 from edge_agent.comms.mqtt import MqttComms
 from edge_agent.models.classes import default_classes
 from edge_agent.config import load_config
@@ -121,19 +122,31 @@ def test_display_names(label, name):
     assert display_name(label) == name
 
 
-def test_two_cameras_get_their_own_prefixed_class_entities_within_the_budget():
+def test_two_cameras_get_their_own_prefixed_entities_within_the_budget():
+    """Per camera its overlay ("Door overlay") and its watched classes (the defaults: the same 4 as
+    info.cameras[i].watched), names prefixed; at most 6 + 9 per camera."""
     es = entities(PASCAL, cameras=[Camera("door"), Camera("back_yard", ("cat",))])
-    classes = [e for e in es if e.label]
-    assert [e.name for e in classes] == ["Door Person", "Door Person coverage", "Door Car", "Door Car coverage",
-                                         "Back Yard Cat", "Back Yard Cat coverage"]
-    assert [e.key for e in classes][::2] == ["class_door__person", "class_door__car", "class_back_yard__cat"]
-    assert len(es) <= MAX_ENTITIES and len({(e.component, e.key) for e in es}) == len(es)
+    assert names(es) == [
+        ("sensor", "Status"), ("binary_sensor", "Problem"), ("sensor", "Frame rate"), ("sensor", "Inference time"),
+        ("sensor", "End-to-end time"),
+        ("image", "Door overlay"),
+        *[(c, f"Door {n}{s}") for n in ("Person", "Car", "Cat", "Dog")
+          for c, s in (("binary_sensor", ""), ("sensor", " coverage"))],
+        ("image", "Back Yard overlay"), ("binary_sensor", "Back Yard Cat"), ("sensor", "Back Yard Cat coverage")]
+    assert [e.key for e in es if e.kind == "image"] == ["door_overlay", "back_yard_overlay"]
+    assert [e.key for e in es if e.kind == "presence"] == ["class_door__person", "class_door__car", "class_door__cat",
+                                                           "class_door__dog", "class_back_yard__cat"]
+    assert len({(e.component, e.key) for e in es}) == len(es) and len({e.name for e in es}) == len(es)
+    assert max_entities(1) == MAX_ENTITIES == 15 and max_entities(2) == 24
+    for n in (1, 2, 4):
+        cams = [Camera(c) for c in "abcd"[:n]] if n > 1 else [Camera()]
+        assert len(entities(PASCAL, cameras=cams, has_cpu_temp=True)) == max_entities(n)
     four = entities(PASCAL, cameras=[Camera(c) for c in ("a", "b", "c", "d")])
-    assert [e.name for e in four if e.kind == "presence"] == ["A Person", "B Person", "C Person", "D Person"]
-    assert [e.name for e in es if e.kind == "image"] == ["Door Overlay"]  # the first camera's
+    assert [e.name for e in four if e.kind == "image"] == ["A overlay", "B overlay", "C overlay", "D overlay"]
+    assert entities(PASCAL, cameras=[Camera("door")], overlay=False)[5].name == "Door Person"
     # camera ids that differ only in case are different cameras
-    keys = {e.key for e in entities(PASCAL, cameras=[Camera("Door"), Camera("door")]) if e.label}
-    assert len(keys) == 4
+    keys = {e.key for e in entities(PASCAL, cameras=[Camera("Door"), Camera("door")]) if e.label or e.kind == "image"}
+    assert len(keys) == 2 * 5
 
 
 def test_two_cameras_from_the_config_their_topics_and_states(tmp_path):
@@ -144,13 +157,39 @@ def test_two_cameras_from_the_config_their_topics_and_states(tmp_path):
     cfg = load_config(str(path), env={})
     d = Discovery(cfg, "cam-7", info(PASCAL))
     configs = d.configs()
-    assert len(configs) == 6 + 2 * 3
-    assert configs[topic("image", "overlay")]["image_topic"] == "edge-agent/cam-7/camera/door/overlay"
+    assert len(configs) == 5 + 2 * 1 + 2 * 3  # device-level, an overlay per camera, the classes
+    assert topic("image", "overlay") not in configs
+    for cam in ("door", "yard"):
+        image = configs[topic("image", f"{cam}_overlay")]
+        assert image["image_topic"] == f"edge-agent/cam-7/camera/{cam}/overlay"
+        assert (image["name"], image["unique_id"], image["object_id"]) == (
+            f"{cam.title()} overlay", f"edge_agent_cam_7_{cam}_overlay", f"cam_7_{cam}_overlay")
     assert configs[topic("binary_sensor", "class_door__person")]["name"] == "Door Person"
     assert configs[topic("sensor", "class_yard__dog")]["name"] == "Yard Dog coverage"
     state = d.state({"door": {"person": 0.2, "cat": 0.5}, "yard": {"cat": 0.3}}, {}, "running", None)
     assert state["classes"] == {"door__person": 20.0, "yard__cat": 30.0, "yard__dog": 0.0}
     assert render(configs[topic("binary_sensor", "class_yard__cat")]["value_template"], state) == "ON"
+    assert state["available"] == {"metrics": "online", "cameras": {"door": "online", "yard": "online"}}
+    # the availability each entity reads: the metrics', or its own camera's
+    def available(key):
+        return [a["value_template"] for a in configs[key]["availability"] if a["topic"].endswith("/ha/state")][0]
+    assert "get('metrics'" in available(topic("sensor", "fps"))
+    assert "get('yard'" in available(topic("image", "yard_overlay"))
+    assert "get('yard'" in available(topic("sensor", "class_yard__cat"))
+    assert "get('door'" in available(topic("binary_sensor", "class_door__person"))
+    # the yard's source down: Status error naming it, the door's entities and the metrics stay
+    down = {"cameras": {"door": {"source": {"state": "open"}}, "yard": {"source": {"state": "down", "last_error": "gone"}}}}
+    health = agent_health(info(PASCAL), down, cameras=["door", "yard"])
+    assert health == ("error", "camera yard: source down: gone", True, {"door": True, "yard": False})
+    state = d.state({}, {}, *health[:2], available=health[2:])
+    assert state["available"] == {"metrics": "online", "cameras": {"door": "online", "yard": "offline"}}
+    assert state["problem"] == "ON"
+    # every camera down, or the model failing: nothing but Status and Problem is available
+    both = {"cameras": {c: {"source": {"state": "down"}} for c in ("door", "yard")}}
+    assert agent_health(info(PASCAL), both, cameras=["door", "yard"])[2:] == (False, {"door": False, "yard": False})
+    failing = {**down, "inference_errors": 3, "frames": {"inferred": 0}}
+    assert agent_health(info(PASCAL), failing, cameras=["door", "yard"])[2:] == (False, {"door": False, "yard": False})
+    assert agent_health(info(PASCAL, status="stopped"), cameras=["door"]) == ("stopped", None, False, {"door": False})
 
 
 def test_status_from_info_and_stats():

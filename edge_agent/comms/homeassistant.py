@@ -4,11 +4,13 @@ Opt-in with ``[homeassistant] enabled = true``. :class:`HomeAssistantBridge` wra
 :class:`~edge_agent.comms.mqtt.MqttComms` (same interface, so the agent and pipeline do not
 change) and, from what already flows through it, keeps Home Assistant informed:
 
-* A curated entity set (:func:`entities`, at most :data:`MAX_ENTITIES` by default): ``Status``
-  (running / error / stopped, the reason as an attribute), ``Problem``, frame rate, inference and
-  end-to-end time, CPU temperature (only where the host has a sensor), the overlay image, and per
-  watched class a presence binary sensor ("Person") and a coverage sensor ("Person coverage").
-  Per camera with an id, the class entities are prefixed with the camera's name ("Door Person").
+* A curated entity set (:func:`entities`, at most :func:`max_entities` by default: 15 for one
+  camera, 6 + 9 per camera): ``Status`` (running / error / stopped, the reason as an attribute),
+  ``Problem``, frame rate, inference and end-to-end time, CPU temperature (only where the host has
+  a sensor), and per camera its overlay image and per watched class a presence binary sensor
+  ("Person") and a coverage sensor ("Person coverage"). A camera with an id prefixes its entities'
+  names with its own ("Door overlay", "Door Person"); a camera that is down makes only its own
+  entities unavailable.
 * Discovery configs are retained on ``<discovery_prefix>/<component>/edge-agent-<device>/<key>/config``,
   announced on every (re)connect and whenever Home Assistant publishes ``online`` on
   ``<discovery_prefix>/status``. Configs under this node that are not announced now (an earlier
@@ -40,7 +42,9 @@ log = logging.getLogger(__name__)
 
 STATE = "ha/state"
 MANUFACTURER = "edge-agent"
-MAX_ENTITIES = 15  # the default set stays within this per device
+DEVICE_ENTITIES = 6  # status, problem, fps, inference, end to end, CPU temperature
+CAMERA_ENTITIES = 1 + 2 * DEFAULT_CLASS_COUNT  # the overlay, presence + coverage per default class
+MAX_ENTITIES = DEVICE_ENTITIES + CAMERA_ENTITIES  # the default set of a one-camera device: 15
 STATUSES = ("running", "error", "stopped")
 ANNOUNCE_TIMEOUT_S = 30.0  # waiting for room in the in-flight window, per message
 REMOVE_QUIET_S = 0.5  # after the retained configs stop arriving, they are all in
@@ -180,7 +184,8 @@ METRICS: Dict[str, Tuple[str, str, Optional[str], Dict[str, Any]]] = {
 }
 # What earlier versions announced and this one does not: cleared at every announcement.
 LEGACY_KEYS = (("sensor", "dropped_frames"), ("sensor", "model"), ("sensor", "benchmark_p50"),
-               ("button", "run_benchmark"), ("sensor", "cpu_temperature"))
+               ("button", "run_benchmark"), ("sensor", "cpu_temperature"),
+               ("image", "overlay"))  # with [[cameras]], the first camera's overlay before each had its own
 
 
 def class_key(camera: str, class_slug: str) -> str:
@@ -189,29 +194,40 @@ def class_key(camera: str, class_slug: str) -> str:
     return f"class_{class_slug}" if not camera else f"class_{camera_key(camera)}__{class_slug}"
 
 
+def overlay_key(camera: str) -> str:
+    """``overlay`` (camera "": the key earlier versions used) or ``door_overlay``: no device-level
+    key ends with ``_overlay`` and class keys start with ``class_`` and hold ``__``."""
+    return "overlay" if not camera else f"{camera_key(camera)}_overlay"
+
+
+def max_entities(cameras: int = 1) -> int:
+    """The most entities the default set has: 6 device-level + 9 per camera (15 for one camera,
+    24 for two)."""
+    return DEVICE_ENTITIES + CAMERA_ENTITIES * max(1, cameras)
+
+
 def entities(labels: Optional[Sequence[str]], classes: Sequence[str] = (), cameras: Sequence[Camera] = (Camera(),),
              has_cpu_temp: bool = False, overlay: bool = True) -> List[Entity]:
     """The device's entities, in the order Home Assistant lists them.
 
     ``labels``: the model's (None: not known, no class entities); ``classes``: ``[homeassistant]
-    classes``; ``cameras``: each camera's id and own classes. With no classes configured each
-    camera watches :func:`~edge_agent.models.classes.default_classes`, as many as keep the device within :data:`MAX_ENTITIES`.
-    One overlay image: the first camera's ("Door Overlay" when it has an id).
+    classes``; ``cameras``: each camera's id and own classes. Each camera gets its overlay image
+    and two entities per class it watches (:func:`~edge_agent.models.classes.watched_classes`, the
+    rule ``info.cameras[i].watched`` follows: with none configured up to 4 defaults), so with the
+    defaults a device has at most :func:`max_entities` entities.
     """
     cameras = list(cameras) or [Camera()]
-    out = [Entity(component, key, name, dict(extra), kind=key if key in ("status", "problem") else
-                  "image" if component == "image" else "metric",
-                  camera=cameras[0].id if component == "image" else None)
+    out = [Entity(component, key, name, dict(extra), kind=key if key in ("status", "problem") else "metric")
            for key, (component, name, _, extra) in METRICS.items()
-           if (key != "cpu_temperature" or has_cpu_temp) and (key != "overlay" or overlay)]
-    if cameras[0].id:
-        out = [Entity(e.component, e.key, f"{camera_name(e.camera)} {e.name}", e.extra, e.camera, kind=e.kind)
-               if e.kind == "image" else e for e in out]
-    per_camera = max(1, min(DEFAULT_CLASS_COUNT, (MAX_ENTITIES - len(out)) // (2 * len(cameras))))
+           if component != "image" and (key != "cpu_temperature" or has_cpu_temp)]
+    image = METRICS["overlay"]
     slugs = dict(class_slugs(list(labels or [])))
     for cam in cameras:
-        watched, _ = watched_classes(labels, cam.classes or classes, per_camera)
         prefix = f"{camera_name(cam.id)} " if cam.id else ""
+        if overlay:
+            out.append(Entity(image[0], overlay_key(cam.id), f"{prefix}overlay" if cam.id else image[1],
+                              dict(image[3]), camera=cam.id, kind="image"))
+        watched, _ = watched_classes(labels, cam.classes or classes)
         for label in watched:
             key = class_key(cam.id, slugs[label])
             name = prefix + display_name(label)
@@ -241,6 +257,69 @@ def _source_problem(source: Any, where: str = "") -> Optional[str]:
     return None
 
 
+def camera_problems(stats: Optional[Dict[str, Any]], live: Iterable[str] = ()) -> Dict[str, str]:
+    """Camera id -> why it is down (``camera yard: source down: ...``; "" = the legacy ``[source]``,
+    the top-level ``source``) from the last stats; a camera in ``live`` published since: not down."""
+    live = set(live)
+    stats = stats or {}
+    out: Dict[str, str] = {}
+    legacy = None if "" in live else _source_problem(stats.get("source"))
+    if legacy:
+        out[""] = legacy
+    cams = stats.get("cameras")
+    if isinstance(cams, dict):
+        for cam, doc in sorted(cams.items()):
+            if isinstance(doc, dict) and cam and cam not in live:  # "": the legacy [source], top-level
+                src = doc.get("source") if isinstance(doc.get("source"), dict) else doc
+                reason = _source_problem(src, f"camera {cam}: ")
+                if reason:
+                    out[cam] = reason
+    return out
+
+
+def _device_problems(stats: Optional[Dict[str, Any]], previous: Optional[Dict[str, Any]],
+                     live: Iterable[str]) -> List[str]:
+    """What makes the whole pipeline unwell (not one camera): the model failed on every frame since
+    the previous stats, a pipeline thread crashed."""
+    stats = stats or {}
+    reasons = []
+    errors = stats.get("inference_errors") or 0
+    inferred = (stats.get("frames") or {}).get("inferred", 0) if isinstance(stats.get("frames"), dict) else 0
+    prev = previous or {}
+    prev_errors = prev.get("inference_errors") or 0
+    prev_inferred = (prev.get("frames") or {}).get("inferred", 0) if isinstance(prev.get("frames"), dict) else 0
+    if errors > prev_errors and inferred <= prev_inferred and not set(live):
+        reasons.append(f"inference fails: {stats.get('last_error') or 'invoke error'}")
+    last = stats.get("last_error")
+    if isinstance(last, str) and last.endswith("crashed"):
+        reasons.append(last)
+    return reasons
+
+
+def agent_health(info: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]] = None,
+                 previous: Optional[Dict[str, Any]] = None, live: Iterable[str] = (),
+                 cameras: Sequence[str] = ("",)) -> Tuple[str, Optional[str], bool, Dict[str, bool]]:
+    """(status, reason, metrics available, camera id -> its entities available).
+
+    Status and reason as :func:`agent_status`. The device's metrics are available while the
+    pipeline runs and at least one camera is up; a camera's entities while the metrics are and
+    that camera is not down: one camera down makes the Status ``error`` (naming it) and only its
+    own entities unavailable."""
+    live = set(live)
+    info = info or {}
+    if info.get("status") in ("stopped", "error"):
+        status = str(info["status"])
+        reason = None if status == "stopped" else str(info.get("error") or "the agent runs no pipeline")
+        return status, reason, False, {cam: False for cam in cameras}
+    down = camera_problems(stats, live)
+    device = _device_problems(stats, previous, live)
+    reasons = list(dict.fromkeys(list(down.values()) + device))
+    up = [cam for cam in cameras if cam not in down]
+    metrics = not device and bool(up)
+    status, reason = ("error", "; ".join(reasons)) if reasons else ("running", None)
+    return status, reason, metrics, {cam: metrics and cam not in down for cam in cameras}
+
+
 def agent_status(info: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]] = None,
                  previous: Optional[Dict[str, Any]] = None, live: Iterable[str] = ()) -> Tuple[str, Optional[str]]:
     """(running | error | stopped, the reason or None) from the agent's info and its last two
@@ -248,34 +327,9 @@ def agent_status(info: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]]
     not down, and their model works, whatever the stats said).
 
     error when: ``info`` says so (no model, the source cannot open: ``info.error``); a source is
-    down (being reopened); the model failed on every frame since the previous stats; a pipeline
-    thread crashed."""
-    live = set(live)
-    info = info or {}
-    if info.get("status") == "stopped":
-        return "stopped", None
-    if info.get("status") == "error":
-        return "error", str(info.get("error") or "the agent runs no pipeline")
-    stats = stats or {}
-    reasons = [None if "" in live else _source_problem(stats.get("source"))]
-    cams = stats.get("cameras")
-    if isinstance(cams, dict):
-        for cam, doc in sorted(cams.items()):
-            if isinstance(doc, dict) and cam and cam not in live:  # "": the legacy [source], top-level
-                src = doc.get("source") if isinstance(doc.get("source"), dict) else doc
-                reasons.append(_source_problem(src, f"camera {cam}: "))
-    errors = stats.get("inference_errors") or 0
-    inferred = (stats.get("frames") or {}).get("inferred", 0) if isinstance(stats.get("frames"), dict) else 0
-    prev = previous or {}
-    prev_errors = prev.get("inference_errors") or 0
-    prev_inferred = (prev.get("frames") or {}).get("inferred", 0) if isinstance(prev.get("frames"), dict) else 0
-    if errors > prev_errors and inferred <= prev_inferred and not live:
-        reasons.append(f"inference fails: {stats.get('last_error') or 'invoke error'}")
-    last = stats.get("last_error")
-    if isinstance(last, str) and last.endswith("crashed"):
-        reasons.append(last)
-    reasons = list(dict.fromkeys(r for r in reasons if r))
-    return ("error", "; ".join(reasons)) if reasons else ("running", None)
+    down (being reopened; the reason names the camera); the model failed on every frame since the
+    previous stats; a pipeline thread crashed."""
+    return agent_health(info, stats, previous, live)[:2]
 
 
 def _loads(payload: Any) -> Optional[Dict[str, Any]]:
@@ -349,26 +403,31 @@ class Discovery:
             doc["configuration_url"] = self.ha.console_url
         return doc
 
-    def _availability(self, kind: str) -> Dict[str, Any]:
-        """Metrics and classes: while the agent is online AND running (an agent in error shows them
-        "unavailable", its Status says why). Status and Problem: while online, and after a clean
-        stop (its "stopped" stays readable); a dead agent (the Last Will) makes them unavailable."""
+    def _availability(self, kind: str, camera: Optional[str] = None) -> Dict[str, Any]:
+        """Metrics: while the agent is online AND its pipeline runs (``available.metrics`` of the
+        state: an agent in error shows them "unavailable", its Status says why); a camera's overlay
+        and classes: while online and that camera is up (``available.cameras[id]``: one camera down
+        leaves the others' entities available). Status and Problem: while online, and after a
+        clean stop (its "stopped" stays readable); a dead agent (the Last Will) makes them unavailable."""
         device = {"topic": f"{self.base}/availability"}
         state = f"{self.base}/{STATE}"
         if kind in ("status", "problem"):
             return {"availability": [device, {"topic": state, "value_template":
                                               "{{ 'online' if value_json['status'] == 'stopped' else 'offline' }}"}],
                     "availability_mode": "any"}
-        return {"availability": [device, {"topic": state, "value_template":
-                                          "{{ 'online' if value_json['status'] == 'running' else 'offline' }}"}],
-                "availability_mode": "all"}
+        if camera is None:
+            template = "{{ value_json.get('available', {}).get('metrics', 'offline') }}"
+        else:
+            template = ("{{ value_json.get('available', {}).get('cameras', {}).get(%s, 'offline') }}"
+                        % jinja_string(camera))
+        return {"availability": [device, {"topic": state, "value_template": template}], "availability_mode": "all"}
 
     def config(self, entity: Entity) -> Dict[str, Any]:
         doc: Dict[str, Any] = {
             "name": entity.name,
             "unique_id": f"edge_agent_{device_key(self.device_id)}_{entity.key}",
             "object_id": f"{slug(self.device_id)}_{entity.key.replace('-', '_')}",
-            **self._availability(entity.kind),
+            **self._availability(entity.kind, entity.camera),
             "device": self.device(),
             "origin": {"name": "edge-agent", "sw_version": __version__},
         }
@@ -408,9 +467,15 @@ class Discovery:
         return self.labels is None and "/class_" in topic
 
     def state(self, results: Dict[str, Dict[str, float]], metrics: Dict[str, Any], status: str,
-              reason: Optional[str], details: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """The ``ha/state`` document: status, metrics, class % and presence (ON/OFF) by class key.
-        ``results``: camera id -> that camera's latest class fractions."""
+              reason: Optional[str], details: Optional[Dict[str, Any]] = None,
+              available: Optional[Tuple[bool, Dict[str, bool]]] = None) -> Dict[str, Any]:
+        """The ``ha/state`` document: status, metrics, class % and presence (ON/OFF) by class key,
+        which entities are available. ``results``: camera id -> that camera's latest class
+        fractions; ``available``: (metrics, camera id -> its entities) as :func:`agent_health`
+        says (default: everything while the status is running)."""
+        if available is None:
+            available = (status == "running", {cam.id: status == "running" for cam in self.cameras})
+        online = {True: "online", False: "offline"}
         classes: Dict[str, float] = {}
         present: Dict[str, str] = {}
         for e in self.classes:
@@ -422,7 +487,9 @@ class Discovery:
         info_details = {"reason": reason, "model": model.get("name"), "runtime": self.info.get("runtime"),
                         "delegate": self.info.get("delegate")}
         return {**metrics, "status": status, "reason": reason, "problem": "ON" if status == "error" else "OFF",
-                "classes": classes, "present": present, "details": {**info_details, **(details or {})}}
+                "classes": classes, "present": present, "details": {**info_details, **(details or {})},
+                "available": {"metrics": online[available[0]],
+                              "cameras": {cam.id: online[bool(available[1].get(cam.id))] for cam in self.cameras}}}
 
 
 def config_topic_filter(discovery_prefix: str, device_id: str) -> str:
@@ -619,14 +686,19 @@ class HomeAssistantBridge:
             latest, results, discovery, info = dict(self._latest), dict(self._results), self._discovery, self._info
             previous, stats = self._stats
             live = set(self._live)
-        status, reason = agent_status(info, stats, previous, live)
+        status, reason, metrics_ok, cameras_ok = agent_health(info, stats, previous, live,
+                                                              [cam.id for cam in discovery.cameras])
         fractions = {cam: (_loads(p) or {}).get("classes") or {} for cam, p in results.items()}
         metrics = metrics_from(_loads(latest.get("timings")), stats, self._cpu_temp())
         details: Dict[str, Any] = {"dropped_frames": metrics.pop("dropped")}
         if stats:
             details.update(uptime_s=stats.get("uptime_s"), inference_errors=stats.get("inference_errors"),
                            source_state=(stats.get("source") or {}).get("state"))
-        doc = discovery.state(fractions, metrics, status, reason, details)
+            cams = stats.get("cameras")
+            if isinstance(cams, dict) and any(cams):  # [[cameras]]: each camera's source state
+                details["source_state"] = {cam: ((doc.get("source") or {}) if isinstance(doc, dict) else {}).get("state")
+                                           for cam, doc in sorted(cams.items())}
+        doc = discovery.state(fractions, metrics, status, reason, details, (metrics_ok, cameras_ok))
         self._comms.publish(STATE, doc, qos=1, retain=True)
 
 

@@ -238,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              f"stages {stages}; {len(changed)} devices of stages 1+2 rolled back "
              f"({sum(1 for v in doc.get('rolled_back', {}).values() if v == 'done')} done), all on the old model: "
              f"{back}; the other {args.devices - len(changed)} never got it: {untouched}; {fails[:1]}"
-             + ("" if stages else f"; CLI rc {rc}: {err.strip().splitlines()[-3:]}"),
+             + ("" if rc == 1 and "failed" in stages else f"; CLI rc {rc}: {err.strip().splitlines()[-3:]}"),
              client_peak_rss_mb=round(kib / 1024, 1))
 
         port = free_port()

@@ -143,7 +143,10 @@ class FleetClient:
         self._resub_mid: Optional[int] = None
         self._filters: Set[str] = set()  # re-subscribed after every reconnect
         self._last_state_at = 0.0
-        self._listeners: List[Tuple[str, MessageCallback]] = []  # listen(): called on matching messages
+        self._listeners: List[Tuple[str, MessageCallback]] = []  # listen() with wildcard filters
+        # listen() with plain topics, by topic: a rollout listens to 2 topics of each of 1,000
+        # devices, and matching every message against 2,000 filters starved paho's thread.
+        self._exact: Dict[str, List[MessageCallback]] = {}
         self.discovery = "not run"  # how the last discover() found the devices, for the user
         self._refused: Dict[int, str] = {}  # mid -> the broker's refusal (MQTT 5 PUBACK >= 0x80)
         self._conn = MqttConnection(mqtt, self.client_id, on_connected=self._on_connect,
@@ -227,7 +230,11 @@ class FleetClient:
         ``callback(topic, payload)`` for every message matching one of them, after the client's own
         bookkeeping (so :meth:`devices` is already up to date). Runs on paho's thread: keep it short."""
         with self._cond:
-            self._listeners.extend((f, callback) for f in filters)
+            for f in filters:
+                if "+" in f or "#" in f:
+                    self._listeners.append((f, callback))
+                else:
+                    self._exact.setdefault(f, []).append(callback)
         self.subscribe(filters)
 
     def unsubscribe(self, filters: List[str]) -> None:
@@ -411,7 +418,8 @@ class FleetClient:
             elif len(parts) == 3:
                 self._answer(parts[0], parts[1], parts[2], bytes(msg.payload))
             self._cond.notify_all()
-            listeners = list(dict.fromkeys(cb for f, cb in self._listeners if paho.topic_matches_sub(f, msg.topic)))
+            listeners = list(dict.fromkeys([*self._exact.get(msg.topic, ()),
+                                            *(cb for f, cb in self._listeners if paho.topic_matches_sub(f, msg.topic))]))
         for callback in listeners:
             try:
                 callback(msg.topic, bytes(msg.payload))

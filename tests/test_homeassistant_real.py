@@ -20,9 +20,10 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_agent.output.encode import read_frame_label
 from edge_agent.system import cpu_temp_c
 from tests.broker import MosquittoServer, Recorder, mosquitto_available
-from tests.data import DM05, IMAGES, INVOKE_ERROR, MODELS
+from tests.data import DM05, IMAGES, INVOKE_ERROR, LABELS, MODELS, VOC
 from tests.homeassistant import NO_PYTHON_EXIT, HomeAssistantServer, ha_venv, install_home_assistant
 from tests.helpers import write_config
 
@@ -330,3 +331,141 @@ def test_reannounce_on_home_assistant_online_then_remove(world):
     again = subprocess.run([sys.executable, "-m", "edge_agent", "homeassistant", "--config", str(config)],
                            capture_output=True, text=True, timeout=60)
     assert "not announced" in again.stdout
+
+
+# -- several cameras ------------------------------------------------------------------------------
+
+CAMS_DEVICE, CAMS_OBJ = "pi-ha-cams", "pi_ha_cams"
+# door: the defaults (the classes info.cameras[i].watched names); yard and garage: their own
+CAMERAS = {"door": {"uri": str(VOC / "JPEGImages")}, "yard": {"uri": str(IMAGES), "classes": ["cat", "bird"]},
+           "garage": {"classes": ["car"]}}
+
+
+def cameras_config(path: Path, port: int, garage: Path) -> Path:
+    """An agent with three [[cameras]]: door (PASCAL VOC val photos), yard (test_data/images) and
+    garage (``garage``: a folder that does not exist yet), each at 1 fps, looping."""
+    lines = [f'[agent]\ndevice_id = "{CAMS_DEVICE}"\nlog_level = "debug"\nstate_dir = "{path.parent / "cams-state"}"',
+             f'[model]\npath = "{DM05}"\nlabels = "{LABELS}"',
+             f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nreconnect_min_s = 0.1\nreconnect_max_s = 0.5',
+             '[publish]\nstats_interval_s = 1.0\ntimings_interval_s = 1.0\noverlay_max_hz = 2.0',
+             '[homeassistant]\nenabled = true\nstate_interval_s = 0.2']
+    for cam, extra in CAMERAS.items():
+        values = {"id": cam, "kind": "folder", "uri": str(garage), "loop": True, "fps": 1.0,
+                  "reopen_backoff_max_s": 1.0, **extra}
+        lines.append("[[cameras]]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()))
+    path.write_text("\n\n".join(lines) + "\n")
+    return path
+
+
+def _available(state) -> bool:
+    return bool(state) and state["state"] not in ("unknown", "unavailable")
+
+
+def test_two_cameras_and_a_failing_one_on_one_device(world):
+    """A real agent with three [[cameras]]: one Home Assistant device with each camera's class
+    entities (names prefixed with the camera, the classes info.cameras[i].watched names) and an
+    overlay image per camera showing that camera's frames, changing; the garage camera's folder is
+    missing: Status error naming it, Problem on, only the garage's entities unavailable while the
+    door's and yard's and the metrics stay live; the folder appears: running again."""
+    ha, rec, broker, tmp = world["ha"], world["rec"], world["broker"], world["tmp"]
+    garage = tmp / "garage-frames"
+    config = cameras_config(tmp / "cams.toml", broker.port, garage)
+    agent = launch(config, tmp / "cams.log")
+    base = f"edge-agent/{CAMS_DEVICE}"
+    try:
+        info = json.loads(rec.wait_for(f"{base}/info", timeout=60)[-1].payload)
+        watched = {c["id"]: c["watched"] for c in info["cameras"]}
+        assert watched == {"door": ["person", "car", "cat", "dog"], "yard": ["cat", "bird"], "garage": ["car"]}
+        # what the device should hold: entity name (after the device's) per camera and class
+        expected = {"Status", "Problem", "Frame rate", "Inference time", "End-to-end time",
+                    *(["CPU temperature"] if HAS_CPU_TEMP else [])}
+        for cam, classes in watched.items():
+            expected |= {f"{cam.title()} overlay"}
+            expected |= {f"{cam.title()} {c.title()}" for c in classes} | {f"{cam.title()} {c.title()} coverage"
+                                                                          for c in classes}
+
+        def by_name():
+            named = {s["attributes"].get("friendly_name", "")[len(CAMS_DEVICE) + 1:]: e
+                     for e, s in ha.states().items() if e.split(".", 1)[1].startswith(CAMS_OBJ + "_")}
+            return named if set(named) >= expected else None
+
+        named = ha.wait_for(by_name, 60, f"the {len(expected)} entities of {CAMS_DEVICE}")
+        assert set(named) == expected, sorted(set(named) ^ expected)
+        print(f"{len(named)} entities: " + ", ".join(f"{n} ({e})" for n, e in sorted(named.items())))
+        device = device_of(ha, named["Status"])
+        on_device = set(json.loads(ha.template("{{ device_entities('%s') | to_json }}" % device)))
+        assert on_device == set(named.values())  # ONE device holds every camera's entities
+        assert len(on_device) <= 6 + 9 * 3
+        for cam in CAMERAS:
+            assert named[f"{cam.title()} overlay"] == f"image.{CAMS_OBJ}_{cam}_overlay"
+        assert named["Door Person"].startswith(f"binary_sensor.{CAMS_OBJ}_class_door_")
+        assert named["Yard Cat coverage"].startswith(f"sensor.{CAMS_OBJ}_class_yard_")
+
+        # the garage's folder is missing: the Status says so and names it; only its entities go
+        def garage_down():
+            status, problem = ha.state(named["Status"]), ha.state(named["Problem"])
+            return (status if status and status["state"] == "error" and "garage" in status["attributes"]["reason"]
+                    and problem and problem["state"] == "on" else None)
+
+        status = ha.wait_for(garage_down, 60, "Status error naming the garage")
+        reason = status["attributes"]["reason"]
+        print(f"status: error, reason: {reason!r}")
+        assert reason.startswith("camera garage: source down") and str(garage) in reason
+        assert "door" not in reason and "yard" not in reason
+
+        def live_except_garage():
+            states = ha.states()
+            shown = {n: states[e]["state"] for n, e in named.items()}
+            garage_gone = all(s == "unavailable" for n, s in shown.items() if n.startswith("Garage"))
+            others = {n: s for n, s in shown.items() if not n.startswith("Garage")}
+            return shown if garage_gone and all(_available(states[named[n]]) for n in others) else None
+
+        shown = ha.wait_for(live_except_garage, 60, "door, yard and metrics live, the garage unavailable")
+        print(f"states: {shown}")
+        assert _number(ha.state(named["Frame rate"])) > 0 and _number(ha.state(named["Inference time"])) > 0
+        assert ha.state(named["Status"])["attributes"]["source_state"] == {"door": "open", "garage": "down",
+                                                                           "yard": "open"}
+
+        # each camera's overlay image: that camera's frames (the JPEG's frame label names it), changing
+        sizes = {"door": {cv2.imread(str(p)).shape for p in (VOC / "JPEGImages").iterdir()},
+                 "yard": {im.shape for im in (cv2.imread(str(p)) for p in IMAGES.iterdir()) if im is not None}}
+        for cam in ("door", "yard"):
+            labels = []
+
+            def two_frames():
+                state = ha.state(named[f"{cam.title()} overlay"])
+                if not _available(state):
+                    return None
+                code, body, headers = ha.get(state["attributes"]["entity_picture"])
+                label = read_frame_label(body) if code == 200 else None
+                if label and (not labels or label["seq"] != labels[-1][0]["seq"]):
+                    labels.append((label, body, headers.get("Content-Type", "")))
+                return len(labels) >= 2
+
+            ha.wait_for(two_frames, 60, f"the {cam} overlay changing", interval=0.3)
+            print(f"{cam} overlay frames: {[label for label, _, _ in labels]}")
+            for label, body, content_type in labels:
+                assert label["camera"] == cam and content_type.startswith("image/jpeg")
+                picture = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+                assert picture is not None and picture.shape in sizes[cam], (cam, picture.shape)
+            assert labels[0][1] != labels[1][1]
+
+        # the garage's folder appears: its source is reopened, the device runs again
+        garage.mkdir()
+        (garage / "cat.bmp").symlink_to(IMAGES / "cat.bmp")
+        ha.wait_for(lambda: (ha.state(named["Status"]) or {}).get("state") == "running"
+                    and (ha.state(named["Problem"]) or {}).get("state") == "off"
+                    and _available(ha.state(named["Garage overlay"]))
+                    and _available(ha.state(named["Garage Car coverage"])), 60, "the garage back, running")
+        stop(agent)
+        assert agent.returncode == 0
+        ha.wait_for(lambda: (ha.state(named["Status"]) or {}).get("state") == "stopped"
+                    and ha.state(named["Door overlay"])["state"] == "unavailable", 30, "stopped")
+    finally:
+        stop(agent)
+        print((tmp / "cams.log").read_text(errors="replace")[-3000:] if os.environ.get("EDGE_AGENT_TEST_VERBOSE") else "")
+    assert "Traceback" not in (tmp / "cams.log").read_text(errors="replace")
+    removed = subprocess.run([sys.executable, "-m", "edge_agent", "homeassistant", "--remove", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 0 and f"removed {len(named)} Home Assistant entities" in removed.stdout, removed
+    ha.wait_for(lambda: not any(e in ha.states() for e in named.values()), 30, "the cameras' entities removed")

@@ -13,7 +13,7 @@ import pytest
 
 from edge_agent.comms.homeassistant import (MAX_ENTITIES, METRICS, STATE, Camera, Discovery, HomeAssistantBridge,
                                             agent_health, agent_status, class_slugs, device_key, display_name,
-                                            entities, max_entities)
+                                            combine_timings, entities, max_entities, metrics_from)
 from edge_agent.comms.mqtt import MqttComms
 from edge_agent.models.classes import default_classes
 from edge_agent.config import load_config
@@ -190,6 +190,19 @@ def test_two_cameras_from_the_config_their_topics_and_states(tmp_path):
     failing = {**down, "inference_errors": 3, "frames": {"inferred": 0}}
     assert agent_health(info(PASCAL), failing, cameras=["door", "yard"])[2:] == (False, {"door": False, "yard": False})
     assert agent_health(info(PASCAL, status="stopped"), cameras=["door"]) == ("stopped", None, False, {"door": False})
+
+
+def test_device_metrics_from_every_cameras_timings():
+    """Frame rate = the cameras' sum, inference/end-to-end = their fps-weighted mean (not whichever
+    camera's timings came last); one camera: its own numbers."""
+    door = {"camera": "door", "fps": 3.0, "stages": {"inference": {"mean": 30.0}, "end_to_end": {"mean": 50.0}}}
+    yard = {"camera": "yard", "fps": 1.0, "stages": {"inference": {"mean": 70.0}, "end_to_end": {"mean": 90.0}}}
+    metrics = metrics_from(combine_timings([door, yard]), None, None)
+    assert (metrics["fps"], metrics["inference_ms"], metrics["end_to_end_ms"]) == (4.0, 40.0, 60.0)
+    assert combine_timings([door]) is door and combine_timings([None]) is None
+    frame_mode = combine_timings([{"ms": {"inference": 10.0}}, {"ms": {"inference": 20.0}}])
+    assert metrics_from(frame_mode, {"fps": 5.0}, None)["fps"] == 5.0  # per-frame timings: the stats' fps
+    assert metrics_from(frame_mode, None, None)["inference_ms"] == 15.0
 
 
 def test_status_from_info_and_stats():

@@ -344,6 +344,31 @@ def _loads(payload: Any) -> Optional[Dict[str, Any]]:
     return doc if isinstance(doc, dict) else None
 
 
+def combine_timings(docs: Sequence[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+    """The device's timings from its cameras' latest (the cameras that are up): fps summed, the
+    stages' means weighted by each camera's fps (one camera: its document as it is)."""
+    docs = [d for d in docs if d]
+    if len(docs) <= 1:
+        return docs[0] if docs else None
+    fps = [d.get("fps") for d in docs]
+    weights = [float(f) if isinstance(f, (int, float)) and f > 0 else 0.0 for f in fps]
+    if not any(weights):
+        weights = [1.0] * len(docs)
+    out: Dict[str, Any] = {"fps": round(sum(weights), 2) if all(f is not None for f in fps) else None,
+                           "stages": {}}
+    for stage in ("inference", "end_to_end"):
+        values = []
+        for doc, w in zip(docs, weights):
+            stages, ms = doc.get("stages"), doc.get("ms")
+            if isinstance(stages, dict) and isinstance(stages.get(stage), dict) and stages[stage].get("mean") is not None:
+                values.append((float(stages[stage]["mean"]), w))
+            elif isinstance(ms, dict) and ms.get(stage) is not None:
+                values.append((float(ms[stage]), w))
+        if values and sum(w for _, w in values) > 0:
+            out["stages"][stage] = {"mean": sum(v * w for v, w in values) / sum(w for _, w in values)}
+    return out
+
+
 def metrics_from(timings: Optional[Dict[str, Any]], stats: Optional[Dict[str, Any]],
                  cpu_temp_c: Optional[float]) -> Dict[str, Any]:
     """fps, inference/end-to-end ms, dropped frames from the agent's latest timings/stats documents."""
@@ -530,7 +555,7 @@ class HomeAssistantBridge:
         self._closing = False
         self._wake = threading.Event()
         self._have_info = False
-        self._latest: Dict[str, Any] = {}
+        self._timings: Dict[str, Any] = {}  # camera id -> its latest timings payload
         self._results: Dict[str, Any] = {}  # camera id -> its latest result payload
         self._live: Set[str] = set()  # cameras with a result since the last stats
         self._stats: Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]] = (None, None)  # previous, last
@@ -673,7 +698,7 @@ class HomeAssistantBridge:
                 elif kind == "stats":
                     self._stats, self._live = (self._stats[1], _loads(payload)), set()
                 else:
-                    self._latest[kind] = payload
+                    self._timings[camera] = payload
             self._publish_state(force=kind == "stats")
         return ok
 
@@ -683,13 +708,14 @@ class HomeAssistantBridge:
             if not self._have_info or (not force and now < self._next_state):
                 return
             self._next_state = now + self.ha.state_interval_s
-            latest, results, discovery, info = dict(self._latest), dict(self._results), self._discovery, self._info
+            timings, results, discovery, info = dict(self._timings), dict(self._results), self._discovery, self._info
             previous, stats = self._stats
             live = set(self._live)
         status, reason, metrics_ok, cameras_ok = agent_health(info, stats, previous, live,
                                                               [cam.id for cam in discovery.cameras])
         fractions = {cam: (_loads(p) or {}).get("classes") or {} for cam, p in results.items()}
-        metrics = metrics_from(_loads(latest.get("timings")), stats, self._cpu_temp())
+        metrics = metrics_from(combine_timings([_loads(t) for cam, t in sorted(timings.items())
+                                                if cameras_ok.get(cam, True)]), stats, self._cpu_temp())
         details: Dict[str, Any] = {"dropped_frames": metrics.pop("dropped")}
         if stats:
             details.update(uptime_s=stats.get("uptime_s"), inference_errors=stats.get("inference_errors"),

@@ -148,3 +148,28 @@ def test_a_fleet_wide_benchmark_of_300_simulated_devices_gets_every_answer(mosqu
     finally:
         client.close()
         sim.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_simulated_devices_reconnect_on_the_shared_loop_after_the_broker_was_away(mosquitto, tmp_path):
+    """Every paho client runs on the simulator's one network loop: a broker stop drops every
+    connection, and each device connects again (the agent's MqttConnection policy) once it is back."""
+    broker = mosquitto()
+    sim = FleetSim(20, tmp_path / "sim", port=broker.port, costs=Costs(fps=1.0)).start()
+    try:
+        assert sim.wait_connected(30) == 20
+        broker.stop()
+        wait_until(lambda: sim.connected() == 0, 30, "every device sees the broker go")
+        broker.start()
+        assert sim.wait_connected(60) == 20
+        assert sim.net.reconnects > 20
+        client = FleetClient(MqttConfig(host="127.0.0.1", port=broker.port))
+        try:
+            client.connect()
+            answers = client.request("benchmark", command_params(runs=2, warmup=0), fleet=True, timeout=30)
+            assert sorted(d for d, a in answers.items() if a.status == "done") == sim.ids, answers
+        finally:
+            client.close()
+    finally:
+        sim.stop()

@@ -159,6 +159,8 @@ def test_two_cameras_from_the_config_their_topics_and_states(tmp_path):
     configs = d.configs()
     assert len(configs) == 5 + 2 * 1 + 2 * 3  # device-level, an overlay per camera, the classes
     assert topic("image", "overlay") not in configs
+    assert topic("image", "overlay") in d.legacy_topics()  # the single image an earlier version showed: cleared
+    assert topic("image", "overlay") not in discovery("cam-7", PASCAL).legacy_topics()  # [source]: kept
     for cam in ("door", "yard"):
         image = configs[topic("image", f"{cam}_overlay")]
         assert image["image_topic"] == f"edge-agent/cam-7/camera/{cam}/overlay"

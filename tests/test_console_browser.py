@@ -22,10 +22,9 @@ import pytest
 from tests.broker import Recorder
 from tests.data import IMAGES, INVOKE_ERROR, VOC
 from tests.helpers import ConsoleProcess, chromium, stop_agent, wait_until, write_config
-from tests.test_console import _click, _check, _fleet, _table, need_browser
+from tests.console_page import _check, _click, _fleet, _shot, _table, need_browser
 
 PREFIX = "edge-agent"
-OUT = Path(__file__).resolve().parent.parent / "out" / "console-screenshots"
 WATCHED = ["aeroplane", "bird", "person"]
 
 
@@ -39,12 +38,6 @@ def _agent(tmp_path: Path, dev: str, port: int, tags: List[str] = (), **sections
     log = open(tmp_path / dev / "agent.log", "wb")
     return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT)
-
-
-def _shot(driver, tmp_path: Path, name: str) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for folder in (tmp_path, OUT):
-        driver.save_screenshot(str(folder / f"{name}.png"))
 
 
 def _shown(driver) -> Dict[str, object]:

@@ -16,7 +16,7 @@ import pytest
 from edge_agent.fleet.rollout import RolloutState
 from tests.broker import Recorder
 from tests.helpers import ConsoleProcess, wait_until
-from tests.test_console import TOKEN, _http, _page_token, _port, _upload
+from tests.console_page import TOKEN, _http, _page_token, _port, _upload
 
 PREFIX = "edge-agent"
 SHA_OLD = "a" * 64

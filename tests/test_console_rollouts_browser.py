@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 from typing import Dict
 
 import pytest
@@ -24,9 +23,8 @@ from edge_agent.config import load_config
 from edge_agent.fleet.client import FleetClient
 from tests.data import DM10
 from tests.helpers import ConsoleProcess, chromium, stop_agent, wait_until
-from tests.test_console import _click, need_browser
-from tests.test_console_browser import _shot
-from tests.test_rollout import SHA05, _agent, _running
+from tests.console_page import _click, _shot, need_browser
+from tests.rollout_agents import SHA05, _agent, _running
 
 
 def _detail(driver) -> Dict[str, object]:

@@ -13,8 +13,7 @@ import json
 import subprocess
 import sys
 import threading
-from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 
@@ -23,10 +22,10 @@ from edge_agent.config import load_config
 from edge_agent.fleet.client import Answer, FleetClient
 from edge_agent.fleet.deploy import deploy_params
 from edge_agent.fleet.rollout import Gates, Rollout, RolloutError, RolloutState, check_gates, parse_stages
-from tests.data import DM05, DM10, IMAGES
-from tests.helpers import stop_agent, wait_until, write_config
+from tests.data import DM10
+from tests.helpers import stop_agent, wait_until
+from tests.rollout_agents import SHA05, _agent, _running
 
-SHA05 = hashlib.sha256(DM05.read_bytes()).hexdigest()
 SHA10 = hashlib.sha256(DM10.read_bytes()).hexdigest()
 
 
@@ -55,21 +54,6 @@ def test_gates_name_what_failed_and_by_how_much():
         "status: the device reports an error after the swap"]
 
 
-def _agent(tmp_path: Path, name: str, port: int, fps: float, tags: List[str]) -> Path:
-    """An agent of its own (config, state, images) in tmp_path/name, in groups ``tags``."""
-    home = tmp_path / name
-    folder = home / "images"
-    folder.mkdir(parents=True)
-    for image in ("bird.bmp", "cat.bmp"):
-        (folder / image).symlink_to(IMAGES / image)
-    config = write_config(home / "agent.toml", name, port, {"kind": "folder", "uri": str(folder), "fps": fps},
-                          model={"threads": 1},
-                          publish={"timings_interval_s": 1.0, "stats_interval_s": 1.0, "mask_every_n": 1000})
-    text = config.read_text().replace('log_level = "debug"', 'log_level = "info"')
-    config.write_text(text.replace("[agent]\n", f"[agent]\ntags = {json.dumps(tags)}\n", 1))
-    return config
-
-
 @pytest.fixture
 def fleet(mosquitto, tmp_path):
     broker = mosquitto()
@@ -94,11 +78,6 @@ def fleet(mosquitto, tmp_path):
         for name, fh in logs.items():
             fh.close()
             print(f"--- {name}\n{(tmp_path / f'{name}.log').read_text(errors='replace')[-3000:]}")
-
-
-def _running(client: FleetClient) -> Dict[str, str]:
-    client.discover(0.5)
-    return {d: ((v.info or {}).get("model") or {}).get("sha256") for d, v in client.devices().items()}
 
 
 @pytest.mark.broker

@@ -16,6 +16,7 @@ from PIL import Image
 
 from edge_agent.output import encode as enc
 from edge_agent.output import stages
+from edge_agent.output.topics import split_camera_suffix
 from edge_agent.sources.base import Frame
 
 
@@ -34,7 +35,11 @@ def test_every_message_of_a_frame_carries_its_seq_and_camera():
     for camera in ("", "door"):
         opts = stages.EncodeOptions(overlay=True)
         messages, mask_seq = stages.encode(_frame(41), _masks(), "a" * 64, opts, None, camera=camera)
-        parts = dict(messages)
+        # a camera with an id publishes on camera/<id>/<kind> (README "Several cameras")
+        parts = {}
+        for suffix, payload in messages:
+            assert split_camera_suffix(suffix) == (camera, split_camera_suffix(suffix)[1]), suffix
+            parts[split_camera_suffix(suffix)[1]] = payload
         assert set(parts) == {"result", "mask", "overlay"} and mask_seq == 41
         result = json.loads(parts["result"])
         assert result["seq"] == 41 and result["mask_seq"] == 41
@@ -66,4 +71,4 @@ def test_frame_output_labels_with_its_camera():
     out = stages.FrameOutput(stages.OutputSettings(overlay=True), camera="yard")
     assert out.camera == "yard"
     messages, _ = stages.encode(_frame(3), _masks(), "a" * 64, stages.EncodeOptions(), None, camera=out.camera)
-    assert enc.read_frame_label(dict(messages)["mask"]) == {"seq": 3, "camera": "yard"}
+    assert enc.read_frame_label(dict(messages)["camera/yard/mask"]) == {"seq": 3, "camera": "yard"}

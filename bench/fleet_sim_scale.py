@@ -2,6 +2,14 @@
 """The fleet tools and the console with 1,000 simulated devices (bench/fleet_sim.py) on one mosquitto.
 
     .venv/bin/python bench/fleet_sim_scale.py [--devices 1000] [--fps 0.2] [--json out.json] [--no-browser]
+    .venv/bin/python bench/fleet_sim_scale.py --bridged [--bridge-qos 1] [--site-set LINE ...] [--bridge-set LINE ...]
+
+``--bridged``: two mosquittos and a bridge (tests/broker.py ``bridged_mosquittos``, as in
+docs/brokers.md: ``topic edge-agent/# both QOS``): the devices on the site broker, every tool
+(remote devices/bench/rollout, the console, the result counter) on the central one, so every
+command crosses the bridge down and every device message up. ``--site-set`` adds a line to the
+site broker's config (the bridge is a client there: ``max_queued_messages 10000``),
+``--bridge-set`` one to the bridge connection on the central broker.
 
 One run measures, one after the other (the host CLI and the console are real processes):
 
@@ -51,6 +59,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from bench.fleet_scale import kib_status, run_cli  # noqa: E402
 from bench.fleet_sim import Costs, FleetSim, fake_model_bytes  # noqa: E402
 from edge_agent.comms.broker import MosquittoBroker, free_port  # noqa: E402
+from tests.broker import bridged_mosquittos  # noqa: E402  (the bridge config the broker matrix tests)
 
 PREFIX = "edge-agent"
 NEW_MODEL_MS, BASE_MS = 400.0, 40.0
@@ -79,6 +88,34 @@ def count_results(port: int, out: Path) -> int:
     client.loop_stop()
     out.write_text(str(count[0]))
     return 0
+
+
+def wait_bridge(site_port: int, central_port: int, timeout: float = 30.0) -> float:
+    """Seconds until a message published on the site broker reaches the central one."""
+    got = threading.Event()
+    sub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    subscribed = threading.Event()
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{PREFIX}/bridge-probe/#", 0)
+    sub.on_subscribe = lambda c, u, mid, codes, p: subscribed.set()
+    sub.on_message = lambda c, u, m: got.set()
+    sub.connect("127.0.0.1", central_port, 30)
+    sub.loop_start()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    pub.connect("127.0.0.1", site_port, 30)
+    pub.loop_start()
+    t0 = time.monotonic()
+    try:
+        subscribed.wait(timeout)
+        while not got.is_set() and time.monotonic() - t0 < timeout:
+            pub.publish(f"{PREFIX}/bridge-probe/x", b"1", qos=0)
+            got.wait(0.2)
+        if not got.is_set():
+            raise RuntimeError(f"the bridge carried nothing within {timeout:.0f} s")
+        return time.monotonic() - t0
+    finally:
+        for c in (sub, pub):
+            c.disconnect()
+            c.loop_stop()
 
 
 class Counter:
@@ -115,6 +152,16 @@ class Counter:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def broker_log(broker: MosquittoBroker) -> Dict[str, int]:
+    """What a broker's log says about drops and the bridge (mosquitto logs a queue overflow once
+    per client: 'Outgoing messages are being dropped for client ...')."""
+    try:
+        text = broker.log_path.read_text(errors="replace")
+    except OSError:
+        return {}
+    return {"drop_notices": text.count("are being dropped"), "bridge_connects": text.count("Connecting bridge (step 1)")}
 
 
 def cpu_s(pid: int) -> float:
@@ -156,13 +203,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--fps", type=float, default=0.2, help="each device's frame rate (default 0.2)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--bridged", action="store_true", help="devices on a site broker, tools on a central one bridged to it")
+    ap.add_argument("--bridge-qos", type=int, default=1, choices=(0, 1, 2), help="the bridge topic's QoS (default 1)")
+    ap.add_argument("--site-set", action="append", default=[], metavar="LINE", help="a site broker config line")
+    ap.add_argument("--bridge-set", action="append", default=[], metavar="LINE", help="a bridge connection config line")
     ap.add_argument("--count-results", nargs=2, metavar=("PORT", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.count_results:
         return count_results(int(args.count_results[0]), Path(args.count_results[1]))
     work = Path(tempfile.mkdtemp(prefix="edge-agent-fleet-sim-scale-"))
-    (work / "broker").mkdir()
-    broker = MosquittoBroker(workdir=str(work / "broker")).start()
+    if args.bridged:
+        site, broker = bridged_mosquittos(work / "bridge", qos=args.bridge_qos, site_conf=args.site_set,
+                                          bridge_conf=args.bridge_set)
+        print(f"bridge up in {wait_bridge(site.port, broker.port):.2f} s (topic edge-agent/# both "
+              f"{args.bridge_qos}; site {args.site_set or 'defaults'}; bridge {args.bridge_set or 'defaults'})",
+              flush=True)
+    else:
+        (work / "broker").mkdir()
+        site = broker = MosquittoBroker(workdir=str(work / "broker")).start()
     new_model = fake_model_bytes("rollout-model")
     import hashlib
     new_sha = hashlib.sha256(new_model).hexdigest()
@@ -175,6 +233,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   device_fps={**gated, slow_device: 0.0})
     counter = Counter(broker.port, work / "results.count")
     report: Dict[str, Any] = {"devices": args.devices, "fps": args.fps, "cpus": os.cpu_count(),
+                              "bridged": {"qos": args.bridge_qos, "site": args.site_set, "bridge": args.bridge_set}
+                              if args.bridged else None,
                               "loadavg_start": os.getloadavg(), "steps": {}}
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start", flush=True)
     common = ["--host", "127.0.0.1", "--port", str(broker.port)]
@@ -186,13 +246,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         failed |= not ok
         report["steps"][name] = {"seconds": round(seconds, 2), "ok": ok, "detail": detail, **extra,
                                  "broker_peak_rss_mb": round((kib_status(broker.pid, "VmHWM") or 0) / 1024, 1),
+                                 "site_broker_peak_rss_mb": round((kib_status(site.pid, "VmHWM") or 0) / 1024, 1),
                                  "connected_after": sim.connected(), "connection_attempts": sim.net.reconnects,
                                  "loadavg": os.getloadavg()[0]}
         print(f"{name:9s} {seconds:7.2f} s  {'ok ' if ok else 'FAIL'}  {detail}  "
               f"[{sim.connected()} connected, {sim.net.reconnects} connection attempts, "
               f"load {os.getloadavg()[0]:.1f}]", flush=True)
 
-    sim = FleetSim(args.devices, work / "sim", port=broker.port, costs=costs)
+    sim = FleetSim(args.devices, work / "sim", port=site.port, costs=costs)
     try:
         t0 = time.monotonic()
         sim.start()
@@ -292,8 +353,12 @@ def main(argv: Optional[List[str]] = None) -> int:
              f"{got} results received of {sent} the devices' clients took ({sent - got} lost); the clients "
              f"dropped {totals.get('dropped', 0)} messages in all (none taken: broker away or in-flight full); "
              f"simulator clock ticks late: {sim.late_ticks} of {sim.ticks} (the machine is the limit when many); "
-             f"load average {os.getloadavg()[0]:.2f}")
+             f"load average {os.getloadavg()[0]:.2f}"
+             + (f"; site broker log {broker_log(site)}, central broker log {broker_log(broker)}" if site is not broker
+                else f"; broker log {broker_log(broker)}"))
         broker.close()
+        if site is not broker:
+            site.close()
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -21,7 +21,7 @@ from edge_agent.config import MqttConfig
 from edge_agent.fleet.bench import command_params
 from edge_agent.fleet.client import FleetClient
 from edge_agent.fleet.deploy import deploy, deploy_params
-from tests.broker import Recorder
+from tests.broker import Recorder, bridged_mosquittos, mosquitto_available
 from tests.helpers import wait_until
 from tests.asyncapi_check import PREFIX, check_message, final_info_then_offline, validator
 
@@ -173,3 +173,39 @@ def test_simulated_devices_reconnect_on_the_shared_loop_after_the_broker_was_awa
             client.close()
     finally:
         sim.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_fleet_wide_answer_burst_crosses_a_bridge_bigger_than_the_site_brokers_queue(tmp_path):
+    """Devices on a site mosquitto, the fleet client on a central one bridged to it (QoS 1, as in
+    docs/brokers.md). The bridge is one QoS 1 subscriber at the site broker: 100 devices' answers
+    (~600 messages at once) overflow a 50-message queue there (the default 1,000 overflows so at
+    1,000 devices) unless the site broker does not cap messages in flight (docs/brokers.md,
+    "Bridges at scale"): every answer crosses, and the site broker dropped nothing ($SYS)."""
+    if not mosquitto_available():
+        pytest.skip("mosquitto is not installed")
+    from bench.fleet_sim_scale import sys_dropped, wait_bridge
+
+    site, central = bridged_mosquittos(tmp_path / "bridge", qos=1, site_conf=[
+        "sys_interval 1", "max_queued_messages 50", "max_inflight_messages 0"])
+    sim = client = None
+    try:
+        wait_bridge(site.port, central.port)
+        sim = FleetSim(100, tmp_path / "sim", port=site.port, costs=Costs(fps=0.2)).start()
+        assert sim.wait_connected(60) == 100
+        client = FleetClient(MqttConfig(host="127.0.0.1", port=central.port))
+        client.connect()
+        assert sum(1 for d in client.discover(2.0).values() if d.online) == 100
+        answers = client.request("benchmark", command_params(runs=5, warmup=1), fleet=True, timeout=60)
+        assert sorted(d for d, a in answers.items() if a.status == "done") == sim.ids, \
+            {a.status: a.reason for a in answers.values() if a.status != "done"}
+        wait_until(lambda: sys_dropped(site.port, 2.0) is not None, 20, "the site broker's $SYS counters")
+        assert sys_dropped(site.port) == 0
+    finally:
+        if client is not None:
+            client.close()
+        if sim is not None:
+            sim.stop()
+        central.close()
+        site.close()

@@ -22,7 +22,7 @@ import pytest
 from tests.broker import Recorder
 from tests.data import IMAGES, INVOKE_ERROR, VOC
 from tests.helpers import ConsoleProcess, chromium, stop_agent, wait_until, write_config
-from tests.console_page import _check, _click, _fleet, _shot, _table, need_browser
+from tests.console_page import _click, _fleet, _shot, _table, need_browser
 
 PREFIX = "edge-agent"
 WATCHED = ["aeroplane", "bird", "person"]
@@ -229,7 +229,16 @@ def test_frame_truth_errors_first_and_phone_width(mosquitto, tmp_path):
 
         # -- a deployment the device refuses: a failed badge (red), the reason as text
         _click(driver, '#tabs button[data-tab="deploy"]')
-        _check(driver, "#deploy-devices", ["cam-ok"])
+        # devices by group (agent.tags): a group's button checks exactly its online devices
+        picks = "#tab-deploy .group-pick"
+        wait_until(lambda: driver.execute_script(f"return document.querySelector('{picks} button[data-group=\"entrance\"]')"),
+                   10, "the group buttons")
+        assert driver.execute_script(f"return [...document.querySelectorAll('{picks} button')].map(b => b.textContent)") == [
+            "all online (2)", "entrance (1)", "site-a (1)"]
+        _click(driver, f'{picks} button[data-group="all online"]')
+        _click(driver, f'{picks} button[data-group="entrance"]')
+        assert driver.execute_script("return [...document.querySelectorAll('#deploy-devices input:checked')]"
+                                     ".map(i => i.value)") == ["cam-ok"]
         driver.find_element("css selector", "#deploy-file").send_keys(str(INVOKE_ERROR))
         _click(driver, "#deploy-start")
         outcome = lambda: driver.execute_script("return document.querySelector('#deploy-status').dataset.outcome || null")

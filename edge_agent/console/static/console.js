@@ -694,8 +694,29 @@ function renderDevicePickers() {
     if (state.selected) select.value = state.selected;
   }
   if (!state.selected && ids.length) selectDevice(ids[0], false);
+  // groups (agent.tags): one button each that selects that group's online devices, and "all online"
+  const groups = new Map();
+  for (const id of ids) {
+    const row = state.devices.get(id);
+    for (const tag of (row.online && row.tags) || []) groups.set(tag, [...(groups.get(tag) || []), id]);
+  }
+  const online = ids.filter((id) => state.devices.get(id).online);
+  const picks = [["all online", online], ...[...groups.entries()].sort(([a], [b]) => a.localeCompare(b))];
   for (const box of ["#bench-devices", "#deploy-devices"]) {
     const holder = $(box);
+    let bar = holder.parentElement.querySelector(".group-pick");
+    if (!bar) {
+      bar = el("div", { class: "group-pick" });
+      holder.before(bar);
+    }
+    const key = picks.map(([name, members]) => `${name}:${members.join(",")}`).join(";");
+    if (bar.dataset.key !== key) {
+      bar.dataset.key = key;
+      bar.replaceChildren("select: ", ...picks.map(([name, members]) => el("button", {
+        type: "button", class: "light small", data: { group: name },
+        onclick: () => holder.querySelectorAll("input").forEach((i) => { i.checked = members.includes(i.value); }),
+      }, `${name} (${members.length})`)));
+    }
     for (const id of ids) {
       let input = holder.querySelector(`input[value="${CSS.escape(id)}"]`);
       if (!input) {

@@ -1,28 +1,18 @@
 // edge-agent console: the Rollouts tab (staged rollouts: start, watch, cancel). Plain JS, no build
-// step; it uses console.js's api() (token header, sign-in) and adds its own section and stylesheet.
+// step; it uses console.js's api() (token header, sign-in) and DOM helpers $/el, and adds its own
+// section and stylesheet.
 // Errors first: a failed gate is red with its reason as text; badges done / rolled back / failed /
 // cancelled. The rollout logic runs on the server (edge_agent.fleet.rollout); this only shows it.
 "use strict";
 
 (() => {
-  const q = (sel) => document.querySelector(sel);
-  const mk = (tag, props = {}, ...kids) => {
-    const node = document.createElement(tag);
-    for (const [k, v] of Object.entries(props)) {
-      if (k === "class") node.className = v;
-      else if (k === "data") Object.assign(node.dataset, v);
-      else node[k] = v;
-    }
-    for (const kid of kids) node.append(kid instanceof Node ? kid : document.createTextNode(kid ?? ""));
-    return node;
-  };
-  const readOnly = q('meta[name="console-read-only"]').content === "true";
+  const readOnly = $('meta[name="console-read-only"]').content === "true";
   const ro = { selected: null, busy: false, devices: [], devicesAt: 0 };
 
-  const link = mk("link", { rel: "stylesheet", href: "/static/rollouts.css" });
+  const link = el("link", { rel: "stylesheet", href: "/static/rollouts.css" });
   document.head.append(link);
 
-  const section = mk("section", { id: "tab-rollouts", className: "tab", hidden: true });
+  const section = el("section", { id: "tab-rollouts", className: "tab", hidden: true });
   section.innerHTML = `
     <form id="rollout-form" class="toolbar">
       <label>Devices <select id="rollout-target"></select></label>
@@ -51,8 +41,8 @@
       <div id="rollout-stage-tables"></div>
       <details><summary>Progress lines</summary><pre id="rollout-lines" class="rollout-lines"></pre></details>
     </div>`;
-  q("main").append(section);
-  if (readOnly) q("#rollout-form").hidden = true;
+  $("main").append(section);
+  if (readOnly) $("#rollout-form").hidden = true;
 
   const two = (n) => String(n).padStart(2, "0");
   const when = (t) => {  // 2026-12-07 21:48:42, local time, whatever the browser's locale
@@ -82,110 +72,110 @@
     const online = ro.devices.filter((d) => d.online);
     const groups = new Map();
     for (const d of online) for (const t of d.tags || []) groups.set(t, (groups.get(t) || 0) + 1);
-    const target = q("#rollout-target");
+    const target = $("#rollout-target");
     const was = target.value;
-    const options = [...[...groups.keys()].sort().map((t) => mk("option", { value: `group:${t}` },
+    const options = [...[...groups.keys()].sort().map((t) => el("option", { value: `group:${t}` },
                                                                   `group ${t} (${groups.get(t)} online)`)),
-                     mk("option", { value: "all" }, `all online devices (${online.length})`),
-                     mk("option", { value: "devices" }, "chosen devices…")];
+                     el("option", { value: "all" }, `all online devices (${online.length})`),
+                     el("option", { value: "devices" }, "chosen devices…")];
     target.replaceChildren(...options);
     if ([...target.options].some((o) => o.value === was)) target.value = was;
-    const box = q("#rollout-devices");
+    const box = $("#rollout-devices");
     const checked = new Set([...box.querySelectorAll("input:checked")].map((i) => i.value));
-    box.replaceChildren(...ro.devices.map((d) => mk("label", {},
-      mk("input", { type: "checkbox", value: d.device, checked: checked.has(d.device) }), ` ${d.device}`)));
-    q("#rollout-pick").hidden = target.value !== "devices";
+    box.replaceChildren(...ro.devices.map((d) => el("label", {},
+      el("input", { type: "checkbox", value: d.device, checked: checked.has(d.device) }), ` ${d.device}`)));
+    $("#rollout-pick").hidden = target.value !== "devices";
   }
 
   function startRollout(e) {
     e.preventDefault();
-    const error = q("#rollout-error");
+    const error = $("#rollout-error");
     error.textContent = "";
-    const file = q("#rollout-file").files[0];
+    const file = $("#rollout-file").files[0];
     if (!file) { error.textContent = "choose a model file"; return; }
     const query = new URLSearchParams({
-      name: q("#rollout-name").value.trim() || file.name.replace(/\.tflite$/i, ""),
-      stages: q("#rollout-stages").value.trim(), soak_s: q("#rollout-soak").value,
-      baseline_s: q("#rollout-baseline").value, fps_ratio: q("#rollout-fps").value, p50_ratio: q("#rollout-p50").value });
-    const target = q("#rollout-target").value;
+      name: $("#rollout-name").value.trim() || file.name.replace(/\.tflite$/i, ""),
+      stages: $("#rollout-stages").value.trim(), soak_s: $("#rollout-soak").value,
+      baseline_s: $("#rollout-baseline").value, fps_ratio: $("#rollout-fps").value, p50_ratio: $("#rollout-p50").value });
+    const target = $("#rollout-target").value;
     if (target.startsWith("group:")) query.set("group", target.slice(6));
     else if (target === "all") query.set("all", "1");
-    else query.set("devices", [...q("#rollout-devices").querySelectorAll("input:checked")].map((i) => i.value).join(","));
-    q("#rollout-start").disabled = true;
+    else query.set("devices", [...$("#rollout-devices").querySelectorAll("input:checked")].map((i) => i.value).join(","));
+    $("#rollout-start").disabled = true;
     api(`/api/rollouts?${query}`, { method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" } })
       .then((doc) => { ro.selected = doc.id; return tick(true); })
       .catch((err) => { error.textContent = err.message; })
-      .finally(() => { q("#rollout-start").disabled = false; });
+      .finally(() => { $("#rollout-start").disabled = false; });
   }
 
   // -- the list and one rollout ------------------------------------------------------------------
   function renderList(doc) {
     const rows = doc.rollouts || [];
-    q("#rollouts-empty").hidden = rows.length > 0;
-    q("#rollouts-list").hidden = rows.length === 0;
-    q("#rollouts-list tbody").replaceChildren(...rows.map((r) => {
-      const b = mk("span");
+    $("#rollouts-empty").hidden = rows.length > 0;
+    $("#rollouts-list").hidden = rows.length === 0;
+    $("#rollouts-list tbody").replaceChildren(...rows.map((r) => {
+      const b = el("span");
       badge(b, r.outcome);
-      const stages = mk("span", { class: "stage-dots" }, ...r.stages.map((s, i) =>
-        mk("span", { class: `dot ${s}`, title: `stage ${i + 1}: ${s}` }, String(i + 1))));
-      const tr = mk("tr", { data: { id: r.id }, className: r.id === ro.selected ? "selected" : "" },
-        mk("td", {}, mk("a", {}, when(r.started_at))), mk("td", {}, r.model.name || short(r.model.sha256)),
-        mk("td", { class: "num" }, String(r.devices)), mk("td", {}, stages),
-        mk("td", {}, b, r.first_failure ? mk("span", { class: "reason error" }, r.first_failure) : ""));
+      const stages = el("span", { class: "stage-dots" }, ...r.stages.map((s, i) =>
+        el("span", { class: `dot ${s}`, title: `stage ${i + 1}: ${s}` }, String(i + 1))));
+      const tr = el("tr", { data: { id: r.id }, className: r.id === ro.selected ? "selected" : "" },
+        el("td", {}, el("a", {}, when(r.started_at))), el("td", {}, r.model.name || short(r.model.sha256)),
+        el("td", { class: "num" }, String(r.devices)), el("td", {}, stages),
+        el("td", {}, b, r.first_failure ? el("span", { class: "reason error" }, r.first_failure) : ""));
       tr.addEventListener("click", () => { ro.selected = r.id; tick(true); });
       return tr;
     }));
   }
 
   function gateCell(result, stageStatus) {
-    if (!result) return mk("td", { class: "dim" }, stageStatus === "cancelled" ? "not checked" : "pending");
-    if (result.ok) return mk("td", { class: "gate-ok" }, "passed");
-    return mk("td", { class: "gate-failed" }, ...result.failed.map((line) => mk("span", { class: "gate-line" }, line)));
+    if (!result) return el("td", { class: "dim" }, stageStatus === "cancelled" ? "not checked" : "pending");
+    if (result.ok) return el("td", { class: "gate-ok" }, "passed");
+    return el("td", { class: "gate-failed" }, ...result.failed.map((line) => el("span", { class: "gate-line" }, line)));
   }
 
   function compare(result, key, unit) {
-    if (!result) return mk("td", { class: "num dim" }, "");
+    if (!result) return el("td", { class: "num dim" }, "");
     const b = result.before && result.before[key], a = result.after && result.after[key];
     const ratio = b && a !== null && a !== undefined ? ` (${(a / b).toFixed(2)}×)` : "";
-    return mk("td", { class: "num" }, `${num(b)} → ${num(a)}${unit}${ratio}`);
+    return el("td", { class: "num" }, `${num(b)} → ${num(a)}${unit}${ratio}`);
   }
 
   function renderDetail(doc) {
-    q("#rollout-detail").hidden = false;
-    q("#rollout-detail").dataset.id = doc.id;
-    q("#rollout-title").textContent = `${doc.model.name || "model"} (${short(doc.model.sha256)}) to ` +
+    $("#rollout-detail").hidden = false;
+    $("#rollout-detail").dataset.id = doc.id;
+    $("#rollout-title").textContent = `${doc.model.name || "model"} (${short(doc.model.sha256)}) to ` +
       `${doc.devices.length} device(s), started ${when(doc.started_at)}`;
-    badge(q("#rollout-outcome"), doc.cancelling && doc.status === "running" ? "cancelling" : doc.outcome);
-    const cancel = q("#rollout-cancel");
+    badge($("#rollout-outcome"), doc.cancelling && doc.status === "running" ? "cancelling" : doc.outcome);
+    const cancel = $("#rollout-cancel");
     cancel.hidden = readOnly || doc.status !== "running";
     cancel.disabled = !!doc.cancelling;
-    q("#rollout-error-text").textContent = doc.error || "";
-    const resume = q("#rollout-resume");
+    $("#rollout-error-text").textContent = doc.error || "";
+    const resume = $("#rollout-resume");
     resume.hidden = !doc.resume;
     resume.textContent = doc.resume ? `Interrupted (not run by this console): resume it with ${doc.resume}` : "";
-    q("#rollout-report").replaceChildren(...doc.report.map((line) =>
-      mk("li", { class: / failed /.test(line) ? "failed" : "" }, line)));
+    $("#rollout-report").replaceChildren(...doc.report.map((line) =>
+      el("li", { class: / failed /.test(line) ? "failed" : "" }, line)));
     const n = doc.stages.length;
-    q("#rollout-stage-tables").replaceChildren(...doc.stages.map((stage, i) => {
-      const head = mk("h4", {}, `Stage ${i + 1}/${n} · ${stage.devices.length} device(s) `);
-      const b = mk("span", { class: `badge ${badgeClass(stage.status)}` }, stage.status);
+    $("#rollout-stage-tables").replaceChildren(...doc.stages.map((stage, i) => {
+      const head = el("h4", {}, `Stage ${i + 1}/${n} · ${stage.devices.length} device(s) `);
+      const b = el("span", { class: `badge ${badgeClass(stage.status)}` }, stage.status);
       head.append(b);
       const rows = stage.devices.map((dev) => {
         const result = (stage.results || {})[dev];
         const back = doc.rolled_back[dev];
-        return mk("tr", { data: { device: dev }, className: result && !result.ok ? "failed" : "" },
-          mk("td", {}, dev), gateCell(result, stage.status), compare(result, "fps", ""), compare(result, "p50_ms", " ms"),
-          mk("td", { class: back === undefined ? "dim" : (back === "done" ? "" : "gate-failed") },
+        return el("tr", { data: { device: dev }, className: result && !result.ok ? "failed" : "" },
+          el("td", {}, dev), gateCell(result, stage.status), compare(result, "fps", ""), compare(result, "p50_ms", " ms"),
+          el("td", { class: back === undefined ? "dim" : (back === "done" ? "" : "gate-failed") },
              back === undefined ? "" : (back === "done" ? "rolled back" : `rollback ${back}`)),
-          mk("td", { class: "dim" }, short((stage.previous || {})[dev])));
+          el("td", { class: "dim" }, short((stage.previous || {})[dev])));
       });
-      const table = mk("table", { class: "grid rollout-stage", data: { stage: String(i + 1) } },
-        mk("thead", {}, mk("tr", {}, ...["device", "gates", "fps before → after", "inference p50 before → after",
-                                          "rollback", "previous model"].map((t) => mk("th", {}, t)))),
-        mk("tbody", {}, ...rows));
-      return mk("div", { class: "rollout-stage-box" }, head, mk("div", { class: "scroll" }, table));
+      const table = el("table", { class: "grid rollout-stage", data: { stage: String(i + 1) } },
+        el("thead", {}, el("tr", {}, ...["device", "gates", "fps before → after", "inference p50 before → after",
+                                          "rollback", "previous model"].map((t) => el("th", {}, t)))),
+        el("tbody", {}, ...rows));
+      return el("div", { class: "rollout-stage-box" }, head, el("div", { class: "scroll" }, table));
     }));
-    q("#rollout-lines").textContent = (doc.lines || []).join("\n");
+    $("#rollout-lines").textContent = (doc.lines || []).join("\n");
   }
 
   async function tick(force) {
@@ -201,28 +191,28 @@
       if (ro.selected) renderDetail(await api(`/api/rollouts/${encodeURIComponent(ro.selected)}`));
       refreshDevices(false);
     } catch (err) {
-      q("#rollout-error").textContent = err.message;
+      $("#rollout-error").textContent = err.message;
     } finally {
       ro.busy = false;
     }
   }
 
-  q("#rollout-form").addEventListener("submit", startRollout);
-  q("#rollout-target").addEventListener("change", () => {
-    q("#rollout-pick").hidden = q("#rollout-target").value !== "devices";
+  $("#rollout-form").addEventListener("submit", startRollout);
+  $("#rollout-target").addEventListener("change", () => {
+    $("#rollout-pick").hidden = $("#rollout-target").value !== "devices";
   });
-  q("#rollout-file").addEventListener("change", () => {
-    const file = q("#rollout-file").files[0];
-    if (file && !q("#rollout-name").value) q("#rollout-name").value = file.name.replace(/\.tflite$/i, "");
+  $("#rollout-file").addEventListener("change", () => {
+    const file = $("#rollout-file").files[0];
+    if (file && !$("#rollout-name").value) $("#rollout-name").value = file.name.replace(/\.tflite$/i, "");
   });
-  q("#rollout-cancel").addEventListener("click", () => {
-    const id = q("#rollout-detail").dataset.id;
-    q("#rollout-cancel").disabled = true;
+  $("#rollout-cancel").addEventListener("click", () => {
+    const id = $("#rollout-detail").dataset.id;
+    $("#rollout-cancel").disabled = true;
     api(`/api/rollouts/${encodeURIComponent(id)}/cancel`, { method: "POST" })
       .then(() => tick(true))
-      .catch((err) => { q("#rollout-error-text").textContent = err.message; q("#rollout-cancel").disabled = false; });
+      .catch((err) => { $("#rollout-error-text").textContent = err.message; $("#rollout-cancel").disabled = false; });
   });
-  const button = q('#tabs button[data-tab="rollouts"]');
+  const button = $('#tabs button[data-tab="rollouts"]');
   if (button) button.addEventListener("click", () => { refreshDevices(true); tick(true); });
   setInterval(() => tick(false), 1000);
 })();

@@ -204,6 +204,33 @@ async def _json_body(request: Request) -> Dict[str, Any]:
     return doc
 
 
+def _too_large(settings: Settings) -> RequestProblem:
+    return RequestProblem(f"the model is larger than --max-upload-mb {settings.max_upload_mb:g}", 413)
+
+
+def _check_upload_size(request: Request, settings: Settings) -> None:
+    """413 before anything is reserved when Content-Length already says the model is too large."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        raise _too_large(settings)
+
+
+async def _save_upload(request: Request, out: Any, settings: Settings) -> bool:
+    """Stream the body into ``out``: 413 beyond --max-upload-mb, 400 if empty; False if the client left."""
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_upload_bytes:
+                raise _too_large(settings)
+            out.write(chunk)
+    except ClientDisconnect:
+        return False
+    if size == 0:
+        raise RequestProblem("the body is empty: send the model file")
+    return True
+
+
 # -- the app ---------------------------------------------------------------------------------------
 
 class _EventStream(StreamingResponse):
@@ -388,28 +415,15 @@ def create_app(state: FleetState, jobs: Jobs, hub: Hub, access: Access, settings
             raise RequestProblem("name: give the model a name")
         labels = parse_labels(q["labels"], "labels") if q.get("labels") else None
         confirm_frames = _int(dict(q), "confirm_frames", None, 0, 100000)
-        limit = settings.max_upload_bytes
-        too_large = RequestProblem(f"the model is larger than --max-upload-mb {settings.max_upload_mb:g}", 413)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise too_large
+        _check_upload_size(request, settings)
         jobs.reserve(targets, "upload")  # DeviceBusy: 409
         path: Optional[str] = None
         handed = False
         try:
             fd, path = tempfile.mkstemp(prefix="edge-agent-console-", suffix=".tflite", dir=settings.upload_dir)
-            size = 0
             with os.fdopen(fd, "wb") as out:
-                try:
-                    async for chunk in request.stream():
-                        size += len(chunk)
-                        if size > limit:
-                            raise too_large
-                        out.write(chunk)
-                except ClientDisconnect:
+                if not await _save_upload(request, out, settings):
                     return Response(status_code=400)  # nobody is there to read it
-            if size == 0:
-                raise RequestProblem("the body is empty: send the model file")
             job = jobs.deploy(targets, Path(path), name, labels=labels, confirm_frames=confirm_frames,
                               reserved=True)
             handed = True  # the job removes the file and releases the devices when it ends

@@ -281,11 +281,11 @@ def _number(query: Any, key: str, default: float, lo: float, hi: float) -> float
 
 def routes(rollouts: Rollouts, state: Any, settings: Any, guard: Callable[..., Any]) -> List[Any]:
     """The rollout routes of :func:`edge_agent.console.app.create_app` (its ``guard``: access rules)."""
-    from starlette.requests import ClientDisconnect, Request
+    from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from edge_agent.console.app import RequestProblem, _devices, _str
+    from edge_agent.console.app import RequestProblem, _check_upload_size, _devices, _save_upload, _str
 
     @guard()
     async def listing(request: Request) -> Response:
@@ -328,28 +328,15 @@ def routes(rollouts: Rollouts, state: Any, settings: Any, guard: Callable[..., A
         soak_s = _number(q, "soak_s", 60.0, 0, 7 * 86400)
         baseline_s = _number(q, "baseline_s", 15.0, 1, 3600)
         timeout_s = _number(q, "timeout_s", 300.0, 5, 86400)
-        limit = settings.max_upload_bytes
-        too_large = RequestProblem(f"the model is larger than --max-upload-mb {settings.max_upload_mb:g}", 413)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise too_large
+        _check_upload_size(request, settings)
         rollout_id = rollouts.begin(devices, stages)  # 409: another rollout, or a device busy; 400: stages
         model = rollouts.model_path(rollout_id)
         handed = False
         try:
             rollouts.dir.mkdir(parents=True, exist_ok=True)
-            size = 0
             with open(model, "wb") as out:
-                try:
-                    async for chunk in request.stream():
-                        size += len(chunk)
-                        if size > limit:
-                            raise too_large
-                        out.write(chunk)
-                except ClientDisconnect:
+                if not await _save_upload(request, out, settings):
                     return Response(status_code=400)
-            if size == 0:
-                raise RequestProblem("the body is empty: send the model file")
             doc = rollouts.start(rollout_id, name, gates, stages, soak_s, baseline_s, timeout_s)
             handed = True
             return JSONResponse(doc, status_code=202)

@@ -20,13 +20,11 @@ every camera within +-10% of its fair share, RSS(4 cameras) <= 1.3 x RSS(1 camer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -37,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from perf import LABELS, MODEL_FILES, log, make_sources, median, standalone_invoke, vm_hwm_mb  # noqa: E402
+from perf import (  # noqa: E402
+    LABELS, MODEL_FILES, agent_bench, log, make_sources, median, standalone_invoke, stop_agent, vm_hwm_mb,
+)
 
 COUNTS = (1, 2, 4)
 MIXES = ("jpeg", "raw")
@@ -94,20 +94,13 @@ def run_once(port: int, counter: CameraCounter, cfg: Path, n: int, window_s: flo
         c1, t1 = counter.snapshot(), time.monotonic()
         rss = vm_hwm_mb(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err = stop_agent(proc)
     per_camera = {f"cam{i}": (c1[f"cam{i}"] - c0[f"cam{i}"]) / (t1 - t0) for i in range(n)}
     return {"total": sum(per_camera.values()), "per_camera": per_camera, "rss_mb": rss,
             "stderr": err.decode(errors="replace")[-300:]}
 
 
 def main(argv: List[str] = None) -> int:
-    from edge_agent.comms.broker import EmbeddedBroker
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--window", type=float, default=15.0)
@@ -117,31 +110,24 @@ def main(argv: List[str] = None) -> int:
     args = ap.parse_args(argv)
     model = MODEL_FILES[args.model]
     cores = os.cpu_count() or 1
-    tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-cams-"))
     results: Dict[tuple, List[Dict[str, Any]]] = {}
     invokes: Dict[tuple, List[float]] = {}
-    try:
+    with agent_bench("edge-agent-bench-cams-") as (tmp, broker), \
+            contextlib.closing(CameraCounter(broker.port)) as counter:
         sources = make_sources(tmp)
         mixes = {"jpeg": [sources["jpeg-1080p"], sources["jpeg-720p"]], "raw": [sources["raw-720p"]]}
-        with EmbeddedBroker(prefer="mosquitto") as broker:
-            counter = CameraCounter(broker.port)
-            try:
-                for r in range(args.rounds):
-                    for mix in MIXES:
-                        for n in COUNTS:
-                            cams = [mixes[mix][i % len(mixes[mix])] for i in range(n)]
-                            cfg = write_config(tmp / f"agent-{mix}-{n}.toml", broker.port, model, cams)
-                            invokes.setdefault((mix, n), []).extend(standalone_invoke(model, cores, 8))
-                            res = run_once(broker.port, counter, cfg, n, args.window, args.warmup)
-                            invokes[(mix, n)].extend(standalone_invoke(model, cores, 8))
-                            results.setdefault((mix, n), []).append(res)
-                            log(f"round {r + 1} {mix} x{n}: {res['total']:.2f} masks/s "
-                                f"{ {k: round(v, 2) for k, v in res['per_camera'].items()} } rss {res['rss_mb']}"
-                                + (f" stderr: {res['stderr']}" if not res["total"] else ""))
-            finally:
-                counter.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for r in range(args.rounds):
+            for mix in MIXES:
+                for n in COUNTS:
+                    cams = [mixes[mix][i % len(mixes[mix])] for i in range(n)]
+                    cfg = write_config(tmp / f"agent-{mix}-{n}.toml", broker.port, model, cams)
+                    invokes.setdefault((mix, n), []).extend(standalone_invoke(model, cores, 8))
+                    res = run_once(broker.port, counter, cfg, n, args.window, args.warmup)
+                    invokes[(mix, n)].extend(standalone_invoke(model, cores, 8))
+                    results.setdefault((mix, n), []).append(res)
+                    log(f"round {r + 1} {mix} x{n}: {res['total']:.2f} masks/s "
+                        f"{ {k: round(v, 2) for k, v in res['per_camera'].items()} } rss {res['rss_mb']}"
+                        + (f" stderr: {res['stderr']}" if not res["total"] else ""))
     rows = []
     for (mix, n), runs in results.items():
         inv = median(invokes[(mix, n)])

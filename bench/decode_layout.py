@@ -23,11 +23,10 @@ Ratios in one run only; nothing here is a timed test. Prints Markdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -37,8 +36,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.perf import (  # noqa: E402  (the same harness as bench/perf.py)
-    LABELS, MODEL_FILES, PHOTOS, IMAGES, Subscriber, crop_16_9, log, make_sources, median, read_rgb,
-    run_agent_once, standalone_invoke_cpu, write_agent_config,
+    LABELS, MODEL_FILES, PHOTOS, IMAGES, Subscriber, agent_bench, broker_pid, crop_16_9, log, make_sources,
+    median, read_rgb, run_agent_once, standalone_invoke_cpu, write_agent_config,
 )
 
 SHIM = "import edge_agent.sources.images as _images\n_images.simplejpeg = None\n_images.JPEG_DECODER = 'opencv'\n"
@@ -113,51 +112,42 @@ CONFIGS = [  # (label, decoder, interpreters, threads); 0 = automatic
 
 
 def measure_agent(rounds: int, window_s: float, sources_wanted: List[str], model_name: str) -> List[Dict[str, Any]]:
-    from edge_agent.comms.broker import EmbeddedBroker
     from edge_agent.config import load_config
     from edge_agent.inference import layout
 
     cores = os.cpu_count() or 1
     path = MODEL_FILES[model_name]
-    tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-dl-"))
-    shim = tmp / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SHIM)
-    sources = {k: v for k, v in make_sources(tmp).items() if k in sources_wanted}
     runs: Dict[Any, List[Dict[str, Any]]] = {}
-    try:
-        with EmbeddedBroker(prefer="mosquitto") as broker:
-            impl = getattr(broker, "_impl", None)
-            broker_pid = getattr(getattr(impl, "_proc", None), "pid", None)
-            sub = Subscriber(broker.port, "edge-agent/bench/#")
-            try:
-                for r in range(rounds):
-                    for name, lines in sources.items():
-                        for label, decoder, interpreters, threads in CONFIGS:
-                            cfg = write_agent_config(tmp / f"agent-{name}.toml", broker.port, tmp, path, threads,
-                                                     lines, interpreters=interpreters)
-                            chosen = layout.for_config(load_config(str(cfg), env={}))
-                            load = os.getloadavg()[0]
-                            inv, cpu_a = standalone_invoke_cpu(path, cores, 8)
-                            res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0, broker_pid=broker_pid,
-                                                 pythonpath=(str(shim),) if decoder == "opencv" else ())
-                            inv_b, cpu_b = standalone_invoke_cpu(path, cores, 8)
-                            invoke_ms = median(inv + inv_b)
-                            ratio = round(res["fps"] * invoke_ms / 1e3, 3)
-                            # load-robust proxy (bench/perf.py): invoke's CPU over the agent's CPU per mask
-                            per_mask = res["agent_cpu_ms_per_mask"]
-                            cpu_ratio = round((cpu_a + cpu_b) / 2 / per_mask, 3) if per_mask else None
-                            log(f"  {name} {label} round {r}: {res['fps']:.2f} masks/s, invoke {invoke_ms:.2f} ms, "
-                                f"ratio {ratio}, CPU ratio {cpu_ratio}, layout {chosen.interpreters}x{chosen.threads}, load {load:.2f}"
-                                + (f", stderr {res['stderr_tail']}" if res["stderr_tail"] else ""))
-                            runs.setdefault((name, label), []).append(
-                                dict(ratio=ratio, cpu_ratio=cpu_ratio, fps=res["fps"], invoke_ms=invoke_ms, load=load,
-                                     layout=f"{chosen.interpreters}x{chosen.threads}", reason=chosen.reason,
-                                     rss=res["peak_rss_mb"]))
-            finally:
-                sub.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with agent_bench("edge-agent-bench-dl-") as (tmp, broker), \
+            contextlib.closing(Subscriber(broker.port, "edge-agent/bench/#")) as sub:
+        shim = tmp / "shim"
+        shim.mkdir()
+        (shim / "sitecustomize.py").write_text(SHIM)
+        sources = {k: v for k, v in make_sources(tmp).items() if k in sources_wanted}
+        mosquitto_pid = broker_pid(broker)
+        for r in range(rounds):
+            for name, lines in sources.items():
+                for label, decoder, interpreters, threads in CONFIGS:
+                    cfg = write_agent_config(tmp / f"agent-{name}.toml", broker.port, tmp, path, threads,
+                                             lines, interpreters=interpreters)
+                    chosen = layout.for_config(load_config(str(cfg), env={}))
+                    load = os.getloadavg()[0]
+                    inv, cpu_a = standalone_invoke_cpu(path, cores, 8)
+                    res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0, broker_pid=mosquitto_pid,
+                                         pythonpath=(str(shim),) if decoder == "opencv" else ())
+                    inv_b, cpu_b = standalone_invoke_cpu(path, cores, 8)
+                    invoke_ms = median(inv + inv_b)
+                    ratio = round(res["fps"] * invoke_ms / 1e3, 3)
+                    # load-robust proxy (bench/perf.py): invoke's CPU over the agent's CPU per mask
+                    per_mask = res["agent_cpu_ms_per_mask"]
+                    cpu_ratio = round((cpu_a + cpu_b) / 2 / per_mask, 3) if per_mask else None
+                    log(f"  {name} {label} round {r}: {res['fps']:.2f} masks/s, invoke {invoke_ms:.2f} ms, "
+                        f"ratio {ratio}, CPU ratio {cpu_ratio}, layout {chosen.interpreters}x{chosen.threads}, load {load:.2f}"
+                        + (f", stderr {res['stderr_tail']}" if res["stderr_tail"] else ""))
+                    runs.setdefault((name, label), []).append(
+                        dict(ratio=ratio, cpu_ratio=cpu_ratio, fps=res["fps"], invoke_ms=invoke_ms, load=load,
+                             layout=f"{chosen.interpreters}x{chosen.threads}", reason=chosen.reason,
+                             rss=res["peak_rss_mb"]))
     rows = []
     for (name, label), rs in runs.items():
         rows.append({"source": name, "config": label, "layout": rs[-1]["layout"], "reason": rs[-1]["reason"],

@@ -40,6 +40,7 @@ the machine) hits all of them equally; medians are reported. Bench-only dependen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
@@ -54,7 +55,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -433,6 +434,34 @@ def vm_hwm_mb(pid: int) -> Optional[float]:
     return None
 
 
+@contextlib.contextmanager
+def agent_bench(prefix: str) -> Iterator[Tuple[Path, Any]]:
+    """A scratch directory and a real mosquitto for agent runs (both gone afterwards)."""
+    from edge_agent.comms.broker import EmbeddedBroker
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with EmbeddedBroker(prefer="mosquitto") as broker:
+            yield tmp, broker
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def broker_pid(broker: Any) -> Optional[int]:
+    """The mosquitto process id behind an EmbeddedBroker (for its CPU); None when not known."""
+    return getattr(getattr(getattr(broker, "_impl", None), "_proc", None), "pid", None)
+
+
+def stop_agent(proc: subprocess.Popen) -> bytes:
+    """SIGTERM, a kill after 20 s; the agent's stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
+
+
 class Subscriber:
     """Records arrival time and size of every mask, and the agent's interval timings."""
 
@@ -551,12 +580,7 @@ def run_agent_once(port: int, sub: Subscriber, cfg: Path, window_s: float, warmu
     else:
         fps = 0.0
         per_mask = [None, None, None]
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
+    err = stop_agent(proc)
     agent_inf = [t["stages"]["inference"]["mean"] for t in sub.timings if "inference" in t.get("stages", {})]
     masks = [b for _, b in sub.masks]
     return {
@@ -571,32 +595,23 @@ def run_agent_once(port: int, sub: Subscriber, cfg: Path, window_s: float, warmu
 
 
 def measure_agent(frames: Dict[str, Any], rounds: int, window_s: float, models: List[str]) -> List[Dict[str, Any]]:
-    from edge_agent.comms.broker import EmbeddedBroker
-
-    tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
-    folder = make_frames_dir(tmp, frames)
     out: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
     invokes: Dict[Tuple[str, int], List[float]] = {}
-    try:
-        with EmbeddedBroker(prefer="mosquitto") as broker:
-            sub = Subscriber(broker.port, "edge-agent/bench/#")
-            try:
-                for _ in range(rounds):
-                    for model_name in models:
-                        for threads in (1, 2):
-                            path = MODEL_FILES[model_name]
-                            # invoke alone just before and just after the agent's run: same drift
-                            invokes.setdefault((model_name, threads), []).extend(standalone_invoke(path, threads, 8))
-                            cfg = write_agent_config(tmp / f"agent-{threads}.toml", broker.port, folder, path, threads)
-                            res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=1.5)
-                            invokes[(model_name, threads)].extend(standalone_invoke(path, threads, 8))
-                            log(f"  agent {model_name} threads={threads}: {res['fps']:.2f} masks/s, "
-                                f"first mask {res['first_mask_s']}, rss {res['peak_rss_mb']}")
-                            out.setdefault((model_name, threads), []).append(res)
-            finally:
-                sub.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with agent_bench("edge-agent-bench-") as (tmp, broker), \
+            contextlib.closing(Subscriber(broker.port, "edge-agent/bench/#")) as sub:
+        folder = make_frames_dir(tmp, frames)
+        for _ in range(rounds):
+            for model_name in models:
+                for threads in (1, 2):
+                    path = MODEL_FILES[model_name]
+                    # invoke alone just before and just after the agent's run: same drift
+                    invokes.setdefault((model_name, threads), []).extend(standalone_invoke(path, threads, 8))
+                    cfg = write_agent_config(tmp / f"agent-{threads}.toml", broker.port, folder, path, threads)
+                    res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=1.5)
+                    invokes[(model_name, threads)].extend(standalone_invoke(path, threads, 8))
+                    log(f"  agent {model_name} threads={threads}: {res['fps']:.2f} masks/s, "
+                        f"first mask {res['first_mask_s']}, rss {res['peak_rss_mb']}")
+                    out.setdefault((model_name, threads), []).append(res)
     rows = []
     for (model_name, threads), runs in out.items():
         inv = median(invokes[(model_name, threads)])
@@ -784,77 +799,67 @@ def measure_throughput(rounds: int, window_s: float, model_name: str = "dm1.0",
     """The daemon on each source, all cores; ratio measured vs the limit model (module doc), for
     each interpreters x threads layout, always against ``invoke()`` alone on all cores.
     ``compare_with``: also run the agent of that git revision, interleaved (ratio, CPU ratio)."""
-    from edge_agent.comms.broker import EmbeddedBroker
     from edge_agent.inference.segmenter import Segmenter
 
     cores = os.cpu_count() or 1
     path = MODEL_FILES[model_name]
-    tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-tp-"))
-    sources = make_sources(tmp)
-    if only:
-        sources = {k: v for k, v in sources.items() if k in only}
     runs: Dict[str, List[Dict[str, Any]]] = {}
-    old_code = export_revision(compare_with, tmp) if compare_with else None
-    try:
-        with EmbeddedBroker(prefer="mosquitto") as broker:
-            impl = getattr(broker, "_impl", None)
-            broker_pid = getattr(getattr(impl, "_proc", None), "pid", None)
-            sub = Subscriber(broker.port, "edge-agent/bench/#")
-            sink = MqttSink(broker.port)
-            seg = Segmenter(str(path), labels=str(LABELS), threads=cores)
-            try:
-                for r in range(rounds):
-                    for (name, lines), (interpreters, threads) in itertools.product(
-                            sources.items(), layouts_for(cores, layouts)):
-                        layout = f"{interpreters}x{threads}"
-                        load = os.getloadavg()[0]
-                        inv, cpu_a = standalone_invoke_cpu(path, cores, 8)
-                        cfg = write_agent_config(tmp / f"agent-{name}.toml", broker.port, tmp, path, threads, lines,
-                                                 interpreters=interpreters)
-                        res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0, broker_pid=broker_pid)
-                        if old_code is not None:
-                            old = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0,
-                                                 broker_pid=broker_pid, code=old_code)
-                        inv_b, cpu_b = standalone_invoke_cpu(path, cores, 8)
-                        inv += inv_b
-                        reduced_masks: List[Any] = []
-                        full_masks: List[Any] = []
-                        st = stage_cpu(seg, source_settings(lines), sink, 12, keep=reduced_masks)
-                        full = stage_cpu(seg, source_settings(lines), sink, 12, reduced=False, keep=full_masks)
-                        # masks of the same frames, reduced vs full-size decode: share of pixels that differ
-                        diffs = [float((a != b).mean()) * 100 for a, b in zip(reduced_masks, full_masks)]
-                        res.update(st, invoke_ms=median(inv), load=round(load, 2), round=r, layout=layout,
-                                   invoke_cpu_ms=round((cpu_a + cpu_b) / 2, 2),
-                                   other_cpu_full_decode_ms=full["other_cpu_ms"],
-                                   mask_diff_pct=round(statistics.fmean(diffs), 3) if diffs else None)
-                        # Load-robust proxy: invoke's CPU over the agent's CPU per mask (both all threads).
-                        res["cpu_ratio"] = (round(res["invoke_cpu_ms"] / res["agent_cpu_ms_per_mask"], 3)
-                                            if res["agent_cpu_ms_per_mask"] else None)
-                        res["ratio"] = round(res["fps"] * res["invoke_ms"] / 1e3, 3)
-                        if old_code is not None:
-                            res["before_ratio"] = round(old["fps"] * res["invoke_ms"] / 1e3, 3)
-                            res["before_cpu_ratio"] = (round(res["invoke_cpu_ms"] / old["agent_cpu_ms_per_mask"], 3)
-                                                       if old["agent_cpu_ms_per_mask"] else None)
-                        res["limit"] = round(res["invoke_ms"] / (res["invoke_ms"] + st["other_cpu_ms"] / cores), 3)
-                        res["limit_full_decode"] = round(
-                            res["invoke_ms"] / (res["invoke_ms"] + full["other_cpu_ms"] / cores), 3)
-                        harness = (res["broker_cpu_ms_per_mask"] or 0) + (res["subscriber_cpu_ms_per_mask"] or 0)
-                        res["limit_with_harness"] = round(
-                            res["invoke_ms"] / (res["invoke_ms"] + (st["other_cpu_ms"] + harness) / cores), 3)
-                        log(f"  {name} {layout} round {r}: {res['fps']:.2f} masks/s, invoke {res['invoke_ms']:.2f} ms, "
-                            f"ratio {res['ratio']} (limit {res['limit']}, with broker+subscriber "
-                            f"{res['limit_with_harness']}), CPU ratio {res['cpu_ratio']}, "
-                            + (f"before ({compare_with}): ratio {res['before_ratio']} CPU ratio {res['before_cpu_ratio']}, "
-                               if old_code is not None else "") +
-                            f"other CPU {st['other_cpu_ms']} ms {st['stage_cpu_ms']} (full decode {full['other_cpu_ms']}), "
-                            f"decoded {st['decoded']}, masks differ from full decode {res['mask_diff_pct']}%, "
-                            f"load {load:.2f}")
-                        runs.setdefault((name, layout), []).append(res)
-            finally:
-                sink.close()
-                sub.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with agent_bench("edge-agent-bench-tp-") as (tmp, broker), \
+            contextlib.closing(Subscriber(broker.port, "edge-agent/bench/#")) as sub, \
+            contextlib.closing(MqttSink(broker.port)) as sink:
+        sources = make_sources(tmp)
+        if only:
+            sources = {k: v for k, v in sources.items() if k in only}
+        old_code = export_revision(compare_with, tmp) if compare_with else None
+        mosquitto_pid = broker_pid(broker)
+        seg = Segmenter(str(path), labels=str(LABELS), threads=cores)
+        for r in range(rounds):
+            for (name, lines), (interpreters, threads) in itertools.product(
+                    sources.items(), layouts_for(cores, layouts)):
+                layout = f"{interpreters}x{threads}"
+                load = os.getloadavg()[0]
+                inv, cpu_a = standalone_invoke_cpu(path, cores, 8)
+                cfg = write_agent_config(tmp / f"agent-{name}.toml", broker.port, tmp, path, threads, lines,
+                                         interpreters=interpreters)
+                res = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0, broker_pid=mosquitto_pid)
+                if old_code is not None:
+                    old = run_agent_once(broker.port, sub, cfg, window_s, warmup_s=2.0,
+                                         broker_pid=mosquitto_pid, code=old_code)
+                inv_b, cpu_b = standalone_invoke_cpu(path, cores, 8)
+                inv += inv_b
+                reduced_masks: List[Any] = []
+                full_masks: List[Any] = []
+                st = stage_cpu(seg, source_settings(lines), sink, 12, keep=reduced_masks)
+                full = stage_cpu(seg, source_settings(lines), sink, 12, reduced=False, keep=full_masks)
+                # masks of the same frames, reduced vs full-size decode: share of pixels that differ
+                diffs = [float((a != b).mean()) * 100 for a, b in zip(reduced_masks, full_masks)]
+                res.update(st, invoke_ms=median(inv), load=round(load, 2), round=r, layout=layout,
+                           invoke_cpu_ms=round((cpu_a + cpu_b) / 2, 2),
+                           other_cpu_full_decode_ms=full["other_cpu_ms"],
+                           mask_diff_pct=round(statistics.fmean(diffs), 3) if diffs else None)
+                # Load-robust proxy: invoke's CPU over the agent's CPU per mask (both all threads).
+                res["cpu_ratio"] = (round(res["invoke_cpu_ms"] / res["agent_cpu_ms_per_mask"], 3)
+                                    if res["agent_cpu_ms_per_mask"] else None)
+                res["ratio"] = round(res["fps"] * res["invoke_ms"] / 1e3, 3)
+                if old_code is not None:
+                    res["before_ratio"] = round(old["fps"] * res["invoke_ms"] / 1e3, 3)
+                    res["before_cpu_ratio"] = (round(res["invoke_cpu_ms"] / old["agent_cpu_ms_per_mask"], 3)
+                                               if old["agent_cpu_ms_per_mask"] else None)
+                res["limit"] = round(res["invoke_ms"] / (res["invoke_ms"] + st["other_cpu_ms"] / cores), 3)
+                res["limit_full_decode"] = round(
+                    res["invoke_ms"] / (res["invoke_ms"] + full["other_cpu_ms"] / cores), 3)
+                harness = (res["broker_cpu_ms_per_mask"] or 0) + (res["subscriber_cpu_ms_per_mask"] or 0)
+                res["limit_with_harness"] = round(
+                    res["invoke_ms"] / (res["invoke_ms"] + (st["other_cpu_ms"] + harness) / cores), 3)
+                log(f"  {name} {layout} round {r}: {res['fps']:.2f} masks/s, invoke {res['invoke_ms']:.2f} ms, "
+                    f"ratio {res['ratio']} (limit {res['limit']}, with broker+subscriber "
+                    f"{res['limit_with_harness']}), CPU ratio {res['cpu_ratio']}, "
+                    + (f"before ({compare_with}): ratio {res['before_ratio']} CPU ratio {res['before_cpu_ratio']}, "
+                       if old_code is not None else "") +
+                    f"other CPU {st['other_cpu_ms']} ms {st['stage_cpu_ms']} (full decode {full['other_cpu_ms']}), "
+                    f"decoded {st['decoded']}, masks differ from full decode {res['mask_diff_pct']}%, "
+                    f"load {load:.2f}")
+                runs.setdefault((name, layout), []).append(res)
     rows = []
     for (name, layout), rs in runs.items():
         def med(key):

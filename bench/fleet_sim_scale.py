@@ -164,27 +164,42 @@ def broker_log(broker: MosquittoBroker) -> Dict[str, int]:
     return {"drop_notices": text.count("are being dropped"), "bridge_connects": text.count("Connecting bridge (step 1)")}
 
 
-def sys_dropped(port: int, timeout: float = 5.0) -> Optional[int]:
+class SysDropped:
     """The broker's own count of publishes it dropped (``$SYS/broker/publish/messages/dropped``,
-    refreshed every ``sys_interval``): None when it does not say within ``timeout``."""
-    got: List[int] = []
-    done = threading.Event()
-    topic = "$SYS/broker/publish/messages/dropped"
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, 0)
+    published on change every ``sys_interval``; retained with a 60 s expiry, so it is watched
+    from the start rather than read at the end)."""
 
-    def on_message(c: Any, u: Any, msg: Any) -> None:
-        got.append(int(msg.payload or 0))
-        done.set()
-    client.on_message = on_message
-    client.connect("127.0.0.1", port, 30)
-    client.loop_start()
-    try:
-        done.wait(timeout)
-        return got[-1] if got else None
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    TOPIC = "$SYS/broker/publish/messages/dropped"
+    UPTIME = "$SYS/broker/uptime"  # changes every sys_interval: the broker's clock
+
+    def __init__(self, port: int) -> None:
+        self.value: Optional[int] = None
+        self.ticks = 0
+        self._cond = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(self.TOPIC, 0), (self.UPTIME, 0)])
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.loop_start()
+
+    def _on_message(self, c: Any, u: Any, msg: Any) -> None:
+        with self._cond:
+            if msg.topic == self.TOPIC:
+                self.value = int(msg.payload or 0)
+            else:
+                self.ticks += 1
+            self._cond.notify_all()
+
+    def wait(self, timeout: float = 20.0) -> Optional[int]:
+        """The count once the broker published its $SYS tree twice more (a drop until now is in it)."""
+        with self._cond:
+            until = self.ticks + 2
+            self._cond.wait_for(lambda: self.ticks >= until and self.value is not None, timeout)
+            return self.value
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def cpu_s(pid: int) -> float:
@@ -244,6 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         (work / "broker").mkdir()
         site = broker = MosquittoBroker(workdir=str(work / "broker")).start()
+    site_drops = SysDropped(site.port) if site is not broker else None
     new_model = fake_model_bytes("rollout-model")
     import hashlib
     new_sha = hashlib.sha256(new_model).hexdigest()
@@ -372,7 +388,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         got = counter.settle(sent)  # the last results on their way to the counter
         counter.close()
         totals = sim.mqtt_totals()
-        site_dropped = sys_dropped(site.port) if site is not broker else None
+        site_dropped = None
+        if site_drops is not None:
+            site_dropped = site_drops.wait()
+            site_drops.close()
         step("messages", time.monotonic() - t, got == sent and not site_dropped,
              f"{got} results received of {sent} the devices' clients took ({sent - got} lost); the clients "
              f"dropped {totals.get('dropped', 0)} messages in all (none taken: broker away or in-flight full); "

@@ -12,19 +12,15 @@ out/console-screenshots/rollouts-*.png.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.request
 from typing import Dict
 
 import pytest
 
-from edge_agent.config import load_config
-from edge_agent.fleet.client import FleetClient
 from tests.data import DM10
-from tests.helpers import ConsoleProcess, chromium, stop_agent, wait_until
+from tests.helpers import ConsoleProcess, chromium, wait_until
 from tests.console_page import _click, _shot, need_browser
-from tests.rollout_agents import SHA05, _agent, _running
+from tests.rollout_agents import SHA05, _running, two_agents
 
 
 def _detail(driver) -> Dict[str, object]:
@@ -63,69 +59,58 @@ def _start(driver, stages: str, soak: int, fps_ratio: str) -> None:
 def test_rollouts_tab_starts_shows_a_failed_gate_rolls_back_and_cancels(mosquitto, tmp_path):
     need_browser()
     broker = mosquitto()
-    configs = {"ro-a": _agent(tmp_path, "ro-a", broker.port, 2.0, ["site-a", "door"]),
-               "ro-b": _agent(tmp_path, "ro-b", broker.port, 0.0, ["site-a"])}
-    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in configs}
-    procs = [subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-                              stdout=logs[name], stderr=subprocess.STDOUT) for name, config in configs.items()]
-    client = FleetClient(load_config(str(configs["ro-a"]), env={}).mqtt).connect()
-    console = ConsoleProcess(broker.port, "--state-dir", str(tmp_path / "console-state"))
-    driver = None
-    try:
-        wait_until(lambda: _running(client) == {"ro-a": SHA05, "ro-b": SHA05}, 60, "both agents on depth 0.5")
-        driver = chromium(tmp_path / "chromium-profile", width=1400, height=1000)
-        driver.get(console.url)
+    with two_agents(tmp_path, broker.port) as (client, _):
+        console = ConsoleProcess(broker.port, "--state-dir", str(tmp_path / "console-state"))
+        driver = None
+        try:
+            wait_until(lambda: _running(client) == {"ro-a": SHA05, "ro-b": SHA05}, 60, "both agents on depth 0.5")
+            driver = chromium(tmp_path / "chromium-profile", width=1400, height=1000)
+            driver.get(console.url)
 
-        # -- a rollout whose stage 2 fails the fps gate: stopped, both devices rolled back
-        _start(driver, "1,100%", soak=6, fps_ratio="0.8")
-        wait_until(lambda: _detail(driver)["outcome"] == "running", 20, "the rollout running")
-        wait_until(lambda: _detail(driver)["outcome"] not in ("running", None), 180, "the rollout to end")
-        shown = _detail(driver)
-        _shot(driver, tmp_path, "rollouts-1-failed-gate")
-        assert shown["outcome"] == "rolled back", shown
-        assert [s["status"] for s in shown["stages"]] == ["passed", "failed"], shown
-        (a,), (b,) = shown["stages"][0]["rows"], shown["stages"][1]["rows"]
-        assert a["device"] == "ro-a" and a["gates"] == "passed" and not a["red"], a
-        assert b["device"] == "ro-b" and b["red"] and b["gatesClass"] == "gate-failed", b
-        assert b["gates"].startswith("fps: ") and "x < 0.8x" in b["gates"], b  # the reason, with its numbers
-        assert b["gateColor"] == "rgb(180, 35, 24)", b  # --bad: red
-        assert a["rollback"] == "rolled back" and b["rollback"] == "rolled back", shown
-        assert any(cls == "failed" and "stage 2/2: ro-b failed fps:" in text for cls, text in shown["report"]), shown
-        assert not shown["cancel"]
-        listed = driver.execute_script("return [...document.querySelectorAll('#rollouts-list tbody tr')]"
-                                       ".map(tr => tr.cells[4].textContent)")
-        assert len(listed) == 1 and listed[0].startswith("rolled back") and "ro-b failed fps" in listed[0], listed
-        wait_until(lambda: _running(client) == {"ro-a": SHA05, "ro-b": SHA05}, 30, "both devices back on depth 0.5")
+            # -- a rollout whose stage 2 fails the fps gate: stopped, both devices rolled back
+            _start(driver, "1,100%", soak=6, fps_ratio="0.8")
+            wait_until(lambda: _detail(driver)["outcome"] == "running", 20, "the rollout running")
+            wait_until(lambda: _detail(driver)["outcome"] not in ("running", None), 180, "the rollout to end")
+            shown = _detail(driver)
+            _shot(driver, tmp_path, "rollouts-1-failed-gate")
+            assert shown["outcome"] == "rolled back", shown
+            assert [s["status"] for s in shown["stages"]] == ["passed", "failed"], shown
+            (a,), (b,) = shown["stages"][0]["rows"], shown["stages"][1]["rows"]
+            assert a["device"] == "ro-a" and a["gates"] == "passed" and not a["red"], a
+            assert b["device"] == "ro-b" and b["red"] and b["gatesClass"] == "gate-failed", b
+            assert b["gates"].startswith("fps: ") and "x < 0.8x" in b["gates"], b  # the reason, with its numbers
+            assert b["gateColor"] == "rgb(180, 35, 24)", b  # --bad: red
+            assert a["rollback"] == "rolled back" and b["rollback"] == "rolled back", shown
+            assert any(cls == "failed" and "stage 2/2: ro-b failed fps:" in text for cls, text in shown["report"]), shown
+            assert not shown["cancel"]
+            listed = driver.execute_script("return [...document.querySelectorAll('#rollouts-list tbody tr')]"
+                                           ".map(tr => tr.cells[4].textContent)")
+            assert len(listed) == 1 and listed[0].startswith("rolled back") and "ro-b failed fps" in listed[0], listed
+            wait_until(lambda: _running(client) == {"ro-a": SHA05, "ro-b": SHA05}, 30, "both devices back on depth 0.5")
 
-        # -- a rollout cancelled from the tab while stage 1 soaks: ro-a rolled back
-        _start(driver, "1,100%", soak=120, fps_ratio="0")
-        wait_until(lambda: driver.execute_script(
-            "return document.querySelectorAll('#rollouts-list tbody tr').length") == 2, 20, "the second rollout listed")
-        wait_until(lambda: (lambda d: d["cancel"] and d["stages"] and d["stages"][0]["status"] == "soaking")(
-            _detail(driver)), 120, "stage 1 soaking, the Cancel button shown")
-        _click(driver, "#rollout-cancel")
-        wait_until(lambda: _detail(driver)["outcome"] == "cancelled", 120, "the cancelled badge")
-        shown = _detail(driver)
-        _shot(driver, tmp_path, "rollouts-2-cancelled")
-        assert [s["status"] for s in shown["stages"]] == ["cancelled", "pending"], shown  # where it stopped
-        assert shown["stages"][0]["rows"][0]["gates"] == "not checked", shown
-        assert shown["stages"][0]["rows"][0]["rollback"] == "rolled back" and not shown["cancel"], shown
-        assert shown["stages"][1]["rows"][0]["rollback"] == "", shown  # never reached
-        wait_until(lambda: _running(client) == {"ro-a": SHA05, "ro-b": SHA05}, 30, "both devices on depth 0.5")
-        docs = json.loads(urllib.request.urlopen(console.url + "api/rollouts").read())["rollouts"]
-        assert [d["outcome"] for d in docs] == ["cancelled", "rolled back"], docs
-        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        assert severe == [], severe  # no script error, no refused request
-    finally:
-        if driver is not None:
-            driver.quit()
-        output = console.stop()
-        client.close()
-        for proc in procs:
-            stop_agent(proc)
-        for name, fh in logs.items():
-            fh.close()
-            print(f"--- {name}\n{(tmp_path / f'{name}.log').read_text(errors='replace')[-3000:]}")
+            # -- a rollout cancelled from the tab while stage 1 soaks: ro-a rolled back
+            _start(driver, "1,100%", soak=120, fps_ratio="0")
+            wait_until(lambda: driver.execute_script(
+                "return document.querySelectorAll('#rollouts-list tbody tr').length") == 2, 20, "the second rollout listed")
+            wait_until(lambda: (lambda d: d["cancel"] and d["stages"] and d["stages"][0]["status"] == "soaking")(
+                _detail(driver)), 120, "stage 1 soaking, the Cancel button shown")
+            _click(driver, "#rollout-cancel")
+            wait_until(lambda: _detail(driver)["outcome"] == "cancelled", 120, "the cancelled badge")
+            shown = _detail(driver)
+            _shot(driver, tmp_path, "rollouts-2-cancelled")
+            assert [s["status"] for s in shown["stages"]] == ["cancelled", "pending"], shown  # where it stopped
+            assert shown["stages"][0]["rows"][0]["gates"] == "not checked", shown
+            assert shown["stages"][0]["rows"][0]["rollback"] == "rolled back" and not shown["cancel"], shown
+            assert shown["stages"][1]["rows"][0]["rollback"] == "", shown  # never reached
+            wait_until(lambda: _running(client) == {"ro-a": SHA05, "ro-b": SHA05}, 30, "both devices on depth 0.5")
+            docs = json.loads(urllib.request.urlopen(console.url + "api/rollouts").read())["rollouts"]
+            assert [d["outcome"] for d in docs] == ["cancelled", "rolled back"], docs
+            severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert severe == [], severe  # no script error, no refused request
+        finally:
+            if driver is not None:
+                driver.quit()
+            output = console.stop()
     assert "Traceback" not in output, output
 
 

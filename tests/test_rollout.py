@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import threading
 from typing import List
 
 import pytest
 
 from edge_agent.cli import main as cli_main
-from edge_agent.config import load_config
-from edge_agent.fleet.client import Answer, FleetClient
+from edge_agent.fleet.client import Answer
 from edge_agent.fleet.deploy import deploy_params
 from edge_agent.fleet.rollout import Gates, Rollout, RolloutError, RolloutState, check_gates, parse_stages
 from tests.data import DM10
-from tests.helpers import stop_agent, wait_until
-from tests.rollout_agents import SHA05, _agent, _running
+from tests.helpers import wait_until
+from tests.rollout_agents import SHA05, _running, two_agents
 
 SHA10 = hashlib.sha256(DM10.read_bytes()).hexdigest()
 
@@ -57,27 +54,8 @@ def test_gates_name_what_failed_and_by_how_much():
 @pytest.fixture
 def fleet(mosquitto, tmp_path):
     broker = mosquitto()
-    procs = []
-    configs = {
-        "ro-a": _agent(tmp_path, "ro-a", broker.port, 2.0, ["site-a", "door"]),
-        "ro-b": _agent(tmp_path, "ro-b", broker.port, 0.0, ["site-a"]),
-    }
-    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in configs}
-    for name, config in configs.items():  # output to a file: an undrained pipe would block the agent
-        procs.append(subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-                                      stdout=logs[name], stderr=subprocess.STDOUT))
-    client = FleetClient(load_config(str(configs["ro-a"]), env={}).mqtt).connect()
-    try:
-        wait_until(lambda: {d for d, v in client.discover(0.5).items()
-                            if v.online and (v.info or {}).get("model")} >= set(configs), 60, "both agents online")
+    with two_agents(tmp_path, broker.port) as (client, configs):
         yield broker, client, configs
-    finally:
-        client.close()
-        for proc in procs:
-            stop_agent(proc)
-        for name, fh in logs.items():
-            fh.close()
-            print(f"--- {name}\n{(tmp_path / f'{name}.log').read_text(errors='replace')[-3000:]}")
 
 
 @pytest.mark.broker

@@ -17,6 +17,7 @@ Generic over (topic, payload, qos, time): nothing here knows about cameras or fr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,17 @@ class Outbox:
         return db
 
     # -- the queue ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (lock held)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     def put(self, topic: str, payload: bytes, qos: int, ts: float, bucket: str = RESULTS) -> Optional[int]:
         """Store one message (committed when this returns); its row id, or None when its budget is
         0 or it alone exceeds it (counted as dropped) or the database failed (counted as error)."""
@@ -172,15 +184,10 @@ class Outbox:
                 self.counters["dropped"] += 1
                 return None
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction():
                     self._evict(bucket, size)
                     cur = self._db.execute("INSERT INTO outbox (ts, bucket, topic, qos, payload) VALUES (?, ?, ?, ?, ?)",
                                            (ts, bucket, topic, qos, sqlite3.Binary(payload)))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 self._failed(exc)
                 self._recount()
@@ -230,8 +237,7 @@ class Outbox:
             return 0
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction():
                     gone = []
                     for row_id in ids:
                         row = self._db.execute("SELECT bucket, LENGTH(payload) FROM outbox WHERE id = ?",
@@ -239,10 +245,6 @@ class Outbox:
                         if row is not None:
                             self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
                             gone.append(row)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 self._failed(exc)
                 return 0

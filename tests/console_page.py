@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -63,6 +66,14 @@ def _check(driver, holder: str, devices: List[str]) -> None:
         f"return document.querySelectorAll('{holder} input').length") >= len(devices), 10, "device checkboxes")
     for dev in devices:
         driver.execute_script(f"document.querySelector('{holder} input[value=\"{dev}\"]').checked = true")
+
+
+def _kill_device(driver, rec, proc: subprocess.Popen, device: str, prefix: str = "edge-agent") -> float:
+    """Back on the fleet tab, SIGKILL ``device``'s agent; when its Last Will reached ``rec`` (monotonic)."""
+    _click(driver, '#tabs button[data-tab="fleet"]')
+    proc.send_signal(signal.SIGKILL)
+    rec.wait_for(f"{prefix}/{device}/availability", b"offline", timeout=30)
+    return time.monotonic()
 
 
 def _shot(driver, tmp_path: Path, name: str) -> None:

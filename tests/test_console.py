@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -35,8 +34,8 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet import bench as fleet_bench
 from edge_agent.fleet.client import FleetClient
 from tests.broker import Recorder
-from tests.console_page import (TOKEN, _check, _click, _fleet, _http, _page_token, _port, _read_response, _rows,
-                                _start_upload, _table, _upload, need_browser)
+from tests.console_page import (TOKEN, _check, _click, _fleet, _http, _kill_device, _page_token, _port, _read_response,
+                                _rows, _start_upload, _table, _upload, need_browser)
 from tests.data import DM10, LABELS, VOC
 from tests.helpers import (ConsoleProcess, chromium, start_agent, stop_agent, wait_until,
                            write_config)
@@ -569,10 +568,7 @@ def test_console_in_a_real_browser(mosquitto, tmp_path):
                    "the fleet row back on dm05")
 
         # -- pi-b SIGKILLed: offline in the page within a second of its Last Will
-        _click(driver, '#tabs button[data-tab="fleet"]')
-        agents["pi-b"].send_signal(signal.SIGKILL)
-        rec.wait_for(f"{PREFIX}/pi-b/availability", b"offline", timeout=30)
-        will_at = time.monotonic()
+        will_at = _kill_device(driver, rec, agents["pi-b"], "pi-b")
         wait_until(lambda: _rows(driver)["pi-b"] == "false", 1.0, "pi-b offline in the page")
         print(f"offline shown {1000 * (time.monotonic() - will_at):.0f} ms after the Last Will reached a client")
         assert _rows(driver)["pi-a"] == "true"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -22,7 +21,7 @@ import pytest
 from tests.broker import Recorder
 from tests.data import IMAGES, INVOKE_ERROR, VOC
 from tests.helpers import ConsoleProcess, chromium, stop_agent, wait_until, write_config
-from tests.console_page import _click, _fleet, _shot, _table, need_browser
+from tests.console_page import _click, _fleet, _kill_device, _shot, _table, need_browser
 
 PREFIX = "edge-agent"
 WATCHED = ["aeroplane", "bird", "person"]
@@ -252,9 +251,7 @@ def test_frame_truth_errors_first_and_phone_width(mosquitto, tmp_path):
         _shot(driver, tmp_path, "6-deploy-failed")
 
         # -- cam-ok killed: "last seen … ago" instead of its last numbers
-        _click(driver, '#tabs button[data-tab="fleet"]')
-        agents["cam-ok"].send_signal(signal.SIGKILL)
-        rec.wait_for(f"{PREFIX}/cam-ok/availability", b"offline", timeout=30)
+        _kill_device(driver, rec, agents["cam-ok"], "cam-ok")
         wait_until(lambda: levels().get("cam-ok") == "offline", 10, "cam-ok offline in the page")
         row = driver.execute_script("return document.querySelector('#fleet tr[data-device=\"cam-ok\"]').innerText")
         assert row.count("last seen") == 1 and " ago" in row, row  # once, in the state cell

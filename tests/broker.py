@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -323,17 +323,20 @@ def _epmd_pids() -> set:
 
 
 def bridged_mosquittos(workdir: Path, qos: int = 1, site_conf: Sequence[str] = (),
-                       bridge_conf: Sequence[str] = ()) -> Tuple[MosquittoBroker, MosquittoBroker]:
+                       bridge_conf: Sequence[str] = (),
+                       address: Optional[Callable[[MosquittoBroker], str]] = None
+                       ) -> Tuple[MosquittoBroker, MosquittoBroker]:
     """Two mosquittos, the second bridged to the first for ``edge-agent/#`` both ways (MQTT 3.1.1
     bridge, mosquitto's default): agents on the first, host clients on the second.
 
     ``qos``: the bridge topic's QoS; ``site_conf``: more lines for the first (site) broker (e.g.
     ``max_queued_messages 10000``: the bridge is a client there); ``bridge_conf``: more lines
-    for the bridge connection on the second (central) broker."""
+    for the bridge connection on the second (central) broker; ``address(site)``: where the bridge
+    connects instead of the site broker itself (``host:port`` of a proxy, e.g. a slow link)."""
     (workdir / "a").mkdir(parents=True, exist_ok=True)
     (workdir / "b").mkdir(parents=True, exist_ok=True)
     a = MosquittoBroker(workdir=str(workdir / "a"), extra_conf=list(site_conf)).start()
-    bridge = ["connection site-a", f"address {a.host}:{a.port}", f"topic edge-agent/# both {qos}",
+    bridge = ["connection site-a", f"address {address(a) if address else f'{a.host}:{a.port}'}", f"topic edge-agent/# both {qos}",
               "cleansession true", "restart_timeout 1 5", "bridge_attempt_unsubscribe false", *bridge_conf]
     b = MosquittoBroker(workdir=str(workdir / "b"), extra_conf=bridge).start()
     return a, b

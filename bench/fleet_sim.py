@@ -270,25 +270,12 @@ class LoopConnection(MqttConnection):
 
     net: NetLoop
 
-    def _launch(self, protocol: int) -> None:
-        self._protocol = protocol
-        self._closed_before_connack = 0
-        client = self._make_client(protocol)
-        self._client = client
-        if protocol == paho.MQTTv5:
-            client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, clean_start=True)
-        else:
-            client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive)
+    def _start_network(self, client: paho.Client) -> None:
         self.net.add(client, self)
 
-    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
-        """As the agent's, with the CONNACK deadline on the loop's timers (not a thread per attempt)."""
-        if client is not self._client:
-            return
-        self._attempt += 1
-        self._got_connack = False
-        self._socket_error = None
-        self.net.call_later(self.connack_timeout_s, self._connack_timeout, client, self._attempt)
+    def _arm_connack_timer(self, client: paho.Client, attempt: int) -> None:
+        """The CONNACK deadline on the loop's timers (not a thread per attempt)."""
+        self.net.call_later(self.connack_timeout_s, self._connack_timeout, client, attempt)
 
 
 class LoopOutbox(Outbox):

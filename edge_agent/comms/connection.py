@@ -188,9 +188,14 @@ class MqttConnection:
             client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, clean_start=True)
         else:
             client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive)
-        client.loop_start()
+        self._start_network(client)
         log.info("MQTT connecting to %s as %s (MQTT %s%s)", self.endpoint, self.client_id, self.protocol,
                  ", TLS" if self.cfg.tls else "")
+
+    def _start_network(self, client: paho.Client) -> None:
+        """Start the client's network I/O: paho's thread (bench/fleet_sim.py drives many clients
+        from one loop instead)."""
+        client.loop_start()
 
     def _make_client(self, protocol: int) -> paho.Client:
         cfg = self.cfg
@@ -250,7 +255,12 @@ class MqttConnection:
         self._attempt += 1
         self._got_connack = False
         self._socket_error = None
-        timer = threading.Timer(self.connack_timeout_s, self._connack_timeout, args=(client, self._attempt))
+        self._arm_connack_timer(client, self._attempt)
+
+    def _arm_connack_timer(self, client: paho.Client, attempt: int) -> None:
+        """Call :meth:`_connack_timeout` after ``connack_timeout_s`` (a timer thread; the fleet
+        simulator uses its loop's timers)."""
+        timer = threading.Timer(self.connack_timeout_s, self._connack_timeout, args=(client, attempt))
         timer.daemon = True
         timer.start()
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from edge_agent.inference.labels import pascal_colormap, read_labels
 from edge_agent.inference.segmenter import Segmenter
-from edge_agent.output import encode
+from edge_agent.output import encode, png
 from edge_agent.output.visuals import overlay, present_classes
 from tests.data import DM05, IMAGES, LABELS, MODELS, rgb
 
@@ -63,7 +63,7 @@ def test_the_png_structure_is_valid_for_strict_readers(real_masks):
     """Chunk CRCs, IHDR fields and the zlib stream checked byte by byte (libpng-strict)."""
     data = encode.encode_mask_png(real_masks[0])
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks = list(encode._png_chunks(data))
+    chunks = list(png.chunks(data))
     assert [k for k, _ in chunks] == [b"IHDR", b"PLTE", b"IDAT", b"IEND"]
     pos = 8
     for kind, body in chunks:

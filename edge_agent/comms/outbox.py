@@ -22,20 +22,20 @@ import json
 import logging
 import os
 import sqlite3
-import struct
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set
+
+from edge_agent.output import png
+from edge_agent.output.png import PNG_SIGNATURE
 
 log = logging.getLogger(__name__)
 
 RESULTS, MASKS = "results", "masks"  # the two budgets
 FILENAME = "outbox.sqlite3"
 REPLAYED_PROPERTY = ("replayed", "true")  # MQTT 5 user property of every replayed message
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPLAYED_PNG_KEY = b"edge-agent-replayed"  # tEXt keyword of a replayed mask
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -75,11 +75,8 @@ def mark_replayed(payload: bytes) -> bytes:
             doc["replayed"] = True
             return json.dumps(doc, separators=(",", ":")).encode("utf-8")
         return payload
-    if payload.startswith(PNG_SIGNATURE) and payload[12:16] == b"IHDR":
-        end = 8 + 12 + struct.unpack(">I", payload[8:12])[0]  # signature + IHDR (length, type, data, crc)
-        body = REPLAYED_PNG_KEY + b"\x00true"
-        chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
-        return payload[:end] + chunk + payload[end:]
+    if payload.startswith(PNG_SIGNATURE):
+        return png.insert_text(payload, REPLAYED_PNG_KEY, b"true")
     return payload
 
 
@@ -92,15 +89,7 @@ def is_replayed(payload: bytes) -> bool:
             return False
         return isinstance(doc, dict) and doc.get("replayed") is True
     if payload.startswith(PNG_SIGNATURE):
-        pos = 8
-        while pos + 8 <= len(payload):
-            size = struct.unpack(">I", payload[pos:pos + 4])[0]
-            kind = payload[pos + 4:pos + 8]
-            if kind == b"IDAT":
-                return False
-            if kind == b"tEXt" and payload[pos + 8:pos + 8 + size] == REPLAYED_PNG_KEY + b"\x00true":
-                return True
-            pos += 12 + size
+        return png.read_text(payload, REPLAYED_PNG_KEY) == b"true"
     return False
 
 

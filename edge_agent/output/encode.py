@@ -15,6 +15,8 @@ import numpy as np
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.inference.labels import pascal_colormap
+from edge_agent.output import png
+from edge_agent.output.png import PNG_SIGNATURE
 
 
 # Class-id masks are long runs of a few values: no PNG row filter + zlib's RLE strategy is ~4x
@@ -31,7 +33,6 @@ _PNG_TUNING = tuple(
     for value in (getattr(cv2, name), getattr(cv2, flag))
 )
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The frame label of binary payloads (docs/asyncapi.yaml, "Frame labels"): the JSON text
 # {"seq": N[, "camera": C]} in a PNG tEXt chunk with this keyword / a JPEG COM segment starting so.
 LABEL_KEY = b"edge-agent-frame"
@@ -42,10 +43,6 @@ def png_params(compression: int = 1, tuned: bool = True) -> list:
     """cv2.imencode parameters for a mask PNG (``tuned=False``: OpenCV's defaults, for benchmarks)."""
     params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
     return params + list(_PNG_TUNING) if tuned else params
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
 
 
 def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np.ndarray] = None,
@@ -73,34 +70,18 @@ def encode_mask_png(mask: np.ndarray, compression: int = 1, palette: Optional[np
     packer = zlib.compressobj(int(compression), zlib.DEFLATED, 15, 8, zlib.Z_RLE)
     idat = packer.compress(rows.data) + packer.flush()
     header = struct.pack(">IIBBBBB", w, h, 8, _COLOR_PALETTE if coloured else _COLOR_GREY, 0, 0, 0)
-    plte = [_chunk(b"PLTE", colors[:entries].tobytes())] if coloured else []
-    text = [_chunk(b"tEXt", LABEL_KEY + b"\0" + label)] if label else []
-    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", header), *text, *plte,
-                     _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
+    plte = [png.chunk(b"PLTE", colors[:entries].tobytes())] if coloured else []
+    text = [png.text_chunk(LABEL_KEY, label)] if label else []
+    return b"".join((PNG_SIGNATURE, png.chunk(b"IHDR", header), *text, *plte,
+                     png.chunk(b"IDAT", idat), png.chunk(b"IEND", b"")))
 
 
 def png_palette(data: bytes) -> Optional[np.ndarray]:
     """The PLTE entries of a PNG as Nx3 uint8 RGB, None when it has none."""
-    for kind, body in _png_chunks(data):
+    for kind, body in png.chunks(data):
         if kind == b"PLTE":
             return np.frombuffer(body, np.uint8).reshape(-1, 3)
     return None
-
-
-def _png_chunks(data: bytes):
-    if data[:8] != PNG_SIGNATURE:
-        raise ValueError("not a PNG")
-    pos = 8
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        body = data[pos + 8:pos + 8 + length]
-        if len(body) != length:
-            raise ValueError("truncated PNG")
-        yield kind, body
-        if kind == b"IEND":
-            return
-        pos += 12 + length
-    raise ValueError("truncated PNG")
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:
@@ -111,7 +92,7 @@ def decode_mask_png(data: bytes) -> np.ndarray:
     its palette, refused if two entries share a colour (the ids would be ambiguous).
     """
     try:
-        chunks = list(_png_chunks(data))
+        chunks = list(png.chunks(data))
         ihdr = dict(chunks).get(b"IHDR", b"")
         w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
     except (ValueError, struct.error) as exc:
@@ -178,12 +159,7 @@ def read_frame_label(data: bytes) -> Optional[Dict[str, Any]]:
     text: Optional[bytes] = None
     try:
         if data[:8] == PNG_SIGNATURE:
-            for kind, body in _png_chunks(data):
-                if kind == b"tEXt" and body.startswith(LABEL_KEY + b"\0"):
-                    text = body[len(LABEL_KEY) + 1:]
-                    break
-                if kind == b"IDAT":
-                    break
+            text = png.read_text(data, LABEL_KEY)
         elif data[:2] == b"\xff\xd8":
             pos = 2
             while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xDA, 0xD9):
